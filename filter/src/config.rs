@@ -1,0 +1,564 @@
+//! The plugin configuration: the JSON an Istio `WasmPlugin.pluginConfig` becomes.
+//!
+//! Parsed once in `on_configure` into [`Settings`], checked there, and refused as a
+//! whole with the offending field named: a config that parses into something other
+//! than what the operator meant could let requests in. Unknown fields are refused
+//! for the same reason (a typo in `allowed_groups` must not silently disable it).
+//! Environment variables (`keys_env`, `jwks_env`, filled by Istio's `vmConfig.env`
+//! from a Secret) are read through a lookup function so the logic stays pure.
+
+use serde::Deserialize;
+
+use crate::credentials::{default_sources, validate_sources, CredentialSource};
+use crate::jwt::{Jwks, JwtProvider, JwtVerifier};
+use crate::keys::{ApiKeyEntry, ApiKeyStore};
+
+/// A refused configuration: which field, and why. Never carries secret values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "invalid plugin configuration: {}", self.message)
+        } else {
+            write!(f, "invalid plugin configuration: field `{}`: {}", self.field, self.message)
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    api_keys: Option<RawApiKeys>,
+    #[serde(default)]
+    jwt: Option<RawJwt>,
+    #[serde(default)]
+    authorization: RawAuthorization,
+    #[serde(default)]
+    identity_headers: RawIdentityHeaders,
+    #[serde(default)]
+    forward_credentials: bool,
+    #[serde(default)]
+    limits: Option<serde_json::Value>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKeys {
+    #[serde(default)]
+    sources: Option<Vec<CredentialSource>>,
+    #[serde(default)]
+    keys: Vec<ApiKeyEntry>,
+    #[serde(default)]
+    keys_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    #[serde(default)]
+    providers: Vec<RawProvider>,
+    #[serde(default = "default_cache_entries")]
+    cache_entries: usize,
+}
+
+fn default_cache_entries() -> usize {
+    1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    jwks: Option<String>,
+    #[serde(default)]
+    jwks_env: Option<String>,
+    #[serde(default = "default_user_claim")]
+    user_claim: String,
+    #[serde(default = "default_groups_claim")]
+    groups_claim: String,
+    #[serde(default = "default_skew")]
+    clock_skew_seconds: u64,
+    #[serde(default)]
+    require_exp: bool,
+}
+
+fn default_user_claim() -> String {
+    "sub".into()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_skew() -> u64 {
+    60
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthorization {
+    #[serde(default)]
+    allowed_groups: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentityHeaders {
+    #[serde(default = "default_user_header")]
+    user: String,
+    #[serde(default = "default_groups_header")]
+    groups: String,
+}
+
+impl Default for RawIdentityHeaders {
+    fn default() -> Self {
+        Self { user: default_user_header(), groups: default_groups_header() }
+    }
+}
+
+fn default_user_header() -> String {
+    "x-tollgate-user".into()
+}
+fn default_groups_header() -> String {
+    "x-tollgate-groups".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    cluster: String,
+    #[serde(default = "default_authority")]
+    authority: String,
+    #[serde(default = "default_track_path")]
+    path: String,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_flush_ms")]
+    flush_interval_ms: u64,
+    #[serde(default = "default_max_batch")]
+    max_batch: usize,
+    #[serde(default = "default_max_queue")]
+    max_queue: usize,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+    #[serde(default = "default_true")]
+    inject_include_usage: bool,
+}
+
+fn default_authority() -> String {
+    "usage-tracking".into()
+}
+fn default_track_path() -> String {
+    "/track".into()
+}
+fn default_timeout_ms() -> u64 {
+    1000
+}
+fn default_flush_ms() -> u64 {
+    500
+}
+fn default_max_batch() -> usize {
+    500
+}
+fn default_max_queue() -> usize {
+    10_000
+}
+fn default_max_attempts() -> u32 {
+    10
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Names of the headers that carry the caller's identity to the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityHeaders {
+    pub user: String,
+    pub groups: String,
+}
+
+/// Where and how usage events are delivered (design.md §5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSettings {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout_ms: u64,
+    pub flush_interval_ms: u64,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub max_attempts: u32,
+    pub inject_include_usage: bool,
+}
+
+/// The checked configuration the filter runs with.
+#[derive(Debug)]
+pub struct Settings {
+    pub sources: Vec<CredentialSource>,
+    pub keys: ApiKeyStore,
+    pub jwt: JwtVerifier,
+    pub jwt_cache_entries: usize,
+    pub allowed_groups: Vec<String>,
+    pub identity_headers: IdentityHeaders,
+    pub forward_credentials: bool,
+    pub usage: Option<UsageSettings>,
+}
+
+impl Settings {
+    /// Parses and checks the plugin configuration. `env` looks up environment
+    /// variables (the VM's, as Istio's `vmConfig.env` sets them).
+    pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let trimmed = trim_ascii(bytes);
+        let raw: RawConfig = if trimmed.is_empty() {
+            RawConfig::default()
+        } else {
+            let de = &mut serde_json::Deserializer::from_slice(trimmed);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path == "." { String::new() } else { path };
+                ConfigError::new(field, strip_position(&e.into_inner().to_string()))
+            })?
+        };
+        build(raw, env)
+    }
+}
+
+fn trim_ascii(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    bytes.get(start..end).unwrap_or_default()
+}
+
+/// serde_json appends " at line L column C"; the field path is more useful.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message.get(..i).unwrap_or(message).to_string(),
+        None => message.to_string(),
+    }
+}
+
+fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+    if raw.limits.is_some() {
+        return Err(ConfigError::new(
+            "limits",
+            "limits are not supported by this build yet; remove the section (it would not be enforced)",
+        ));
+    }
+
+    let api_keys = raw.api_keys.unwrap_or_default();
+    let sources = match api_keys.sources {
+        Some(list) => validate_sources(&list).map_err(|m| ConfigError::new("api_keys", m))?,
+        None => default_sources(),
+    };
+    let mut entries = api_keys.keys;
+    let inline_count = entries.len();
+    if let Some(var) = api_keys.keys_env.as_deref() {
+        let value = read_env(env, var, "api_keys.keys_env")?;
+        let from_env: Vec<ApiKeyEntry> = serde_json::from_str(&value).map_err(|e| {
+            ConfigError::new(
+                "api_keys.keys_env",
+                format!("environment variable {var} is not a JSON list of keys: {}", strip_position(&e.to_string())),
+            )
+        })?;
+        entries.extend(from_env);
+    }
+    let keys = ApiKeyStore::new(&entries).map_err(|e| {
+        let field = if e.index < inline_count {
+            format!("api_keys.keys[{}].{}", e.index, e.field)
+        } else {
+            format!("api_keys.keys_env[{}].{}", e.index - inline_count, e.field)
+        };
+        ConfigError::new(field, e.reason)
+    })?;
+
+    let (providers, jwt_cache_entries) = match raw.jwt {
+        Some(jwt) => {
+            let mut providers = Vec::with_capacity(jwt.providers.len());
+            for (i, p) in jwt.providers.into_iter().enumerate() {
+                providers.push(build_provider(i, p, env)?);
+            }
+            (providers, jwt.cache_entries)
+        }
+        None => (Vec::new(), default_cache_entries()),
+    };
+
+    for (i, g) in raw.authorization.allowed_groups.iter().enumerate() {
+        if g.is_empty() || g.contains(',') || g.chars().any(char::is_whitespace) {
+            return Err(ConfigError::new(
+                format!("authorization.allowed_groups[{i}]"),
+                "a group name must be non-empty, without commas or whitespace",
+            ));
+        }
+    }
+
+    let identity_headers = IdentityHeaders {
+        user: check_header_name("identity_headers.user", &raw.identity_headers.user)?,
+        groups: check_header_name("identity_headers.groups", &raw.identity_headers.groups)?,
+    };
+    if identity_headers.user == identity_headers.groups {
+        return Err(ConfigError::new("identity_headers.groups", "must differ from identity_headers.user"));
+    }
+    for h in [&identity_headers.user, &identity_headers.groups] {
+        if sources.iter().any(|s| &s.header == h) {
+            return Err(ConfigError::new("identity_headers", format!("`{h}` is also a credential source")));
+        }
+    }
+
+    let usage = raw.usage.map(check_usage).transpose()?;
+
+    Ok(Settings {
+        sources,
+        keys,
+        jwt: JwtVerifier::new(providers),
+        jwt_cache_entries,
+        allowed_groups: raw.authorization.allowed_groups,
+        identity_headers,
+        forward_credentials: raw.forward_credentials,
+        usage,
+    })
+}
+
+fn read_env(env: &dyn Fn(&str) -> Option<String>, var: &str, field: &str) -> Result<String, ConfigError> {
+    if var.is_empty() {
+        return Err(ConfigError::new(field, "must name an environment variable"));
+    }
+    match env(var) {
+        Some(v) if !v.trim().is_empty() => Ok(v),
+        Some(_) => Err(ConfigError::new(field, format!("environment variable {var} is empty"))),
+        None => Err(ConfigError::new(field, format!("environment variable {var} is not set"))),
+    }
+}
+
+fn build_provider(i: usize, p: RawProvider, env: &dyn Fn(&str) -> Option<String>) -> Result<JwtProvider, ConfigError> {
+    let at = |f: &str| format!("jwt.providers[{i}].{f}");
+    if p.issuer.is_empty() {
+        return Err(ConfigError::new(at("issuer"), "must not be empty"));
+    }
+    let jwks_json = match (&p.jwks, &p.jwks_env) {
+        (Some(_), Some(_)) => return Err(ConfigError::new(at("jwks"), "set either jwks or jwks_env, not both")),
+        (None, None) => return Err(ConfigError::new(at("jwks"), "one of jwks or jwks_env is required")),
+        (Some(inline), None) => inline.clone(),
+        (None, Some(var)) => read_env(env, var, &at("jwks_env"))?,
+    };
+    let field = if p.jwks.is_some() { at("jwks") } else { at("jwks_env") };
+    let keys = Jwks::parse(&jwks_json).map_err(|m| ConfigError::new(field, m))?;
+    if p.user_claim.is_empty() {
+        return Err(ConfigError::new(at("user_claim"), "must not be empty"));
+    }
+    if p.groups_claim.is_empty() {
+        return Err(ConfigError::new(at("groups_claim"), "must not be empty"));
+    }
+    if p.clock_skew_seconds > 3600 {
+        return Err(ConfigError::new(at("clock_skew_seconds"), "must be at most 3600"));
+    }
+    Ok(JwtProvider {
+        issuer: p.issuer,
+        audiences: p.audiences,
+        keys,
+        user_claim: p.user_claim,
+        groups_claim: p.groups_claim,
+        clock_skew_seconds: p.clock_skew_seconds,
+        require_exp: p.require_exp,
+    })
+}
+
+/// Header names are sent lowercase by Envoy; refuse anything that is not a plain token.
+fn check_header_name(field: &str, name: &str) -> Result<String, ConfigError> {
+    let lower = name.to_ascii_lowercase();
+    let valid = !lower.is_empty()
+        && lower.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !valid {
+        return Err(ConfigError::new(field, "must be a valid HTTP header name"));
+    }
+    const RESERVED: [&str; 6] = ["host", "authorization", "content-length", "content-type", "transfer-encoding", "connection"];
+    if RESERVED.contains(&lower.as_str()) {
+        return Err(ConfigError::new(field, format!("`{lower}` is reserved")));
+    }
+    Ok(lower)
+}
+
+fn check_usage(u: RawUsage) -> Result<UsageSettings, ConfigError> {
+    let fail = |f: &str, m: &str| Err(ConfigError::new(format!("usage.{f}"), m.to_string()));
+    if u.cluster.trim().is_empty() {
+        return fail("cluster", "must name the Envoy cluster of the usage-tracking service");
+    }
+    if u.authority.trim().is_empty() {
+        return fail("authority", "must not be empty");
+    }
+    if !u.path.starts_with('/') {
+        return fail("path", "must start with '/'");
+    }
+    if !(1..=60_000).contains(&u.timeout_ms) {
+        return fail("timeout_ms", "must be between 1 and 60000");
+    }
+    if !(10..=60_000).contains(&u.flush_interval_ms) {
+        return fail("flush_interval_ms", "must be between 10 and 60000");
+    }
+    if !(1..=10_000).contains(&u.max_batch) {
+        return fail("max_batch", "must be between 1 and 10000");
+    }
+    if !(1..=1_000_000).contains(&u.max_queue) {
+        return fail("max_queue", "must be between 1 and 1000000");
+    }
+    if u.max_queue < u.max_batch {
+        return fail("max_queue", "must be at least max_batch");
+    }
+    if !(1..=1000).contains(&u.max_attempts) {
+        return fail("max_attempts", "must be between 1 and 1000");
+    }
+    Ok(UsageSettings {
+        cluster: u.cluster,
+        authority: u.authority,
+        path: u.path,
+        timeout_ms: u.timeout_ms,
+        flush_interval_ms: u.flush_interval_ms,
+        max_batch: u.max_batch,
+        max_queue: u.max_queue,
+        max_attempts: u.max_attempts,
+        inject_include_usage: u.inject_include_usage,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"; // sha256("password")
+    const JWKS: &str = r#"{"keys":[{"kty":"oct","kid":"dev-key","alg":"HS256","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}]}"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(json: &str) -> Result<Settings, ConfigError> {
+        Settings::parse(json.as_bytes(), &no_env)
+    }
+
+    #[test]
+    fn empty_config_has_defaults_and_denies_everything() {
+        for json in ["", "  ", "{}"] {
+            let s = parse(json).unwrap();
+            assert!(s.keys.is_empty());
+            assert!(s.jwt.is_empty());
+            assert_eq!(s.sources, default_sources());
+            assert_eq!(s.identity_headers.user, "x-tollgate-user");
+            assert_eq!(s.identity_headers.groups, "x-tollgate-groups");
+            assert!(!s.forward_credentials);
+            assert!(s.usage.is_none());
+        }
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let json = format!(
+            r#"{{"api_keys":{{"keys":[{{"sha256":"{DIGEST}","user":"mittens","groups":["premium"]}}]}},
+               "jwt":{{"providers":[{{"issuer":"dev","jwks":{jwks}}}]}},
+               "authorization":{{"allowed_groups":["free","premium"]}},
+               "identity_headers":{{"user":"X-User","groups":"x-groups"}},
+               "forward_credentials":true,
+               "usage":{{"cluster":"tracker"}}}}"#,
+            jwks = serde_json::to_string(JWKS).unwrap()
+        );
+        let s = parse(&json).unwrap();
+        assert_eq!(s.keys.len(), 1);
+        assert!(!s.jwt.is_empty());
+        assert_eq!(s.allowed_groups, vec!["free", "premium"]);
+        assert_eq!(s.identity_headers.user, "x-user");
+        assert!(s.forward_credentials);
+        let u = s.usage.unwrap();
+        assert_eq!((u.authority.as_str(), u.path.as_str(), u.timeout_ms), ("usage-tracking", "/track", 1000));
+        assert_eq!((u.flush_interval_ms, u.max_batch, u.max_queue), (500, 500, 10_000));
+        assert!(u.inject_include_usage);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"api_key":{}}"#, ""),
+            (r#"{"api_keys":{"keyz":[]}}"#, "api_keys"),
+            (r#"{"api_keys":{"keys":[{"sha256":"abc","user":"u"}]}}"#, "api_keys.keys[0].sha256"),
+            (r#"{"api_keys":{"keys":[{"sha256":1,"user":"u"}]}}"#, "api_keys.keys[0].sha256"),
+            (r#"{"api_keys":{"keys_env":"NOPE"}}"#, "api_keys.keys_env"),
+            (r#"{"jwt":{"providers":[{"issuer":"dev"}]}}"#, "jwt.providers[0].jwks"),
+            (r#"{"jwt":{"providers":[{"issuer":"dev","jwks":"{}"}]}}"#, "jwt.providers[0].jwks"),
+            (r#"{"jwt":{"providers":[{"issuer":"","jwks":"{}"}]}}"#, "jwt.providers[0].issuer"),
+            (r#"{"jwt":{"providers":[{"issuer":"d","jwks_env":"NOPE"}]}}"#, "jwt.providers[0].jwks_env"),
+            (r#"{"authorization":{"allowed_groups":["a b"]}}"#, "authorization.allowed_groups[0]"),
+            (r#"{"authorization":{"allowed_groups":"a"}}"#, "authorization.allowed_groups"),
+            (r#"{"identity_headers":{"user":"bad header"}}"#, "identity_headers.user"),
+            (r#"{"identity_headers":{"user":"authorization"}}"#, "identity_headers.user"),
+            (r#"{"identity_headers":{"user":"x-a","groups":"x-a"}}"#, "identity_headers.groups"),
+            (r#"{"identity_headers":{"user":"x-api-key"}}"#, "identity_headers"),
+            (r#"{"forward_credentials":"yes"}"#, "forward_credentials"),
+            (r#"{"limits":{}}"#, "limits"),
+            (r#"{"usage":{}}"#, "usage"),
+            (r#"{"usage":{"cluster":""}}"#, "usage.cluster"),
+            (r#"{"usage":{"cluster":"c","path":"track"}}"#, "usage.path"),
+            (r#"{"usage":{"cluster":"c","timeout_ms":0}}"#, "usage.timeout_ms"),
+            (r#"{"usage":{"cluster":"c","max_batch":0}}"#, "usage.max_batch"),
+            (r#"{"usage":{"cluster":"c","max_batch":100,"max_queue":10}}"#, "usage.max_queue"),
+            (r#"{"usage":{"cluster":"c","flush_interval_ms":-1}}"#, "usage.flush_interval_ms"),
+            (r#"{"usage":{"cluster":"c","bogus":1}}"#, "usage"),
+            ("[]", ""),
+            ("{", ""),
+        ];
+        for (json, field) in cases {
+            let err = parse(json).err().unwrap_or_else(|| panic!("accepted {json}"));
+            assert_eq!(&err.field, field, "{json}: {err}");
+            assert!(err.to_string().starts_with("invalid plugin configuration"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_error_names_it() {
+        let err = parse(r#"{"authorization":{"allowed_group":["a"]}}"#).err().unwrap();
+        assert_eq!(err.field, "authorization");
+        assert!(err.message.contains("allowed_group"), "{err}");
+    }
+
+    #[test]
+    fn keys_and_jwks_from_env() {
+        let env = |name: &str| match name {
+            "KEYS" => Some(format!(r#"[{{"sha256":"{DIGEST}","user":"env-user"}}]"#)),
+            "JWKS" => Some(JWKS.to_string()),
+            "BADKEYS" => Some(r#"[{"sha256":"zz","user":"x"}]"#.to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let s = Settings::parse(
+            br#"{"api_keys":{"keys_env":"KEYS"},"jwt":{"providers":[{"issuer":"dev","jwks_env":"JWKS"}]}}"#,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(s.keys.lookup("password").map(|i| i.user.as_str()), Some("env-user"));
+        assert!(!s.jwt.is_empty());
+
+        let err = Settings::parse(br#"{"api_keys":{"keys_env":"BADKEYS"}}"#, &env).err().unwrap();
+        assert_eq!(err.field, "api_keys.keys_env[0].sha256");
+        let err = Settings::parse(br#"{"api_keys":{"keys_env":"EMPTY"}}"#, &env).err().unwrap();
+        assert_eq!(err.field, "api_keys.keys_env");
+    }
+
+    #[test]
+    fn errors_never_echo_secrets() {
+        let secret_jwks = r#"{"keys":[{"kty":"oct","k":"!!not-base64-SECRETVALUE"}]}"#;
+        let json = format!(r#"{{"jwt":{{"providers":[{{"issuer":"d","jwks":{}}}]}}}}"#, serde_json::to_string(secret_jwks).unwrap());
+        let err = parse(&json).err().unwrap();
+        assert!(!err.to_string().contains("SECRETVALUE"), "{err}");
+    }
+}

@@ -1,0 +1,267 @@
+//! Where a request's credential is found, and whether it is an API key or a JWT.
+//!
+//! Clients disagree on where keys go (OpenAI SDKs send `Authorization: Bearer`, Kuadrant
+//! `APIKEY`, Kong and APISIX `apikey`), so the places are a configured, ordered list.
+//! The same `Bearer` header carries both keys and JWTs, so the value's shape decides:
+//! a JWT has a base64url JSON header naming an `alg`, which no random API key has.
+//! A matched but empty value is still reported, so the caller answers "invalid"
+//! rather than "missing", which is the more useful hint for a client with an unset key.
+
+use crate::jwt::looks_like_jwt;
+
+/// One place a credential may be: a header, and the scheme prefix its value starts with.
+#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSource {
+    pub header: String,
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+impl CredentialSource {
+    fn new(header: &str, prefix: Option<&str>) -> Self {
+        Self { header: header.to_string(), prefix: prefix.map(str::to_string) }
+    }
+}
+
+/// The sources used when the configuration lists none, in priority order.
+pub fn default_sources() -> Vec<CredentialSource> {
+    vec![
+        CredentialSource::new("authorization", Some("Bearer ")),
+        CredentialSource::new("authorization", Some("APIKEY ")),
+        CredentialSource::new("x-api-key", None),
+        CredentialSource::new("apikey", None),
+    ]
+}
+
+/// Checks configured sources and returns them normalised (lowercase header names,
+/// an empty prefix treated as none).
+pub fn validate_sources(sources: &[CredentialSource]) -> Result<Vec<CredentialSource>, String> {
+    if sources.is_empty() {
+        return Err("sources: must list at least one source (omit it for the defaults)".to_string());
+    }
+    sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let header = s.header.to_ascii_lowercase();
+            check_header_name(&header).map_err(|r| format!("sources[{i}].header: {r}"))?;
+            let prefix = match s.prefix.as_deref() {
+                None | Some("") => None,
+                Some(p) => {
+                    check_prefix(p).map_err(|r| format!("sources[{i}].prefix: {r}"))?;
+                    Some(p.to_string())
+                }
+            };
+            Ok(CredentialSource { header, prefix })
+        })
+        .collect()
+}
+
+fn check_header_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        Err("must not be empty")
+    } else if name.starts_with(':') {
+        Err("pseudo-headers cannot carry credentials")
+    } else if !name.bytes().all(is_tchar) {
+        Err("must be a header name (letters, digits and !#$%&'*+-.^_`|~, no spaces)")
+    } else {
+        Ok(())
+    }
+}
+
+fn check_prefix(prefix: &str) -> Result<(), &'static str> {
+    if prefix.starts_with(char::is_whitespace) {
+        Err("must not start with whitespace (values are trimmed)")
+    } else if prefix.chars().any(char::is_control) {
+        Err("must not contain control characters")
+    } else {
+        Ok(())
+    }
+}
+
+/// RFC 9110 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A credential found in the request, borrowed from the header value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    ApiKey(&'a str),
+    Jwt(&'a str),
+}
+
+/// The first credential found, trying `sources` in order. `headers` are
+/// (lowercase name, value) pairs as Envoy hands them over.
+pub fn find_credential<'a>(headers: &'a [(String, String)], sources: &[CredentialSource]) -> Option<Credential<'a>> {
+    sources.iter().find_map(|source| {
+        headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case(&source.header))
+            .find_map(|(_, value)| match source.prefix.as_deref() {
+                Some(prefix) => strip_scheme(value, prefix),
+                None => Some(value.trim()),
+            })
+            .map(classify)
+    })
+}
+
+fn classify(value: &str) -> Credential<'_> {
+    if looks_like_jwt(value) {
+        Credential::Jwt(value)
+    } else {
+        Credential::ApiKey(value)
+    }
+}
+
+/// The value after a case-insensitive `prefix`. A value that is the scheme alone
+/// ("Bearer", its trailing space trimmed away by the proxy) yields "".
+fn strip_scheme<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+    let value = value.trim();
+    if let Some(head) = value.get(..prefix.len()) {
+        if head.eq_ignore_ascii_case(prefix) {
+            return value.get(prefix.len()..).map(str::trim);
+        }
+    }
+    let scheme = prefix.trim_end();
+    (scheme.len() < prefix.len() && value.eq_ignore_ascii_case(scheme)).then_some("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Header {"alg":"HS256","typ":"JWT","kid":"dev-key"} of the Istio dev token.
+    const JWT: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRldi1rZXkifQ.eyJpc3MiOiJkZXYiLCJzdWIiOiJkZXYtdXNlciJ9.S6AKJ6CRs5nbrhHPshc2KnikNkjLp9isg6xlR4kSecQ";
+
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_list() {
+        let d = default_sources();
+        let got: Vec<(&str, Option<&str>)> = d.iter().map(|s| (s.header.as_str(), s.prefix.as_deref())).collect();
+        assert_eq!(
+            got,
+            [("authorization", Some("Bearer ")), ("authorization", Some("APIKEY ")), ("x-api-key", None), ("apikey", None)]
+        );
+        assert_eq!(validate_sources(&d).unwrap(), d);
+    }
+
+    #[test]
+    fn find_with_default_sources() {
+        use Credential::{ApiKey, Jwt};
+        let cases: &[(Headers, Option<Credential<'static>>)] = &[
+            (&[("authorization", "Bearer sk-1")], Some(ApiKey("sk-1"))),
+            (&[("authorization", "bearer sk-1")], Some(ApiKey("sk-1"))),
+            (&[("authorization", "BEARER   sk-1  ")], Some(ApiKey("sk-1"))),
+            (&[("authorization", "APIKEY sk-2")], Some(ApiKey("sk-2"))),
+            (&[("authorization", "ApiKey sk-2")], Some(ApiKey("sk-2"))),
+            (&[("x-api-key", "sk-3")], Some(ApiKey("sk-3"))),
+            (&[("x-api-key", " sk-3 ")], Some(ApiKey("sk-3"))),
+            (&[("apikey", "sk-4")], Some(ApiKey("sk-4"))),
+            (&[("authorization", &*format!("Bearer {JWT}"))], Some(Jwt(JWT))),
+            (&[("x-api-key", JWT)], Some(Jwt(JWT))),
+            // Empty after the scheme: found, but empty.
+            (&[("authorization", "Bearer ")], Some(ApiKey(""))),
+            (&[("authorization", "Bearer")], Some(ApiKey(""))),
+            (&[("x-api-key", "")], Some(ApiKey(""))),
+            // Not a configured scheme: no credential.
+            (&[("authorization", "Basic dXNlcjpwYXNz")], None),
+            (&[("authorization", "Bearersk-1")], None),
+            (&[("authorization", "sk-1")], None),
+            (&[("content-type", "application/json")], None),
+            (&[], None),
+            // Precedence: source order, not header order.
+            (&[("apikey", "sk-4"), ("x-api-key", "sk-3")], Some(ApiKey("sk-3"))),
+            (&[("x-api-key", "sk-3"), ("authorization", "APIKEY sk-2")], Some(ApiKey("sk-2"))),
+            (&[("authorization", "APIKEY sk-2"), ("authorization", "Bearer sk-1")], Some(ApiKey("sk-1"))),
+            (&[("authorization", "Basic x"), ("x-api-key", "sk-3")], Some(ApiKey("sk-3"))),
+            // Within a source, the first matching duplicate wins.
+            (&[("x-api-key", "sk-a"), ("x-api-key", "sk-b")], Some(ApiKey("sk-a"))),
+            (&[("authorization", "Basic x"), ("authorization", "Bearer sk-1")], Some(ApiKey("sk-1"))),
+            // An empty match does not fall through to later sources.
+            (&[("authorization", "Bearer"), ("x-api-key", "sk-3")], Some(ApiKey(""))),
+        ];
+        let sources = default_sources();
+        for (headers, want) in cases {
+            assert_eq!(find_credential(&h(headers), &sources), *want, "headers {headers:?}");
+        }
+    }
+
+    #[test]
+    fn jwt_shape_decides_the_kind() {
+        let cases: &[(&str, bool)] = &[
+            (JWT, true),
+            ("eyJhbGciOiJub25lIn0.e30.", true),   // {"alg":"none"}, empty signature: still a JWT, refused later
+            ("eyJhbGciOiJub25lIn0..", true),      // empty payload and signature
+            ("eyJhbGciOiJIUzI1NiJ9", false),      // one segment
+            ("eyJhbGciOiJIUzI1NiJ9.e30", false),  // two segments
+            ("eyJhbGciOiJIUzI1NiJ9.e30.x.y", false),
+            ("eyJ0eXAiOiJKV1QifQ.e30.sig", false), // {"typ":"JWT"}: no alg
+            ("e30.e30.sig", false),                // {}
+            ("WzFd.e30.sig", false),               // [1]
+            (".e30.sig", false),
+            ("sk-live.abc.def", false),
+            ("sk-abc", false),
+            ("eyJhbGciOiJIUzI1NiJ9.e30.a+b", false), // standard alphabet
+            ("", false),
+        ];
+        for (value, want) in cases {
+            let got = matches!(classify(value), Credential::Jwt(_));
+            assert_eq!(got, *want, "value {value:?}");
+        }
+    }
+
+    #[test]
+    fn custom_sources() {
+        let sources = validate_sources(&[
+            CredentialSource { header: "X-Tenant-Key".into(), prefix: None },
+            CredentialSource { header: "Authorization".into(), prefix: Some("Token ".into()) },
+        ])
+        .unwrap();
+        assert_eq!(sources[0].header, "x-tenant-key");
+        let cases: &[(Headers, Option<Credential<'static>>)] = &[
+            (&[("x-tenant-key", "t1")], Some(Credential::ApiKey("t1"))),
+            (&[("authorization", "token t2")], Some(Credential::ApiKey("t2"))),
+            (&[("authorization", "Bearer t3")], None),
+            (&[("x-api-key", "t4")], None),
+        ];
+        for (headers, want) in cases {
+            assert_eq!(find_credential(&h(headers), &sources), *want, "headers {headers:?}");
+        }
+    }
+
+    #[test]
+    fn validate_normalises_and_refuses() {
+        let ok = validate_sources(&[CredentialSource { header: "X-API-KEY".into(), prefix: Some(String::new()) }]).unwrap();
+        assert_eq!(ok, vec![CredentialSource { header: "x-api-key".into(), prefix: None }]);
+
+        let src = |header: &str, prefix: Option<&str>| CredentialSource::new(header, prefix);
+        let cases: Vec<(Vec<CredentialSource>, &str)> = vec![
+            (vec![], "sources: must list at least one"),
+            (vec![src("x-api-key", None), src("", None)], "sources[1].header: must not be empty"),
+            (vec![src(":authority", None)], "sources[0].header: pseudo-headers"),
+            (vec![src("x api key", None)], "sources[0].header: must be a header name"),
+            (vec![src("x-api-key:", None)], "sources[0].header: must be a header name"),
+            (vec![src("x-äpi", None)], "sources[0].header: must be a header name"),
+            (vec![src("authorization", Some(" Bearer"))], "sources[0].prefix: must not start with whitespace"),
+            (vec![src("authorization", Some("Bearer\t"))], "sources[0].prefix: must not contain control"),
+        ];
+        for (sources, want) in cases {
+            let err = validate_sources(&sources).unwrap_err();
+            assert!(err.starts_with(want), "got {err:?}, want prefix {want:?}");
+        }
+    }
+
+    #[test]
+    fn source_json_is_strict() {
+        let s: CredentialSource = serde_json::from_str(r#"{"header":"apikey"}"#).unwrap();
+        assert_eq!(s.prefix, None);
+        assert!(serde_json::from_str::<CredentialSource>(r#"{"header":"apikey","scheme":"x"}"#).is_err());
+    }
+}

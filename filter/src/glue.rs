@@ -1,0 +1,448 @@
+//! The thin proxy-wasm layer: reads what the host offers, calls the pure logic, and
+//! applies its decisions. Compiled for `wasm32-wasip1` only.
+//!
+//! It uses `proxy_wasm::hostcalls` with explicit error handling where the SDK's
+//! trait helpers would unwrap a host error, and reads headers as bytes because the
+//! SDK's string variant panics on a header value that is not UTF-8 (HTTP/1 allows
+//! obs-text), which would trap the VM.
+
+use std::cell::RefCell;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+
+use crate::auth::{decide, Verdict};
+use crate::config::{Settings, UsageSettings};
+use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
+use crate::identity::Identity;
+use crate::jwt::TokenCache;
+use crate::response::{openai_error_body, LocalReply};
+use crate::usage::{inject_include_usage, BodyKind, UsageParser, DEFAULT_MAX_CARRY};
+
+/// Request bodies up to this size are read to add `stream_options.include_usage`.
+const MAX_INJECT_BODY: usize = 64 * 1024;
+/// Usage batches in flight at once per worker.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// Cached JWTs are re-verified at least this often, whatever their `exp`.
+const TOKEN_CACHE_MAX_AGE_SECS: u64 = 300;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, state: None })
+    });
+}}
+
+fn log(level: LogLevel, context_id: u32, message: std::fmt::Arguments<'_>) {
+    let _ = hostcalls::log(level, &format!("[ctx {context_id}] {message}"));
+}
+
+fn now() -> Duration {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or_default()
+}
+
+/// A random u64 from the VM's entropy (std seeds `RandomState` from WASI random_get).
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(now().as_nanos());
+    h.finish()
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// What a configured root context shares with its HTTP contexts.
+struct State {
+    settings: Settings,
+    token_cache: RefCell<TokenCache>,
+    /// Usage events waiting for the root context's next tick.
+    queue: RefCell<EventQueue>,
+    ids: RefCell<EventIds>,
+}
+
+impl State {
+    fn record(&self, mut event: UsageEvent) {
+        if self.settings.usage.is_some() {
+            event.id = self.ids.borrow_mut().next_id();
+            self.queue.borrow_mut().push(&event);
+        }
+    }
+}
+
+struct Root {
+    context_id: u32,
+    state: Option<Rc<State>>,
+    last_stats: QueueStats,
+}
+
+impl Root {
+    /// Sends what the queue holds, a batch at a time, up to the in-flight bound.
+    fn flush(&mut self, usage: &UsageSettings, state: &State) {
+        let timeout = Duration::from_millis(usage.timeout_ms);
+        loop {
+            let Some((batch, handles)) = state.queue.borrow_mut().next_batch() else { break };
+            let headers = vec![
+                (":method", "POST"),
+                (":path", usage.path.as_str()),
+                (":authority", usage.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            match hostcalls::dispatch_http_call(&usage.cluster, headers, Some(&batch.body), vec![], timeout) {
+                Ok(token) => state.queue.borrow_mut().sent(token, handles),
+                Err(status) => {
+                    state.queue.borrow_mut().send_failed(handles);
+                    log(
+                        LogLevel::Warn,
+                        self.context_id,
+                        format_args!("usage report to cluster {} not sent: {status:?}", usage.cluster),
+                    );
+                    break;
+                }
+            }
+        }
+        let stats = state.queue.borrow().stats();
+        if stats.dropped_overflow != self.last_stats.dropped_overflow
+            || stats.dropped_attempts != self.last_stats.dropped_attempts
+            || stats.rejected != self.last_stats.rejected
+        {
+            log(
+                LogLevel::Warn,
+                self.context_id,
+                format_args!(
+                    "usage events lost so far: {} queue overflow, {} out of attempts, {} refused by the tracker",
+                    stats.dropped_overflow, stats.dropped_attempts, stats.rejected
+                ),
+            );
+        }
+        self.last_stats = stats;
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, _body_size: usize, _num_trailers: usize) {
+        let Some(state) = self.state.clone() else { return };
+        // A failed callout (connect error, timeout) arrives without `:status`.
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        let outcome = SendOutcome::from_status(status);
+        if outcome != SendOutcome::Delivered {
+            log(LogLevel::Debug, self.context_id, format_args!("usage batch {token_id}: {outcome:?} (status {status:?})"));
+        }
+        state.queue.borrow_mut().completed(token_id, outcome);
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        log(
+            LogLevel::Info,
+            self.context_id,
+            format_args!("tollgate filter {} (git {}) started", crate::VERSION, crate::GIT_HASH),
+        );
+        true
+    }
+
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(status) => {
+                log(LogLevel::Critical, self.context_id, format_args!("cannot read plugin configuration: {status:?}"));
+                return false;
+            }
+        };
+        match Settings::parse(&bytes, &env_var) {
+            Ok(settings) => {
+                log(
+                    LogLevel::Info,
+                    self.context_id,
+                    format_args!(
+                        "configured: {} api keys, jwt {}, allowed_groups={:?}",
+                        settings.keys.len(),
+                        if settings.jwt.is_empty() { "off" } else { "on" },
+                        settings.allowed_groups
+                    ),
+                );
+                let cache = TokenCache::new(settings.jwt_cache_entries, TOKEN_CACHE_MAX_AGE_SECS);
+                let limits = match &settings.usage {
+                    Some(u) => QueueLimits {
+                        max_queue: u.max_queue,
+                        max_batch: u.max_batch,
+                        max_attempts: u.max_attempts,
+                        max_in_flight: MAX_IN_FLIGHT,
+                    },
+                    None => QueueLimits { max_queue: 1, max_batch: 1, max_attempts: 1, max_in_flight: 1 },
+                };
+                if let Some(u) = &settings.usage {
+                    if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(u.flush_interval_ms)) {
+                        log(LogLevel::Error, self.context_id, format_args!("cannot set the tick period: {status:?}"));
+                    }
+                }
+                self.state = Some(Rc::new(State {
+                    settings,
+                    token_cache: RefCell::new(cache),
+                    queue: RefCell::new(EventQueue::new(limits)),
+                    ids: RefCell::new(EventIds::new(random_u64())),
+                }));
+                true
+            }
+            Err(e) => {
+                log(LogLevel::Critical, self.context_id, format_args!("{e}"));
+                false
+            }
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn on_tick(&mut self) {
+        let Some(state) = self.state.clone() else { return };
+        if let Some(usage) = &state.settings.usage {
+            self.flush(usage, &state);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http {
+            context_id,
+            state: self.state.clone(),
+            event: None,
+            identity: None,
+            inject_pending: false,
+            parser: None,
+            response_done: false,
+        }))
+    }
+}
+
+struct Http {
+    context_id: u32,
+    state: Option<Rc<State>>,
+    /// The usage event being filled in; recorded in `on_log`.
+    event: Option<UsageEvent>,
+    identity: Option<Identity>,
+    /// The request body is being read to add `stream_options.include_usage`.
+    inject_pending: bool,
+    parser: Option<UsageParser>,
+    response_done: bool,
+}
+
+impl Context for Http {}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
+    headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str())
+}
+
+fn new_event(headers: &[(String, String)], ts: Duration) -> UsageEvent {
+    UsageEvent {
+        id: String::new(),
+        ts: ts.as_secs_f64(),
+        user: None,
+        groups: Vec::new(),
+        method: header(headers, ":method").chars().take(16).collect(),
+        host: header(headers, ":authority").chars().take(256).collect(),
+        path: report_path(header(headers, ":path")),
+        model: None,
+        status: None,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cached_tokens: 0,
+        reasoning_tokens: 0,
+        incomplete: false,
+        usage_missing: true,
+        denied: None,
+    }
+}
+
+/// Streaming-capable OpenAI routes whose request may get `include_usage` added.
+fn wants_include_usage(path: &str) -> bool {
+    let p = path.split('?').next().unwrap_or("");
+    p.ends_with("/chat/completions") || p.ends_with("/completions")
+}
+
+impl Http {
+    fn reply(&self, reply: &LocalReply) -> Action {
+        let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        if let Err(status) = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes())) {
+            log(LogLevel::Error, self.context_id, format_args!("cannot send local reply: {status:?}"));
+        }
+        Action::Pause
+    }
+
+    fn request_headers() -> Option<Vec<(String, String)>> {
+        let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()?;
+        Some(raw.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect())
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(state) = self.state.clone() else {
+            // Not configured: refuse rather than let anything through.
+            let body = openai_error_body("Gateway authentication is not configured.", "server_error", "unavailable");
+            return self.reply(&LocalReply {
+                status: 503,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body,
+            });
+        };
+        let Some(headers) = Self::request_headers() else {
+            let body = openai_error_body("Cannot read request headers.", "server_error", "internal_error");
+            return self.reply(&LocalReply {
+                status: 500,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body,
+            });
+        };
+        let path = headers.iter().find(|(k, _)| k == ":path").map_or("", |(_, v)| v.as_str()).to_string();
+        let now = now();
+        let verdict = {
+            let mut cache = state.token_cache.borrow_mut();
+            decide(&state.settings, &mut cache, &headers, now.as_secs())
+        };
+        let mut event = new_event(&headers, now);
+        match verdict {
+            Verdict::Allow { identity, edits } => {
+                for name in &edits.remove {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                }
+                for (name, value) in &edits.set {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+                }
+                log(
+                    LogLevel::Info,
+                    self.context_id,
+                    format_args!("ALLOW user={} groups={} path={}", identity.user, identity.groups_csv(), log_path(&path)),
+                );
+                event.user = Some(identity.user.clone());
+                event.groups = identity.groups.clone();
+                self.identity = Some(identity);
+                self.event = Some(event);
+                let Some(usage) = &state.settings.usage else { return Action::Continue };
+                // Ask for an uncompressed answer so its usage can be read (see README).
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "accept-encoding", None);
+                let small_body = header(&headers, "content-length")
+                    .parse::<usize>()
+                    .is_ok_and(|n| n > 0 && n <= MAX_INJECT_BODY);
+                if usage.inject_include_usage
+                    && !end_of_stream
+                    && small_body
+                    && header(&headers, ":method") == "POST"
+                    && wants_include_usage(&path)
+                {
+                    self.inject_pending = true;
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
+            Verdict::Deny { error, edits } => {
+                for name in &edits.remove {
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                }
+                log(
+                    LogLevel::Info,
+                    self.context_id,
+                    format_args!("DENY reason={} path={}", error.reason(), log_path(&path)),
+                );
+                let reply = LocalReply::from(&error);
+                event.denied = Some(error.reason().to_string());
+                event.status = Some(reply.status);
+                event.usage_missing = false;
+                state.record(event);
+                self.reply(&reply)
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.inject_pending {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause; // Envoy buffers; bounded by MAX_INJECT_BODY via content-length.
+        }
+        self.inject_pending = false;
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(Some(b)) => b,
+            _ => return Action::Continue,
+        };
+        if let Some(new_body) = inject_include_usage(&body, MAX_INJECT_BODY) {
+            if hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body).is_ok() {
+                let len = new_body.len().to_string();
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "content-length", Some(&len));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(event) = self.event.as_mut() else { return Action::Continue };
+        let get = |name: &str| hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten();
+        event.status = get(":status").and_then(|s| s.parse().ok());
+        let encoding = get("content-encoding");
+        let readable = encoding.as_deref().is_none_or(|e| e.eq_ignore_ascii_case("identity"));
+        if readable {
+            let kind = BodyKind::from_content_type(get("content-type").as_deref());
+            self.parser = Some(UsageParser::new(kind, DEFAULT_MAX_CARRY));
+        }
+        if end_of_stream {
+            self.response_done = true;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(parser) = self.parser.as_mut() {
+            if body_size > 0 {
+                if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                    parser.feed(&chunk);
+                }
+            }
+            if end_of_stream {
+                parser.finish();
+            }
+        }
+        if end_of_stream {
+            self.response_done = true;
+        }
+        // Never Pause here: that would make Envoy buffer the whole response.
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let (Some(state), Some(mut event)) = (self.state.clone(), self.event.take()) else { return };
+        let mut done = self.response_done;
+        if let Some(parser) = self.parser.as_mut() {
+            if !self.response_done {
+                parser.finish();
+            }
+            done |= parser.done();
+            event.set_usage(parser.usage());
+            event.model = parser.model().map(|m| m.chars().take(256).collect());
+        }
+        // The client left (or the upstream reset) before the response ended.
+        event.incomplete = !done;
+        state.record(event);
+    }
+}
+
+/// The path without its query string (which may carry secrets), bounded in length.
+fn log_path(path: &str) -> &str {
+    let p = path.split('?').next().unwrap_or("");
+    match p.char_indices().nth(200) {
+        Some((i, _)) => p.get(..i).unwrap_or(p),
+        None => p,
+    }
+}

@@ -1,0 +1,221 @@
+//! API keys, stored only as SHA-256 digests.
+//!
+//! The configuration never holds a key in plaintext, so a leaked `pluginConfig` (it is
+//! readable by anyone who can read the WasmPlugin) does not leak usable keys. Keys are
+//! high-entropy random strings, so an unsalted fast hash is enough. The store is
+//! checked once at configure time: a digest that is not 64 hex characters, or an
+//! identity that could not be carried in a header, refuses the whole configuration.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::identity::Identity;
+
+/// One configured key: the digest of the key and who it belongs to.
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyEntry {
+    pub sha256: String,
+    pub user: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// Why `keys[index].field` was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyConfigError {
+    pub index: usize,
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for KeyConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "keys[{}].{}: {}", self.index, self.field, self.reason)
+    }
+}
+
+impl std::error::Error for KeyConfigError {}
+
+/// Digest → identity. Lookups cost one SHA-256 and one hash-map probe.
+#[derive(Clone, Default)]
+pub struct ApiKeyStore {
+    by_digest: HashMap<[u8; 32], Identity>,
+}
+
+// Digests are not secrets, but there is no reason to spread them through logs.
+impl fmt::Debug for ApiKeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyStore").field("keys", &self.by_digest.len()).finish()
+    }
+}
+
+impl ApiKeyStore {
+    /// Checks every entry; the first bad one is reported with its index and field.
+    pub fn new(entries: &[ApiKeyEntry]) -> Result<Self, KeyConfigError> {
+        let mut by_digest = HashMap::with_capacity(entries.len());
+        let mut first_index: HashMap<[u8; 32], usize> = HashMap::with_capacity(entries.len());
+        for (index, entry) in entries.iter().enumerate() {
+            let err = |field: &'static str, reason: String| KeyConfigError { index, field, reason };
+            let digest = parse_digest(&entry.sha256).map_err(|r| err("sha256", r.to_string()))?;
+            check_user(&entry.user).map_err(|r| err("user", r.to_string()))?;
+            for (g, group) in entry.groups.iter().enumerate() {
+                check_group(group).map_err(|r| err("groups", format!("groups[{g}] {r}")))?;
+            }
+            if let Some(first) = first_index.insert(digest, index) {
+                return Err(err("sha256", format!("same digest as keys[{first}]")));
+            }
+            by_digest.insert(digest, Identity { user: entry.user.clone(), groups: entry.groups.clone() });
+        }
+        Ok(Self { by_digest })
+    }
+
+    /// The identity owning `presented_key`, if any.
+    pub fn lookup(&self, presented_key: &str) -> Option<&Identity> {
+        let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
+        let (stored, identity) = self.by_digest.get_key_value(&digest)?;
+        // The map already matched; confirm without a data-dependent early exit.
+        bool::from(stored.ct_eq(&digest)).then_some(identity)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+}
+
+/// Lowercase hex SHA-256 of a key: the value to put in `keys[].sha256`.
+pub fn sha256_hex(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn parse_digest(value: &str) -> Result<[u8; 32], &'static str> {
+    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("must be 64 hex characters (the SHA-256 of the key, not the key)");
+    }
+    let mut digest = [0u8; 32];
+    // hex accepts either case, which normalises upper-case configs.
+    hex::decode_to_slice(value, &mut digest).map_err(|_| "must be 64 hex characters")?;
+    Ok(digest)
+}
+
+/// The user goes into a request header and into usage events.
+fn check_user(user: &str) -> Result<(), &'static str> {
+    if user.is_empty() {
+        Err("must not be empty")
+    } else if user.chars().any(char::is_control) {
+        Err("must not contain control characters")
+    } else if user.contains(',') {
+        Err("must not contain commas")
+    } else {
+        Ok(())
+    }
+}
+
+/// Groups are sent comma-joined, so a group name must survive that.
+fn check_group(group: &str) -> Result<(), &'static str> {
+    if group.is_empty() {
+        Err("must not be empty")
+    } else if group.contains(',') || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err("must not contain commas, whitespace or control characters")
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(sha256: &str, user: &str, groups: &[&str]) -> ApiKeyEntry {
+        ApiKeyEntry { sha256: sha256.into(), user: user.into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+    }
+
+    #[test]
+    fn sha256_hex_is_lowercase_digest() {
+        // SHA-256("abc"), FIPS 180-2 example.
+        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    /// (user, groups)
+    type Owner<'a> = (&'a str, &'a [&'a str]);
+
+    #[test]
+    fn lookup_finds_the_owner_only() {
+        let store = ApiKeyStore::new(&[
+            entry(&sha256_hex("sk-mittens"), "mittens", &["premium"]),
+            entry(&sha256_hex("sk-boots").to_uppercase(), "boots", &[]),
+        ])
+        .unwrap();
+        assert_eq!(store.len(), 2);
+        assert!(!store.is_empty());
+        let cases: &[(&str, Option<Owner>)] = &[
+            ("sk-mittens", Some(("mittens", &["premium"]))),
+            ("sk-boots", Some(("boots", &[]))), // configured in upper case
+            ("sk-mittens ", None),
+            ("SK-MITTENS", None),
+            ("", None),
+            (&sha256_hex("sk-mittens"), None), // the digest itself is not a key
+        ];
+        for (key, want) in cases {
+            let got = store.lookup(key).map(|i| (i.user.as_str(), i.groups.iter().map(String::as_str).collect::<Vec<_>>()));
+            let want = want.map(|(u, g)| (u, g.to_vec()));
+            assert_eq!(got, want, "key {key:?}");
+        }
+    }
+
+    #[test]
+    fn empty_store() {
+        let store = ApiKeyStore::new(&[]).unwrap();
+        assert!(store.is_empty());
+        assert_eq!(store.lookup("anything"), None);
+    }
+
+    #[test]
+    fn invalid_entries_name_index_and_field() {
+        let good = sha256_hex("k");
+        let other = sha256_hex("other");
+        let cases: Vec<(Vec<ApiKeyEntry>, &str)> = vec![
+            (vec![entry("abc", "u", &[])], "keys[0].sha256: must be 64 hex"),
+            (vec![entry(&format!("{}0", good), "u", &[])], "keys[0].sha256: must be 64 hex"),
+            (vec![entry(&"g".repeat(64), "u", &[])], "keys[0].sha256: must be 64 hex"),
+            (vec![entry(&format!("{}+", &good[..63]), "u", &[])], "keys[0].sha256: must be 64 hex"),
+            (vec![entry("", "u", &[])], "keys[0].sha256: must be 64 hex"),
+            (vec![entry(&good, "u", &[]), entry(&good.to_uppercase(), "v", &[])], "keys[1].sha256: same digest as keys[0]"),
+            (vec![entry(&good, "", &[])], "keys[0].user: must not be empty"),
+            (vec![entry(&good, "a\r\nx-evil: 1", &[])], "keys[0].user: must not contain control"),
+            (vec![entry(&good, "a,b", &[])], "keys[0].user: must not contain commas"),
+            (vec![entry(&good, "u", &[""])], "keys[0].groups: groups[0] must not be empty"),
+            (vec![entry(&other, "u", &[]), entry(&good, "u", &["ok", "a,b"])], "keys[1].groups: groups[1] must not contain"),
+            (vec![entry(&good, "u", &["a b"])], "keys[0].groups: groups[0] must not contain"),
+            (vec![entry(&good, "u", &["a\tb"])], "keys[0].groups: groups[0] must not contain"),
+        ];
+        for (entries, want) in cases {
+            let err = ApiKeyStore::new(&entries).unwrap_err().to_string();
+            assert!(err.starts_with(want), "got {err:?}, want prefix {want:?}");
+        }
+    }
+
+    #[test]
+    fn entry_json_is_strict() {
+        let ok: ApiKeyEntry = serde_json::from_str(r#"{"sha256":"x","user":"u"}"#).unwrap();
+        assert!(ok.groups.is_empty());
+        assert!(serde_json::from_str::<ApiKeyEntry>(r#"{"sha256":"x","user":"u","key":"sk"}"#).is_err());
+        assert!(serde_json::from_str::<ApiKeyEntry>(r#"{"user":"u"}"#).is_err());
+    }
+
+    #[test]
+    fn debug_hides_digests() {
+        let d = sha256_hex("k");
+        let store = ApiKeyStore::new(&[entry(&d, "u", &[])]).unwrap();
+        let shown = format!("{store:?}");
+        assert!(!shown.contains(&d[..16]), "{shown}");
+        assert!(shown.contains('1'), "{shown}");
+    }
+}

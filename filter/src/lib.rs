@@ -1,0 +1,23 @@
+//! Tollgate: authentication, quotas and token metering for LLM APIs, inside Envoy.
+//!
+//! Everything except `glue` is pure logic: data in, decisions out, the clock passed
+//! as an argument. It compiles and is unit-tested natively and on wasm32. Only `glue`
+//! touches proxy-wasm, and it is compiled for `wasm32-wasip1` alone.
+#![cfg_attr(not(test), forbid(unsafe_code))]
+
+pub mod auth;
+pub mod config;
+pub mod credentials;
+pub mod events;
+pub mod identity;
+pub mod jwt;
+pub mod keys;
+pub mod response;
+pub mod usage;
+
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+mod glue;
+
+/// Version and git hash of this build, logged by `on_vm_start`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const GIT_HASH: &str = env!("TOLLGATE_GIT_HASH");

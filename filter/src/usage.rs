@@ -1,0 +1,1128 @@
+//! Token usage read from upstream LLM responses, incrementally and in bounded memory.
+//!
+//! The filter must return `Continue` for every response body chunk: a `Pause` makes
+//! Envoy buffer the whole response, which stops SSE streaming and turns large bodies
+//! into 500s. So it only reads copies of chunks, cut at any byte (mid-line, mid-string,
+//! mid-UTF-8 character, between `\r` and `\n`).
+//!
+//! Wasm memory never shrinks, and bodies can be large: a single Responses API
+//! `response.completed` event repeats the whole generated text. So nothing is buffered
+//! whole. A byte-level JSON scanner tracks strings, escapes and nesting, reads object
+//! keys at the top level (and one level into `message`/`response`), and copies only the
+//! raw bytes of `usage` and `model` values, each capped; serde_json then parses those
+//! few bytes. SSE `data:` lines stream through the same scanner, reset per event, so an
+//! SSE stream costs constant memory plus the capped captures.
+//!
+//! Usage in a stream is cumulative: later values replace earlier ones field by field,
+//! which also merges Anthropic's `message_start` (input) with `message_delta` (output).
+
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+
+/// Token counts of one response; fields the upstream did not report are 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+/// How a response body is framed, from its `content-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    Sse,
+    Other,
+}
+
+impl BodyKind {
+    /// `application/json` and `application/*+json` are JSON, `text/event-stream` is SSE
+    /// (parameters and ASCII case ignored); anything else, or no header, is `Other`.
+    pub fn from_content_type(ct: Option<&str>) -> BodyKind {
+        let Some(ct) = ct else {
+            return BodyKind::Other;
+        };
+        let media = ct.split(';').next().unwrap_or_default().trim();
+        if media.eq_ignore_ascii_case("text/event-stream") {
+            return BodyKind::Sse;
+        }
+        let b = media.as_bytes();
+        let is_app = b.get(..12).is_some_and(|p| p.eq_ignore_ascii_case(b"application/"));
+        let json_suffix = b
+            .len()
+            .checked_sub(5)
+            .filter(|&at| at > 12)
+            .and_then(|at| b.get(at..))
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"+json"));
+        if media.eq_ignore_ascii_case("application/json") || (is_app && json_suffix) {
+            BodyKind::Json
+        } else {
+            BodyKind::Other
+        }
+    }
+}
+
+/// Default cap on one captured `usage` value.
+pub const DEFAULT_MAX_CARRY: usize = 64 * 1024;
+
+/// Cap on a captured `model` value (raw JSON string); longer names are ignored.
+const MODEL_MAX: usize = 256;
+/// Longest key we match ("response").
+const KEY_MAX: usize = 8;
+/// Longest SSE field name we match (a UTF-8 BOM plus "data").
+const NAME_MAX: usize = 7;
+const DONE: &[u8; 6] = b"[DONE]";
+
+/// Incremental usage reader for one response body. Feed it every chunk, then `finish`.
+#[derive(Debug)]
+pub struct UsageParser {
+    kind: BodyKind,
+    scan: Scanner,
+    sse: Sse,
+    found: Found,
+    bytes_seen: u64,
+}
+
+impl UsageParser {
+    /// `max_carry` caps one captured `usage` value (see [`DEFAULT_MAX_CARRY`]).
+    pub fn new(kind: BodyKind, max_carry: usize) -> Self {
+        UsageParser {
+            kind,
+            scan: Scanner::new(max_carry),
+            sse: Sse::new(),
+            found: Found::default(),
+            bytes_seen: 0,
+        }
+    }
+
+    /// Reads the next chunk; chunks may be cut at any byte.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let n = u64::try_from(chunk.len()).unwrap_or(u64::MAX);
+        self.bytes_seen = self.bytes_seen.saturating_add(n);
+        match self.kind {
+            BodyKind::Json => self.scan.feed(chunk, &mut self.found),
+            BodyKind::Sse => self.sse.feed(chunk, &mut self.scan, &mut self.found),
+            BodyKind::Other => {}
+        }
+    }
+
+    /// End of body: ends a last SSE line/event that had no terminator. Values already
+    /// complete were recorded as they arrived; a value cut off by the end is dropped.
+    pub fn finish(&mut self) {
+        if self.kind == BodyKind::Sse {
+            self.sse.finish(&mut self.scan, &mut self.found);
+        }
+    }
+
+    /// The latest usage seen, or `None` when no usage object was seen.
+    pub fn usage(&self) -> Option<Usage> {
+        self.found.usage
+    }
+
+    /// The first non-empty `model` seen.
+    pub fn model(&self) -> Option<&str> {
+        self.found.model.as_deref()
+    }
+
+    /// Whether an SSE `data: [DONE]` line was seen.
+    pub fn done(&self) -> bool {
+        self.found.done
+    }
+
+    /// `usage` values dropped because they exceeded `max_carry`.
+    pub fn skipped_events(&self) -> u64 {
+        self.found.skipped
+    }
+
+    pub fn bytes_seen(&self) -> u64 {
+        self.bytes_seen
+    }
+}
+
+/// For a streaming chat/completions request body (a JSON object with `"stream": true`
+/// and no `stream_options`), returns the body with `"stream_options":{"include_usage":true}`
+/// inserted right after the opening `{`, the rest byte for byte. `None` when there is
+/// nothing to change or the body is over `max_len`, not JSON, or not an object.
+/// Only for chat/completions and completions: the Responses API rejects this option.
+pub fn inject_include_usage(body: &[u8], max_len: usize) -> Option<Vec<u8>> {
+    const INSERT: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    if body.len() > max_len {
+        return None;
+    }
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body.get(open) != Some(&b'{') {
+        return None;
+    }
+    let probe: StreamProbe = serde_json::from_slice(body).ok()?;
+    if probe.stream != Some(Value::Bool(true)) || probe.stream_options {
+        return None;
+    }
+    // "stream" is a member, so the object is not empty and the added comma is valid.
+    let (head, tail) = body.split_at_checked(open.checked_add(1)?)?;
+    let mut out = Vec::with_capacity(body.len().saturating_add(INSERT.len()));
+    out.extend_from_slice(head);
+    out.extend_from_slice(INSERT);
+    out.extend_from_slice(tail);
+    Some(out)
+}
+
+#[derive(Deserialize)]
+struct StreamProbe {
+    #[serde(default)]
+    stream: Option<Value>,
+    /// True when the key is present, even as `null`, so we never add a duplicate key.
+    #[serde(default, deserialize_with = "present")]
+    stream_options: bool,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+/// What the scanner has found so far, across SSE events.
+#[derive(Debug, Default)]
+struct Found {
+    usage: Option<Usage>,
+    model: Option<String>,
+    done: bool,
+    skipped: u64,
+}
+
+impl Found {
+    fn add_usage(&mut self, raw: &[u8]) {
+        // `null` or a non-object fails here and is ignored.
+        let Ok(o) = serde_json::from_slice::<Map<String, Value>>(raw) else {
+            return;
+        };
+        let n = |k: &str| o.get(k).and_then(count);
+        let d = |outer: &str, k: &str| o.get(outer).and_then(|v| v.get(k)).and_then(count);
+        let prev = self.usage.unwrap_or_default();
+        self.usage = Some(Usage {
+            prompt_tokens: n("prompt_tokens")
+                .or_else(|| n("input_tokens"))
+                .unwrap_or(prev.prompt_tokens),
+            completion_tokens: n("completion_tokens")
+                .or_else(|| n("output_tokens"))
+                .unwrap_or(prev.completion_tokens),
+            cached_tokens: d("prompt_tokens_details", "cached_tokens")
+                .or_else(|| d("input_tokens_details", "cached_tokens"))
+                .or_else(|| n("cache_read_input_tokens"))
+                .unwrap_or(prev.cached_tokens),
+            reasoning_tokens: d("completion_tokens_details", "reasoning_tokens")
+                .or_else(|| d("output_tokens_details", "reasoning_tokens"))
+                .unwrap_or(prev.reasoning_tokens),
+        });
+    }
+
+    fn add_model(&mut self, raw: &[u8]) {
+        if self.model.is_some() {
+            return;
+        }
+        if let Ok(m) = serde_json::from_slice::<String>(raw) {
+            if !m.is_empty() {
+                self.model = Some(m);
+            }
+        }
+    }
+}
+
+/// A token count: a non-negative integer (`12.0` accepted), anything else absent.
+fn count(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        let f = v.as_f64()?;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        (f >= 0.0 && f.fract() == 0.0 && f < 1.8e19).then_some(f as u64)
+    })
+}
+
+/// Where the scanner is, relative to the object whose keys it reads (at depth `level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pos {
+    /// Before the top-level value.
+    Start,
+    ExpectKey,
+    InKey,
+    AfterKey,
+    ExpectValue,
+    /// Inside or after a value we skip or capture; `,` or `}` comes next at `level`.
+    AfterValue,
+    /// Top-level value finished or not an object: the rest is ignored.
+    Done,
+}
+
+/// What the value of the key just read means to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Skip,
+    Usage,
+    Model,
+    /// `message` / `response`: read the keys of this object too.
+    Nest,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Capture {
+    target: Target,
+    /// Depth at which the value started; an object capture ends on returning to it.
+    depth: u32,
+    over: bool,
+}
+
+/// Byte-level JSON scanner. Needs no stack: keys matter only at depth 1 and inside a
+/// depth-2 `message`/`response` object, both tracked by `level`.
+#[derive(Debug)]
+struct Scanner {
+    max_carry: usize,
+    depth: u32,
+    level: u32,
+    pos: Pos,
+    target: Target,
+    key: [u8; KEY_MAX],
+    /// Over `KEY_MAX` marks a key we cannot match (too long or escaped).
+    key_len: usize,
+    in_str: bool,
+    esc: bool,
+    cap: Option<Capture>,
+    buf: Vec<u8>,
+}
+
+impl Scanner {
+    fn new(max_carry: usize) -> Self {
+        Scanner {
+            max_carry,
+            depth: 0,
+            level: 1,
+            pos: Pos::Start,
+            target: Target::Skip,
+            key: [0; KEY_MAX],
+            key_len: 0,
+            in_str: false,
+            esc: false,
+            cap: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Ready for a new JSON value; keeps the capture buffer's allocation.
+    fn reset(&mut self) {
+        self.depth = 0;
+        self.level = 1;
+        self.pos = Pos::Start;
+        self.target = Target::Skip;
+        self.key_len = 0;
+        self.in_str = false;
+        self.esc = false;
+        self.cap = None;
+        self.buf.clear();
+    }
+
+    fn feed(&mut self, input: &[u8], found: &mut Found) {
+        // Captured bytes are copied per slice, from `from` in this chunk.
+        let mut from = 0;
+        let mut i = 0;
+        while self.pos != Pos::Done {
+            let Some(&b) = input.get(i) else { break };
+            if self.in_str {
+                i = self.string_bytes(input, i, from, found);
+                continue;
+            }
+            let at_level = self.depth == self.level;
+            match b {
+                b'"' => {
+                    self.in_str = true;
+                    match self.pos {
+                        Pos::ExpectKey if at_level => {
+                            self.pos = Pos::InKey;
+                            self.key_len = 0;
+                        }
+                        Pos::ExpectValue if at_level => {
+                            if self.target == Target::Model {
+                                self.start_capture(Target::Model);
+                                from = i;
+                            }
+                            self.pos = Pos::AfterValue;
+                        }
+                        Pos::Start => self.pos = Pos::Done,
+                        _ => {}
+                    }
+                }
+                b'{' | b'[' => {
+                    let at_value = at_level && self.pos == Pos::ExpectValue;
+                    if self.pos == Pos::Start {
+                        if b == b'{' {
+                            self.depth = 1;
+                            self.pos = Pos::ExpectKey;
+                        } else {
+                            self.pos = Pos::Done;
+                        }
+                    } else if at_value && b == b'{' && self.target == Target::Nest {
+                        self.depth = self.depth.saturating_add(1);
+                        self.level = self.depth;
+                        self.pos = Pos::ExpectKey;
+                    } else {
+                        if at_value {
+                            if b == b'{' && self.target == Target::Usage {
+                                self.start_capture(Target::Usage);
+                                from = i;
+                            }
+                            self.pos = Pos::AfterValue;
+                        }
+                        self.depth = self.depth.saturating_add(1);
+                    }
+                }
+                b'}' | b']' => {
+                    if self.depth == 0 {
+                        self.pos = Pos::Done;
+                    } else {
+                        self.depth -= 1;
+                        if self.cap.is_some_and(|c| c.target == Target::Usage && c.depth == self.depth) {
+                            self.end_capture(input.get(from..=i).unwrap_or_default(), found);
+                        }
+                        if self.depth < self.level {
+                            // The object whose keys we read has closed.
+                            if self.depth == 0 {
+                                self.pos = Pos::Done;
+                            } else {
+                                self.level = self.depth;
+                                self.pos = Pos::AfterValue;
+                            }
+                        }
+                    }
+                }
+                b':' => {
+                    if at_level && self.pos == Pos::AfterKey {
+                        self.pos = Pos::ExpectValue;
+                    }
+                }
+                b',' => {
+                    if at_level {
+                        self.pos = Pos::ExpectKey;
+                    }
+                }
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                // Lets a UTF-8 BOM pass before the top-level value.
+                _ if self.pos == Pos::Start && b >= 0x80 => {}
+                _ => {
+                    if self.pos == Pos::Start {
+                        self.pos = Pos::Done;
+                    } else if at_level && self.pos == Pos::ExpectValue {
+                        self.pos = Pos::AfterValue;
+                    }
+                }
+            }
+            i += 1;
+        }
+        if self.cap.is_some() {
+            self.append(input.get(from..).unwrap_or_default(), found);
+        }
+    }
+
+    /// Consumes string bytes from `i` up to and including the next quote or backslash;
+    /// returns the next index.
+    fn string_bytes(&mut self, input: &[u8], i: usize, from: usize, found: &mut Found) -> usize {
+        let in_key = self.pos == Pos::InKey;
+        if self.esc {
+            self.esc = false;
+            return i.saturating_add(1);
+        }
+        let rest = input.get(i..).unwrap_or_default();
+        let n = rest
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\')
+            .unwrap_or(rest.len());
+        if in_key {
+            self.push_key(rest.get(..n).unwrap_or_default());
+        }
+        let end = i.saturating_add(n);
+        match input.get(end) {
+            Some(b'\\') => {
+                self.esc = true;
+                if in_key {
+                    self.key_len = KEY_MAX + 1;
+                }
+            }
+            Some(_) => {
+                self.in_str = false;
+                if in_key {
+                    self.target = self.key_target(found.model.is_none());
+                    self.pos = Pos::AfterKey;
+                } else if self.cap.is_some_and(|c| c.target == Target::Model) {
+                    self.end_capture(input.get(from..=end).unwrap_or_default(), found);
+                }
+            }
+            None => {}
+        }
+        end.saturating_add(1)
+    }
+
+    fn push_key(&mut self, bytes: &[u8]) {
+        let end = self.key_len.saturating_add(bytes.len());
+        match self.key.get_mut(self.key_len..end) {
+            Some(slot) => {
+                slot.copy_from_slice(bytes);
+                self.key_len = end;
+            }
+            None => self.key_len = KEY_MAX + 1,
+        }
+    }
+
+    fn key_target(&self, want_model: bool) -> Target {
+        match self.key.get(..self.key_len) {
+            Some(b"usage") => Target::Usage,
+            Some(b"model") if want_model => Target::Model,
+            Some(b"message" | b"response") if self.level == 1 => Target::Nest,
+            _ => Target::Skip,
+        }
+    }
+
+    fn start_capture(&mut self, target: Target) {
+        self.buf.clear();
+        self.cap = Some(Capture {
+            target,
+            depth: self.depth,
+            over: false,
+        });
+    }
+
+    fn append(&mut self, bytes: &[u8], found: &mut Found) {
+        let Some(cap) = self.cap.as_mut() else { return };
+        if cap.over {
+            return;
+        }
+        let limit = match cap.target {
+            Target::Model => self.max_carry.min(MODEL_MAX),
+            _ => self.max_carry,
+        };
+        if self.buf.len().saturating_add(bytes.len()) > limit {
+            cap.over = true;
+            self.buf.clear();
+            if cap.target == Target::Usage {
+                found.skipped = found.skipped.saturating_add(1);
+            }
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    fn end_capture(&mut self, tail: &[u8], found: &mut Found) {
+        self.append(tail, found);
+        if let Some(cap) = self.cap.take() {
+            if !cap.over {
+                match cap.target {
+                    Target::Usage => found.add_usage(&self.buf),
+                    Target::Model => found.add_model(&self.buf),
+                    Target::Skip | Target::Nest => {}
+                }
+            }
+        }
+        self.buf.clear();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Nothing read yet on this line; an end of line here ends the event.
+    Start,
+    Name,
+    Data,
+    Ignore,
+}
+
+/// SSE framing: splits lines, streams `data:` values into the scanner, and resets the
+/// scanner at each blank line. Holds no event data, only the first bytes of a line.
+#[derive(Debug)]
+struct Sse {
+    line: Line,
+    name: [u8; NAME_MAX],
+    name_len: usize,
+    first_line: bool,
+    /// The last line ended with `\r`: a following `\n` belongs to it.
+    after_cr: bool,
+    /// One space after `data:` is not part of the value.
+    skip_space: bool,
+    has_data: bool,
+    /// First bytes of the current data value, to spot `[DONE]`.
+    val: [u8; DONE.len()],
+    val_len: usize,
+}
+
+impl Sse {
+    fn new() -> Self {
+        Sse {
+            line: Line::Start,
+            name: [0; NAME_MAX],
+            name_len: 0,
+            first_line: true,
+            after_cr: false,
+            skip_space: false,
+            has_data: false,
+            val: [0; DONE.len()],
+            val_len: 0,
+        }
+    }
+
+    fn feed(&mut self, input: &[u8], scan: &mut Scanner, found: &mut Found) {
+        let mut i = 0;
+        while let Some(&b) = input.get(i) {
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    i += 1;
+                    continue;
+                }
+            }
+            match self.line {
+                Line::Start | Line::Name => {
+                    match b {
+                        b'\n' | b'\r' => self.end_line(b, scan, found),
+                        b':' if self.is_data() => self.begin_data(scan, found),
+                        b':' => self.line = Line::Ignore,
+                        _ => self.push_name(b),
+                    }
+                    i += 1;
+                }
+                Line::Data | Line::Ignore => {
+                    let rest = input.get(i..).unwrap_or_default();
+                    let n = rest
+                        .iter()
+                        .position(|&c| c == b'\n' || c == b'\r')
+                        .unwrap_or(rest.len());
+                    if self.line == Line::Data {
+                        self.data(rest.get(..n).unwrap_or_default(), scan, found);
+                    }
+                    i = i.saturating_add(n);
+                    if let Some(&eol) = input.get(i) {
+                        self.end_line(eol, scan, found);
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, scan: &mut Scanner, found: &mut Found) {
+        if self.line != Line::Start {
+            self.end_line(b'\n', scan, found);
+        }
+        self.after_cr = false;
+        self.dispatch(scan);
+    }
+
+    fn push_name(&mut self, b: u8) {
+        match self.name.get_mut(self.name_len) {
+            Some(slot) => {
+                *slot = b;
+                self.name_len += 1;
+                self.line = Line::Name;
+            }
+            None => self.line = Line::Ignore,
+        }
+    }
+
+    fn is_data(&self) -> bool {
+        match self.name.get(..self.name_len) {
+            Some(b"data") => true,
+            Some(b"\xEF\xBB\xBFdata") => self.first_line,
+            _ => false,
+        }
+    }
+
+    fn begin_data(&mut self, scan: &mut Scanner, found: &mut Found) {
+        // Data lines of one event join with "\n", which is JSON whitespace.
+        if self.has_data {
+            scan.feed(b"\n", found);
+        }
+        self.has_data = true;
+        self.skip_space = true;
+        self.val_len = 0;
+        self.line = Line::Data;
+    }
+
+    fn data(&mut self, mut seg: &[u8], scan: &mut Scanner, found: &mut Found) {
+        if seg.is_empty() {
+            return;
+        }
+        if self.skip_space {
+            self.skip_space = false;
+            seg = seg.strip_prefix(b" ").unwrap_or(seg);
+        }
+        for (slot, &c) in self.val.iter_mut().skip(self.val_len).zip(seg) {
+            *slot = c;
+        }
+        self.val_len = self.val_len.saturating_add(seg.len());
+        scan.feed(seg, found);
+    }
+
+    fn end_line(&mut self, eol: u8, scan: &mut Scanner, found: &mut Found) {
+        match self.line {
+            Line::Start => self.dispatch(scan),
+            // A bare "data" line: a data field with an empty value.
+            Line::Name if self.is_data() => self.begin_data(scan, found),
+            Line::Data if self.val_len == DONE.len() && &self.val == DONE => found.done = true,
+            _ => {}
+        }
+        self.line = Line::Start;
+        self.name_len = 0;
+        self.first_line = false;
+        self.after_cr = eol == b'\r';
+    }
+
+    fn dispatch(&mut self, scan: &mut Scanner) {
+        scan.reset();
+        self.has_data = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(prompt: u64, completion: u64, cached: u64, reasoning: u64) -> Option<Usage> {
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: cached,
+            reasoning_tokens: reasoning,
+        })
+    }
+
+    #[derive(Debug, PartialEq)]
+    struct Out {
+        usage: Option<Usage>,
+        model: Option<String>,
+        done: bool,
+        skipped: u64,
+    }
+
+    fn run<'a>(kind: BodyKind, max: usize, pieces: impl IntoIterator<Item = &'a [u8]>) -> Out {
+        let mut p = UsageParser::new(kind, max);
+        let mut len = 0;
+        for piece in pieces {
+            p.feed(piece);
+            len += piece.len() as u64;
+        }
+        p.finish();
+        assert_eq!(p.bytes_seen(), len);
+        Out {
+            usage: p.usage(),
+            model: p.model().map(str::to_owned),
+            done: p.done(),
+            skipped: p.skipped_events(),
+        }
+    }
+
+    /// Deterministic LCG, so random splits need no extra crate.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, bound: usize) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((self.0 >> 33) as usize) % bound
+        }
+    }
+
+    /// Feeds `body` whole, cut in two at every offset, a byte at a time and in random
+    /// pieces; every way must give the same result, which is returned.
+    fn run_all_splits(kind: BodyKind, max: usize, body: &[u8]) -> Out {
+        let whole = run(kind, max, [body]);
+        for at in 0..=body.len() {
+            let (a, b) = body.split_at(at);
+            assert_eq!(run(kind, max, [a, b]), whole, "split at {at}");
+        }
+        assert_eq!(run(kind, max, body.chunks(1)), whole, "byte at a time");
+        for seed in 1..=20 {
+            let mut rng = Lcg(seed);
+            let mut pieces = Vec::new();
+            let mut rest = body;
+            while !rest.is_empty() {
+                let n = (rng.next(24) + 1).min(rest.len());
+                let (a, b) = rest.split_at(n);
+                pieces.push(a);
+                rest = b;
+            }
+            assert_eq!(run(kind, max, pieces), whole, "seed {seed}");
+        }
+        whole
+    }
+
+    #[test]
+    fn content_type() {
+        let cases = [
+            (None, BodyKind::Other),
+            (Some(""), BodyKind::Other),
+            (Some("application/json"), BodyKind::Json),
+            (Some("application/json; charset=utf-8"), BodyKind::Json),
+            (Some("Application/JSON"), BodyKind::Json),
+            (Some(" application/json ;charset=UTF-8"), BodyKind::Json),
+            (Some("application/problem+json"), BodyKind::Json),
+            (Some("application/vnd.api+JSON; q=1"), BodyKind::Json),
+            (Some("application/+json"), BodyKind::Other),
+            (Some("text/plain+json"), BodyKind::Other),
+            (Some("application/jsonl"), BodyKind::Other),
+            (Some("application/x-ndjson"), BodyKind::Other),
+            (Some("text/event-stream"), BodyKind::Sse),
+            (Some("text/event-stream; charset=utf-8"), BodyKind::Sse),
+            (Some("TEXT/Event-Stream"), BodyKind::Sse),
+            (Some("text/plain"), BodyKind::Other),
+            (Some("text/html; charset=utf-8"), BodyKind::Other),
+        ];
+        for (ct, want) in cases {
+            assert_eq!(BodyKind::from_content_type(ct), want, "{ct:?}");
+        }
+    }
+
+    const OPENAI_CHAT: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Report \"usage\": {\"prompt_tokens\": 999} – é ✓","refusal":null},"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":4,"audio_tokens":0}},"system_fingerprint":"fp_1"}"#;
+
+    const JSON_CASES: &[(&str, &str, Option<Usage>, Option<&str>, u64)] = &[
+        ("openai chat", OPENAI_CHAT, u(19, 10, 3, 4), Some("gpt-4o-2024-08-06"), 0),
+        (
+            "openai embeddings",
+            r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+            u(8, 0, 0, 0),
+            Some("text-embedding-3-small"),
+            0,
+        ),
+        (
+            "responses api",
+            r#"{"id":"resp_1","object":"response","status":"completed","model":"gpt-4.1","output":[{"type":"message","content":[{"type":"output_text","text":"hi","annotations":[]}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":6},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":12},"total_tokens":123}}"#,
+            u(36, 87, 6, 12),
+            Some("gpt-4.1"),
+            0,
+        ),
+        (
+            "anthropic messages",
+            r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"usage"}],"stop_reason":"end_turn","usage":{"input_tokens":2095,"cache_creation_input_tokens":0,"cache_read_input_tokens":1800,"output_tokens":503,"service_tier":"standard"}}"#,
+            u(2095, 503, 1800, 0),
+            Some("claude-sonnet-4-5"),
+            0,
+        ),
+        (
+            "pretty printed, details null",
+            "{\n  \"model\" : \"m\",\n  \"usage\" : {\n    \"prompt_tokens\" : 5,\n    \"completion_tokens\" : 6,\n    \"prompt_tokens_details\" : null\n  }\n}\n",
+            u(5, 6, 0, 0),
+            Some("m"),
+            0,
+        ),
+        (
+            "usage only nested in choices",
+            r#"{"model":"m","choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":7}","usage":{"prompt_tokens":9},"model":"inner"}}],"data":{"usage":{"prompt_tokens":1}}}"#,
+            None,
+            Some("m"),
+            0,
+        ),
+        (
+            "usage as text values and in keys' values",
+            r#"{"note":"usage","model":"usage","x":{"a":"\"usage\""},"y":["usage",{"usage":{"prompt_tokens":1}}]}"#,
+            None,
+            Some("usage"),
+            0,
+        ),
+        ("usage null", r#"{"model":"m","usage":null}"#, None, Some("m"), 0),
+        ("usage not an object", r#"{"usage":"n/a","model":7}"#, None, None, 0),
+        ("usage empty object", r#"{"usage":{}}"#, u(0, 0, 0, 0), None, 0),
+        (
+            "lenient numbers",
+            r#"{"usage":{"prompt_tokens":12.0,"completion_tokens":"3","prompt_tokens_details":{"cached_tokens":-1}}}"#,
+            u(12, 0, 0, 0),
+            None,
+            0,
+        ),
+        (
+            "escaped model and key",
+            r#"{"model":"gpt-\u00e9\"x","us\u0061ge":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            u(2, 0, 0, 0),
+            Some("gpt-é\"x"),
+            0,
+        ),
+        (
+            "top-level message and usage merge",
+            r#"{"message":{"model":"claude","content":[{"usage":{"input_tokens":99}}],"usage":{"input_tokens":3}},"usage":{"output_tokens":4}}"#,
+            u(3, 4, 0, 0),
+            Some("claude"),
+            0,
+        ),
+        (
+            "only one nesting level",
+            r#"{"message":{"message":{"usage":{"input_tokens":3},"model":"deep"}},"response":"usage"}"#,
+            None,
+            None,
+            0,
+        ),
+        ("error body", r#"{"error":{"message":"bad","type":"invalid_request_error"}}"#, None, None, 0),
+        ("top-level array", r#"[{"usage":{"prompt_tokens":1},"model":"m"}]"#, None, None, 0),
+        ("not json", "upstream connect error", None, None, 0),
+        ("empty", "", None, None, 0),
+        (
+            "bom and trailing garbage",
+            "\u{FEFF}{\"usage\":{\"prompt_tokens\":1}} {\"usage\":{\"prompt_tokens\":2}}",
+            u(1, 0, 0, 0),
+            None,
+            0,
+        ),
+        (
+            "truncated after usage",
+            r#"{"usage":{"prompt_tokens":4,"completion_tokens":2},"choices":[{"text":"cut"#,
+            u(4, 2, 0, 0),
+            None,
+            0,
+        ),
+        ("truncated inside usage", r#"{"model":"m","usage":{"prompt_tokens":4"#, None, Some("m"), 0),
+    ];
+
+    #[test]
+    fn json_bodies() {
+        for &(name, body, usage, model, skipped) in JSON_CASES {
+            let got = run_all_splits(BodyKind::Json, DEFAULT_MAX_CARRY, body.as_bytes());
+            let want = Out { usage, model: model.map(str::to_owned), done: false, skipped };
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn json_usage_over_bound_is_skipped() {
+        let body = format!(
+            r#"{{"model":"m","usage":{{"prompt_tokens":1,"pad":"{}"}},"n":1}}"#,
+            "x".repeat(100)
+        );
+        let cases = [(64, None, 1), (200, u(1, 0, 0, 0), 0)];
+        for (max, usage, skipped) in cases {
+            let got = run_all_splits(BodyKind::Json, max, body.as_bytes());
+            assert_eq!((got.usage, got.skipped), (usage, skipped), "max {max}");
+            assert_eq!(got.model.as_deref(), Some("m"));
+        }
+    }
+
+    #[test]
+    fn model_over_bound_is_ignored() {
+        let long = "m".repeat(MODEL_MAX);
+        let body = format!(r#"{{"model":"{long}","usage":{{"prompt_tokens":1}}}}"#);
+        let got = run(BodyKind::Json, DEFAULT_MAX_CARRY, [body.as_bytes()]);
+        assert_eq!((got.model, got.usage, got.skipped), (None, u(1, 0, 0, 0), 0));
+    }
+
+    #[test]
+    fn other_kind_reads_nothing() {
+        let got = run(BodyKind::Other, DEFAULT_MAX_CARRY, [OPENAI_CHAT.as_bytes()]);
+        assert_eq!(got, Out { usage: None, model: None, done: false, skipped: 0 });
+    }
+
+    const OPENAI_STREAM: &str = concat!(
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Say \\\"usage\\\": {\\\"prompt_tokens\\\": 999} – héllo ✓ \\\\\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,\"total_tokens\":19,\"prompt_tokens_details\":{\"cached_tokens\":4},\"completion_tokens_details\":{\"reasoning_tokens\":2}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    const ANTHROPIC_STREAM: &str = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":10,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\n",
+        "data: {\"type\": \"ping\"}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"the \\\"usage\\\":{\\\"output_tokens\\\":999} ünï\"}}\n\n",
+        "event: content_block_stop\n",
+        "data: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n",
+        "event: message_stop\n",
+        "data: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    const RESPONSES_STREAM: &str = concat!(
+        "event: response.created\n",
+        "data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"gpt-4.1-mini\",\"output\":[],\"usage\":null}}\n\n",
+        "event: response.output_text.delta\n",
+        "data: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"\\\"usage\\\" ✓\"}\n\n",
+        "event: response.completed\n",
+        "data: {\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"gpt-4.1-mini\",\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"\\\"usage\\\" ✓\",\"usage\":{\"input_tokens\":999}}]}],\"usage\":{\"input_tokens\":30,\"input_tokens_details\":{\"cached_tokens\":8},\"output_tokens\":20,\"output_tokens_details\":{\"reasoning_tokens\":5},\"total_tokens\":50}}}\n\n",
+    );
+
+    /// vLLM `continuous_usage_stats`: every chunk carries the running total.
+    const CUMULATIVE_STREAM: &str = concat!(
+        "data: {\"model\":\"llama-3\",\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n",
+        "data: {\"model\":\"other\",\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n",
+        "data: {\"model\":\"llama-3\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn sse_streams() {
+        let multi_line = concat!(
+            ": keep-alive comment\n",
+            "id: 7\nretry: 1000\nevent: chunk\n",
+            "data: {\"model\":\"modèle-ü\",\n",
+            "data\n",
+            "data:\"usage\":{\"prompt_tokens\":3,\n",
+            "data:  \"completion_tokens\":4}}\n\n",
+            "data:[DONE]\n\n",
+        );
+        let cases = [
+            ("openai", OPENAI_STREAM.to_owned(), u(12, 7, 4, 2), Some("gpt-4o-mini"), true),
+            ("openai crlf", OPENAI_STREAM.replace('\n', "\r\n"), u(12, 7, 4, 2), Some("gpt-4o-mini"), true),
+            ("openai cr", OPENAI_STREAM.replace('\n', "\r"), u(12, 7, 4, 2), Some("gpt-4o-mini"), true),
+            ("anthropic", ANTHROPIC_STREAM.to_owned(), u(25, 15, 10, 0), Some("claude-sonnet-4-5"), false),
+            ("responses", RESPONSES_STREAM.to_owned(), u(30, 20, 8, 5), Some("gpt-4.1-mini"), false),
+            ("cumulative", CUMULATIVE_STREAM.to_owned(), u(5, 3, 0, 0), Some("llama-3"), true),
+            ("multi-line data", multi_line.to_owned(), u(3, 4, 0, 0), Some("modèle-ü"), true),
+            (
+                "bom, no final newline",
+                "\u{FEFF}data: {\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]".to_owned(),
+                u(1, 0, 0, 0),
+                None,
+                true,
+            ),
+            (
+                "last event without blank line",
+                "data: {\"model\":\"m\"}\n\ndata: {\"usage\":{\"prompt_tokens\":2}}".to_owned(),
+                u(2, 0, 0, 0),
+                Some("m"),
+                false,
+            ),
+            (
+                "only usage null",
+                "data: {\"model\":\"m\",\"usage\":null}\n\ndata: [DONE]\n\n".to_owned(),
+                None,
+                Some("m"),
+                true,
+            ),
+            (
+                "not done: other fields, [DONE] with extra",
+                "event: [DONE]\ndata: [DONE] \ndata:[DONE]x\n\nid: [DONE]\n\n".to_owned(),
+                None,
+                None,
+                false,
+            ),
+            (
+                "non-json data is ignored until the next event",
+                "data: hello \"usage\":{\"prompt_tokens\":9}\n\ndata: {\"usage\":{\"prompt_tokens\":1}}\n\n".to_owned(),
+                u(1, 0, 0, 0),
+                None,
+                false,
+            ),
+            (
+                "event cut mid-object resyncs",
+                "data: {\"usage\":{\"prompt_tokens\":9\n\ndata: {\"usage\":{\"prompt_tokens\":1}}\n\n".to_owned(),
+                u(1, 0, 0, 0),
+                None,
+                false,
+            ),
+        ];
+        for (name, body, usage, model, done) in cases {
+            let got = run_all_splits(BodyKind::Sse, DEFAULT_MAX_CARRY, body.as_bytes());
+            let want = Out { usage, model: model.map(str::to_owned), done, skipped: 0 };
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn sse_over_bound_usage_is_skipped_then_recovers() {
+        let body = format!(
+            concat!(
+                "data: {{\"model\":\"m\",\"usage\":{{\"prompt_tokens\":9,\"pad\":\"{}\"}}}}\n\n",
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+                "data: {{\"usage\":{{\"prompt_tokens\":2,\"completion_tokens\":3}}}}\n\n",
+                "data: [DONE]\n\n",
+            ),
+            "x".repeat(200),
+            "y".repeat(500),
+        );
+        let got = run_all_splits(BodyKind::Sse, 64, body.as_bytes());
+        let want = Out { usage: u(2, 3, 0, 0), model: Some("m".to_owned()), done: true, skipped: 1 };
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn sse_usage_is_latest_not_summed() {
+        let mut p = UsageParser::new(BodyKind::Sse, DEFAULT_MAX_CARRY);
+        let steps = [
+            ("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n", u(5, 1, 0, 0)),
+            ("data: {\"usage\":null}\n\n", u(5, 1, 0, 0)),
+            ("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4}}\n\n", u(5, 4, 0, 0)),
+            // Anthropic message_delta: only output, input kept.
+            ("data: {\"usage\":{\"output_tokens\":6}}\n\n", u(5, 6, 0, 0)),
+        ];
+        for (chunk, want) in steps {
+            p.feed(chunk.as_bytes());
+            assert_eq!(p.usage(), want, "{chunk}");
+        }
+    }
+
+    #[test]
+    fn sse_done_without_newline_needs_finish() {
+        let mut p = UsageParser::new(BodyKind::Sse, DEFAULT_MAX_CARRY);
+        p.feed(b"data: [DONE]");
+        assert!(!p.done());
+        p.finish();
+        assert!(p.done());
+    }
+
+    #[test]
+    fn sse_long_lines_stream_in_constant_memory() {
+        let content = "z".repeat(1 << 20);
+        let body = format!(
+            "{}data: {{\"choices\":[{{\"delta\":{{\"content\":\"{content}\"}}}}],\"usage\":{{\"prompt_tokens\":1}}}}\n\n",
+            format_args!(": {content}\n"),
+        );
+        let mut p = UsageParser::new(BodyKind::Sse, 1024);
+        for piece in body.as_bytes().chunks(16 * 1024) {
+            p.feed(piece);
+        }
+        p.finish();
+        assert_eq!((p.usage(), p.skipped_events()), (u(1, 0, 0, 0), 0));
+        assert!(p.scan.buf.capacity() <= 1024);
+    }
+
+    #[test]
+    fn inject() {
+        let cases: &[(&str, &str, usize, Option<&str>)] = &[
+            (
+                "stream true",
+                r#"{"model":"m","messages":[{"role":"user","content":"héllo"}],"stream":true}"#,
+                1024,
+                Some(r#"{"stream_options":{"include_usage":true},"model":"m","messages":[{"role":"user","content":"héllo"}],"stream":true}"#),
+            ),
+            (
+                "whitespace kept",
+                " \n{ \"stream\" : true }\n",
+                1024,
+                Some(" \n{\"stream_options\":{\"include_usage\":true}, \"stream\" : true }\n"),
+            ),
+            ("exactly max_len", r#"{"stream":true}"#, 15, Some(r#"{"stream_options":{"include_usage":true},"stream":true}"#)),
+            ("too big", r#"{"stream":true}"#, 14, None),
+            ("stream false", r#"{"model":"m","stream":false}"#, 1024, None),
+            ("no stream", r#"{"model":"m"}"#, 1024, None),
+            ("stream string", r#"{"stream":"true"}"#, 1024, None),
+            ("stream number", r#"{"stream":1}"#, 1024, None),
+            ("has stream_options", r#"{"stream":true,"stream_options":{"include_usage":false}}"#, 1024, None),
+            ("stream_options null", r#"{"stream":true,"stream_options":null}"#, 1024, None),
+            ("duplicate stream", r#"{"stream":true,"stream":true}"#, 1024, None),
+            ("array", r#"[{"stream":true}]"#, 1024, None),
+            ("array of bool", "[true]", 1024, None),
+            ("not json", "stream=true", 1024, None),
+            ("truncated", r#"{"stream":true"#, 1024, None),
+            ("trailing garbage", r#"{"stream":true} x"#, 1024, None),
+            ("empty", "", 1024, None),
+        ];
+        for &(name, body, max, want) in cases {
+            let got = inject_include_usage(body.as_bytes(), max);
+            assert_eq!(got.as_deref(), want.map(str::as_bytes), "{name}");
+            if let Some(out) = got {
+                let mut before: Map<String, Value> = serde_json::from_str(body).unwrap();
+                let mut after: Map<String, Value> = serde_json::from_slice(&out).unwrap();
+                assert_eq!(
+                    after.remove("stream_options"),
+                    Some(serde_json::json!({"include_usage": true})),
+                    "{name}"
+                );
+                before.remove("stream_options");
+                assert_eq!(after, before, "{name}");
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! `tollgate`: start the local stack, mint dev credentials.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use harness::devconfig::DevCredentials;
+use harness::stack::{Stack, StackOptions};
+use harness::{dev, mock};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Tollgate local stack and credential tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start Envoy with the filter, the mock model server, the tracker and Prometheus.
+    Up(UpArgs),
+    /// Run only the mock OpenAI-compatible model server.
+    Mock {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: String,
+    },
+    /// API keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCmd,
+    },
+    /// Mint an HS256 JWT.
+    Jwt {
+        /// The HMAC secret (its raw bytes are the key).
+        #[arg(long, env = "TOLLGATE_JWT_SECRET")]
+        secret: String,
+        #[arg(long)]
+        kid: Option<String>,
+        #[arg(long, default_value = "dev")]
+        iss: String,
+        #[arg(long)]
+        sub: String,
+        /// Comma-separated groups.
+        #[arg(long, default_value = "")]
+        groups: String,
+        /// Lifetime such as 15m, 1h, 7d; `none` for a token without `exp`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long)]
+        aud: Option<String>,
+    },
+    /// Print the JWKS (Istio RequestAuthentication format) for an HS256 secret.
+    Jwks {
+        #[arg(long, env = "TOLLGATE_JWT_SECRET")]
+        secret: String,
+        #[arg(long)]
+        kid: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Generate a fresh 256-bit key and print its config entry (only the digest is stored).
+    New {
+        #[arg(long)]
+        user: String,
+        /// Comma-separated groups.
+        #[arg(long, default_value = "")]
+        groups: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    #[arg(long, default_value_t = 8080)]
+    gateway_port: u16,
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    #[arg(long, default_value_t = 8000)]
+    mock_port: u16,
+    #[arg(long, default_value_t = 8081)]
+    tracker_port: u16,
+    #[arg(long, default_value_t = 9090)]
+    prometheus_port: u16,
+    /// Envoy worker threads.
+    #[arg(long, default_value_t = 2)]
+    concurrency: u32,
+    /// Run the gateway with this JSON as the filter config instead of the generated dev config.
+    #[arg(long)]
+    plugin_config: Option<PathBuf>,
+}
+
+fn split_groups(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_string).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Up(args) => up(args),
+        Cmd::Mock { listen } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("bind {listen}"))?;
+                eprintln!("mock model server on http://{listen}");
+                mock::serve(listener).await
+            })
+        }
+        Cmd::Key { command: KeyCmd::New { user, groups } } => {
+            let key = dev::new_api_key();
+            let entry = dev::key_entry(&key, &user, &split_groups(&groups));
+            println!("key:   {key}");
+            println!("entry: {entry}");
+            eprintln!("Give the key to {user}; put only the entry into api_keys.keys (or the keys_env Secret).");
+            Ok(())
+        }
+        Cmd::Jwt { secret, kid, iss, sub, groups, ttl, aud } => {
+            let ttl = if ttl == "none" { None } else { Some(dev::parse_ttl(&ttl)?) };
+            let claims = dev::claims(&iss, &sub, &split_groups(&groups), ttl, aud.as_deref());
+            println!("{}", dev::mint_jwt(secret.as_bytes(), kid.as_deref(), &claims)?);
+            Ok(())
+        }
+        Cmd::Jwks { secret, kid } => {
+            println!("{}", dev::jwks(secret.as_bytes(), kid.as_deref()));
+            Ok(())
+        }
+    }
+}
+
+fn up(args: UpArgs) -> anyhow::Result<()> {
+    let creds = DevCredentials::generate();
+    let (plugin_config, custom) = match &args.plugin_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+            (value, true)
+        }
+        None => (creds.plugin_config(), false),
+    };
+    let stack = Stack::start(StackOptions {
+        gateway_port: args.gateway_port,
+        admin_port: args.admin_port,
+        mock_port: args.mock_port,
+        tracker_port: args.tracker_port,
+        prometheus_port: args.prometheus_port,
+        concurrency: args.concurrency,
+        plugin_config,
+        prometheus: true,
+        scrape_interval: "5s".into(),
+        label: "up".into(),
+        ..StackOptions::default()
+    })?;
+    let gw = &stack.gateway_url;
+    println!("Tollgate is up.");
+    println!("  gateway     {gw}  (Envoy + filter, {} workers)", args.concurrency);
+    println!("  envoy admin {}", stack.admin_url);
+    println!("  mock model  {}", stack.mock_url);
+    println!("  tracker     {}/metrics", stack.tracker_url);
+    if let Some(p) = &stack.prometheus_url {
+        println!("  prometheus  {p}");
+    }
+    println!("  logs        {}", stack.dir.display());
+    println!();
+    let body = r#"{"model":"mock-model","messages":[{"role":"user","content":"Say hello"}],"max_tokens":5}"#;
+    if custom {
+        println!("Using the plugin config from the file; send its credentials, e.g.:");
+        println!("  curl -s {gw}/v1/chat/completions -H 'Authorization: Bearer <key>' -H 'Content-Type: application/json' -d '{body}'");
+    } else {
+        let token = creds.token(24 * 3600)?;
+        println!("With the dev API key (user {}, groups {}):", creds.user, creds.groups.join(","));
+        println!("  curl -s {gw}/v1/chat/completions -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{body}'", creds.api_key);
+        println!("With a dev JWT (user {}, valid 24h):", creds.jwt_user);
+        println!("  curl -s {gw}/v1/chat/completions -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{body}'");
+        println!("Without a credential (401):");
+        println!("  curl -s -i {gw}/v1/models");
+    }
+    if let Some(p) = &stack.prometheus_url {
+        println!("Requests per user, in Prometheus:");
+        println!("  curl -s '{p}/api/v1/query' --data-urlencode 'query=llm_requests_total'");
+    }
+    println!();
+    println!("Ctrl-C stops everything.");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    eprintln!("stopping…");
+    drop(stack);
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! Shared helpers for the end-to-end tests: a stack per test, an HTTP client, the
+//! official `openai` Python client, and polling helpers (a readiness check, never a
+//! fixed sleep, decides when something has happened).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code: a panic is a failed test
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub use harness::dev;
+pub use harness::devconfig::DevCredentials;
+pub use harness::stack::{Stack, StackOptions};
+use reqwest::blocking::{Client, Response};
+use serde_json::{json, Value};
+
+pub fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// A chat completion request body with `words` words of prompt.
+pub fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
+    let prompt = vec!["hello"; words].join(" ");
+    json!({"model": "mock-model", "messages": [{"role": "user", "content": prompt}],
+           "max_tokens": max_tokens, "stream": stream})
+}
+
+/// POST /v1/chat/completions through the gateway with extra headers.
+pub fn chat(stack: &Stack, headers: &[(&str, &str)], body: &Value) -> Response {
+    let mut req = client().post(format!("{}/v1/chat/completions", stack.gateway_url)).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().unwrap()
+}
+
+/// The request headers the mock model server received, from its echo header.
+pub fn received_headers(resp: &Response) -> BTreeMap<String, String> {
+    let raw = resp
+        .headers()
+        .get("x-mock-received-headers")
+        .expect("mock echo header missing: the request did not reach the mock model")
+        .to_str()
+        .unwrap();
+    serde_json::from_str(raw).unwrap()
+}
+
+/// Starts a stack with the dev credentials' config merged with `extra` (top-level keys).
+pub fn start(label: &str, creds: &DevCredentials, extra: Value) -> Stack {
+    let mut config = creds.plugin_config();
+    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    Stack::start(StackOptions { plugin_config: config, label: label.into(), ..StackOptions::default() }).unwrap()
+}
+
+/// Runs harness/scripts/openai_smoke.py with the project's virtualenv Python.
+pub fn openai_smoke(base_url: &str, api_key: &str, args: &[&str]) -> (bool, String) {
+    let python = harness::paths::venv_python().unwrap();
+    let script = harness::paths::workspace_root().join("harness/scripts/openai_smoke.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args(["--base-url", &format!("{base_url}/v1"), "--api-key", api_key])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a PromQL instant query and returns `data.result`.
+pub fn prom_query(prometheus_url: &str, query: &str) -> Vec<Value> {
+    let resp: Value = client()
+        .get(format!("{prometheus_url}/api/v1/query"))
+        .query(&[("query", query)])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(resp["status"], "success", "{resp}");
+    resp["data"]["result"].as_array().cloned().unwrap_or_default()
+}

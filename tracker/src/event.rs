@@ -1,0 +1,400 @@
+//! The `/track` body: one event, an array of events, or the body of an Authorino HTTP
+//! callback. A body is checked completely before anything is counted, so a bad event
+//! refuses the whole request and no counter moves (the sender can fix and resend it
+//! without double counting what was good).
+//!
+//! Unknown fields are ignored, so a filter that sends a newer schema keeps working
+//! against an older tracker (a refused batch would lose every event in it). Known
+//! fields are type-checked even when the tracker does not use them (`ts`, `method`,
+//! `host`, `usage_missing`), so a broken sender is noticed; `null` means "absent" for
+//! every optional field.
+
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Unexpected, Visitor};
+use serde::Deserialize;
+use serde_json::error::Category;
+use std::fmt;
+
+use crate::error::TrackError;
+use crate::labels;
+
+/// Longest accepted event id, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+/// Largest accepted token count of one kind in one event.
+pub const MAX_TOKENS: u64 = u32::MAX as u64;
+/// Largest accepted HTTP status.
+pub const MAX_STATUS: u64 = 999;
+
+/// A checked event, its label values already normalised (but not yet capped: the
+/// cardinality guard is state, applied when the event is counted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The dedup key; `None` for an Authorino callback, which is never de-duplicated.
+    pub id: Option<String>,
+    /// The `path` label.
+    pub path: &'static str,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `denied` was set: counted in `llm_denied_requests_total` only.
+    Denied { reason: &'static str },
+    Authorized(Usage),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub user: String,
+    /// The `groups` label (sorted, joined with ",").
+    pub groups: String,
+    /// The `model` label when the event reports usage (a model or a non-zero count);
+    /// `None` leaves `llm_tokens_total` alone.
+    pub model: Option<String>,
+    pub tokens: Tokens,
+    pub incomplete: bool,
+    /// The upstream answered 5xx.
+    pub upstream_error: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub reasoning: u64,
+}
+
+impl Tokens {
+    /// `(type label, count)` pairs in a fixed order.
+    pub fn by_type(&self) -> [(&'static str, u64); 4] {
+        [
+            ("prompt", self.prompt),
+            ("completion", self.completion),
+            ("cached", self.cached),
+            ("reasoning", self.reasoning),
+        ]
+    }
+
+    fn any(&self) -> bool {
+        self.by_type().iter().any(|(_, n)| *n > 0)
+    }
+}
+
+/// Parses and checks a whole `/track` body. `max_batch` caps the events in an array.
+pub fn parse_body(body: &[u8], max_batch: usize) -> Result<Vec<Event>, TrackError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => {
+            let raw: Vec<RawEvent> = deserialize(body, "events")?;
+            if raw.len() > max_batch {
+                return Err(TrackError::TooLarge(format!(
+                    "batch of {} events is over the limit of {max_batch}",
+                    raw.len()
+                )));
+            }
+            raw.into_iter().enumerate().map(|(i, e)| e.check(&format!("events[{i}]"))).collect()
+        }
+        Some(b'{') => Ok(vec![deserialize::<RawEvent>(body, "")?.check("")?]),
+        _ => match serde_json::from_slice::<IgnoredAny>(body) {
+            Ok(_) => Err(TrackError::InvalidEvent("body: expected an event object or an array of events".into())),
+            Err(e) => Err(TrackError::BadJson(format!("body is not valid JSON: {e}"))),
+        },
+    }
+}
+
+fn deserialize<T: de::DeserializeOwned>(body: &[u8], prefix: &str) -> Result<T, TrackError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let inner = err.inner();
+        match inner.classify() {
+            Category::Data => {
+                // The field path says where; the byte position adds nothing.
+                let text = inner.to_string();
+                let position = format!(" at line {} column {}", inner.line(), inner.column());
+                let message = text.strip_suffix(&position).unwrap_or(&text);
+                TrackError::InvalidEvent(format!("{}: {message}", field(prefix, &err.path().to_string())))
+            }
+            Category::Syntax | Category::Eof | Category::Io => {
+                TrackError::BadJson(format!("body is not valid JSON: {inner}"))
+            }
+        }
+    })?;
+    de.end().map_err(|e| TrackError::BadJson(format!("body is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// Joins the event's prefix ("events[3]" or "" for a lone event) and a field path.
+fn field(prefix: &str, path: &str) -> String {
+    match (prefix.is_empty(), path) {
+        (true, ".") => "event".to_owned(),
+        (false, ".") => prefix.to_owned(),
+        (true, _) => path.to_owned(),
+        (false, _) if path.starts_with('[') => format!("{prefix}{path}"),
+        (false, _) => format!("{prefix}.{path}"),
+    }
+}
+
+/// The wire shape. Only type checks happen here; the rules that tie fields together are
+/// in [`RawEvent::check`].
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "an event object")]
+struct RawEvent {
+    id: Option<String>,
+    ts: Option<f64>,
+    user: Option<String>,
+    groups: Option<Groups>,
+    #[allow(dead_code)] // type-checked only
+    method: Option<String>,
+    #[allow(dead_code)] // type-checked only
+    host: Option<String>,
+    path: Option<String>,
+    model: Option<String>,
+    status: Option<UInt<MAX_STATUS>>,
+    prompt_tokens: Option<UInt<MAX_TOKENS>>,
+    completion_tokens: Option<UInt<MAX_TOKENS>>,
+    cached_tokens: Option<UInt<MAX_TOKENS>>,
+    reasoning_tokens: Option<UInt<MAX_TOKENS>>,
+    incomplete: Option<bool>,
+    usage_missing: Option<bool>,
+    denied: Option<String>,
+}
+
+impl RawEvent {
+    /// An event without an id is only acceptable as an Authorino callback, whose body
+    /// has nothing but `user`, `groups`, `method`, `host` and `path`.
+    fn is_callback(&self) -> bool {
+        self.id.is_none()
+            && self.ts.is_none()
+            && self.model.is_none()
+            && self.status.is_none()
+            && self.prompt_tokens.is_none()
+            && self.completion_tokens.is_none()
+            && self.cached_tokens.is_none()
+            && self.reasoning_tokens.is_none()
+            && self.incomplete.is_none()
+            && self.usage_missing.is_none()
+            && self.denied.is_none()
+    }
+
+    fn check(self, prefix: &str) -> Result<Event, TrackError> {
+        let invalid = |name: &str, message: &str| TrackError::InvalidEvent(format!("{}: {message}", field(prefix, name)));
+        if let Some(id) = &self.id {
+            let chars = id.chars().count();
+            if chars == 0 || chars > MAX_ID_CHARS {
+                return Err(invalid("id", &format!("must be 1 to {MAX_ID_CHARS} characters, got {chars}")));
+            }
+        } else if !self.is_callback() {
+            return Err(invalid("id", "required (only an Authorino callback body may omit it)"));
+        }
+        let path = labels::route(self.path.as_deref().unwrap_or(""));
+        if let Some(reason) = &self.denied {
+            let outcome = Outcome::Denied { reason: labels::deny_reason(reason) };
+            return Ok(Event { id: self.id, path, outcome });
+        }
+        let user = match self.user.as_deref().map(str::trim) {
+            None => return Err(invalid("user", "required when denied is null")),
+            Some("") => return Err(invalid("user", "must not be empty")),
+            Some(user) => labels::truncate(user),
+        };
+        let count = |n: Option<UInt<MAX_TOKENS>>| n.map_or(0, |n| n.0);
+        let tokens = Tokens {
+            prompt: count(self.prompt_tokens),
+            completion: count(self.completion_tokens),
+            cached: count(self.cached_tokens),
+            reasoning: count(self.reasoning_tokens),
+        };
+        let reports_usage = tokens.any() || self.model.as_deref().is_some_and(|m| !m.trim().is_empty());
+        let usage = Usage {
+            user,
+            groups: labels::groups_label(&self.groups.map(|g| g.0).unwrap_or_default()),
+            model: reports_usage.then(|| labels::model_label(self.model.as_deref())),
+            tokens,
+            incomplete: self.incomplete.unwrap_or(false),
+            upstream_error: self.status.is_some_and(|s| s.0 >= 500),
+        };
+        Ok(Event { id: self.id, path, outcome: Outcome::Authorized(usage) })
+    }
+}
+
+/// A non-negative integer no larger than `MAX`.
+#[derive(Debug, Clone, Copy)]
+struct UInt<const MAX: u64>(u64);
+
+impl<'de, const MAX: u64> Deserialize<'de> for UInt<MAX> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V<const MAX: u64>;
+        impl<const MAX: u64> Visitor<'_> for V<MAX> {
+            type Value = UInt<MAX>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                if v > MAX {
+                    return Err(E::invalid_value(Unexpected::Unsigned(v), &format!("an integer up to {MAX}").as_str()));
+                }
+                Ok(UInt(v))
+            }
+        }
+        deserializer.deserialize_u64(V::<MAX>)
+    }
+}
+
+/// `groups`: an array of strings, or one comma-separated string (as Authorino and the
+/// identity header carry them).
+#[derive(Debug, Default)]
+struct Groups(Vec<String>);
+
+impl<'de> Deserialize<'de> for Groups {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Groups;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of strings or a comma-separated string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Groups, E> {
+                Ok(Groups(v.split(',').map(str::to_owned).collect()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Groups, A::Error> {
+                let mut groups = Vec::new();
+                while let Some(group) = seq.next_element::<String>()? {
+                    groups.push(group);
+                }
+                Ok(Groups(groups))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(user: &str, groups: &str, model: Option<&str>, tokens: [u64; 4]) -> Outcome {
+        let [prompt, completion, cached, reasoning] = tokens;
+        Outcome::Authorized(Usage {
+            user: user.into(),
+            groups: groups.into(),
+            model: model.map(Into::into),
+            tokens: Tokens { prompt, completion, cached, reasoning },
+            incomplete: false,
+            upstream_error: false,
+        })
+    }
+
+    fn one(body: &str) -> Event {
+        let mut events = parse_body(body.as_bytes(), 10).unwrap();
+        assert_eq!(events.len(), 1);
+        events.remove(0)
+    }
+
+    #[test]
+    fn good_events() {
+        let full = r#"{"id":"e1","ts":1763800000.125,"user":"mittens","groups":["premium"],
+            "method":"POST","host":"gw.example","path":"/v1/chat/completions","model":"Qwen/Qwen3-0.6B",
+            "status":200,"prompt_tokens":12,"completion_tokens":7,"cached_tokens":0,"reasoning_tokens":0,
+            "incomplete":false,"denied":null}"#;
+        let cases: Vec<(&str, Option<&str>, &str, Outcome)> = vec![
+            (full, Some("e1"), "/v1/chat/completions", usage("mittens", "premium", Some("Qwen/Qwen3-0.6B"), [12, 7, 0, 0])),
+            // Authorino callback: no id, no usage.
+            (
+                r#"{"groups":"premium, free","host":"gw","method":"POST","path":"/v1/completions?x=1","user":"bob"}"#,
+                None,
+                "/v1/completions",
+                usage("bob", "free,premium", None, [0; 4]),
+            ),
+            // Tokens without a model: model label "unknown".
+            (r#"{"id":"e2","user":"a","prompt_tokens":3}"#, Some("e2"), "other", usage("a", "", Some("unknown"), [3, 0, 0, 0])),
+            // Nulls mean absent; unknown fields are ignored.
+            (
+                r#"{"id":"e3","user":"a","model":null,"groups":null,"status":null,"future_field":{"x":[1]}}"#,
+                Some("e3"),
+                "other",
+                usage("a", "", None, [0; 4]),
+            ),
+            // Denied: user not needed, reason normalised.
+            (r#"{"id":"e4","denied":"invalid_api_key","path":"/v1/models/"}"#, Some("e4"), "/v1/models", Outcome::Denied { reason: "invalid_credential" }),
+            (r#"{"id":"e5","denied":"","user":"x"}"#, Some("e5"), "other", Outcome::Denied { reason: "other" }),
+        ];
+        for (body, id, path, outcome) in cases {
+            let event = one(body);
+            assert_eq!(event.id.as_deref(), id, "{body}");
+            assert_eq!(event.path, path, "{body}");
+            assert_eq!(event.outcome, outcome, "{body}");
+        }
+    }
+
+    #[test]
+    fn flags() {
+        let e = one(r#"{"id":"e","user":"u","status":503,"incomplete":true,"usage_missing":true}"#);
+        let Outcome::Authorized(u) = e.outcome else { panic!("not authorized") };
+        assert!(u.incomplete && u.upstream_error);
+        let e = one(r#"{"id":"e","user":"u","status":499}"#);
+        let Outcome::Authorized(u) = e.outcome else { panic!("not authorized") };
+        assert!(!u.incomplete && !u.upstream_error);
+    }
+
+    #[test]
+    fn arrays_and_limits() {
+        assert_eq!(parse_body(b"[]", 10).unwrap(), vec![]);
+        assert_eq!(parse_body(b" [{\"id\":\"a\",\"user\":\"u\"},{\"id\":\"b\",\"user\":\"u\"}] ", 10).unwrap().len(), 2);
+        let err = parse_body(b"[{\"id\":\"a\",\"user\":\"u\"},{\"id\":\"b\",\"user\":\"u\"}]", 1).unwrap_err();
+        assert!(matches!(err, TrackError::TooLarge(_)), "{err:?}");
+    }
+
+    #[test]
+    fn bad_bodies() {
+        let long_id = format!(r#"{{"id":"{}","user":"u"}}"#, "x".repeat(129));
+        let cases: Vec<(&str, &str, &str)> = vec![
+            // (body, reason, message)
+            ("", "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 0"),
+            ("not json", "bad_json", "body is not valid JSON: expected value at line 1 column 2"),
+            ("{\"id\":", "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 6"),
+            ("{\"id\":\"a\",\"user\":\"u\"} trailing", "bad_json", "body is not valid JSON: trailing characters at line 1 column 23"),
+            ("[{\"id\":\"a\",\"user\":\"u\"},]", "bad_json", "body is not valid JSON: trailing comma at line 1 column 24"),
+            ("42", "invalid_event", "body: expected an event object or an array of events"),
+            ("\"x\"", "invalid_event", "body: expected an event object or an array of events"),
+            ("null", "invalid_event", "body: expected an event object or an array of events"),
+            ("[1]", "invalid_event", "events[0]: invalid type: integer `1`, expected an event object"),
+            (r#"{"id":"a","user":"u","prompt_tokens":-1}"#, "invalid_event", "prompt_tokens: invalid type: integer `-1`, expected a non-negative integer"),
+            (
+                r#"[{"id":"a","user":"u"},{"id":"b","user":"u"},{"id":"c","user":"u"},{"id":"d","user":"u","prompt_tokens":-1}]"#,
+                "invalid_event",
+                "events[3].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
+            ),
+            (r#"{"id":"a","user":"u","completion_tokens":1.5}"#, "invalid_event", "completion_tokens: invalid type: floating point `1.5`, expected a non-negative integer"),
+            (r#"{"id":"a","user":"u","cached_tokens":"3"}"#, "invalid_event", "cached_tokens: invalid type: string \"3\", expected a non-negative integer"),
+            (r#"{"id":"a","user":"u","reasoning_tokens":4294967296}"#, "invalid_event", "reasoning_tokens: invalid value: integer `4294967296`, expected an integer up to 4294967295"),
+            (r#"{"id":"a","user":"u","prompt_tokens":1e30}"#, "invalid_event", "prompt_tokens: invalid type: floating point `1e30`, expected a non-negative integer"),
+            (r#"{"id":"a","user":"u","status":1000}"#, "invalid_event", "status: invalid value: integer `1000`, expected an integer up to 999"),
+            (r#"{"id":"a","user":"u","status":"200"}"#, "invalid_event", "status: invalid type: string \"200\", expected a non-negative integer"),
+            (r#"{"id":7,"user":"u"}"#, "invalid_event", "id: invalid type: integer `7`, expected a string"),
+            (r#"{"id":"","user":"u"}"#, "invalid_event", "id: must be 1 to 128 characters, got 0"),
+            (&long_id, "invalid_event", "id: must be 1 to 128 characters, got 129"),
+            (r#"{"user":"u","prompt_tokens":1}"#, "invalid_event", "id: required (only an Authorino callback body may omit it)"),
+            (r#"{"user":"u","denied":"rate_limited"}"#, "invalid_event", "id: required (only an Authorino callback body may omit it)"),
+            (r#"{"id":"a"}"#, "invalid_event", "user: required when denied is null"),
+            (r#"{"id":"a","denied":null}"#, "invalid_event", "user: required when denied is null"),
+            (r#"{"groups":["a"],"path":"/v1/models"}"#, "invalid_event", "user: required when denied is null"),
+            (r#"{"id":"a","user":" "}"#, "invalid_event", "user: must not be empty"),
+            (r#"{"id":"a","user":["u"]}"#, "invalid_event", "user: invalid type: sequence, expected a string"),
+            (r#"{"id":"a","user":"u","groups":7}"#, "invalid_event", "groups: invalid type: integer `7`, expected an array of strings or a comma-separated string"),
+            (r#"{"id":"a","user":"u","groups":["a",1]}"#, "invalid_event", "groups[1]: invalid type: integer `1`, expected a string"),
+            (r#"[{"id":"a","user":"u","groups":["a",1]}]"#, "invalid_event", "events[0].groups[1]: invalid type: integer `1`, expected a string"),
+            (r#"{"id":"a","user":"u","incomplete":"yes"}"#, "invalid_event", "incomplete: invalid type: string \"yes\", expected a boolean"),
+            (r#"{"id":"a","user":"u","usage_missing":1}"#, "invalid_event", "usage_missing: invalid type: integer `1`, expected a boolean"),
+            (r#"{"id":"a","denied":false}"#, "invalid_event", "denied: invalid type: boolean `false`, expected a string"),
+            (r#"{"id":"a","user":"u","ts":"now"}"#, "invalid_event", "ts: invalid type: string \"now\", expected f64"),
+            (r#"{"id":"a","user":"u","model":1}"#, "invalid_event", "model: invalid type: integer `1`, expected a string"),
+            (r#"{"id":"a","user":"u","path":{}}"#, "invalid_event", "path: invalid type: map, expected a string"),
+            (r#"{"id":"a","user":"u","method":1}"#, "invalid_event", "method: invalid type: integer `1`, expected a string"),
+            (r#"{"id":"a","user":"u","host":true}"#, "invalid_event", "host: invalid type: boolean `true`, expected a string"),
+            (r#"{"id":"a","id":"b","user":"u"}"#, "invalid_event", "event: duplicate field `id`"),
+        ];
+        for (body, reason, message) in cases {
+            let err = parse_body(body.as_bytes(), 10).unwrap_err();
+            assert_eq!(err.rejected_reason(), Some(reason), "{body}: {err:?}");
+            assert_eq!(err.message(), message, "{body}");
+        }
+    }
+}

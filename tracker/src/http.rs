@@ -1,0 +1,90 @@
+//! The HTTP edge: routes, the body limit, and the mapping of [`TrackError`] to a status
+//! and an OpenAI-style JSON error, so every failure looks the same to a client.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+
+use crate::error::TrackError;
+use crate::event;
+use crate::metrics::Tracker;
+
+/// The content type Prometheus asks for and gets OpenMetrics in (it reads `_total`
+/// counters and `# EOF` from this format).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The service's routes, with the body limit of `tracker.limits()`.
+pub fn router(tracker: Arc<Tracker>) -> Router {
+    let limit = tracker.limits().max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/track", post(track))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(tracker)
+}
+
+/// Serves until `shutdown` resolves, then finishes the requests in flight.
+pub async fn serve<F>(listener: TcpListener, tracker: Arc<Tracker>, shutdown: F) -> std::io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    axum::serve(listener, router(tracker)).with_graceful_shutdown(shutdown).await
+}
+
+impl IntoResponse for TrackError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn metrics(State(tracker): State<Arc<Tracker>>) -> Result<Response, TrackError> {
+    let text = tracker.encode()?;
+    Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response())
+}
+
+async fn track(State(tracker): State<Arc<Tracker>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = read_body(body)
+        .and_then(|body| event::parse_body(&body, tracker.limits().max_batch))
+        .map(|events| tracker.ingest(events));
+    match result {
+        Ok(done) => Json(done).into_response(),
+        Err(error) => {
+            tracker.reject(&error);
+            error.into_response()
+        }
+    }
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, TrackError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            TrackError::TooLarge("request body is over the size limit".into())
+        } else {
+            TrackError::BadJson(format!("could not read the request body: {}", rejection.body_text()))
+        }
+    })
+}
+
+async fn not_found(method: Method, uri: Uri) -> TrackError {
+    TrackError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> TrackError {
+    TrackError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}

@@ -1,0 +1,22 @@
+//! Tollgate's usage-tracking service: the Envoy filter posts usage events to
+//! `POST /track`, and the service turns them into Prometheus counters on `GET /metrics`.
+//!
+//! It is a library as well as a binary so that the tests and the ingest benchmark run
+//! the very same router in-process. The pieces, in the order a request meets them:
+//! [`event`] checks a body and turns it into events (or a [`TrackError`]),
+//! [`labels`] bounds every label value, [`dedup`] drops events seen before, and
+//! [`metrics`] owns the registry. [`http`] is the edge: routes, body limit, and the one
+//! place where errors become status codes and JSON.
+
+pub mod cli;
+pub mod dedup;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod labels;
+pub mod metrics;
+
+pub use cli::Args;
+pub use error::TrackError;
+pub use http::{router, serve};
+pub use metrics::{Limits, Tracker};
