@@ -226,11 +226,13 @@ impl Settings {
         let trimmed = trim_ascii(bytes);
         let raw: RawConfig = if trimmed.is_empty() {
             RawConfig::default()
+        } else if trimmed.first() != Some(&b'{') {
+            return Err(ConfigError::new("", "the configuration must be a JSON object"));
         } else {
             let de = &mut serde_json::Deserializer::from_slice(trimmed);
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let path = e.path().to_string();
-                let field = if path == "." { String::new() } else { path };
+                let field = if path == "." || path == "?" { String::new() } else { path };
                 ConfigError::new(field, strip_position(&e.into_inner().to_string()))
             })?
         };
@@ -489,8 +491,8 @@ mod tests {
     #[test]
     fn bad_configs_name_the_field() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"api_key":{}}"#, ""),
-            (r#"{"api_keys":{"keyz":[]}}"#, "api_keys"),
+            (r#"{"api_key":{}}"#, "api_key"),
+            (r#"{"api_keys":{"keyz":[]}}"#, "api_keys.keyz"),
             (r#"{"api_keys":{"keys":[{"sha256":"abc","user":"u"}]}}"#, "api_keys.keys[0].sha256"),
             (r#"{"api_keys":{"keys":[{"sha256":1,"user":"u"}]}}"#, "api_keys.keys[0].sha256"),
             (r#"{"api_keys":{"keys_env":"NOPE"}}"#, "api_keys.keys_env"),
@@ -513,7 +515,7 @@ mod tests {
             (r#"{"usage":{"cluster":"c","max_batch":0}}"#, "usage.max_batch"),
             (r#"{"usage":{"cluster":"c","max_batch":100,"max_queue":10}}"#, "usage.max_queue"),
             (r#"{"usage":{"cluster":"c","flush_interval_ms":-1}}"#, "usage.flush_interval_ms"),
-            (r#"{"usage":{"cluster":"c","bogus":1}}"#, "usage"),
+            (r#"{"usage":{"cluster":"c","bogus":1}}"#, "usage.bogus"),
             ("[]", ""),
             ("{", ""),
         ];
@@ -527,8 +529,8 @@ mod tests {
     #[test]
     fn unknown_field_error_names_it() {
         let err = parse(r#"{"authorization":{"allowed_group":["a"]}}"#).err().unwrap();
-        assert_eq!(err.field, "authorization");
-        assert!(err.message.contains("allowed_group"), "{err}");
+        assert_eq!(err.field, "authorization.allowed_group");
+        assert!(err.message.contains("unknown field"), "{err}");
     }
 
     #[test]

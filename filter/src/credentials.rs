@@ -20,7 +20,10 @@ pub struct CredentialSource {
 
 impl CredentialSource {
     fn new(header: &str, prefix: Option<&str>) -> Self {
-        Self { header: header.to_string(), prefix: prefix.map(str::to_string) }
+        Self {
+            header: header.to_string(),
+            prefix: prefix.map(str::to_string),
+        }
     }
 }
 
@@ -38,7 +41,9 @@ pub fn default_sources() -> Vec<CredentialSource> {
 /// an empty prefix treated as none).
 pub fn validate_sources(sources: &[CredentialSource]) -> Result<Vec<CredentialSource>, String> {
     if sources.is_empty() {
-        return Err("sources: must list at least one source (omit it for the defaults)".to_string());
+        return Err(
+            "sources: must list at least one source (omit it for the defaults)".to_string(),
+        );
     }
     sources
         .iter()
@@ -94,7 +99,10 @@ pub enum Credential<'a> {
 
 /// The first credential found, trying `sources` in order. `headers` are
 /// (lowercase name, value) pairs as Envoy hands them over.
-pub fn find_credential<'a>(headers: &'a [(String, String)], sources: &[CredentialSource]) -> Option<Credential<'a>> {
+pub fn find_credential<'a>(
+    headers: &'a [(String, String)],
+    sources: &[CredentialSource],
+) -> Option<Credential<'a>> {
     sources.iter().find_map(|source| {
         headers
             .iter()
@@ -131,31 +139,42 @@ fn strip_scheme<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Credential::{ApiKey, Jwt};
 
-    // Header {"alg":"HS256","typ":"JWT","kid":"dev-key"} of the Istio dev token.
+    // The Istio dev guide token; its header is {"alg":"HS256","typ":"JWT","kid":"dev-key"}.
     const JWT: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRldi1rZXkifQ.eyJpc3MiOiJkZXYiLCJzdWIiOiJkZXYtdXNlciJ9.S6AKJ6CRs5nbrhHPshc2KnikNkjLp9isg6xlR4kSecQ";
 
     type Headers<'a> = &'a [(&'a str, &'a str)];
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    fn owned(pairs: Headers) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn src(header: &str, prefix: Option<&str>) -> CredentialSource {
+        CredentialSource::new(header, prefix)
     }
 
     #[test]
     fn defaults_are_the_documented_list() {
-        let d = default_sources();
-        let got: Vec<(&str, Option<&str>)> = d.iter().map(|s| (s.header.as_str(), s.prefix.as_deref())).collect();
-        assert_eq!(
-            got,
-            [("authorization", Some("Bearer ")), ("authorization", Some("APIKEY ")), ("x-api-key", None), ("apikey", None)]
-        );
-        assert_eq!(validate_sources(&d).unwrap(), d);
+        #[rustfmt::skip]
+        let want = vec![
+            src("authorization", Some("Bearer ")),
+            src("authorization", Some("APIKEY ")),
+            src("x-api-key", None),
+            src("apikey", None),
+        ];
+        assert_eq!(default_sources(), want);
+        assert_eq!(validate_sources(&want).unwrap(), want);
     }
 
     #[test]
     fn find_with_default_sources() {
-        use Credential::{ApiKey, Jwt};
-        let cases: &[(Headers, Option<Credential<'static>>)] = &[
+        let bearer_jwt = format!("Bearer {JWT}");
+        #[rustfmt::skip]
+        let cases: &[(Headers, Option<Credential>)] = &[
             (&[("authorization", "Bearer sk-1")], Some(ApiKey("sk-1"))),
             (&[("authorization", "bearer sk-1")], Some(ApiKey("sk-1"))),
             (&[("authorization", "BEARER   sk-1  ")], Some(ApiKey("sk-1"))),
@@ -164,24 +183,27 @@ mod tests {
             (&[("x-api-key", "sk-3")], Some(ApiKey("sk-3"))),
             (&[("x-api-key", " sk-3 ")], Some(ApiKey("sk-3"))),
             (&[("apikey", "sk-4")], Some(ApiKey("sk-4"))),
-            (&[("authorization", &*format!("Bearer {JWT}"))], Some(Jwt(JWT))),
+            (&[("authorization", &bearer_jwt)], Some(Jwt(JWT))),
+            (&[("authorization", &format!("APIKEY {JWT}"))], Some(Jwt(JWT))),
             (&[("x-api-key", JWT)], Some(Jwt(JWT))),
-            // Empty after the scheme: found, but empty.
+            // Found but empty: the caller answers "invalid", not "missing".
             (&[("authorization", "Bearer ")], Some(ApiKey(""))),
             (&[("authorization", "Bearer")], Some(ApiKey(""))),
             (&[("x-api-key", "")], Some(ApiKey(""))),
-            // Not a configured scheme: no credential.
+            (&[("apikey", "  ")], Some(ApiKey(""))),
+            // Not a configured scheme or header: nothing found.
             (&[("authorization", "Basic dXNlcjpwYXNz")], None),
             (&[("authorization", "Bearersk-1")], None),
             (&[("authorization", "sk-1")], None),
+            (&[("proxy-authorization", "Bearer sk-1")], None),
             (&[("content-type", "application/json")], None),
             (&[], None),
-            // Precedence: source order, not header order.
+            // Precedence follows the source order, not the header order.
             (&[("apikey", "sk-4"), ("x-api-key", "sk-3")], Some(ApiKey("sk-3"))),
             (&[("x-api-key", "sk-3"), ("authorization", "APIKEY sk-2")], Some(ApiKey("sk-2"))),
             (&[("authorization", "APIKEY sk-2"), ("authorization", "Bearer sk-1")], Some(ApiKey("sk-1"))),
             (&[("authorization", "Basic x"), ("x-api-key", "sk-3")], Some(ApiKey("sk-3"))),
-            // Within a source, the first matching duplicate wins.
+            // Within a source, the first matching header wins.
             (&[("x-api-key", "sk-a"), ("x-api-key", "sk-b")], Some(ApiKey("sk-a"))),
             (&[("authorization", "Basic x"), ("authorization", "Bearer sk-1")], Some(ApiKey("sk-1"))),
             // An empty match does not fall through to later sources.
@@ -189,59 +211,75 @@ mod tests {
         ];
         let sources = default_sources();
         for (headers, want) in cases {
-            assert_eq!(find_credential(&h(headers), &sources), *want, "headers {headers:?}");
+            assert_eq!(
+                find_credential(&owned(headers), &sources),
+                *want,
+                "{headers:?}"
+            );
         }
     }
 
     #[test]
     fn jwt_shape_decides_the_kind() {
+        #[rustfmt::skip]
         let cases: &[(&str, bool)] = &[
             (JWT, true),
-            ("eyJhbGciOiJub25lIn0.e30.", true),   // {"alg":"none"}, empty signature: still a JWT, refused later
-            ("eyJhbGciOiJub25lIn0..", true),      // empty payload and signature
-            ("eyJhbGciOiJIUzI1NiJ9", false),      // one segment
-            ("eyJhbGciOiJIUzI1NiJ9.e30", false),  // two segments
-            ("eyJhbGciOiJIUzI1NiJ9.e30.x.y", false),
-            ("eyJ0eXAiOiJKV1QifQ.e30.sig", false), // {"typ":"JWT"}: no alg
-            ("e30.e30.sig", false),                // {}
-            ("WzFd.e30.sig", false),               // [1]
+            ("eyJhbGciOiJub25lIn0.e30.", true),       // {"alg":"none"}, no signature: refused later
+            ("eyJhbGciOiJub25lIn0..", true),          // empty payload and signature
+            ("eyJhbGciOiJIUzI1NiJ9", false),          // one segment
+            ("eyJhbGciOiJIUzI1NiJ9.e30", false),      // two segments
+            ("eyJhbGciOiJIUzI1NiJ9.e30.x.y", false),  // four segments
+            ("eyJ0eXAiOiJKV1QifQ.e30.sig", false),    // {"typ":"JWT"}: no alg
+            ("e30.e30.sig", false),                   // {}
+            ("WzFd.e30.sig", false),                  // [1]
             (".e30.sig", false),
             ("sk-live.abc.def", false),
             ("sk-abc", false),
-            ("eyJhbGciOiJIUzI1NiJ9.e30.a+b", false), // standard alphabet
+            ("eyJhbGciOiJIUzI1NiJ9.e30.a+b", false),  // standard alphabet
             ("", false),
         ];
         for (value, want) in cases {
-            let got = matches!(classify(value), Credential::Jwt(_));
-            assert_eq!(got, *want, "value {value:?}");
+            let got = matches!(classify(value), Jwt(_));
+            assert_eq!(got, *want, "{value:?}");
         }
     }
 
     #[test]
     fn custom_sources() {
         let sources = validate_sources(&[
-            CredentialSource { header: "X-Tenant-Key".into(), prefix: None },
-            CredentialSource { header: "Authorization".into(), prefix: Some("Token ".into()) },
+            src("X-Tenant-Key", None),
+            src("Authorization", Some("Token ")),
         ])
         .unwrap();
-        assert_eq!(sources[0].header, "x-tenant-key");
-        let cases: &[(Headers, Option<Credential<'static>>)] = &[
-            (&[("x-tenant-key", "t1")], Some(Credential::ApiKey("t1"))),
-            (&[("authorization", "token t2")], Some(Credential::ApiKey("t2"))),
+        assert_eq!(
+            sources,
+            vec![
+                src("x-tenant-key", None),
+                src("authorization", Some("Token "))
+            ]
+        );
+        #[rustfmt::skip]
+        let cases: &[(Headers, Option<Credential>)] = &[
+            (&[("x-tenant-key", "t1")], Some(ApiKey("t1"))),
+            (&[("authorization", "token t2")], Some(ApiKey("t2"))),
             (&[("authorization", "Bearer t3")], None),
             (&[("x-api-key", "t4")], None),
         ];
         for (headers, want) in cases {
-            assert_eq!(find_credential(&h(headers), &sources), *want, "headers {headers:?}");
+            assert_eq!(
+                find_credential(&owned(headers), &sources),
+                *want,
+                "{headers:?}"
+            );
         }
     }
 
     #[test]
     fn validate_normalises_and_refuses() {
-        let ok = validate_sources(&[CredentialSource { header: "X-API-KEY".into(), prefix: Some(String::new()) }]).unwrap();
-        assert_eq!(ok, vec![CredentialSource { header: "x-api-key".into(), prefix: None }]);
+        let ok = validate_sources(&[src("X-API-KEY", Some(""))]).unwrap();
+        assert_eq!(ok, vec![src("x-api-key", None)]);
 
-        let src = |header: &str, prefix: Option<&str>| CredentialSource::new(header, prefix);
+        #[rustfmt::skip]
         let cases: Vec<(Vec<CredentialSource>, &str)> = vec![
             (vec![], "sources: must list at least one"),
             (vec![src("x-api-key", None), src("", None)], "sources[1].header: must not be empty"),
@@ -261,7 +299,9 @@ mod tests {
     #[test]
     fn source_json_is_strict() {
         let s: CredentialSource = serde_json::from_str(r#"{"header":"apikey"}"#).unwrap();
-        assert_eq!(s.prefix, None);
-        assert!(serde_json::from_str::<CredentialSource>(r#"{"header":"apikey","scheme":"x"}"#).is_err());
+        assert_eq!(s, src("apikey", None));
+        let unknown =
+            serde_json::from_str::<CredentialSource>(r#"{"header":"apikey","scheme":"x"}"#);
+        assert!(unknown.is_err());
     }
 }

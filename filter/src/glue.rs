@@ -34,7 +34,7 @@ const TOKEN_CACHE_MAX_AGE_SECS: u64 = 300;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { context_id, state: None })
+        Box::new(Root { context_id, state: None, last_stats: QueueStats::default() })
     });
 }}
 
@@ -342,8 +342,12 @@ impl HttpContext for Http {
                     && header(&headers, ":method") == "POST"
                     && wants_include_usage(&path)
                 {
+                    // Pausing here would stop the body callbacks too (the host turns
+                    // StopIteration into StopAllIteration), so the headers go on
+                    // without a length (chunked upstream) and the body is held in
+                    // `on_http_request_body` until complete.
                     self.inject_pending = true;
-                    return Action::Pause;
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "content-length", None);
                 }
                 Action::Continue
             }
@@ -379,10 +383,7 @@ impl HttpContext for Http {
             _ => return Action::Continue,
         };
         if let Some(new_body) = inject_include_usage(&body, MAX_INJECT_BODY) {
-            if hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body).is_ok() {
-                let len = new_body.len().to_string();
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "content-length", Some(&len));
-            }
+            let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body);
         }
         Action::Continue
     }

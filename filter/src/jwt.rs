@@ -115,7 +115,10 @@ impl HmacKey {
 
 impl fmt::Debug for HmacKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HmacKey").field("kid", &self.kid).field("secret_bytes", &self.secret.len()).finish()
+        f.debug_struct("HmacKey")
+            .field("kid", &self.kid)
+            .field("secret_bytes", &self.secret.len())
+            .finish()
     }
 }
 
@@ -138,8 +141,13 @@ impl Jwks {
             .ok_or("must be an object with a \"keys\" array")?;
         let mut keys = Vec::new();
         for (i, jwk) in list.iter().enumerate() {
-            let jwk = jwk.as_object().ok_or_else(|| format!("keys[{i}]: must be an object"))?;
-            let kty = jwk.get("kty").and_then(Value::as_str).ok_or_else(|| format!("keys[{i}].kty: missing"))?;
+            let jwk = jwk
+                .as_object()
+                .ok_or_else(|| format!("keys[{i}]: must be an object"))?;
+            let kty = jwk
+                .get("kty")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("keys[{i}].kty: missing"))?;
             if kty != "oct" {
                 continue;
             }
@@ -153,8 +161,13 @@ impl Jwks {
                 Some(Value::String(k)) => Some(k.clone()),
                 Some(_) => return Err(format!("keys[{i}].kid: must be a string")),
             };
-            let k = jwk.get("k").and_then(Value::as_str).ok_or_else(|| format!("keys[{i}].k: missing"))?;
-            let secret = URL_SAFE_LENIENT.decode(k).map_err(|_| format!("keys[{i}].k: not valid base64url"))?;
+            let k = jwk
+                .get("k")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("keys[{i}].k: missing"))?;
+            let secret = URL_SAFE_LENIENT
+                .decode(k)
+                .map_err(|_| format!("keys[{i}].k: not valid base64url"))?;
             if secret.is_empty() {
                 return Err(format!("keys[{i}].k: empty secret"));
             }
@@ -210,7 +223,9 @@ impl JwtVerifier {
             return Err(JwtError::TooLarge);
         }
         let mut parts = token.split('.');
-        let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h64), Some(p64), Some(s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(JwtError::Malformed);
         };
         if h64.is_empty() || p64.is_empty() || s64.is_empty() {
@@ -227,14 +242,25 @@ impl JwtVerifier {
         }
         let kid = match header.get("kid") {
             None => None,
+            // An empty kid names no key, as in Envoy's jwt_authn.
+            Some(Value::String(k)) if k.is_empty() => None,
             Some(Value::String(k)) => Some(k.as_str()),
             Some(_) => return Err(JwtError::Malformed),
         };
         let claims = decode_object(p64)?;
-        let signature = URL_SAFE_NO_PAD.decode(s64).map_err(|_| JwtError::BadBase64)?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(s64)
+            .map_err(|_| JwtError::BadBase64)?;
 
-        let issuer = claims.get("iss").and_then(Value::as_str).ok_or(JwtError::UnknownIssuer)?;
-        let provider = self.providers.iter().find(|p| p.issuer == issuer).ok_or(JwtError::UnknownIssuer)?;
+        let issuer = claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or(JwtError::UnknownIssuer)?;
+        let provider = self
+            .providers
+            .iter()
+            .find(|p| p.issuer == issuer)
+            .ok_or(JwtError::UnknownIssuer)?;
 
         // As Istio (jwt_verify_lib): a key is a candidate unless both it and the token
         // name a kid and the two differ.
@@ -251,7 +277,10 @@ impl JwtVerifier {
             return Err(JwtError::UnknownKid);
         }
         let signed_len = h64.len() + 1 + p64.len();
-        let signed = token.as_bytes().get(..signed_len).ok_or(JwtError::Malformed)?;
+        let signed = token
+            .as_bytes()
+            .get(..signed_len)
+            .ok_or(JwtError::Malformed)?;
         // Every candidate is tried, so timing does not reveal which key matched.
         let good = candidates.fold(false, |ok, key| key.mac_matches(signed, &signature) | ok);
         if !good {
@@ -263,7 +292,9 @@ impl JwtVerifier {
 }
 
 fn decode_object(segment: &str) -> Result<Map<String, Value>, JwtError> {
-    let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| JwtError::BadBase64)?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|_| JwtError::BadBase64)?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(JwtError::BadJson),
@@ -277,7 +308,11 @@ fn numeric_claim(claims: &Map<String, Value>, name: &'static str) -> Result<Opti
     }
 }
 
-fn check_claims(provider: &JwtProvider, claims: &Map<String, Value>, now: u64) -> Result<VerifiedToken, JwtError> {
+fn check_claims(
+    provider: &JwtProvider,
+    claims: &Map<String, Value>,
+    now: u64,
+) -> Result<VerifiedToken, JwtError> {
     let exp = numeric_claim(claims, "exp")?;
     let nbf = numeric_claim(claims, "nbf")?;
     let skew = provider.clock_skew_seconds as f64;
@@ -330,7 +365,10 @@ fn check_claims(provider: &JwtProvider, claims: &Map<String, Value>, now: u64) -
     let groups = read_groups(claims.get(&provider.groups_claim))?;
 
     Ok(VerifiedToken {
-        identity: Identity { user: user.clone(), groups },
+        identity: Identity {
+            user: user.clone(),
+            groups,
+        },
         issuer: provider.issuer.clone(),
         expires_at,
     })
@@ -343,7 +381,10 @@ fn read_groups(value: Option<&Value>) -> Result<Vec<String>, JwtError> {
     let names: Vec<&str> = match value {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => s.split([' ', ',']).collect(),
-        Some(Value::Array(list)) => list.iter().map(|v| v.as_str().ok_or(BAD)).collect::<Result<_, _>>()?,
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_str().ok_or(BAD))
+            .collect::<Result<_, _>>()?,
         Some(_) => return Err(BAD),
     };
     let mut groups = Vec::with_capacity(names.len());
@@ -361,24 +402,32 @@ fn read_groups(value: Option<&Value>) -> Result<Vec<String>, JwtError> {
 /// a padded token is reported as a bad token rather than as an unknown API key.
 pub fn looks_like_jwt(value: &str) -> bool {
     let mut parts = value.split('.');
-    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return false;
     };
-    let b64url = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=');
+    let b64url = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+    };
     if header.is_empty() || !b64url(header) || !b64url(payload) || !b64url(signature) {
         return false;
     }
-    match URL_SAFE_LENIENT.decode(header).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) {
+    match URL_SAFE_LENIENT
+        .decode(header)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    {
         Some(Value::Object(map)) => map.contains_key("alg"),
         _ => false,
     }
 }
 
-/// Bounded per-worker cache of verified tokens, keyed by SHA-256 of the token, entries expire with the token (exp + skew) and at most `max_age_secs` after insertion.
-///
-/// When full, the entry that would expire soonest is evicted (expired ones first), in
-/// O(log n): a second index is ordered by deadline.
+/// Bounded per-worker cache of verified tokens, keyed by SHA-256 of the token. Entries
+/// expire with the token (`expires_at`, i.e. exp + skew) and at most `max_age_secs`
+/// after insertion. When full, the entry that would expire soonest is evicted
+/// (expired ones first), in O(log n): a second index is ordered by deadline.
 #[derive(Debug)]
 pub struct TokenCache {
     capacity: usize,
@@ -400,7 +449,7 @@ impl TokenCache {
         Self {
             capacity,
             max_age_secs,
-            entries: HashMap::with_capacity(capacity.min(4096)),
+            entries: HashMap::new(),
             by_deadline: BTreeSet::new(),
             next_seq: 0,
         }
@@ -426,13 +475,22 @@ impl TokenCache {
         let key = digest(token);
         self.remove(&key);
         while self.entries.len() >= self.capacity {
-            let Some(&(_, _, oldest)) = self.by_deadline.first() else { break };
-            self.remove(&oldest);
+            let Some(&(_, _, soonest)) = self.by_deadline.first() else {
+                break;
+            };
+            self.remove(&soonest);
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         self.by_deadline.insert((deadline, seq, key));
-        self.entries.insert(key, CacheEntry { verified: verified.clone(), deadline, seq });
+        self.entries.insert(
+            key,
+            CacheEntry {
+                verified: verified.clone(),
+                deadline,
+                seq,
+            },
+        );
     }
 
     pub fn len(&self) -> usize {
@@ -457,12 +515,14 @@ fn digest(token: &str) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use JwtError::*;
 
-    const NOW: u64 = 1_700_000_000;
+    const NOW: u64 = 1_700_000_000; // exp/nbf literals below are relative to this
     const SKEW: u64 = 60;
     const K1: &[u8] = b"test-secret-one-0123456789abcdef";
     const K2: &[u8] = b"test-secret-two-0123456789abcdef";
     const HS256_K1: &str = r#"{"alg":"HS256","typ":"JWT","kid":"k1"}"#;
+    const CLAIMS: &str = r#"{"iss":"dev","sub":"a"}"#;
 
     type KidSecret<'a> = (Option<&'a str>, &'a [u8]);
 
@@ -478,8 +538,19 @@ mod tests {
         format!("{signed}.{}", b64(&mac.finalize().into_bytes()))
     }
 
+    /// A well-signed token with these claims.
     fn mint(payload: &str) -> String {
         mint_raw(HS256_K1, payload, K1)
+    }
+
+    /// A well-signed token for user "a" of "dev", plus `extra` claims (",\"k\":v").
+    fn claims(extra: &str) -> String {
+        mint(&format!(r#"{{"iss":"dev","sub":"a"{extra}}}"#))
+    }
+
+    /// The standard claims under another header and secret.
+    fn signed(header: &str, secret: &[u8]) -> String {
+        mint_raw(header, CLAIMS, secret)
     }
 
     fn jwks_json(keys: &[KidSecret]) -> String {
@@ -519,7 +590,20 @@ mod tests {
     }
 
     fn identity(user: &str, groups: &[&str]) -> Identity {
-        Identity { user: user.into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+        let groups = groups.iter().map(|g| g.to_string()).collect();
+        Identity {
+            user: user.into(),
+            groups,
+        }
+    }
+
+    fn verified(issuer: &str, user: &str, expires_at: Option<u64>) -> VerifiedToken {
+        let identity = identity(user, &[]);
+        VerifiedToken {
+            identity,
+            issuer: issuer.into(),
+            expires_at,
+        }
     }
 
     #[test]
@@ -528,134 +612,153 @@ mod tests {
         // bytes they hex-decode to: only the ASCII bytes verify this token.
         let token = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImRldi1rZXkifQ.eyJpc3MiOiJkZXYiLCJzdWIiOiJkZXYtdXNlciJ9.S6AKJ6CRs5nbrhHPshc2KnikNkjLp9isg6xlR4kSecQ";
         let secret = "f59f73eff3357c3754b9b60671f16ffcec9b1a301498fa18c928bb753d4b385a";
-        let k = b64(secret.as_bytes());
-        assert_eq!(k, "ZjU5ZjczZWZmMzM1N2MzNzU0YjliNjA2NzFmMTZmZmNlYzliMWEzMDE0OThmYTE4YzkyOGJiNzUzZDRiMzg1YQ");
-        let jwks = format!(r#"{{"keys":[{{"kty":"oct","kid":"dev-key","alg":"HS256","k":"{k}"}}]}}"#);
-        let p = JwtProvider { keys: Jwks::parse(&jwks).unwrap(), ..dev() };
-        let got = JwtVerifier::new(vec![p]).verify(token, NOW).unwrap();
-        assert_eq!(got, VerifiedToken { identity: identity("dev-user", &[]), issuer: "dev".into(), expires_at: None });
+        let k = "ZjU5ZjczZWZmMzM1N2MzNzU0YjliNjA2NzFmMTZmZmNlYzliMWEzMDE0OThmYTE4YzkyOGJiNzUzZDRiMzg1YQ";
+        assert_eq!(b64(secret.as_bytes()), k);
+        let jwks =
+            format!(r#"{{"keys":[{{"kty":"oct","kid":"dev-key","alg":"HS256","k":"{k}"}}]}}"#);
+        let p = JwtProvider {
+            keys: Jwks::parse(&jwks).unwrap(),
+            ..dev()
+        };
+        let got = JwtVerifier::new(vec![p]).verify(token, NOW);
+        assert_eq!(got, Ok(verified("dev", "dev-user", None)));
 
         let hex_jwks = jwks_json(&[(Some("dev-key"), &hex::decode(secret).unwrap())]);
-        let p = JwtProvider { keys: Jwks::parse(&hex_jwks).unwrap(), ..dev() };
-        assert_eq!(JwtVerifier::new(vec![p]).verify(token, NOW), Err(JwtError::BadSignature));
+        let p = JwtProvider {
+            keys: Jwks::parse(&hex_jwks).unwrap(),
+            ..dev()
+        };
+        assert_eq!(
+            JwtVerifier::new(vec![p]).verify(token, NOW),
+            Err(BadSignature)
+        );
     }
 
     #[test]
     fn rfc7515_appendix_a1() {
         let jwks = r#"{"keys":[{"kty":"oct","k":"AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow"}]}"#;
         let token = "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ.dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-        let joe = |user_claim: &str| {
-            JwtVerifier::new(vec![JwtProvider {
+        let exp = 1_300_819_380;
+        let joe = Ok(verified("joe", "joe", Some(exp + SKEW)));
+        // (user_claim, now, result); the token has no "sub".
+        #[rustfmt::skip]
+        let cases: &[(&str, u64, Result<VerifiedToken, JwtError>)] = &[
+            ("iss", 1_300_819_000, joe.clone()),
+            ("iss", exp + SKEW - 1, joe.clone()),
+            ("iss", exp + SKEW, Err(Expired)),
+            ("iss", exp + SKEW + 1, Err(Expired)),
+            ("sub", 1_300_819_000, Err(MissingUser)),
+        ];
+        for (user_claim, now, want) in cases {
+            let p = JwtProvider {
                 issuer: "joe".into(),
                 keys: Jwks::parse(jwks).unwrap(),
-                user_claim: user_claim.into(),
+                user_claim: user_claim.to_string(),
                 ..dev()
-            }])
-        };
-        let exp = 1_300_819_380;
-        let cases: &[(&str, u64, Result<VerifiedToken, JwtError>)] = &[
-            (
-                "iss",
-                1_300_819_000,
-                Ok(VerifiedToken { identity: identity("joe", &[]), issuer: "joe".into(), expires_at: Some(exp + SKEW) }),
-            ),
-            ("iss", exp + SKEW - 1, Ok(VerifiedToken { identity: identity("joe", &[]), issuer: "joe".into(), expires_at: Some(exp + SKEW) })),
-            ("iss", exp + SKEW, Err(JwtError::Expired)),
-            ("iss", exp + SKEW + 1, Err(JwtError::Expired)),
-            ("sub", 1_300_819_000, Err(JwtError::MissingUser)),
-        ];
-        for (claim, now, want) in cases {
-            assert_eq!(joe(claim).verify(token, *now), *want, "user_claim {claim} at {now}");
+            };
+            let got = JwtVerifier::new(vec![p]).verify(token, *now);
+            assert_eq!(got, *want, "user_claim {user_claim} at {now}");
         }
     }
 
     #[test]
     fn valid_tokens() {
-        let open = JwtVerifier::new(vec![dev()]);
-        let cases: &[(&str, String, Identity, Option<u64>)] = &[
-            ("minimal", mint(r#"{"iss":"dev","sub":"alice"}"#), identity("alice", &[]), None),
-            ("groups array", mint(r#"{"iss":"dev","sub":"a","groups":["free","premium"]}"#), identity("a", &["free", "premium"]), None),
-            ("groups string", mint(r#"{"iss":"dev","sub":"a","groups":"a b,c, d"}"#), identity("a", &["a", "b", "c", "d"]), None),
-            ("groups empty string", mint(r#"{"iss":"dev","sub":"a","groups":""}"#), identity("a", &[]), None),
-            ("groups null", mint(r#"{"iss":"dev","sub":"a","groups":null}"#), identity("a", &[]), None),
-            ("exp ahead", mint(&format!(r#"{{"iss":"dev","sub":"a","exp":{}}}"#, NOW + 100)), identity("a", &[]), Some(NOW + 100 + SKEW)),
-            ("exp float", mint(&format!(r#"{{"iss":"dev","sub":"a","exp":{}.5}}"#, NOW + 100)), identity("a", &[]), Some(NOW + 101 + SKEW)),
-            ("exp within skew", mint(&format!(r#"{{"iss":"dev","sub":"a","exp":{}}}"#, NOW - SKEW + 1)), identity("a", &[]), Some(NOW + 1)),
-            ("nbf at skew edge", mint(&format!(r#"{{"iss":"dev","sub":"a","nbf":{}}}"#, NOW + SKEW)), identity("a", &[]), None),
-            ("nbf past float", mint(&format!(r#"{{"iss":"dev","sub":"a","nbf":{}.25}}"#, NOW - 5)), identity("a", &[]), None),
-            ("kid k2", mint_raw(r#"{"alg":"HS256","kid":"k2"}"#, r#"{"iss":"dev","sub":"a"}"#, K2), identity("a", &[]), None),
-            ("no kid tries every key", mint_raw(r#"{"alg":"HS256"}"#, r#"{"iss":"dev","sub":"a"}"#, K2), identity("a", &[]), None),
-            ("typ ignored", mint_raw(r#"{"alg":"HS256","typ":"at+jwt"}"#, r#"{"iss":"dev","sub":"a"}"#, K1), identity("a", &[]), None),
-            ("unicode user", mint(r#"{"iss":"dev","sub":"müller"}"#), identity("müller", &[]), None),
+        let v = JwtVerifier::new(vec![dev()]);
+        // (name, token, user, groups joined with commas, expires_at)
+        #[rustfmt::skip]
+        let cases: &[(&str, String, &str, &str, Option<u64>)] = &[
+            ("minimal", mint(CLAIMS), "a", "", None),
+            ("groups array", claims(r#","groups":["free","premium"]"#), "a", "free,premium", None),
+            ("groups string", claims(r#","groups":"a b,c, d""#), "a", "a,b,c,d", None),
+            ("groups empty string", claims(r#","groups":"""#), "a", "", None),
+            ("groups empty array", claims(r#","groups":[]"#), "a", "", None),
+            ("groups null", claims(r#","groups":null"#), "a", "", None),
+            ("exp ahead", claims(r#","exp":1700000100"#), "a", "", Some(NOW + 100 + SKEW)),
+            ("exp float", claims(r#","exp":1700000100.5"#), "a", "", Some(NOW + 101 + SKEW)),
+            ("exp inside skew", claims(r#","exp":1699999941"#), "a", "", Some(NOW + 1)),
+            ("exp far future", claims(r#","exp":1e300"#), "a", "", Some(u64::MAX)),
+            ("nbf at skew edge", claims(r#","nbf":1700000060"#), "a", "", None),
+            ("nbf past float", claims(r#","nbf":1699999995.25"#), "a", "", None),
+            ("iat and extras ignored", claims(r#","iat":"x","scope":5"#), "a", "", None),
+            ("kid k2", signed(r#"{"alg":"HS256","kid":"k2"}"#, K2), "a", "", None),
+            ("no kid tries every key", signed(r#"{"alg":"HS256"}"#, K2), "a", "", None),
+            ("typ ignored", signed(r#"{"alg":"HS256","typ":"at+jwt"}"#, K1), "a", "", None),
+            ("unicode user", mint(r#"{"iss":"dev","sub":"müller"}"#), "müller", "", None),
         ];
-        for (name, token, want_identity, want_exp) in cases {
-            let got = open.verify(token, NOW).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-            assert_eq!((&got.identity, got.expires_at), (want_identity, *want_exp), "{name}");
-            assert_eq!(got.issuer, "dev");
+        for (name, token, user, groups, expires_at) in cases {
+            let groups: Vec<&str> = groups.split(',').filter(|g| !g.is_empty()).collect();
+            let identity = identity(user, &groups);
+            let want = VerifiedToken {
+                identity,
+                issuer: "dev".into(),
+                expires_at: *expires_at,
+            };
+            assert_eq!(v.verify(token, NOW), Ok(want), "{name}");
         }
     }
 
     #[test]
     fn invalid_tokens() {
-        use JwtError::*;
-        let open = JwtVerifier::new(vec![dev()]);
-        let good = mint(r#"{"iss":"dev","sub":"a"}"#);
-        let (gh, gp, gs) = {
-            let v: Vec<&str> = good.split('.').collect();
-            (v[0].to_string(), v[1].to_string(), v[2].to_string())
-        };
-        let claims = |extra: &str| mint(&format!(r#"{{"iss":"dev","sub":"a"{extra}}}"#));
-        let with_alg = |alg: &str| mint_raw(&format!(r#"{{"alg":{alg},"kid":"k1"}}"#), r#"{"iss":"dev","sub":"a"}"#, K1);
-        let mut flipped_sig = gs.clone();
-        flipped_sig.replace_range(0..1, if gs.starts_with('A') { "B" } else { "A" });
+        let v = JwtVerifier::new(vec![dev()]);
+        let good = mint(CLAIMS);
+        let parts: Vec<String> = good.split('.').map(str::to_string).collect();
+        let (h, p, s) = (&parts[0], &parts[1], &parts[2]);
+        let alg = |alg: &str| signed(&format!(r#"{{"alg":{alg},"kid":"k1"}}"#), K1);
+        let flipped = format!("{}{}", if s.starts_with('A') { "B" } else { "A" }, &s[1..]);
         let other_payload = b64(br#"{"iss":"dev","sub":"admin"}"#);
         let filler = "x".repeat(MAX_TOKEN_BYTES);
+        assert_eq!((h.len(), s.len()), (51, 43)); // so one '=' is the canonical padding
 
+        #[rustfmt::skip]
         let cases: Vec<(&str, String, JwtError)> = vec![
             ("too large", "a".repeat(MAX_TOKEN_BYTES + 1), TooLarge),
             ("too large but signed", claims(&format!(r#","pad":"{filler}""#)), TooLarge),
             ("empty", String::new(), Malformed),
-            ("one segment", gh.clone(), Malformed),
-            ("two segments", format!("{gh}.{gp}"), Malformed),
-            ("four segments", format!("{good}.{gs}"), Malformed),
+            ("one segment", h.clone(), Malformed),
+            ("two segments", format!("{h}.{p}"), Malformed),
+            ("four segments", format!("{good}.{s}"), Malformed),
             ("empty segments", "..".into(), Malformed),
-            ("empty payload", format!("{gh}..{gs}"), Malformed),
-            ("empty signature", format!("{gh}.{gp}."), Malformed),
-            ("alg none unsigned", format!("{}.{gp}.", b64(br#"{"alg":"none"}"#)), Malformed),
-            ("alg none", with_alg(r#""none""#), UnsupportedAlg),
-            ("alg None", with_alg(r#""None""#), UnsupportedAlg),
-            ("alg hs256", with_alg(r#""hs256""#), UnsupportedAlg),
-            ("alg RS256", with_alg(r#""RS256""#), UnsupportedAlg),
-            ("alg HS512", with_alg(r#""HS512""#), UnsupportedAlg),
-            ("alg number", with_alg("256"), UnsupportedAlg),
-            ("alg missing", mint_raw(r#"{"kid":"k1"}"#, r#"{"iss":"dev","sub":"a"}"#, K1), UnsupportedAlg),
-            ("crit", mint_raw(r#"{"alg":"HS256","crit":["b64"],"b64":false}"#, r#"{"iss":"dev","sub":"a"}"#, K1), Malformed),
-            ("kid not string", mint_raw(r#"{"alg":"HS256","kid":1}"#, r#"{"iss":"dev","sub":"a"}"#, K1), Malformed),
-            ("bad base64 header", format!("*{gh}.{gp}.{gs}"), BadBase64),
-            ("standard alphabet payload", format!("{gh}.{gp}+.{gs}"), BadBase64),
-            ("bad base64 signature", format!("{gh}.{gp}.{}/", &gs[..42]), BadBase64),
-            // gh is 51 and gs 43 characters: one '=' is the canonical padding.
-            ("padded header", format!("{gh}=.{gp}.{gs}"), BadBase64),
-            ("padded signature", format!("{gh}.{gp}.{gs}="), BadBase64),
-            ("header not json", format!("{}.{gp}.{gs}", b64(b"{alg:HS256}")), BadJson),
-            ("header not object", format!("{}.{gp}.{gs}", b64(b"[\"HS256\"]")), BadJson),
-            ("payload not json", mint_raw(HS256_K1, "iss=dev", K1), BadJson),
-            ("payload not object", mint_raw(HS256_K1, r#""dev""#, K1), BadJson),
-            ("wrong key", mint_raw(HS256_K1, r#"{"iss":"dev","sub":"a"}"#, b"not-the-secret"), BadSignature),
-            ("kid names the other key", mint_raw(r#"{"alg":"HS256","kid":"k2"}"#, r#"{"iss":"dev","sub":"a"}"#, K1), BadSignature),
-            ("unknown kid", mint_raw(r#"{"alg":"HS256","kid":"k9"}"#, r#"{"iss":"dev","sub":"a"}"#, K1), UnknownKid),
-            ("tampered payload", format!("{gh}.{other_payload}.{gs}"), BadSignature),
-            ("tampered signature", format!("{gh}.{gp}.{flipped_sig}"), BadSignature),
-            ("short signature", format!("{gh}.{gp}.{}", b64(&[0u8; 16])), BadSignature),
-            ("expired and forged", mint_raw(HS256_K1, r#"{"iss":"dev","sub":"a","exp":1}"#, b"x"), BadSignature),
+            ("empty header", format!(".{p}.{s}"), Malformed),
+            ("empty payload", format!("{h}..{s}"), Malformed),
+            ("empty signature", format!("{h}.{p}."), Malformed),
+            ("alg none unsigned", format!("{}.{p}.", b64(br#"{"alg":"none"}"#)), Malformed),
+            ("alg none", alg(r#""none""#), UnsupportedAlg),
+            ("alg None", alg(r#""None""#), UnsupportedAlg),
+            ("alg hs256", alg(r#""hs256""#), UnsupportedAlg),
+            ("alg RS256", alg(r#""RS256""#), UnsupportedAlg),
+            ("alg HS512", alg(r#""HS512""#), UnsupportedAlg),
+            ("alg number", alg("256"), UnsupportedAlg),
+            ("alg null", alg("null"), UnsupportedAlg),
+            ("alg missing", signed(r#"{"kid":"k1"}"#, K1), UnsupportedAlg),
+            ("crit", signed(r#"{"alg":"HS256","crit":["b64"],"b64":false}"#, K1), Malformed),
+            ("kid not string", signed(r#"{"alg":"HS256","kid":1}"#, K1), Malformed),
+            ("bad base64 header", format!("*{h}.{p}.{s}"), BadBase64),
+            ("standard alphabet payload", format!("{h}.{p}+.{s}"), BadBase64),
+            ("standard alphabet signature", format!("{h}.{p}.{}/", &s[..42]), BadBase64),
+            ("padded header", format!("{h}=.{p}.{s}"), BadBase64),
+            ("padded signature", format!("{h}.{p}.{s}="), BadBase64),
+            ("header not json", format!("{}.{p}.{s}", b64(b"{alg:HS256}")), BadJson),
+            ("header not object", format!("{}.{p}.{s}", b64(br#"["HS256"]"#)), BadJson),
+            ("payload not json", mint("iss=dev"), BadJson),
+            ("payload not object", mint(r#""dev""#), BadJson),
+            ("wrong key", signed(HS256_K1, b"not-the-secret"), BadSignature),
+            ("kid names the other key", signed(r#"{"alg":"HS256","kid":"k2"}"#, K1), BadSignature),
+            ("unknown kid", signed(r#"{"alg":"HS256","kid":"k9"}"#, K1), UnknownKid),
+            ("tampered payload", format!("{h}.{other_payload}.{s}"), BadSignature),
+            ("tampered signature", format!("{h}.{p}.{flipped}"), BadSignature),
+            ("short signature", format!("{h}.{p}.{}", b64(&[0u8; 16])), BadSignature),
+            ("expired and forged", mint_raw(HS256_K1, r#"{"iss":"dev","exp":1}"#, b"x"), BadSignature),
             ("wrong iss", mint(r#"{"iss":"other","sub":"a"}"#), UnknownIssuer),
             ("no iss", mint(r#"{"sub":"a"}"#), UnknownIssuer),
             ("iss not string", mint(r#"{"iss":["dev"],"sub":"a"}"#), UnknownIssuer),
-            ("expired at skew edge", claims(&format!(r#","exp":{}"#, NOW - SKEW)), Expired),
+            ("expired at skew edge", claims(r#","exp":1699999940"#), Expired),
             ("expired long ago", claims(r#","exp":1"#), Expired),
-            ("nbf past skew", claims(&format!(r#","nbf":{}"#, NOW + SKEW + 1)), NotYetValid),
-            ("exp string", claims(&format!(r#","exp":"{}""#, NOW + 100)), BadClaim("exp")),
+            ("exp negative", claims(r#","exp":-1"#), Expired),
+            ("nbf past skew", claims(r#","nbf":1700000061"#), NotYetValid),
+            ("nbf float past skew", claims(r#","nbf":1700000060.5"#), NotYetValid),
+            ("exp string", claims(r#","exp":"1700000100""#), BadClaim("exp")),
             ("exp bool", claims(r#","exp":true"#), BadClaim("exp")),
+            ("exp null", claims(r#","exp":null"#), BadClaim("exp")),
             ("nbf string", claims(r#","nbf":"0""#), BadClaim("nbf")),
             ("no sub", mint(r#"{"iss":"dev"}"#), MissingUser),
             ("empty sub", mint(r#"{"iss":"dev","sub":""}"#), MissingUser),
@@ -664,38 +767,40 @@ mod tests {
             ("sub with newline", mint(r#"{"iss":"dev","sub":"a\r\nx-evil: 1"}"#), BadClaim("user")),
             ("groups number", claims(r#","groups":5"#), BadClaim("groups")),
             ("groups object", claims(r#","groups":{"a":1}"#), BadClaim("groups")),
-            ("groups array of numbers", claims(r#","groups":[1]"#), BadClaim("groups")),
+            ("groups array of numbers", claims(r#","groups":["a",1]"#), BadClaim("groups")),
             ("group with comma", claims(r#","groups":["a,b"]"#), BadClaim("groups")),
             ("group with space", claims(r#","groups":["a b"]"#), BadClaim("groups")),
+            ("group with control", claims(r#","groups":"a\u0000b""#), BadClaim("groups")),
         ];
         for (name, token, want) in cases {
-            assert_eq!(open.verify(&token, NOW), Err(want), "{name}");
+            assert_eq!(v.verify(&token, NOW), Err(want), "{name}");
         }
-        assert_eq!(JwtVerifier::new(vec![]).verify(&good, NOW), Err(UnknownIssuer));
+        assert_eq!(
+            JwtVerifier::new(vec![]).verify(&good, NOW),
+            Err(UnknownIssuer)
+        );
         assert!(JwtVerifier::new(vec![]).is_empty());
-        assert!(!open.is_empty());
+        assert!(!v.is_empty());
     }
 
     #[test]
     fn audiences_and_require_exp() {
-        use JwtError::*;
         let aud = verifier_with(|p| p.audiences = vec!["llm".into(), "chat".into()]);
         let strict = verifier_with(|p| p.require_exp = true);
-        let with = |extra: &str| mint(&format!(r#"{{"iss":"dev","sub":"a"{extra}}}"#));
-        let exp = format!(r#","exp":{}"#, NOW + 10);
+        #[rustfmt::skip]
         let cases: Vec<(&str, &JwtVerifier, String, Result<(), JwtError>)> = vec![
-            ("aud string", &aud, with(r#","aud":"llm""#), Ok(())),
-            ("aud array", &aud, with(r#","aud":["other","chat"]"#), Ok(())),
-            ("aud string mismatch", &aud, with(r#","aud":"other""#), Err(WrongAudience)),
-            ("aud array mismatch", &aud, with(r#","aud":["other","LLM"]"#), Err(WrongAudience)),
-            ("aud empty array", &aud, with(r#","aud":[]"#), Err(WrongAudience)),
-            ("aud missing", &aud, with(""), Err(WrongAudience)),
-            ("aud number", &aud, with(r#","aud":7"#), Err(BadClaim("aud"))),
-            ("aud array of numbers", &aud, with(r#","aud":["llm",7]"#), Err(BadClaim("aud"))),
-            ("aud unchecked without audiences", &strict, with(&format!(r#","aud":"x"{exp}"#)), Ok(())),
-            ("require_exp without exp", &strict, with(""), Err(MissingExp)),
-            ("require_exp with exp", &strict, with(&exp), Ok(())),
-            ("require_exp expired", &strict, with(r#","exp":5"#), Err(Expired)),
+            ("aud string", &aud, claims(r#","aud":"llm""#), Ok(())),
+            ("aud array", &aud, claims(r#","aud":["other","chat"]"#), Ok(())),
+            ("aud string mismatch", &aud, claims(r#","aud":"other""#), Err(WrongAudience)),
+            ("aud array mismatch", &aud, claims(r#","aud":["other","LLM"]"#), Err(WrongAudience)),
+            ("aud empty array", &aud, claims(r#","aud":[]"#), Err(WrongAudience)),
+            ("aud missing", &aud, claims(""), Err(WrongAudience)),
+            ("aud number", &aud, claims(r#","aud":7"#), Err(BadClaim("aud"))),
+            ("aud array with number", &aud, claims(r#","aud":["llm",7]"#), Err(BadClaim("aud"))),
+            ("aud not checked without audiences", &strict, claims(r#","aud":"x","exp":1700000010"#), Ok(())),
+            ("require_exp without exp", &strict, claims(""), Err(MissingExp)),
+            ("require_exp with exp", &strict, claims(r#","exp":1700000010"#), Ok(())),
+            ("require_exp expired", &strict, claims(r#","exp":5"#), Err(Expired)),
         ];
         for (name, verifier, token, want) in cases {
             assert_eq!(verifier.verify(&token, NOW).map(|_| ()), want, "{name}");
@@ -703,12 +808,30 @@ mod tests {
     }
 
     #[test]
-    fn issuer_selects_provider_and_keys() {
-        let v = JwtVerifier::new(vec![dev(), provider("other", &[(None, b"other-secret")])]);
+    fn issuer_selects_provider_and_key() {
+        let other = provider("other", &[(None, b"other-secret")]);
+        let v = JwtVerifier::new(vec![dev(), other]);
+        let other_claims = r#"{"iss":"other","sub":"a"}"#;
+        #[rustfmt::skip]
         let cases: &[(&str, String, Result<(), JwtError>)] = &[
-            ("other with its key", mint_raw(HS256_K1, r#"{"iss":"other","sub":"a"}"#, b"other-secret"), Ok(())),
-            ("other with dev's key", mint_raw(HS256_K1, r#"{"iss":"other","sub":"a"}"#, K1), Err(JwtError::BadSignature)),
-            ("dev with other's key", mint_raw(r#"{"alg":"HS256"}"#, r#"{"iss":"dev","sub":"a"}"#, b"other-secret"), Err(JwtError::BadSignature)),
+            ("other with its key", mint_raw(HS256_K1, other_claims, b"other-secret"), Ok(())),
+            ("other with dev's key", mint_raw(HS256_K1, other_claims, K1), Err(BadSignature)),
+            ("dev with other's key", signed(r#"{"alg":"HS256"}"#, b"other-secret"), Err(BadSignature)),
+        ];
+        for (name, token, want) in cases {
+            assert_eq!(v.verify(token, NOW).map(|_| ()), *want, "{name}");
+        }
+
+        // Like Istio, a JWKS key without kid is a candidate for any token kid.
+        let mixed = provider("dev", &[(Some("k1"), K1), (None, K2)]);
+        let v = JwtVerifier::new(vec![mixed]);
+        #[rustfmt::skip]
+        let cases: &[(&str, String, Result<(), JwtError>)] = &[
+            ("kid k1", signed(HS256_K1, K1), Ok(())),
+            ("kid k9 matches the kid-less key", signed(r#"{"alg":"HS256","kid":"k9"}"#, K2), Ok(())),
+            ("kid k1 also tries the kid-less key", signed(HS256_K1, K2), Ok(())),
+            ("empty kid is no kid", signed(r#"{"alg":"HS256","kid":""}"#, K1), Ok(())),
+            ("kid k9 with k1's secret", signed(r#"{"alg":"HS256","kid":"k9"}"#, K1), Err(BadSignature)),
         ];
         for (name, token, want) in cases {
             assert_eq!(v.verify(token, NOW).map(|_| ()), *want, "{name}");
@@ -717,10 +840,13 @@ mod tests {
 
     #[test]
     fn jwks_parse() {
+        #[rustfmt::skip]
         let ok: &[(&str, &[KidSecret])] = &[
             (r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#, &[(None, b"secret")]),
             (r#"{"keys":[{"kty":"oct","k":"c2VjcmV0MQ=="}]}"#, &[(None, b"secret1")]), // padding tolerated
+            (r#"{"keys":[{"kty":"oct","k":"c2VjcmV0MQ"}]}"#, &[(None, b"secret1")]),
             (r#"{"keys":[{"kty":"oct","k":"_-8"}]}"#, &[(None, &[0xff, 0xef])]),
+            (r#"{"keys":[{"kty":"oct","kid":"a","k":"YQ"},{"kty":"oct","kid":"b","k":"Yg"}]}"#, &[(Some("a"), b"a"), (Some("b"), b"b")]),
             (
                 r#"{"keys":[{"kty":"RSA","n":"x","e":"AQAB"},{"kty":"oct","kid":"a","alg":"HS256","use":"sig","k":"c2VjcmV0"},{"kty":"EC"}]}"#,
                 &[(Some("a"), b"secret")],
@@ -728,13 +854,18 @@ mod tests {
         ];
         for (json, want) in ok {
             let jwks = Jwks::parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
-            let got: Vec<KidSecret> = jwks.keys.iter().map(|k| (k.kid.as_deref(), k.secret.as_slice())).collect();
+            let got: Vec<KidSecret> = jwks
+                .keys
+                .iter()
+                .map(|k| (k.kid.as_deref(), k.secret.as_slice()))
+                .collect();
             assert_eq!(got, want.to_vec(), "{json}");
         }
 
+        #[rustfmt::skip]
         let bad: &[(&str, &str)] = &[
             ("", "not valid JSON"),
-            ("{\"keys\":[{\"kty\":\"oct\",\"k\":\"c2VjcmV0\"}", "not valid JSON"),
+            (r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}"#, "not valid JSON"),
             ("[]", "must be an object"),
             (r#"{"keys":{}}"#, "must be an object"),
             (r#"{"keys":[]}"#, "no usable key"),
@@ -742,58 +873,56 @@ mod tests {
             (r#"{"keys":["c2VjcmV0"]}"#, "keys[0]: must be an object"),
             (r#"{"keys":[{"k":"c2VjcmV0"}]}"#, "keys[0].kty: missing"),
             (r#"{"keys":[{"kty":"oct"}]}"#, "keys[0].k: missing"),
+            (r#"{"keys":[{"kty":"oct","k":12}]}"#, "keys[0].k: missing"),
             (r#"{"keys":[{"kty":"oct","k":""}]}"#, "keys[0].k: empty secret"),
             (r#"{"keys":[{"kty":"oct","k":"c2Vj+mV0"}]}"#, "keys[0].k: not valid base64url"),
             (r#"{"keys":[{"kty":"oct","k":"c2Vj*mV0"}]}"#, "keys[0].k: not valid base64url"),
-            (r#"{"keys":[{"kty":"oct","k":12}]}"#, "keys[0].k: missing"),
             (r#"{"keys":[{"kty":"RSA"},{"kty":"oct","alg":"HS512","k":"c2VjcmV0"}]}"#, "keys[1].alg: only HS256"),
             (r#"{"keys":[{"kty":"oct","kid":7,"k":"c2VjcmV0"}]}"#, "keys[0].kid: must be a string"),
         ];
         for (json, want) in bad {
             let err = Jwks::parse(json).unwrap_err();
-            assert!(err.starts_with(want), "{json}: got {err:?}, want prefix {want:?}");
-            assert!(!err.contains("c2Vj"), "{json}: error shows the secret: {err}");
+            assert!(
+                err.starts_with(want),
+                "{json}: got {err:?}, want prefix {want:?}"
+            );
+            assert!(
+                !err.contains("c2Vj"),
+                "{json}: error shows the secret: {err}"
+            );
         }
     }
 
     #[test]
     fn secrets_stay_out_of_debug_and_errors() {
-        let p = dev();
-        let shown = format!("{:?}", JwtVerifier::new(vec![p]));
+        let shown = format!("{:?}", JwtVerifier::new(vec![dev()]));
         assert!(shown.contains("k1"), "{shown}");
         for secret in [K1, K2] {
-            assert!(!shown.contains(std::str::from_utf8(secret).unwrap()), "{shown}");
+            assert!(
+                !shown.contains(std::str::from_utf8(secret).unwrap()),
+                "{shown}"
+            );
             assert!(!shown.contains(&b64(secret)), "{shown}");
-            assert!(!shown.contains(&format!("{:?}", &secret[..8])), "{shown}");
+            assert!(!shown.contains(&format!("{:?}", &secret[..4])), "{shown}");
         }
+        #[rustfmt::skip]
         let errors = [
-            JwtError::TooLarge,
-            JwtError::Malformed,
-            JwtError::BadBase64,
-            JwtError::BadJson,
-            JwtError::UnsupportedAlg,
-            JwtError::UnknownIssuer,
-            JwtError::UnknownKid,
-            JwtError::BadSignature,
-            JwtError::Expired,
-            JwtError::NotYetValid,
-            JwtError::WrongAudience,
-            JwtError::MissingExp,
-            JwtError::BadClaim("exp"),
-            JwtError::BadClaim("other"),
-            JwtError::MissingUser,
+            TooLarge, Malformed, BadBase64, BadJson, UnsupportedAlg, UnknownIssuer, UnknownKid,
+            BadSignature, Expired, NotYetValid, WrongAudience, MissingExp, BadClaim("exp"),
+            BadClaim("other"), MissingUser,
         ];
         for e in errors {
             assert!(e.message().starts_with("token "), "{e:?}");
             assert_eq!(e.to_string(), e.message());
         }
-        assert_eq!(JwtError::Expired.message(), "token expired");
+        assert_eq!(Expired.message(), "token expired");
     }
 
     #[test]
     fn jwt_shape() {
-        let good = mint(r#"{"iss":"dev","sub":"a"}"#);
+        let good = mint(CLAIMS);
         let padded = format!("{}=.e30.sig", b64(br#"{"alg":"HS256","kid":"k1"}"#)); // 35 chars + 1 pad
+        #[rustfmt::skip]
         let cases: &[(&str, bool)] = &[
             (&good, true),
             (&padded, true), // refused later with BadBase64, not taken for an API key
@@ -807,31 +936,34 @@ mod tests {
         }
     }
 
-    fn verified(user: &str, expires_at: Option<u64>) -> VerifiedToken {
-        VerifiedToken { identity: identity(user, &[]), issuer: "dev".into(), expires_at }
-    }
-
     #[test]
     fn cache_hits_and_expiry() {
-        // (token expires_at, inserted at, looked up at, hit?)
-        let cases: &[(Option<u64>, u64, u64, bool)] = &[
-            (None, NOW, NOW, true),
-            (None, NOW, NOW + 299, true),
-            (None, NOW, NOW + 300, false), // max_age
-            (Some(NOW + 10), NOW, NOW + 9, true),
-            (Some(NOW + 10), NOW, NOW + 10, false), // token expiry (exp + skew)
-            (Some(NOW + 1000), NOW, NOW + 300, false), // max_age before exp
-            (Some(NOW), NOW, NOW, false), // already expired: not stored
+        // (token expires_at, looked up at, hit?); inserted at NOW, max_age 300.
+        #[rustfmt::skip]
+        let cases: &[(Option<u64>, u64, bool)] = &[
+            (None, NOW, true),
+            (None, NOW + 299, true),
+            (None, NOW + 300, false),             // max_age
+            (Some(NOW + 10), NOW + 9, true),
+            (Some(NOW + 10), NOW + 10, false),    // token expiry (exp + skew)
+            (Some(NOW + 1000), NOW + 300, false), // max_age before exp
+            (Some(NOW), NOW, false),              // already expired: not stored
         ];
-        for (i, (expires_at, at, lookup, hit)) in cases.iter().enumerate() {
+        for (i, (expires_at, lookup, hit)) in cases.iter().enumerate() {
             let mut cache = TokenCache::new(10, 300);
-            let v = verified("a", *expires_at);
-            cache.insert("tok", &v, *at);
-            assert_eq!(cache.get("tok", *lookup), hit.then(|| v.clone()), "case {i}");
-            assert_eq!(cache.get("other", *at), None, "case {i}");
-            if !hit {
-                assert_eq!(cache.len(), 0, "case {i}: expired entry dropped");
-            }
+            let v = verified("dev", "a", *expires_at);
+            cache.insert("tok", &v, NOW);
+            assert_eq!(cache.get("other", NOW), None, "case {i}");
+            assert_eq!(
+                cache.get("tok", *lookup),
+                hit.then(|| v.clone()),
+                "case {i}"
+            );
+            assert_eq!(
+                cache.len(),
+                usize::from(*hit),
+                "case {i}: expired entries are dropped"
+            );
         }
     }
 
@@ -839,30 +971,30 @@ mod tests {
     fn cache_is_bounded() {
         let mut cache = TokenCache::new(3, 300);
         assert!(cache.is_empty());
-        cache.insert("t-late", &verified("late", Some(NOW + 200)), NOW);
-        cache.insert("t-soon", &verified("soon", Some(NOW + 50)), NOW);
-        cache.insert("t-none", &verified("none", None), NOW);
+        cache.insert("t-late", &verified("dev", "late", Some(NOW + 200)), NOW);
+        cache.insert("t-soon", &verified("dev", "soon", Some(NOW + 50)), NOW);
+        cache.insert("t-none", &verified("dev", "none", None), NOW);
         assert_eq!(cache.len(), 3);
         // Full: the soonest-expiring entry goes.
-        cache.insert("t-new", &verified("new", Some(NOW + 100)), NOW);
+        cache.insert("t-new", &verified("dev", "new", Some(NOW + 100)), NOW);
         assert_eq!(cache.len(), 3);
         assert_eq!(cache.get("t-soon", NOW), None);
         for t in ["t-late", "t-none", "t-new"] {
             assert!(cache.get(t, NOW).is_some(), "{t}");
         }
         // Re-inserting a cached token replaces it instead of evicting another.
-        cache.insert("t-new", &verified("new2", Some(NOW + 100)), NOW + 1);
+        cache.insert("t-new", &verified("dev", "new2", Some(NOW + 100)), NOW + 1);
         assert_eq!(cache.len(), 3);
         assert_eq!(cache.get("t-new", NOW + 1).unwrap().identity.user, "new2");
-        // Many inserts never exceed the bound.
+        // Many inserts never exceed the bound, and the newest survive.
         for i in 0..100 {
-            cache.insert(&format!("t{i}"), &verified("x", None), NOW + i);
+            cache.insert(&format!("t{i}"), &verified("dev", "x", None), NOW + i);
             assert!(cache.len() <= 3);
         }
         assert!(cache.get("t99", NOW + 99).is_some());
 
         let mut off = TokenCache::new(0, 300);
-        off.insert("t", &verified("a", None), NOW);
+        off.insert("t", &verified("dev", "a", None), NOW);
         assert_eq!((off.len(), off.get("t", NOW)), (0, None));
     }
 }

@@ -348,7 +348,7 @@ mod tests {
         let cases: Vec<(&str, &str, &str)> = vec![
             // (body, reason, message)
             ("", "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 0"),
-            ("not json", "bad_json", "body is not valid JSON: expected value at line 1 column 2"),
+            ("hello", "bad_json", "body is not valid JSON: expected value at line 1 column 1"),
             ("{\"id\":", "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 6"),
             ("{\"id\":\"a\",\"user\":\"u\"} trailing", "bad_json", "body is not valid JSON: trailing characters at line 1 column 23"),
             ("[{\"id\":\"a\",\"user\":\"u\"},]", "bad_json", "body is not valid JSON: trailing comma at line 1 column 24"),
@@ -365,7 +365,7 @@ mod tests {
             (r#"{"id":"a","user":"u","completion_tokens":1.5}"#, "invalid_event", "completion_tokens: invalid type: floating point `1.5`, expected a non-negative integer"),
             (r#"{"id":"a","user":"u","cached_tokens":"3"}"#, "invalid_event", "cached_tokens: invalid type: string \"3\", expected a non-negative integer"),
             (r#"{"id":"a","user":"u","reasoning_tokens":4294967296}"#, "invalid_event", "reasoning_tokens: invalid value: integer `4294967296`, expected an integer up to 4294967295"),
-            (r#"{"id":"a","user":"u","prompt_tokens":1e30}"#, "invalid_event", "prompt_tokens: invalid type: floating point `1e30`, expected a non-negative integer"),
+            (r#"{"id":"a","user":"u","prompt_tokens":1e30}"#, "invalid_event", "prompt_tokens: invalid type: floating point `1e+30`, expected a non-negative integer"),
             (r#"{"id":"a","user":"u","status":1000}"#, "invalid_event", "status: invalid value: integer `1000`, expected an integer up to 999"),
             (r#"{"id":"a","user":"u","status":"200"}"#, "invalid_event", "status: invalid type: string \"200\", expected a non-negative integer"),
             (r#"{"id":7,"user":"u"}"#, "invalid_event", "id: invalid type: integer `7`, expected a string"),

@@ -142,7 +142,7 @@ impl Tracker {
         );
         registry.register("tracker_requests_rejected", "/track requests refused as bad input, by reason", rejected.clone());
         for reason in ["bad_json", "invalid_event", "too_large"] {
-            rejected.get_or_create(&RejectedLabels { reason });
+            rejected.get_or_create(&RejectedLabels { reason }).inc_by(0);
         }
         Tracker {
             limits,

@@ -71,8 +71,8 @@ use axum::Router;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
-pub use wire::{DEFAULT_COMPLETION_TOKENS, MAX_COMPLETION_TOKENS};
 use wire::{ApiError, Reply};
+pub use wire::{DEFAULT_COMPLETION_TOKENS, MAX_COMPLETION_TOKENS};
 
 /// The only model `GET /v1/models` lists (any `model` is accepted in requests).
 pub const MODEL_ID: &str = "mock-model";
@@ -133,10 +133,7 @@ impl Controls {
                 .ok_or_else(|| ApiError::invalid(format!("mock: invalid {name} header"), None, None))
         };
         let flag = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|s| matches!(s.trim(), "1" | "true" | "yes"))
+            headers.get(name).and_then(|v| v.to_str().ok()).is_some_and(|s| matches!(s.trim(), "1" | "true" | "yes"))
         };
         let ms = |name: &str| num(name).map(|v| Duration::from_millis(v.unwrap_or(0)));
         let chunk_bytes = match num(H_CHUNK_BYTES)? {
@@ -224,18 +221,14 @@ async fn respond(method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) 
         }),
     };
     match reply {
-        Ok(Reply::Json(v)) => render(StatusCode::OK, "application/json", vec![json_bytes(&v)], false, &controls),
+        Ok(Reply::Json(v)) => render(StatusCode::OK, "application/json", vec![v.into()], false, &controls),
         Ok(Reply::Events(events)) => {
-            let mut frames: Vec<Bytes> = events.iter().map(|e| sse(&json_bytes(e))).collect();
+            let mut frames: Vec<Bytes> = events.iter().map(|e| sse(e)).collect();
             frames.push(sse(b"[DONE]"));
             render(StatusCode::OK, "text/event-stream; charset=utf-8", frames, true, &controls)
         }
         Err(e) => render_error(&e, &controls),
     }
-}
-
-fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
 }
 
 fn sse(data: &[u8]) -> Bytes {
@@ -248,11 +241,17 @@ fn sse(data: &[u8]) -> Bytes {
 
 fn render_error(err: &ApiError, controls: &Controls) -> Response {
     let status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    render(status, "application/json", vec![json_bytes(&err.body())], false, controls)
+    render(status, "application/json", vec![err.body().into()], false, controls)
 }
 
 /// Builds the response, pacing and splitting the body per the controls.
-fn render(status: StatusCode, content_type: &'static str, frames: Vec<Bytes>, stream: bool, controls: &Controls) -> Response {
+fn render(
+    status: StatusCode,
+    content_type: &'static str,
+    frames: Vec<Bytes>,
+    stream: bool,
+    controls: &Controls,
+) -> Response {
     let hold = if stream { controls.hold } else { Duration::ZERO };
     let writes = plan_writes(frames, controls.chunk_bytes, controls.delay, hold);
     let body = if writes.len() <= 1 && writes.iter().all(|(pause, _)| pause.is_zero()) {

@@ -78,11 +78,7 @@ async fn raw(addr: SocketAddr, path: &str, body: &Value, headers: &[(&str, &str)
         reads.push((t0.elapsed().as_millis(), all.len()));
     }
     let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    Raw {
-        head: String::from_utf8(all[..split].to_vec()).unwrap(),
-        body_raw: all[split..].to_vec(),
-        reads,
-    }
+    Raw { head: String::from_utf8(all[..split].to_vec()).unwrap(), body_raw: all[split..].to_vec(), reads }
 }
 
 /// Splits a chunked transfer-encoded body into its chunk payloads.
@@ -226,7 +222,8 @@ async fn embeddings_shapes() {
     let (_, b) = post_json(addr, "/v1/embeddings", &req, &[]).await;
     let bytes = base64::engine::general_purpose::STANDARD.decode(b["data"][0]["embedding"].as_str().unwrap()).unwrap();
     let floats: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    let expect: Vec<f32> = data[0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let expect: Vec<f32> =
+        data[0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
     assert_eq!(floats, expect);
 
     let req = json!({"model": "emb", "input": [[1, 2, 3], [4, 5]], "dimensions": 4});
@@ -239,12 +236,7 @@ async fn embeddings_shapes() {
 async fn bad_requests_are_openai_errors() {
     let addr = start().await;
     let client = reqwest::Client::new();
-    let resp = client
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let resp = client.post(format!("http://{addr}/v1/chat/completions")).body("{not json").send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 400);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -490,4 +482,28 @@ async fn openai_python_client() {
     let out = run(&["--expect-error", "401"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("succeeded, expected"));
+}
+
+#[tokio::test]
+async fn keys_in_openai_order() {
+    let addr = start().await;
+    let body = post(addr, "/v1/chat/completions", &chat_req(Some(1)), &[]).await.text().await.unwrap();
+    assert!(body.starts_with(r#"{"id":"chatcmpl-"#), "{body}");
+    assert!(body.contains(r#"{"index":0,"message":{"role":"assistant","content":"tok0 ","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"length"}"#), "{body}");
+    assert!(body.contains(r#""usage":{"prompt_tokens":7,"completion_tokens":1,"total_tokens":8}"#), "{body}");
+
+    let mut req = chat_req(Some(1));
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let body = post(addr, "/v1/chat/completions", &req, &[]).await.text().await.unwrap();
+    let data = sse_data(&body);
+    assert!(data[0].starts_with(r#"{"id":"chatcmpl-"#) && data[0].ends_with(r#""usage":null}"#), "{}", data[0]);
+    assert!(data[3].ends_with(r#""choices":[],"usage":{"prompt_tokens":7,"completion_tokens":1,"total_tokens":8}}"#));
+
+    let body = post(addr, "/v1/chat/completions", &json!({}), &[]).await.text().await.unwrap();
+    assert!(
+        body.starts_with(r#"{"error":{"message":"#)
+            && body.ends_with(r#","type":"invalid_request_error","param":null,"code":null}}"#),
+        "{body}"
+    );
 }

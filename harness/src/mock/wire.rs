@@ -3,6 +3,7 @@
 
 use rand::distributions::Alphanumeric;
 use rand::Rng;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::{Controls, MODEL_ID};
@@ -48,37 +49,31 @@ impl ApiError {
             s if s >= 500 => ("server_error", None, "The server had an error while processing your request."),
             _ => ("invalid_request_error", None, "Mock error."),
         };
-        Self {
-            status,
-            message: format!("{message} (mock status {status})"),
-            kind,
-            param: None,
-            code,
-        }
+        Self { status, message: format!("{message} (mock status {status})"), kind, param: None, code }
     }
 
-    pub fn body(&self) -> Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }})
+    pub fn body(&self) -> Vec<u8> {
+        to_json(&ErrorBody {
+            error: ErrorDetail {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        })
     }
 }
 
-/// What to send back: one JSON document, or a list of SSE `data:` payloads
-/// (the `[DONE]` terminator is added by the caller).
+/// What to send back: one JSON document, or the JSON of each SSE `data:`
+/// event (the caller frames them and adds `[DONE]`).
 #[derive(Debug)]
 pub enum Reply {
-    Json(Value),
-    Events(Vec<Value>),
+    Json(Vec<u8>),
+    Events(Vec<Vec<u8>>),
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 pub fn random_id(prefix: &str) -> String {
@@ -105,22 +100,22 @@ fn completion_text(tokens: u64, unicode: bool) -> String {
     (0..tokens).map(|i| token(i, unicode)).collect()
 }
 
-pub fn models() -> Value {
-    json!({"object": "list", "data": [model_object(MODEL_ID)]})
+pub fn models() -> Vec<u8> {
+    to_json(&ModelList { object: "list", data: [model(MODEL_ID)] })
 }
 
-pub fn model_object(id: &str) -> Value {
-    json!({"id": id, "object": "model", "created": 1_700_000_000u64, "owned_by": "tollgate-mock"})
+pub fn model_object(id: &str) -> Vec<u8> {
+    to_json(&model(id))
+}
+
+fn model(id: &str) -> ModelObject<'_> {
+    ModelObject { id, object: "model", created: 1_700_000_000, owned_by: "tollgate-mock" }
 }
 
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::invalid(
-            "The request body must be a JSON object.",
-            None,
-            None,
-        )),
+        Ok(_) => Err(ApiError::invalid("The request body must be a JSON object.", None, None)),
         Err(_) => Err(ApiError::invalid(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your \
              HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)",
@@ -131,11 +126,7 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 }
 
 fn type_error(param: &str, expected: &str) -> ApiError {
-    ApiError::invalid(
-        format!("Invalid type for '{param}': expected {expected}."),
-        Some(param),
-        Some("invalid_type"),
-    )
+    ApiError::invalid(format!("Invalid type for '{param}': expected {expected}."), Some(param), Some("invalid_type"))
 }
 
 fn missing(param: &str) -> ApiError {
@@ -181,7 +172,12 @@ struct Gen {
     include_usage: bool,
 }
 
-fn gen_settings(req: &Map<String, Value>, model: String, prompt_tokens: u64, choices_per_n: u64) -> Result<Gen, ApiError> {
+fn gen_settings(
+    req: &Map<String, Value>,
+    model: String,
+    prompt_tokens: u64,
+    choices_per_n: u64,
+) -> Result<Gen, ApiError> {
     let max = match opt_u64(req, "max_completion_tokens")? {
         Some(m) => Some(m),
         None => opt_u64(req, "max_tokens")?,
@@ -254,37 +250,37 @@ fn content_words(content: Option<&Value>, index: usize) -> Result<u64, ApiError>
     }
 }
 
-fn usage(prompt: u64, completion: u64, controls: &Controls) -> Value {
-    let mut u = Map::new();
-    u.insert("prompt_tokens".into(), prompt.into());
-    u.insert("completion_tokens".into(), completion.into());
-    u.insert("total_tokens".into(), prompt.saturating_add(completion).into());
-    if controls.cached_tokens > 0 {
-        u.insert("prompt_tokens_details".into(), json!({"cached_tokens": controls.cached_tokens}));
+fn usage(prompt: u64, completion: u64, controls: &Controls) -> Usage {
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: Some(completion),
+        total_tokens: prompt.saturating_add(completion),
+        prompt_tokens_details: (controls.cached_tokens > 0)
+            .then_some(PromptDetails { cached_tokens: controls.cached_tokens }),
+        completion_tokens_details: (controls.reasoning_tokens > 0)
+            .then_some(CompletionDetails { reasoning_tokens: controls.reasoning_tokens }),
     }
-    if controls.reasoning_tokens > 0 {
-        u.insert(
-            "completion_tokens_details".into(),
-            json!({"reasoning_tokens": controls.reasoning_tokens}),
-        );
-    }
-    Value::Object(u)
 }
 
-/// Adds `usage` to a response object unless `x-mock-no-usage` is set.
-fn with_usage(mut obj: Map<String, Value>, gen: &Gen, controls: &Controls) -> Value {
-    if !controls.no_usage {
-        let completion = gen.tokens.saturating_mul(gen.choices);
-        obj.insert("usage".into(), usage(gen.prompt_tokens, completion, controls));
+impl Gen {
+    fn completion_tokens(&self) -> u64 {
+        self.tokens.saturating_mul(self.choices)
     }
-    Value::Object(obj)
+
+    /// `usage` of a non-streamed body.
+    fn body_usage(&self, controls: &Controls) -> Option<Usage> {
+        (!controls.no_usage).then(|| usage(self.prompt_tokens, self.completion_tokens(), controls))
+    }
+
+    /// Whether a stream carries usage: `null` in each chunk, real in the last.
+    fn stream_usage(&self, controls: &Controls) -> bool {
+        self.include_usage && !controls.no_usage
+    }
 }
 
-fn as_map(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
+/// Serialized in struct field order (a `Value` would sort the keys).
+pub fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
 }
 
 pub fn chat(body: &[u8], controls: &Controls) -> Result<Reply, ApiError> {
@@ -310,62 +306,66 @@ pub fn chat(body: &[u8], controls: &Controls) -> Result<Reply, ApiError> {
     let gen = gen_settings(&req, model, prompt, 1)?;
     let id = random_id("chatcmpl-");
     let created = now();
-    let text = completion_text(gen.tokens, controls.unicode);
 
     if !gen.stream {
-        let choices: Vec<Value> = (0..gen.choices)
-            .map(|i| {
-                json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
-                    "logprobs": null,
-                    "finish_reason": gen.finish_reason,
-                })
+        let text = completion_text(gen.tokens, controls.unicode);
+        let choices = (0..gen.choices)
+            .map(|index| ChatChoice {
+                index,
+                message: Message { role: "assistant", content: text.clone(), refusal: None, annotations: [] },
+                logprobs: None,
+                finish_reason: gen.finish_reason,
             })
             .collect();
-        let obj = as_map(json!({
-            "id": id, "object": "chat.completion", "created": created, "model": gen.model,
-            "choices": choices, "service_tier": "default", "system_fingerprint": "fp_mock",
-        }));
-        return Ok(Reply::Json(with_usage(obj, &gen, controls)));
+        let body = ChatCompletion {
+            id: &id,
+            object: "chat.completion",
+            created,
+            model: &gen.model,
+            choices,
+            usage: gen.body_usage(controls),
+            service_tier: "default",
+            system_fingerprint: FINGERPRINT,
+        };
+        return Ok(Reply::Json(to_json(&body)));
     }
 
-    let usage_in_stream = gen.include_usage && !controls.no_usage;
-    let chunk = |choices: Value| {
-        let mut c = as_map(json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": gen.model,
-            "service_tier": "default", "system_fingerprint": "fp_mock", "choices": choices,
-        }));
-        if usage_in_stream {
-            c.insert("usage".into(), Value::Null);
-        }
-        Value::Object(c)
+    let with_usage = gen.stream_usage(controls);
+    let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| {
+        to_json(&ChatChunk {
+            id: &id,
+            object: "chat.completion.chunk",
+            created,
+            model: &gen.model,
+            service_tier: "default",
+            system_fingerprint: FINGERPRINT,
+            choices,
+            usage: with_usage.then_some(usage),
+        })
+    };
+    let choice = |index: u64, delta: Delta, finish_reason: Option<&'static str>| ChunkChoice {
+        index,
+        delta,
+        logprobs: None,
+        finish_reason,
     };
     let mut events = Vec::new();
     for i in 0..gen.choices {
-        events.push(chunk(json!([{
-            "index": i, "delta": {"role": "assistant", "content": "", "refusal": null},
-            "logprobs": null, "finish_reason": null,
-        }])));
+        let role = Delta { role: Some("assistant"), content: Some(String::new()), refusal: Some(None) };
+        events.push(chunk(vec![choice(i, role, None)], None));
     }
     for t in 0..gen.tokens {
         let content = token(t, controls.unicode);
         for i in 0..gen.choices {
-            events.push(chunk(json!([{
-                "index": i, "delta": {"content": content}, "logprobs": null, "finish_reason": null,
-            }])));
+            let delta = Delta { content: Some(content.clone()), ..Delta::default() };
+            events.push(chunk(vec![choice(i, delta, None)], None));
         }
     }
     for i in 0..gen.choices {
-        events.push(chunk(json!([{
-            "index": i, "delta": {}, "logprobs": null, "finish_reason": gen.finish_reason,
-        }])));
+        events.push(chunk(vec![choice(i, Delta::default(), Some(gen.finish_reason))], None));
     }
-    if usage_in_stream {
-        let mut last = as_map(chunk(json!([])));
-        let completion = gen.tokens.saturating_mul(gen.choices);
-        last.insert("usage".into(), usage(gen.prompt_tokens, completion, controls));
-        events.push(Value::Object(last));
+    if with_usage {
+        events.push(chunk(vec![], Some(usage(gen.prompt_tokens, gen.completion_tokens(), controls))));
     }
     Ok(Reply::Events(events))
 }
@@ -403,45 +403,45 @@ pub fn completions(body: &[u8], controls: &Controls) -> Result<Reply, ApiError> 
     let gen = gen_settings(&req, model, prompt, prompts)?;
     let id = random_id("cmpl-");
     let created = now();
+    let body = |choices: Vec<TextChoice>, usage: Option<Option<Usage>>| {
+        to_json(&TextCompletion {
+            id: &id,
+            object: "text_completion",
+            created,
+            model: &gen.model,
+            system_fingerprint: FINGERPRINT,
+            choices,
+            usage,
+        })
+    };
+    let choice = |index: u64, text: String, finish_reason: Option<&'static str>| TextChoice {
+        text,
+        index,
+        logprobs: None,
+        finish_reason,
+    };
 
     if !gen.stream {
         let text = completion_text(gen.tokens, controls.unicode);
-        let choices: Vec<Value> = (0..gen.choices)
-            .map(|i| json!({"text": text, "index": i, "logprobs": null, "finish_reason": gen.finish_reason}))
-            .collect();
-        let obj = as_map(json!({
-            "id": id, "object": "text_completion", "created": created, "model": gen.model,
-            "choices": choices, "system_fingerprint": "fp_mock",
-        }));
-        return Ok(Reply::Json(with_usage(obj, &gen, controls)));
+        let choices = (0..gen.choices).map(|i| choice(i, text.clone(), Some(gen.finish_reason))).collect();
+        return Ok(Reply::Json(body(choices, gen.body_usage(controls).map(Some))));
     }
 
-    let usage_in_stream = gen.include_usage && !controls.no_usage;
-    let chunk = |choices: Value| {
-        let mut c = as_map(json!({
-            "id": id, "object": "text_completion", "created": created, "model": gen.model,
-            "system_fingerprint": "fp_mock", "choices": choices,
-        }));
-        if usage_in_stream {
-            c.insert("usage".into(), Value::Null);
-        }
-        Value::Object(c)
-    };
+    let with_usage = gen.stream_usage(controls);
+    let none = || with_usage.then_some(None);
     let mut events = Vec::new();
     for t in 0..gen.tokens {
         let text = token(t, controls.unicode);
         for i in 0..gen.choices {
-            events.push(chunk(json!([{"text": text, "index": i, "logprobs": null, "finish_reason": null}])));
+            events.push(body(vec![choice(i, text.clone(), None)], none()));
         }
     }
     for i in 0..gen.choices {
-        events.push(chunk(json!([{"text": "", "index": i, "logprobs": null, "finish_reason": gen.finish_reason}])));
+        events.push(body(vec![choice(i, String::new(), Some(gen.finish_reason))], none()));
     }
-    if usage_in_stream {
-        let mut last = as_map(chunk(json!([])));
-        let completion = gen.tokens.saturating_mul(gen.choices);
-        last.insert("usage".into(), usage(gen.prompt_tokens, completion, controls));
-        events.push(Value::Object(last));
+    if with_usage {
+        let last = usage(gen.prompt_tokens, gen.completion_tokens(), controls);
+        events.push(body(vec![], Some(Some(last))));
     }
     Ok(Reply::Events(events))
 }
@@ -525,10 +525,10 @@ pub fn embeddings(body: &[u8], controls: &Controls) -> Result<Reply, ApiError> {
         }
     };
     let mut prompt = 0u64;
-    let data: Vec<Value> = inputs
+    let data = inputs
         .iter()
-        .enumerate()
-        .map(|(i, (tokens, seed))| {
+        .zip(0u64..)
+        .map(|((tokens, seed), index)| {
             prompt = prompt.saturating_add(*tokens);
             let v = vector(*seed, dims);
             let embedding = if base64 {
@@ -537,12 +537,172 @@ pub fn embeddings(body: &[u8], controls: &Controls) -> Result<Reply, ApiError> {
             } else {
                 json!(v)
             };
-            json!({"object": "embedding", "index": i, "embedding": embedding})
+            Embedding { object: "embedding", index, embedding }
         })
         .collect();
-    let mut obj = as_map(json!({"object": "list", "data": data, "model": model}));
-    if !controls.no_usage {
-        obj.insert("usage".into(), json!({"prompt_tokens": prompt, "total_tokens": prompt}));
-    }
-    Ok(Reply::Json(Value::Object(obj)))
+    let body = EmbeddingList {
+        object: "list",
+        data,
+        model: &model,
+        usage: (!controls.no_usage).then_some(EmbeddingUsage { prompt_tokens: prompt, total_tokens: prompt }),
+    };
+    Ok(Reply::Json(to_json(&body)))
+}
+
+// Response bodies as typed structs: field order is OpenAI's, since serde_json's
+// `Value` would sort keys.
+
+const FINGERPRINT: &str = "fp_mock";
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion_tokens: Option<u64>,
+    total_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Serialize)]
+struct PromptDetails {
+    cached_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct CompletionDetails {
+    reasoning_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct ChatCompletion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<ChatChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+    service_tier: &'static str,
+    system_fingerprint: &'static str,
+}
+
+#[derive(Serialize)]
+struct ChatChoice {
+    index: u64,
+    message: Message,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct Message {
+    role: &'static str,
+    content: String,
+    refusal: Option<String>,
+    annotations: [(); 0],
+}
+
+/// `usage`: absent (`None`), `null` (`Some(None)`) or the counts.
+#[derive(Serialize)]
+struct ChatChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    service_tier: &'static str,
+    system_fingerprint: &'static str,
+    choices: Vec<ChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<Usage>>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice {
+    index: u64,
+    delta: Delta,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize, Default)]
+struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refusal: Option<Option<String>>,
+}
+
+#[derive(Serialize)]
+struct TextCompletion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: &'static str,
+    choices: Vec<TextChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<Usage>>,
+}
+
+#[derive(Serialize)]
+struct TextChoice {
+    text: String,
+    index: u64,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct EmbeddingList<'a> {
+    object: &'static str,
+    data: Vec<Embedding>,
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<EmbeddingUsage>,
+}
+
+#[derive(Serialize)]
+struct Embedding {
+    object: &'static str,
+    index: u64,
+    embedding: Value,
+}
+
+#[derive(Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct ModelList<'a> {
+    object: &'static str,
+    data: [ModelObject<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct ModelObject<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
 }

@@ -1,0 +1,366 @@
+//! The service over real HTTP on loopback: the router is served in-process on an
+//! ephemeral port and spoken to with reqwest, so routing, body limits, status codes and
+//! the exact metric text are all checked as a client sees them.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use usage_tracking::http::OPENMETRICS;
+use usage_tracking::{serve, Limits, Tracker};
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(limits: Limits) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(serve(listener, Arc::new(Tracker::new(limits)), shutdown));
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        Server { base, client, stop: Some(stop), task }
+    }
+
+    async fn default() -> Server {
+        Server::start(Limits::default()).await
+    }
+
+    async fn track(&self, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}/track", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn track_json(&self, body: &Value) -> Value {
+        let (status, answer) = self.track(body.to_string()).await;
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
+
+    async fn metrics(&self) -> String {
+        let response = self.client.get(format!("{}/metrics", self.base)).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).unwrap();
+        }
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// The value of the series written exactly as `series` (name and labels in order).
+fn value(text: &str, series: &str) -> Option<String> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
+}
+
+fn assert_series(text: &str, expected: &[(&str, &str)]) {
+    for (series, want) in expected {
+        assert_eq!(value(text, series).as_deref(), Some(*want), "series {series} in:\n{text}");
+    }
+}
+
+/// The lines of series whose name starts with `prefix`, sorted (families are hash maps,
+/// so their order is not fixed).
+fn series_lines(text: &str, prefix: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().filter(|l| l.starts_with(prefix)).map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+fn example_event(id: &str) -> Value {
+    json!({"id": id, "ts": 1763800000.125,
+        "user": "mittens", "groups": ["premium"],
+        "method": "POST", "host": "gw.example", "path": "/v1/chat/completions",
+        "model": "Qwen/Qwen3-0.6B", "status": 200,
+        "prompt_tokens": 12, "completion_tokens": 7, "cached_tokens": 0, "reasoning_tokens": 0,
+        "incomplete": false, "denied": null})
+}
+
+#[tokio::test]
+async fn healthz_and_json_errors_for_unknown_routes() {
+    let server = Server::default().await;
+    let get = |path: &str| server.client.get(format!("{}{path}", server.base)).send();
+    let response = get("/healthz").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+    let cases = [("/nope", 404, "no route for GET /nope"), ("/track", 405, "GET is not allowed on /track")];
+    for (path, status, message) in cases {
+        let response = get(path).await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body, json!({"error": {"message": message, "type": "invalid_request_error"}}), "{path}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_format_and_self_metrics_at_start() {
+    let server = Server::default().await;
+    let response = server.client.get(format!("{}/metrics", server.base)).send().await.unwrap();
+    assert_eq!(response.headers()["content-type"], OPENMETRICS);
+    let text = response.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert_series(
+        &text,
+        &[
+            ("tracker_events_received_total", "0"),
+            ("tracker_events_duplicate_total", "0"),
+            ("tracker_requests_rejected_total{reason=\"bad_json\"}", "0"),
+            ("tracker_requests_rejected_total{reason=\"invalid_event\"}", "0"),
+            ("tracker_requests_rejected_total{reason=\"too_large\"}", "0"),
+        ],
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn single_event_makes_exact_series() {
+    let server = Server::default().await;
+    let answer = server.track_json(&example_event("e1")).await;
+    assert_eq!(answer, json!({"accepted": 1, "duplicates": 0}));
+    let text = server.metrics().await;
+    assert!(text.contains("# TYPE llm_requests counter\n"), "{text}");
+    assert!(text.contains("# TYPE llm_tokens counter\n"), "{text}");
+    let labels = r#"user="mittens",groups="premium""#;
+    let tokens = format!(r#"llm_tokens_total{{{labels},model="Qwen/Qwen3-0.6B",type="#);
+    assert_series(
+        &text,
+        &[
+            (&format!(r#"llm_requests_total{{{labels},path="/v1/chat/completions"}}"#), "1"),
+            (&format!(r#"{tokens}"prompt"}}"#), "12"),
+            (&format!(r#"{tokens}"completion"}}"#), "7"),
+            (&format!(r#"{tokens}"cached"}}"#), "0"),
+            (&format!(r#"{tokens}"reasoning"}}"#), "0"),
+            ("tracker_events_received_total", "1"),
+            ("tracker_events_duplicate_total", "0"),
+        ],
+    );
+    assert!(series_lines(&text, "llm_denied_requests_total").is_empty());
+    assert!(series_lines(&text, "llm_incomplete_requests_total").is_empty());
+    assert!(series_lines(&text, "llm_upstream_errors_total").is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn array_of_events() {
+    let server = Server::default().await;
+    let batch = json!([
+        example_event("a1"),
+        example_event("a2"),
+        {"id": "a3", "user": "bob", "groups": "free, premium", "path": "/v1/embeddings?x=1",
+         "model": "", "prompt_tokens": 5, "status": 502, "incomplete": true},
+        {"id": "a4", "user": "bob", "groups": ["premium", "free"], "path": "/v1/completions/",
+         "model": "m", "completion_tokens": 3, "reasoning_tokens": 2, "cached_tokens": 1},
+        {"id": "a5", "denied": "invalid_credential", "path": "/v1/chat/completions"},
+        {"id": "a6", "denied": "rate_limit_exceeded", "path": "/admin"},
+        {"id": "a7", "denied": "made-up", "path": "/v1/chat/completions", "user": "ignored"},
+    ]);
+    assert_eq!(server.track_json(&batch).await, json!({"accepted": 7, "duplicates": 0}));
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[
+            (r#"llm_requests_total{user="mittens",groups="premium",path="/v1/chat/completions"}"#, "2"),
+            (r#"llm_tokens_total{user="mittens",groups="premium",model="Qwen/Qwen3-0.6B",type="prompt"}"#, "24"),
+            (r#"llm_tokens_total{user="mittens",groups="premium",model="Qwen/Qwen3-0.6B",type="completion"}"#, "14"),
+            (r#"llm_requests_total{user="bob",groups="free,premium",path="/v1/embeddings"}"#, "1"),
+            (r#"llm_requests_total{user="bob",groups="free,premium",path="/v1/completions"}"#, "1"),
+            (r#"llm_tokens_total{user="bob",groups="free,premium",model="unknown",type="prompt"}"#, "5"),
+            (r#"llm_tokens_total{user="bob",groups="free,premium",model="m",type="completion"}"#, "3"),
+            (r#"llm_tokens_total{user="bob",groups="free,premium",model="m",type="cached"}"#, "1"),
+            (r#"llm_tokens_total{user="bob",groups="free,premium",model="m",type="reasoning"}"#, "2"),
+            (r#"llm_incomplete_requests_total{user="bob",groups="free,premium",path="/v1/embeddings"}"#, "1"),
+            (r#"llm_upstream_errors_total{user="bob",groups="free,premium",path="/v1/embeddings"}"#, "1"),
+            (r#"llm_denied_requests_total{reason="invalid_credential",path="/v1/chat/completions"}"#, "1"),
+            (r#"llm_denied_requests_total{reason="rate_limited",path="other"}"#, "1"),
+            (r#"llm_denied_requests_total{reason="other",path="/v1/chat/completions"}"#, "1"),
+            ("tracker_events_received_total", "7"),
+        ],
+    );
+    assert_eq!(series_lines(&text, "llm_requests_total").len(), 3, "{text}");
+    assert_eq!(series_lines(&text, "llm_tokens_total").len(), 12, "{text}");
+    assert!(!text.contains("ignored"), "denied events carry no user: {text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn authorino_callback_counts_a_request_without_tokens() {
+    let server = Server::default().await;
+    let body = json!({"groups": "premium,free", "host": "gw.example", "method": "POST",
+        "path": "/v1/chat/completions", "user": "alice"});
+    for _ in 0..2 {
+        // No id, so no dedup: every callback counts.
+        assert_eq!(server.track_json(&body).await, json!({"accepted": 1, "duplicates": 0}));
+    }
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[(r#"llm_requests_total{user="alice",groups="free,premium",path="/v1/chat/completions"}"#, "2")],
+    );
+    assert!(series_lines(&text, "llm_tokens_total").is_empty(), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_ids_count_once_within_and_across_batches() {
+    let server = Server::default().await;
+    let first = json!([example_event("d1"), example_event("d1"), example_event("d2")]);
+    assert_eq!(server.track_json(&first).await, json!({"accepted": 2, "duplicates": 1}));
+    // A retried batch: everything already counted.
+    assert_eq!(server.track_json(&first).await, json!({"accepted": 0, "duplicates": 3}));
+    let second = json!([example_event("d2"), example_event("d3")]);
+    assert_eq!(server.track_json(&second).await, json!({"accepted": 1, "duplicates": 1}));
+    // A denied event's id is remembered too.
+    let denied = json!({"id": "d4", "denied": "missing_credential", "path": "/v1/models"});
+    assert_eq!(server.track_json(&denied).await, json!({"accepted": 1, "duplicates": 0}));
+    assert_eq!(server.track_json(&denied).await, json!({"accepted": 0, "duplicates": 1}));
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[
+            (r#"llm_requests_total{user="mittens",groups="premium",path="/v1/chat/completions"}"#, "3"),
+            (r#"llm_tokens_total{user="mittens",groups="premium",model="Qwen/Qwen3-0.6B",type="prompt"}"#, "36"),
+            (r#"llm_denied_requests_total{reason="missing_credential",path="/v1/models"}"#, "1"),
+            ("tracker_events_received_total", "10"),
+            ("tracker_events_duplicate_total", "6"),
+        ],
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dedup_window_forgets_the_oldest_ids() {
+    let server = Server::start(Limits { dedup_window: 2, ..Limits::default() }).await;
+    for id in ["w1", "w2", "w3"] {
+        server.track_json(&example_event(id)).await;
+    }
+    // w1 fell out of the window of 2, so it counts again; w3 is still remembered.
+    assert_eq!(server.track_json(&example_event("w1")).await, json!({"accepted": 1, "duplicates": 0}));
+    assert_eq!(server.track_json(&example_event("w1")).await, json!({"accepted": 0, "duplicates": 1}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_no_usage_counter() {
+    let server = Server::start(Limits { max_batch: 3, ..Limits::default() }).await;
+    // Something counted already, so "unchanged" means more than "still empty".
+    server.track_json(&example_event("seed")).await;
+    let good = example_event("good");
+    let cases: Vec<(String, u16, &str, &str)> = vec![
+        // (body, status, reason, message)
+        ("".into(), 400, "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 0"),
+        ("<xml/>".into(), 400, "bad_json", "body is not valid JSON: expected value at line 1 column 1"),
+        ("{\"id\":\"x\",".into(), 400, "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 10"),
+        ("42".into(), 400, "invalid_event", "body: expected an event object or an array of events"),
+        (
+            json!([good, good, {"id": "b3", "user": "u", "prompt_tokens": -1}]).to_string(),
+            400,
+            "invalid_event",
+            "events[2].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
+        ),
+        (json!({"id": "b", "prompt_tokens": 1}).to_string(), 400, "invalid_event", "user: required when denied is null"),
+        (json!({"user": "u", "model": "m"}).to_string(), 400, "invalid_event", "id: required (only an Authorino callback body may omit it)"),
+        (json!({"id": "b", "user": "u", "groups": [1]}).to_string(), 400, "invalid_event", "groups[0]: invalid type: integer `1`, expected a string"),
+        (json!({"id": "b", "user": "u", "denied": 1}).to_string(), 400, "invalid_event", "denied: invalid type: integer `1`, expected a string"),
+        (json!([good, good, good, good]).to_string(), 413, "too_large", "batch of 4 events is over the limit of 3"),
+    ];
+    for (body, status, reason, message) in cases {
+        let before = server.metrics().await;
+        let (got_status, answer) = server.track(body.clone()).await;
+        assert_eq!(got_status, status, "{body}: {answer}");
+        assert_eq!(answer, json!({"error": {"message": message, "type": "invalid_request_error"}}), "{body}");
+        let after = server.metrics().await;
+        for prefix in ["llm_", "tracker_events_"] {
+            assert_eq!(series_lines(&before, prefix), series_lines(&after, prefix), "{body}");
+        }
+        let rejected = format!("tracker_requests_rejected_total{{reason=\"{reason}\"}}");
+        let count = |text: &str| value(text, &rejected).unwrap().parse::<u64>().unwrap();
+        assert_eq!(count(&after), count(&before) + 1, "{body}");
+    }
+    // The refused batches' good events were not remembered either: they count now.
+    assert_eq!(server.track_json(&good).await, json!({"accepted": 1, "duplicates": 0}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_body_gets_413() {
+    let server = Server::start(Limits { max_body_bytes: 1024, ..Limits::default() }).await;
+    let events: Vec<Value> = (0..40).map(|i| example_event(&format!("big{i}"))).collect();
+    let body = Value::Array(events).to_string();
+    assert!(body.len() > 4096);
+    let before = server.metrics().await;
+    let (status, answer) = server.track(body).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"error": {"message": "request body is over the size limit", "type": "invalid_request_error"}})
+    );
+    let after = server.metrics().await;
+    assert_eq!(series_lines(&before, "llm_"), series_lines(&after, "llm_"));
+    assert_series(&after, &[("tracker_requests_rejected_total{reason=\"too_large\"}", "1"), ("tracker_events_received_total", "0")]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cardinality_guard_folds_new_users_into_other() {
+    let server = Server::start(Limits { max_users: 2, ..Limits::default() }).await;
+    let batch: Vec<Value> = ["u1", "u2", "u3", "u4", "u1"]
+        .iter()
+        .enumerate()
+        .map(|(i, user)| json!({"id": format!("c{i}"), "user": user, "path": "/v1/models"}))
+        .collect();
+    server.track_json(&Value::Array(batch)).await;
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[
+            (r#"llm_requests_total{user="u1",groups="",path="/v1/models"}"#, "2"),
+            (r#"llm_requests_total{user="u2",groups="",path="/v1/models"}"#, "1"),
+            (r#"llm_requests_total{user="other",groups="",path="/v1/models"}"#, "2"),
+        ],
+    );
+    assert_eq!(series_lines(&text, "llm_requests_total").len(), 3, "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn label_values_are_escaped_and_cut() {
+    let server = Server::default().await;
+    let long = "m".repeat(300);
+    let event = json!({"id": "esc", "user": "a\"b\\c\nd", "model": long, "prompt_tokens": 1});
+    server.track_json(&event).await;
+    let text = server.metrics().await;
+    let model = "m".repeat(128);
+    assert_series(
+        &text,
+        &[(&format!(r#"llm_tokens_total{{user="a\"b\\c\nd",groups="",model="{model}",type="prompt"}}"#), "1")],
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_cleanly() {
+    let server = Server::default().await;
+    server.track_json(&example_event("s1")).await;
+    // stop() asserts that serve() returned Ok after the shutdown signal.
+    server.stop().await;
+}
