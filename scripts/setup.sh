@@ -43,6 +43,6 @@ fi
 WB_VERSION=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/version = |"/,""); print; exit}' Cargo.lock)
 if [ -n "$WB_VERSION" ] && [ "$(.local/bin/wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $2}')" != "$WB_VERSION" ]; then
   log "cargo install wasm-bindgen-cli $WB_VERSION (a few minutes, once)"
-  cargo install -q --locked --root .local wasm-bindgen-cli --version "$WB_VERSION"
+  cargo install -q --root .local wasm-bindgen-cli --version "$WB_VERSION"
 fi
 log "ok"

@@ -99,3 +99,142 @@ fn authorize(settings: &Settings, identity: Identity) -> Result<Identity, AuthEr
         Err(AuthError::GroupNotAllowed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::response::LocalReply;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    const NOW: u64 = 1_763_800_000;
+    const KEY: &str = "tg-test-key";
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn token(claims: &str) -> String {
+        let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","kid":"k"}"#);
+        let p = URL_SAFE_NO_PAD.encode(claims);
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET).unwrap();
+        mac.update(format!("{h}.{p}").as_bytes());
+        format!("{h}.{p}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
+    fn settings(extra: &str) -> Settings {
+        let digest = crate::keys::sha256_hex(KEY);
+        let jwks = serde_json::to_string(&format!(
+            r#"{{"keys":[{{"kty":"oct","kid":"k","k":"{}"}}]}}"#,
+            URL_SAFE_NO_PAD.encode(SECRET)
+        ))
+        .unwrap();
+        let json = format!(
+            r#"{{"api_keys":{{"keys":[{{"sha256":"{digest}","user":"mittens","groups":["premium","free"]}}]}},
+                "jwt":{{"providers":[{{"issuer":"dev","jwks":{jwks}}}]}}{extra}}}"#
+        );
+        Settings::parse(json.as_bytes(), &|_| None).unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn run(s: &Settings, pairs: &[(&str, &str)]) -> Verdict {
+        let mut cache = TokenCache::new(16, 300);
+        decide(s, &mut cache, &headers(pairs), NOW)
+    }
+
+    #[test]
+    fn verdicts() {
+        let s = settings("");
+        let good_jwt = format!("Bearer {}", token(r#"{"iss":"dev","sub":"jay","groups":"free"}"#));
+        let expired = format!("Bearer {}", token(r#"{"iss":"dev","sub":"jay","exp":1}"#));
+        let bearer_key = format!("Bearer {KEY}");
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<(&str, &str)>, Result<&str, &str>)> = vec![
+            ("bearer key", vec![("authorization", bearer_key.as_str())], Ok("mittens")),
+            ("x-api-key", vec![("x-api-key", KEY)], Ok("mittens")),
+            ("jwt", vec![("authorization", good_jwt.as_str())], Ok("jay")),
+            ("nothing", vec![], Err("missing_credential")),
+            ("wrong key", vec![("x-api-key", "nope")], Err("invalid_credential")),
+            ("expired jwt", vec![("authorization", expired.as_str())], Err("invalid_credential")),
+            ("smuggled identity only", vec![("x-tollgate-user", "root")], Err("missing_credential")),
+        ];
+        for (name, pairs, want) in cases {
+            match (run(&s, &pairs), want) {
+                (Verdict::Allow { identity, .. }, Ok(user)) => assert_eq!(identity.user, user, "{name}"),
+                (Verdict::Deny { error, .. }, Err(reason)) => assert_eq!(error.reason(), reason, "{name}"),
+                (v, w) => panic!("{name}: got {v:?}, want {w:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn allowed_groups_gate_access() {
+        let cases = [(r#"["premium"]"#, true), (r#"["free","x"]"#, true), (r#"["staff"]"#, false)];
+        for (allowed, ok) in cases {
+            let s = settings(&format!(r#","authorization":{{"allowed_groups":{allowed}}}"#));
+            let v = run(&s, &[("x-api-key", KEY)]);
+            assert_eq!(matches!(v, Verdict::Allow { .. }), ok, "{allowed}");
+            if let Verdict::Deny { error, .. } = v {
+                assert_eq!(error, AuthError::GroupNotAllowed);
+                assert_eq!(LocalReply::from(&error).status, 403);
+            }
+        }
+    }
+
+    #[test]
+    fn edits_remove_identity_and_credentials_and_set_identity() {
+        let s = settings("");
+        let Verdict::Allow { edits, .. } = run(&s, &[("x-api-key", KEY)]) else { panic!("denied") };
+        for h in ["x-tollgate-user", "x-tollgate-groups", "authorization", "x-api-key", "apikey"] {
+            assert!(edits.remove.iter().any(|r| r == h), "{h} not removed");
+        }
+        assert_eq!(
+            edits.set,
+            vec![("x-tollgate-user".to_string(), "mittens".to_string()), ("x-tollgate-groups".into(), "premium,free".into())]
+        );
+        let fwd = settings(r#","forward_credentials":true"#);
+        let Verdict::Allow { edits, .. } = run(&fwd, &[("x-api-key", KEY)]) else { panic!("denied") };
+        assert!(!edits.remove.iter().any(|r| r == "x-api-key"));
+        let Verdict::Deny { edits, .. } = run(&s, &[]) else { panic!("allowed") };
+        assert!(edits.remove.iter().any(|r| r == "x-tollgate-user"));
+    }
+
+    #[test]
+    fn jwt_cache_skips_verification_on_repeat() {
+        let s = settings("");
+        let t = token(r#"{"iss":"dev","sub":"jay","exp":1763803600}"#);
+        let bearer = format!("Bearer {t}");
+        let mut cache = TokenCache::new(16, 300);
+        assert!(matches!(decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), NOW), Verdict::Allow { .. }));
+        assert_eq!(cache.len(), 1);
+        assert!(matches!(decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), NOW + 10), Verdict::Allow { .. }));
+        // Past exp + skew the cached entry no longer counts.
+        let later = decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), 1_763_803_600 + 61);
+        assert!(matches!(later, Verdict::Deny { .. }));
+    }
+
+    #[test]
+    fn replies_follow_the_openai_error_format_and_never_echo() {
+        let cases = [
+            (AuthError::MissingCredential, 401, "invalid_api_key"),
+            (AuthError::InvalidApiKey, 401, "invalid_api_key"),
+            (AuthError::InvalidToken(JwtError::Expired), 401, "invalid_api_key"),
+            (AuthError::GroupNotAllowed, 403, "permission_denied"),
+        ];
+        for (error, status, code) in cases {
+            let r = LocalReply::from(&error);
+            assert_eq!(r.status, status);
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(v["error"]["code"], code);
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            assert!(v["error"]["param"].is_null());
+            let has_challenge = r.headers.iter().any(|(k, v)| k == "www-authenticate" && v.starts_with("Bearer realm=\"tollgate\""));
+            assert_eq!(has_challenge, status == 401);
+        }
+    }
+}

@@ -179,7 +179,7 @@ fn default_max_queue() -> usize {
     10_000
 }
 fn default_max_attempts() -> u32 {
-    10
+    30
 }
 fn default_true() -> bool {
     true
@@ -438,6 +438,9 @@ fn check_usage(u: RawUsage) -> Result<UsageSettings, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
     use super::*;
 
     const DIGEST: &str = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"; // sha256("password")

@@ -138,6 +138,9 @@ fn strip_scheme<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
+    // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
     use super::*;
     use Credential::{ApiKey, Jwt};
 

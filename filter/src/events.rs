@@ -79,6 +79,9 @@ pub struct QueueLimits {
     pub max_attempts: u32,
     /// Batches in flight at once per worker.
     pub max_in_flight: usize,
+    /// First wait after a failed send; doubled per consecutive failure.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -134,11 +137,20 @@ pub struct EventQueue {
     pending: VecDeque<Pending>,
     in_flight: HashMap<u32, Vec<Pending>>,
     stats: QueueStats,
+    consecutive_failures: u32,
+    retry_at_ms: u64,
 }
 
 impl EventQueue {
     pub fn new(limits: QueueLimits) -> Self {
-        Self { limits, pending: VecDeque::new(), in_flight: HashMap::new(), stats: QueueStats::default() }
+        Self {
+            limits,
+            pending: VecDeque::new(),
+            in_flight: HashMap::new(),
+            stats: QueueStats::default(),
+            consecutive_failures: 0,
+            retry_at_ms: 0,
+        }
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -177,12 +189,15 @@ impl EventQueue {
         self.in_flight.values().map(Vec::len).sum()
     }
 
-    /// The next batch to send, if any and if another may be in flight. The caller
-    /// must then call [`EventQueue::sent`] with the host's token, or
-    /// [`EventQueue::send_failed`] if the host refused the call.
-    pub fn next_batch(&mut self) -> Option<(Batch, Vec<PendingHandle>)> {
-        if self.pending.is_empty() || self.in_flight.len() >= self.limits.max_in_flight {
+    /// The next batch to send, if any, if another may be in flight and if no
+    /// back-off after a failure is running. The caller must then call
+    /// [`EventQueue::sent`] with the host's token, or [`EventQueue::send_failed`].
+    pub fn next_batch(&mut self, now_ms: u64) -> Option<(Batch, Vec<PendingHandle>)> {
+        if self.pending.is_empty() || self.in_flight.len() >= self.limits.max_in_flight || now_ms < self.retry_at_ms {
             return None;
+        }
+        if self.consecutive_failures > 0 && !self.in_flight.is_empty() {
+            return None; // while failing, probe with one batch at a time
         }
         let n = self.pending.len().min(self.limits.max_batch);
         let taken: Vec<Pending> = self.pending.drain(..n).collect();
@@ -205,18 +220,33 @@ impl EventQueue {
     }
 
     /// The host refused the call (e.g. unknown cluster): the events go back.
-    pub fn send_failed(&mut self, handles: Vec<PendingHandle>) {
+    pub fn send_failed(&mut self, handles: Vec<PendingHandle>, now_ms: u64) {
         self.requeue(handles.into_iter().map(|h| h.0).collect());
+        self.back_off(now_ms);
     }
 
     /// The response (or failure) for the batch sent under `token`.
-    pub fn completed(&mut self, token: u32, outcome: SendOutcome) {
+    pub fn completed(&mut self, token: u32, outcome: SendOutcome, now_ms: u64) {
         let Some(events) = self.in_flight.remove(&token) else { return };
         match outcome {
-            SendOutcome::Delivered => self.stats.delivered += events.len() as u64,
+            SendOutcome::Delivered => {
+                self.stats.delivered += events.len() as u64;
+                self.consecutive_failures = 0;
+                self.retry_at_ms = 0;
+            }
             SendOutcome::Rejected => self.stats.rejected += events.len() as u64,
-            SendOutcome::Retry => self.requeue(events),
+            SendOutcome::Retry => {
+                self.requeue(events);
+                self.back_off(now_ms);
+            }
         }
+    }
+
+    fn back_off(&mut self, now_ms: u64) {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        let shift = self.consecutive_failures.saturating_sub(1).min(20);
+        let wait = self.limits.backoff_base_ms.saturating_mul(1 << shift).min(self.limits.backoff_max_ms);
+        self.retry_at_ms = now_ms.saturating_add(wait);
     }
 
     /// Failed events go back to the front, in order, unless out of attempts.
@@ -249,6 +279,9 @@ pub struct PendingHandle(Pending);
 
 #[cfg(test)]
 mod tests {
+    // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
     use super::*;
 
     fn event(n: u64) -> UsageEvent {
@@ -273,7 +306,7 @@ mod tests {
     }
 
     fn limits(max_queue: usize, max_batch: usize, max_attempts: u32) -> QueueLimits {
-        QueueLimits { max_queue, max_batch, max_attempts, max_in_flight: 2 }
+        QueueLimits { max_queue, max_batch, max_attempts, max_in_flight: 2, backoff_base_ms: 0, backoff_max_ms: 0 }
     }
 
     fn ids(batch: &Batch) -> Vec<String> {
@@ -304,15 +337,15 @@ mod tests {
         for n in 0..7 {
             q.push(&event(n));
         }
-        let (b1, h1) = q.next_batch().unwrap();
+        let (b1, h1) = q.next_batch(0).unwrap();
         assert_eq!(ids(&b1), ["id-0", "id-1", "id-2"]);
         q.sent(1, h1);
-        let (b2, h2) = q.next_batch().unwrap();
+        let (b2, h2) = q.next_batch(0).unwrap();
         assert_eq!(b2.events, 3);
         q.sent(2, h2);
-        assert!(q.next_batch().is_none(), "max_in_flight reached");
-        q.completed(1, SendOutcome::Delivered);
-        let (b3, _) = q.next_batch().unwrap();
+        assert!(q.next_batch(0).is_none(), "max_in_flight reached");
+        q.completed(1, SendOutcome::Delivered, 0);
+        let (b3, _) = q.next_batch(0).unwrap();
         assert_eq!(ids(&b3), ["id-6"]);
         assert_eq!(q.stats().delivered, 3);
     }
@@ -323,13 +356,13 @@ mod tests {
         for n in 0..3 {
             q.push(&event(n));
         }
-        let (b, h) = q.next_batch().unwrap();
+        let (b, h) = q.next_batch(0).unwrap();
         q.sent(7, h);
-        q.completed(7, SendOutcome::Retry);
-        let (again, h) = q.next_batch().unwrap();
+        q.completed(7, SendOutcome::Retry, 0);
+        let (again, h) = q.next_batch(0).unwrap();
         assert_eq!(ids(&again), ids(&b));
-        q.send_failed(h);
-        let (again2, _) = q.next_batch().unwrap();
+        q.send_failed(h, 0);
+        let (again2, _) = q.next_batch(0).unwrap();
         assert_eq!(ids(&again2), ids(&b));
         assert_eq!(q.stats().retries, 4);
     }
@@ -339,11 +372,11 @@ mod tests {
         let mut q = EventQueue::new(limits(100, 10, 3));
         q.push(&event(1));
         for token in 0..3 {
-            let (_, h) = q.next_batch().unwrap();
+            let (_, h) = q.next_batch(0).unwrap();
             q.sent(token, h);
-            q.completed(token, SendOutcome::Retry);
+            q.completed(token, SendOutcome::Retry, 0);
         }
-        assert!(q.next_batch().is_none());
+        assert!(q.next_batch(0).is_none());
         assert_eq!(q.stats().dropped_attempts, 1);
     }
 
@@ -355,7 +388,7 @@ mod tests {
         }
         assert_eq!(q.len(), 3);
         assert_eq!(q.stats().dropped_overflow, 2);
-        let (b, _) = q.next_batch().unwrap();
+        let (b, _) = q.next_batch(0).unwrap();
         assert_eq!(ids(&b), ["id-2", "id-3", "id-4"]);
     }
 
@@ -363,11 +396,30 @@ mod tests {
     fn rejected_batches_are_not_retried() {
         let mut q = EventQueue::new(limits(10, 10, 3));
         q.push(&event(1));
-        let (_, h) = q.next_batch().unwrap();
+        let (_, h) = q.next_batch(0).unwrap();
         q.sent(1, h);
-        q.completed(1, SendOutcome::Rejected);
-        assert!(q.next_batch().is_none());
+        q.completed(1, SendOutcome::Rejected, 0);
+        assert!(q.next_batch(0).is_none());
         assert_eq!(q.stats().rejected, 1);
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_and_success_resets() {
+        let mut q = EventQueue::new(QueueLimits { backoff_base_ms: 100, backoff_max_ms: 350, ..limits(100, 1, 100) });
+        q.push(&event(1));
+        q.push(&event(2));
+        let mut now = 1_000;
+        for want_wait in [100, 200, 350, 350] {
+            let (_, h) = q.next_batch(now).unwrap();
+            q.sent(1, h);
+            q.completed(1, SendOutcome::Retry, now);
+            assert!(q.next_batch(now + want_wait - 1).is_none(), "backing off {want_wait}");
+            now += want_wait;
+        }
+        let (_, h) = q.next_batch(now).unwrap();
+        q.sent(2, h);
+        q.completed(2, SendOutcome::Delivered, now);
+        assert!(q.next_batch(now).is_some(), "no back-off after a success");
     }
 
     #[test]

@@ -27,6 +27,8 @@ use crate::usage::{inject_include_usage, BodyKind, UsageParser, DEFAULT_MAX_CARR
 const MAX_INJECT_BODY: usize = 64 * 1024;
 /// Usage batches in flight at once per worker.
 const MAX_IN_FLIGHT: usize = 4;
+/// Longest wait between two attempts while the tracker is failing.
+const BACKOFF_MAX_MS: u64 = 10_000;
 
 /// Cached JWTs are re-verified at least this often, whatever their `exp`.
 const TOKEN_CACHE_MAX_AGE_SECS: u64 = 300;
@@ -89,7 +91,8 @@ impl Root {
     fn flush(&mut self, usage: &UsageSettings, state: &State) {
         let timeout = Duration::from_millis(usage.timeout_ms);
         loop {
-            let Some((batch, handles)) = state.queue.borrow_mut().next_batch() else { break };
+            let now_ms = now().as_millis() as u64;
+            let Some((batch, handles)) = state.queue.borrow_mut().next_batch(now_ms) else { break };
             let headers = vec![
                 (":method", "POST"),
                 (":path", usage.path.as_str()),
@@ -99,7 +102,7 @@ impl Root {
             match hostcalls::dispatch_http_call(&usage.cluster, headers, Some(&batch.body), vec![], timeout) {
                 Ok(token) => state.queue.borrow_mut().sent(token, handles),
                 Err(status) => {
-                    state.queue.borrow_mut().send_failed(handles);
+                    state.queue.borrow_mut().send_failed(handles, now_ms);
                     log(
                         LogLevel::Warn,
                         self.context_id,
@@ -139,7 +142,7 @@ impl Context for Root {
         if outcome != SendOutcome::Delivered {
             log(LogLevel::Debug, self.context_id, format_args!("usage batch {token_id}: {outcome:?} (status {status:?})"));
         }
-        state.queue.borrow_mut().completed(token_id, outcome);
+        state.queue.borrow_mut().completed(token_id, outcome, now().as_millis() as u64);
     }
 }
 
@@ -180,8 +183,17 @@ impl RootContext for Root {
                         max_batch: u.max_batch,
                         max_attempts: u.max_attempts,
                         max_in_flight: MAX_IN_FLIGHT,
+                        backoff_base_ms: u.flush_interval_ms,
+                        backoff_max_ms: BACKOFF_MAX_MS,
                     },
-                    None => QueueLimits { max_queue: 1, max_batch: 1, max_attempts: 1, max_in_flight: 1 },
+                    None => QueueLimits {
+                        max_queue: 1,
+                        max_batch: 1,
+                        max_attempts: 1,
+                        max_in_flight: 1,
+                        backoff_base_ms: 0,
+                        backoff_max_ms: 0,
+                    },
                 };
                 if let Some(u) = &settings.usage {
                     if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(u.flush_interval_ms)) {

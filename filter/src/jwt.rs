@@ -514,6 +514,9 @@ fn digest(token: &str) -> [u8; 32] {
 
 #[cfg(test)]
 mod tests {
+    // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
     use super::*;
     use JwtError::*;
 

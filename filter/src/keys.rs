@@ -143,6 +143,9 @@ fn check_group(group: &str) -> Result<(), &'static str> {
 
 #[cfg(test)]
 mod tests {
+    // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
     use super::*;
 
     fn entry(sha256: &str, user: &str, groups: &[&str]) -> ApiKeyEntry {

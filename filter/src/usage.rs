@@ -687,6 +687,9 @@ impl Sse {
 
 #[cfg(test)]
 mod tests {
+    // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
     use super::*;
 
     const fn u(prompt: u64, completion: u64, cached: u64, reasoning: u64) -> Option<Usage> {

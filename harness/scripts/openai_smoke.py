@@ -11,6 +11,7 @@ Usage:
   openai_smoke.py --base-url http://127.0.0.1:PORT/v1 --api-key KEY
                   [--expect-prompt N] [--max-tokens K] [--prompt TEXT]
                   [--model M] [--header 'Name: value' ...]
+                  [--only STEP ...]
   openai_smoke.py ... --expect-error STATUS [--call chat|stream|completions|embeddings|models]
 
 Normal mode runs models.list, chat (plain and streamed with include_usage),
@@ -230,6 +231,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="chat",
         help="the call made in --expect-error mode",
     )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=["models", "chat", "chat_stream", "completion", "completion_stream", "embeddings"],
+        help="run only these steps of the normal mode (repeatable)",
+    )
     a = p.parse_args(argv)
     if a.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
@@ -268,6 +275,8 @@ def main(argv: list[str]) -> None:
                 ("completion_stream", lambda: run_completion_stream(client, a, expect_prompt)),
                 ("embeddings", lambda: run_embeddings(client, a, expect_prompt)),
             ]:
+                if a.only and step not in a.only:
+                    continue
                 result[step] = run()
     except CheckFailed as e:
         fail(str(e), step=step)

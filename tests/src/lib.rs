@@ -93,3 +93,45 @@ pub fn prom_query(prometheus_url: &str, query: &str) -> Vec<Value> {
     assert_eq!(resp["status"], "success", "{resp}");
     resp["data"]["result"].as_array().cloned().unwrap_or_default()
 }
+
+/// The tracker's /metrics text.
+pub fn tracker_metrics(stack: &Stack) -> String {
+    client().get(format!("{}/metrics", stack.tracker_url)).send().unwrap().text().unwrap()
+}
+
+/// The value of the sample `name{labels…}` in Prometheus text, matching every given
+/// label exactly (other labels of the series may be present). Sums matching series.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (metric_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric_name != name {
+            continue;
+        }
+        let all = labels.iter().all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+        if all {
+            *total.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(f64::NAN);
+        }
+    }
+    total
+}
+
+/// Polls the tracker until `name{labels}` equals `want`; returns the metrics text.
+pub fn wait_metric(stack: &Stack, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+    let mut last = None;
+    eventually(std::time::Duration::from_secs(30), &format!("{name}{labels:?} == {want}"), || {
+        let text = tracker_metrics(stack);
+        last = metric(&text, name, labels);
+        (last == Some(want)).then_some(text)
+    })
+}

@@ -15,6 +15,17 @@ use std::time::Instant;
 
 use usage_tracking::{serve, Limits, Tracker};
 
+/// CPU seconds used so far by the calling thread (Linux; `None` elsewhere). The machine
+/// may be shared, so events per CPU second of the server thread is the steadier number.
+fn thread_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // Fields after the ")" that ends the thread name: utime and stime are the 12th and 13th.
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+    let utime: f64 = fields.nth(11)?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0) // USER_HZ is 100 on Linux
+}
+
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -52,17 +63,18 @@ fn main() -> anyhow::Result<()> {
     // Server: one thread, one current_thread runtime.
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = std::thread::Builder::new().name("tracker-server".into()).spawn(move || -> anyhow::Result<()> {
+    let server = std::thread::Builder::new().name("tracker-server".into()).spawn(move || -> anyhow::Result<Option<f64>> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let cpu_start = thread_cpu_seconds();
             address_tx.send(listener.local_addr()?)?;
             let limits = Limits { max_batch: usize::try_from(batch)?, ..Limits::default() };
             serve(listener, Arc::new(Tracker::new(limits)), async move {
                 let _ = stop_rx.await;
             })
             .await?;
-            Ok(())
+            Ok(cpu_start.zip(thread_cpu_seconds()).map(|(start, end)| end - start))
         })
     })?;
     let address = address_rx.recv()?;
@@ -110,12 +122,18 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let _ = stop_tx.send(());
-    server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    let server_cpu = server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
     let events = batches * batch;
     let seconds = elapsed.as_secs_f64();
     println!(
         "ingest: {events} events in {batches} batches of {batch} over {connections} connections: {seconds:.2} s, {:.0} events/s (server: one current_thread runtime)",
         events as f64 / seconds
     );
+    if let Some(cpu) = server_cpu.filter(|cpu| *cpu > 0.0) {
+        println!(
+            "ingest: server thread used {cpu:.2} CPU s: {:.0} events per CPU second (includes warm-up)",
+            events as f64 / cpu
+        );
+    }
     Ok(())
 }

@@ -12,6 +12,7 @@
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
 use serde_json::error::Category;
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::error::TrackError;
@@ -101,7 +102,7 @@ pub fn parse_body(body: &[u8], max_batch: usize) -> Result<Vec<Event>, TrackErro
     }
 }
 
-fn deserialize<T: de::DeserializeOwned>(body: &[u8], prefix: &str) -> Result<T, TrackError> {
+fn deserialize<'a, T: Deserialize<'a>>(body: &'a [u8], prefix: &str) -> Result<T, TrackError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let inner = err.inner();
@@ -137,17 +138,23 @@ fn field(prefix: &str, path: &str) -> String {
 /// in [`RawEvent::check`].
 #[derive(Debug, Deserialize)]
 #[serde(expecting = "an event object")]
-struct RawEvent {
-    id: Option<String>,
+struct RawEvent<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
     ts: Option<f64>,
-    user: Option<String>,
+    #[serde(borrow)]
+    user: Option<Cow<'a, str>>,
     groups: Option<Groups>,
     #[allow(dead_code)] // type-checked only
-    method: Option<String>,
+    #[serde(borrow)]
+    method: Option<Cow<'a, str>>,
     #[allow(dead_code)] // type-checked only
-    host: Option<String>,
-    path: Option<String>,
-    model: Option<String>,
+    #[serde(borrow)]
+    host: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    path: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
     status: Option<UInt<MAX_STATUS>>,
     prompt_tokens: Option<UInt<MAX_TOKENS>>,
     completion_tokens: Option<UInt<MAX_TOKENS>>,
@@ -155,10 +162,11 @@ struct RawEvent {
     reasoning_tokens: Option<UInt<MAX_TOKENS>>,
     incomplete: Option<bool>,
     usage_missing: Option<bool>,
-    denied: Option<String>,
+    #[serde(borrow)]
+    denied: Option<Cow<'a, str>>,
 }
 
-impl RawEvent {
+impl RawEvent<'_> {
     /// An event without an id is only acceptable as an Authorino callback, whose body
     /// has nothing but `user`, `groups`, `method`, `host` and `path`.
     fn is_callback(&self) -> bool {
@@ -188,7 +196,7 @@ impl RawEvent {
         let path = labels::route(self.path.as_deref().unwrap_or(""));
         if let Some(reason) = &self.denied {
             let outcome = Outcome::Denied { reason: labels::deny_reason(reason) };
-            return Ok(Event { id: self.id, path, outcome });
+            return Ok(Event { id: self.id.map(Cow::into_owned), path, outcome });
         }
         let user = match self.user.as_deref().map(str::trim) {
             None => return Err(invalid("user", "required when denied is null")),
@@ -211,7 +219,7 @@ impl RawEvent {
             incomplete: self.incomplete.unwrap_or(false),
             upstream_error: self.status.is_some_and(|s| s.0 >= 500),
         };
-        Ok(Event { id: self.id, path, outcome: Outcome::Authorized(usage) })
+        Ok(Event { id: self.id.map(Cow::into_owned), path, outcome: Outcome::Authorized(usage) })
     }
 }
 
