@@ -195,7 +195,10 @@ mod tests {
         }
         assert_eq!(
             edits.set,
-            vec![("x-tollgate-user".to_string(), "mittens".to_string()), ("x-tollgate-groups".into(), "premium,free".into())]
+            vec![
+                ("x-tollgate-user".to_string(), "mittens".to_string()),
+                ("x-tollgate-groups".into(), "premium,free".into())
+            ]
         );
         let fwd = settings(r#","forward_credentials":true"#);
         let Verdict::Allow { edits, .. } = run(&fwd, &[("x-api-key", KEY)]) else { panic!("denied") };
@@ -212,7 +215,10 @@ mod tests {
         let mut cache = TokenCache::new(16, 300);
         assert!(matches!(decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), NOW), Verdict::Allow { .. }));
         assert_eq!(cache.len(), 1);
-        assert!(matches!(decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), NOW + 10), Verdict::Allow { .. }));
+        assert!(matches!(
+            decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), NOW + 10),
+            Verdict::Allow { .. }
+        ));
         // Past exp + skew the cached entry no longer counts.
         let later = decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), 1_763_803_600 + 61);
         assert!(matches!(later, Verdict::Deny { .. }));
@@ -233,7 +239,8 @@ mod tests {
             assert_eq!(v["error"]["code"], code);
             assert_eq!(v["error"]["type"], "invalid_request_error");
             assert!(v["error"]["param"].is_null());
-            let has_challenge = r.headers.iter().any(|(k, v)| k == "www-authenticate" && v.starts_with("Bearer realm=\"tollgate\""));
+            let has_challenge =
+                r.headers.iter().any(|(k, v)| k == "www-authenticate" && v.starts_with("Bearer realm=\"tollgate\""));
             assert_eq!(has_challenge, status == 401);
         }
     }

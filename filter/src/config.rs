@@ -382,12 +382,13 @@ fn build_provider(i: usize, p: RawProvider, env: &dyn Fn(&str) -> Option<String>
 /// Header names are sent lowercase by Envoy; refuse anything that is not a plain token.
 fn check_header_name(field: &str, name: &str) -> Result<String, ConfigError> {
     let lower = name.to_ascii_lowercase();
-    let valid = !lower.is_empty()
-        && lower.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let valid =
+        !lower.is_empty() && lower.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !valid {
         return Err(ConfigError::new(field, "must be a valid HTTP header name"));
     }
-    const RESERVED: [&str; 6] = ["host", "authorization", "content-length", "content-type", "transfer-encoding", "connection"];
+    const RESERVED: [&str; 6] =
+        ["host", "authorization", "content-length", "content-type", "transfer-encoding", "connection"];
     if RESERVED.contains(&lower.as_str()) {
         return Err(ConfigError::new(field, format!("`{lower}` is reserved")));
     }
@@ -439,12 +440,13 @@ fn check_usage(u: RawUsage) -> Result<UsageSettings, ConfigError> {
 #[cfg(test)]
 mod tests {
     // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    use super::*;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-    use super::*;
 
     const DIGEST: &str = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"; // sha256("password")
-    const JWKS: &str = r#"{"keys":[{"kty":"oct","kid":"dev-key","alg":"HS256","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}]}"#;
+    const JWKS: &str =
+        r#"{"keys":[{"kty":"oct","kid":"dev-key","alg":"HS256","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}]}"#;
 
     fn no_env(_: &str) -> Option<String> {
         None
@@ -562,7 +564,10 @@ mod tests {
     #[test]
     fn errors_never_echo_secrets() {
         let secret_jwks = r#"{"keys":[{"kty":"oct","k":"!!not-base64-SECRETVALUE"}]}"#;
-        let json = format!(r#"{{"jwt":{{"providers":[{{"issuer":"d","jwks":{}}}]}}}}"#, serde_json::to_string(secret_jwks).unwrap());
+        let json = format!(
+            r#"{{"jwt":{{"providers":[{{"issuer":"d","jwks":{}}}]}}}}"#,
+            serde_json::to_string(secret_jwks).unwrap()
+        );
         let err = parse(&json).err().unwrap();
         assert!(!err.to_string().contains("SECRETVALUE"), "{err}");
     }

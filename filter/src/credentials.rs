@@ -20,10 +20,7 @@ pub struct CredentialSource {
 
 impl CredentialSource {
     fn new(header: &str, prefix: Option<&str>) -> Self {
-        Self {
-            header: header.to_string(),
-            prefix: prefix.map(str::to_string),
-        }
+        Self { header: header.to_string(), prefix: prefix.map(str::to_string) }
     }
 }
 
@@ -41,9 +38,7 @@ pub fn default_sources() -> Vec<CredentialSource> {
 /// an empty prefix treated as none).
 pub fn validate_sources(sources: &[CredentialSource]) -> Result<Vec<CredentialSource>, String> {
     if sources.is_empty() {
-        return Err(
-            "sources: must list at least one source (omit it for the defaults)".to_string(),
-        );
+        return Err("sources: must list at least one source (omit it for the defaults)".to_string());
     }
     sources
         .iter()
@@ -99,10 +94,7 @@ pub enum Credential<'a> {
 
 /// The first credential found, trying `sources` in order. `headers` are
 /// (lowercase name, value) pairs as Envoy hands them over.
-pub fn find_credential<'a>(
-    headers: &'a [(String, String)],
-    sources: &[CredentialSource],
-) -> Option<Credential<'a>> {
+pub fn find_credential<'a>(headers: &'a [(String, String)], sources: &[CredentialSource]) -> Option<Credential<'a>> {
     sources.iter().find_map(|source| {
         headers
             .iter()
@@ -139,9 +131,9 @@ fn strip_scheme<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    use super::*;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-    use super::*;
     use Credential::{ApiKey, Jwt};
 
     // The Istio dev guide token; its header is {"alg":"HS256","typ":"JWT","kid":"dev-key"}.
@@ -150,10 +142,7 @@ mod tests {
     type Headers<'a> = &'a [(&'a str, &'a str)];
 
     fn owned(pairs: Headers) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
     }
 
     fn src(header: &str, prefix: Option<&str>) -> CredentialSource {
@@ -214,11 +203,7 @@ mod tests {
         ];
         let sources = default_sources();
         for (headers, want) in cases {
-            assert_eq!(
-                find_credential(&owned(headers), &sources),
-                *want,
-                "{headers:?}"
-            );
+            assert_eq!(find_credential(&owned(headers), &sources), *want, "{headers:?}");
         }
     }
 
@@ -249,18 +234,8 @@ mod tests {
 
     #[test]
     fn custom_sources() {
-        let sources = validate_sources(&[
-            src("X-Tenant-Key", None),
-            src("Authorization", Some("Token ")),
-        ])
-        .unwrap();
-        assert_eq!(
-            sources,
-            vec![
-                src("x-tenant-key", None),
-                src("authorization", Some("Token "))
-            ]
-        );
+        let sources = validate_sources(&[src("X-Tenant-Key", None), src("Authorization", Some("Token "))]).unwrap();
+        assert_eq!(sources, vec![src("x-tenant-key", None), src("authorization", Some("Token "))]);
         #[rustfmt::skip]
         let cases: &[(Headers, Option<Credential>)] = &[
             (&[("x-tenant-key", "t1")], Some(ApiKey("t1"))),
@@ -269,11 +244,7 @@ mod tests {
             (&[("x-api-key", "t4")], None),
         ];
         for (headers, want) in cases {
-            assert_eq!(
-                find_credential(&owned(headers), &sources),
-                *want,
-                "{headers:?}"
-            );
+            assert_eq!(find_credential(&owned(headers), &sources), *want, "{headers:?}");
         }
     }
 
@@ -303,8 +274,7 @@ mod tests {
     fn source_json_is_strict() {
         let s: CredentialSource = serde_json::from_str(r#"{"header":"apikey"}"#).unwrap();
         assert_eq!(s, src("apikey", None));
-        let unknown =
-            serde_json::from_str::<CredentialSource>(r#"{"header":"apikey","scheme":"x"}"#);
+        let unknown = serde_json::from_str::<CredentialSource>(r#"{"header":"apikey","scheme":"x"}"#);
         assert!(unknown.is_err());
     }
 }

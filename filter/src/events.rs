@@ -280,9 +280,9 @@ pub struct PendingHandle(Pending);
 #[cfg(test)]
 mod tests {
     // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    use super::*;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-    use super::*;
 
     fn event(n: u64) -> UsageEvent {
         UsageEvent {

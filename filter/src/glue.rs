@@ -45,10 +45,7 @@ fn log(level: LogLevel, context_id: u32, message: std::fmt::Arguments<'_>) {
 }
 
 fn now() -> Duration {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .unwrap_or_default()
+    hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default()
 }
 
 /// A random u64 from the VM's entropy (std seeds `RandomState` from WASI random_get).
@@ -140,7 +137,11 @@ impl Context for Root {
             .and_then(|s| s.parse::<u32>().ok());
         let outcome = SendOutcome::from_status(status);
         if outcome != SendOutcome::Delivered {
-            log(LogLevel::Debug, self.context_id, format_args!("usage batch {token_id}: {outcome:?} (status {status:?})"));
+            log(
+                LogLevel::Debug,
+                self.context_id,
+                format_args!("usage batch {token_id}: {outcome:?} (status {status:?})"),
+            );
         }
         state.queue.borrow_mut().completed(token_id, outcome, now().as_millis() as u64);
     }
@@ -336,7 +337,12 @@ impl HttpContext for Http {
                 log(
                     LogLevel::Info,
                     self.context_id,
-                    format_args!("ALLOW user={} groups={} path={}", identity.user, identity.groups_csv(), log_path(&path)),
+                    format_args!(
+                        "ALLOW user={} groups={} path={}",
+                        identity.user,
+                        identity.groups_csv(),
+                        log_path(&path)
+                    ),
                 );
                 event.user = Some(identity.user.clone());
                 event.groups = identity.groups.clone();
@@ -345,9 +351,8 @@ impl HttpContext for Http {
                 let Some(usage) = &state.settings.usage else { return Action::Continue };
                 // Ask for an uncompressed answer so its usage can be read (see README).
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "accept-encoding", None);
-                let small_body = header(&headers, "content-length")
-                    .parse::<usize>()
-                    .is_ok_and(|n| n > 0 && n <= MAX_INJECT_BODY);
+                let small_body =
+                    header(&headers, "content-length").parse::<usize>().is_ok_and(|n| n > 0 && n <= MAX_INJECT_BODY);
                 if usage.inject_include_usage
                     && !end_of_stream
                     && small_body

@@ -115,10 +115,7 @@ impl HmacKey {
 
 impl fmt::Debug for HmacKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HmacKey")
-            .field("kid", &self.kid)
-            .field("secret_bytes", &self.secret.len())
-            .finish()
+        f.debug_struct("HmacKey").field("kid", &self.kid).field("secret_bytes", &self.secret.len()).finish()
     }
 }
 
@@ -141,13 +138,8 @@ impl Jwks {
             .ok_or("must be an object with a \"keys\" array")?;
         let mut keys = Vec::new();
         for (i, jwk) in list.iter().enumerate() {
-            let jwk = jwk
-                .as_object()
-                .ok_or_else(|| format!("keys[{i}]: must be an object"))?;
-            let kty = jwk
-                .get("kty")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("keys[{i}].kty: missing"))?;
+            let jwk = jwk.as_object().ok_or_else(|| format!("keys[{i}]: must be an object"))?;
+            let kty = jwk.get("kty").and_then(Value::as_str).ok_or_else(|| format!("keys[{i}].kty: missing"))?;
             if kty != "oct" {
                 continue;
             }
@@ -161,13 +153,8 @@ impl Jwks {
                 Some(Value::String(k)) => Some(k.clone()),
                 Some(_) => return Err(format!("keys[{i}].kid: must be a string")),
             };
-            let k = jwk
-                .get("k")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("keys[{i}].k: missing"))?;
-            let secret = URL_SAFE_LENIENT
-                .decode(k)
-                .map_err(|_| format!("keys[{i}].k: not valid base64url"))?;
+            let k = jwk.get("k").and_then(Value::as_str).ok_or_else(|| format!("keys[{i}].k: missing"))?;
+            let secret = URL_SAFE_LENIENT.decode(k).map_err(|_| format!("keys[{i}].k: not valid base64url"))?;
             if secret.is_empty() {
                 return Err(format!("keys[{i}].k: empty secret"));
             }
@@ -223,9 +210,7 @@ impl JwtVerifier {
             return Err(JwtError::TooLarge);
         }
         let mut parts = token.split('.');
-        let (Some(h64), Some(p64), Some(s64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(JwtError::Malformed);
         };
         if h64.is_empty() || p64.is_empty() || s64.is_empty() {
@@ -248,19 +233,10 @@ impl JwtVerifier {
             Some(_) => return Err(JwtError::Malformed),
         };
         let claims = decode_object(p64)?;
-        let signature = URL_SAFE_NO_PAD
-            .decode(s64)
-            .map_err(|_| JwtError::BadBase64)?;
+        let signature = URL_SAFE_NO_PAD.decode(s64).map_err(|_| JwtError::BadBase64)?;
 
-        let issuer = claims
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or(JwtError::UnknownIssuer)?;
-        let provider = self
-            .providers
-            .iter()
-            .find(|p| p.issuer == issuer)
-            .ok_or(JwtError::UnknownIssuer)?;
+        let issuer = claims.get("iss").and_then(Value::as_str).ok_or(JwtError::UnknownIssuer)?;
+        let provider = self.providers.iter().find(|p| p.issuer == issuer).ok_or(JwtError::UnknownIssuer)?;
 
         // As Istio (jwt_verify_lib): a key is a candidate unless both it and the token
         // name a kid and the two differ.
@@ -277,10 +253,7 @@ impl JwtVerifier {
             return Err(JwtError::UnknownKid);
         }
         let signed_len = h64.len() + 1 + p64.len();
-        let signed = token
-            .as_bytes()
-            .get(..signed_len)
-            .ok_or(JwtError::Malformed)?;
+        let signed = token.as_bytes().get(..signed_len).ok_or(JwtError::Malformed)?;
         // Every candidate is tried, so timing does not reveal which key matched.
         let good = candidates.fold(false, |ok, key| key.mac_matches(signed, &signature) | ok);
         if !good {
@@ -292,9 +265,7 @@ impl JwtVerifier {
 }
 
 fn decode_object(segment: &str) -> Result<Map<String, Value>, JwtError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| JwtError::BadBase64)?;
+    let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| JwtError::BadBase64)?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(JwtError::BadJson),
@@ -308,11 +279,7 @@ fn numeric_claim(claims: &Map<String, Value>, name: &'static str) -> Result<Opti
     }
 }
 
-fn check_claims(
-    provider: &JwtProvider,
-    claims: &Map<String, Value>,
-    now: u64,
-) -> Result<VerifiedToken, JwtError> {
+fn check_claims(provider: &JwtProvider, claims: &Map<String, Value>, now: u64) -> Result<VerifiedToken, JwtError> {
     let exp = numeric_claim(claims, "exp")?;
     let nbf = numeric_claim(claims, "nbf")?;
     let skew = provider.clock_skew_seconds as f64;
@@ -364,14 +331,7 @@ fn check_claims(
     }
     let groups = read_groups(claims.get(&provider.groups_claim))?;
 
-    Ok(VerifiedToken {
-        identity: Identity {
-            user: user.clone(),
-            groups,
-        },
-        issuer: provider.issuer.clone(),
-        expires_at,
-    })
+    Ok(VerifiedToken { identity: Identity { user: user.clone(), groups }, issuer: provider.issuer.clone(), expires_at })
 }
 
 /// An array of strings, or one string of names separated by spaces or commas
@@ -381,10 +341,7 @@ fn read_groups(value: Option<&Value>) -> Result<Vec<String>, JwtError> {
     let names: Vec<&str> = match value {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => s.split([' ', ',']).collect(),
-        Some(Value::Array(list)) => list
-            .iter()
-            .map(|v| v.as_str().ok_or(BAD))
-            .collect::<Result<_, _>>()?,
+        Some(Value::Array(list)) => list.iter().map(|v| v.as_str().ok_or(BAD)).collect::<Result<_, _>>()?,
         Some(_) => return Err(BAD),
     };
     let mut groups = Vec::with_capacity(names.len());
@@ -402,23 +359,15 @@ fn read_groups(value: Option<&Value>) -> Result<Vec<String>, JwtError> {
 /// a padded token is reported as a bad token rather than as an unknown API key.
 pub fn looks_like_jwt(value: &str) -> bool {
     let mut parts = value.split('.');
-    let (Some(header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return false;
     };
-    let b64url = |s: &str| {
-        s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
-    };
+    let b64url = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=');
     if header.is_empty() || !b64url(header) || !b64url(payload) || !b64url(signature) {
         return false;
     }
-    match URL_SAFE_LENIENT
-        .decode(header)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-    {
+    match URL_SAFE_LENIENT.decode(header).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) {
         Some(Value::Object(map)) => map.contains_key("alg"),
         _ => false,
     }
@@ -446,13 +395,7 @@ struct CacheEntry {
 
 impl TokenCache {
     pub fn new(capacity: usize, max_age_secs: u64) -> Self {
-        Self {
-            capacity,
-            max_age_secs,
-            entries: HashMap::new(),
-            by_deadline: BTreeSet::new(),
-            next_seq: 0,
-        }
+        Self { capacity, max_age_secs, entries: HashMap::new(), by_deadline: BTreeSet::new(), next_seq: 0 }
     }
 
     pub fn get(&mut self, token: &str, now_unix_secs: u64) -> Option<VerifiedToken> {
@@ -466,9 +409,7 @@ impl TokenCache {
     }
 
     pub fn insert(&mut self, token: &str, verified: &VerifiedToken, now_unix_secs: u64) {
-        let deadline = now_unix_secs
-            .saturating_add(self.max_age_secs)
-            .min(verified.expires_at.unwrap_or(u64::MAX));
+        let deadline = now_unix_secs.saturating_add(self.max_age_secs).min(verified.expires_at.unwrap_or(u64::MAX));
         if self.capacity == 0 || deadline <= now_unix_secs {
             return;
         }
@@ -483,14 +424,7 @@ impl TokenCache {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         self.by_deadline.insert((deadline, seq, key));
-        self.entries.insert(
-            key,
-            CacheEntry {
-                verified: verified.clone(),
-                deadline,
-                seq,
-            },
-        );
+        self.entries.insert(key, CacheEntry { verified: verified.clone(), deadline, seq });
     }
 
     pub fn len(&self) -> usize {
@@ -515,9 +449,9 @@ fn digest(token: &str) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    use super::*;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-    use super::*;
     use JwtError::*;
 
     const NOW: u64 = 1_700_000_000; // exp/nbf literals below are relative to this
@@ -594,19 +528,12 @@ mod tests {
 
     fn identity(user: &str, groups: &[&str]) -> Identity {
         let groups = groups.iter().map(|g| g.to_string()).collect();
-        Identity {
-            user: user.into(),
-            groups,
-        }
+        Identity { user: user.into(), groups }
     }
 
     fn verified(issuer: &str, user: &str, expires_at: Option<u64>) -> VerifiedToken {
         let identity = identity(user, &[]);
-        VerifiedToken {
-            identity,
-            issuer: issuer.into(),
-            expires_at,
-        }
+        VerifiedToken { identity, issuer: issuer.into(), expires_at }
     }
 
     #[test]
@@ -617,24 +544,14 @@ mod tests {
         let secret = "f59f73eff3357c3754b9b60671f16ffcec9b1a301498fa18c928bb753d4b385a";
         let k = "ZjU5ZjczZWZmMzM1N2MzNzU0YjliNjA2NzFmMTZmZmNlYzliMWEzMDE0OThmYTE4YzkyOGJiNzUzZDRiMzg1YQ";
         assert_eq!(b64(secret.as_bytes()), k);
-        let jwks =
-            format!(r#"{{"keys":[{{"kty":"oct","kid":"dev-key","alg":"HS256","k":"{k}"}}]}}"#);
-        let p = JwtProvider {
-            keys: Jwks::parse(&jwks).unwrap(),
-            ..dev()
-        };
+        let jwks = format!(r#"{{"keys":[{{"kty":"oct","kid":"dev-key","alg":"HS256","k":"{k}"}}]}}"#);
+        let p = JwtProvider { keys: Jwks::parse(&jwks).unwrap(), ..dev() };
         let got = JwtVerifier::new(vec![p]).verify(token, NOW);
         assert_eq!(got, Ok(verified("dev", "dev-user", None)));
 
         let hex_jwks = jwks_json(&[(Some("dev-key"), &hex::decode(secret).unwrap())]);
-        let p = JwtProvider {
-            keys: Jwks::parse(&hex_jwks).unwrap(),
-            ..dev()
-        };
-        assert_eq!(
-            JwtVerifier::new(vec![p]).verify(token, NOW),
-            Err(BadSignature)
-        );
+        let p = JwtProvider { keys: Jwks::parse(&hex_jwks).unwrap(), ..dev() };
+        assert_eq!(JwtVerifier::new(vec![p]).verify(token, NOW), Err(BadSignature));
     }
 
     #[test]
@@ -691,11 +608,7 @@ mod tests {
         for (name, token, user, groups, expires_at) in cases {
             let groups: Vec<&str> = groups.split(',').filter(|g| !g.is_empty()).collect();
             let identity = identity(user, &groups);
-            let want = VerifiedToken {
-                identity,
-                issuer: "dev".into(),
-                expires_at: *expires_at,
-            };
+            let want = VerifiedToken { identity, issuer: "dev".into(), expires_at: *expires_at };
             assert_eq!(v.verify(token, NOW), Ok(want), "{name}");
         }
     }
@@ -778,10 +691,7 @@ mod tests {
         for (name, token, want) in cases {
             assert_eq!(v.verify(&token, NOW), Err(want), "{name}");
         }
-        assert_eq!(
-            JwtVerifier::new(vec![]).verify(&good, NOW),
-            Err(UnknownIssuer)
-        );
+        assert_eq!(JwtVerifier::new(vec![]).verify(&good, NOW), Err(UnknownIssuer));
         assert!(JwtVerifier::new(vec![]).is_empty());
         assert!(!v.is_empty());
     }
@@ -857,11 +767,7 @@ mod tests {
         ];
         for (json, want) in ok {
             let jwks = Jwks::parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
-            let got: Vec<KidSecret> = jwks
-                .keys
-                .iter()
-                .map(|k| (k.kid.as_deref(), k.secret.as_slice()))
-                .collect();
+            let got: Vec<KidSecret> = jwks.keys.iter().map(|k| (k.kid.as_deref(), k.secret.as_slice())).collect();
             assert_eq!(got, want.to_vec(), "{json}");
         }
 
@@ -885,14 +791,8 @@ mod tests {
         ];
         for (json, want) in bad {
             let err = Jwks::parse(json).unwrap_err();
-            assert!(
-                err.starts_with(want),
-                "{json}: got {err:?}, want prefix {want:?}"
-            );
-            assert!(
-                !err.contains("c2Vj"),
-                "{json}: error shows the secret: {err}"
-            );
+            assert!(err.starts_with(want), "{json}: got {err:?}, want prefix {want:?}");
+            assert!(!err.contains("c2Vj"), "{json}: error shows the secret: {err}");
         }
     }
 
@@ -901,10 +801,7 @@ mod tests {
         let shown = format!("{:?}", JwtVerifier::new(vec![dev()]));
         assert!(shown.contains("k1"), "{shown}");
         for secret in [K1, K2] {
-            assert!(
-                !shown.contains(std::str::from_utf8(secret).unwrap()),
-                "{shown}"
-            );
+            assert!(!shown.contains(std::str::from_utf8(secret).unwrap()), "{shown}");
             assert!(!shown.contains(&b64(secret)), "{shown}");
             assert!(!shown.contains(&format!("{:?}", &secret[..4])), "{shown}");
         }
@@ -957,16 +854,8 @@ mod tests {
             let v = verified("dev", "a", *expires_at);
             cache.insert("tok", &v, NOW);
             assert_eq!(cache.get("other", NOW), None, "case {i}");
-            assert_eq!(
-                cache.get("tok", *lookup),
-                hit.then(|| v.clone()),
-                "case {i}"
-            );
-            assert_eq!(
-                cache.len(),
-                usize::from(*hit),
-                "case {i}: expired entries are dropped"
-            );
+            assert_eq!(cache.get("tok", *lookup), hit.then(|| v.clone()), "case {i}");
+            assert_eq!(cache.len(), usize::from(*hit), "case {i}: expired entries are dropped");
         }
     }
 

@@ -49,9 +49,7 @@ pub struct ApiKeyStore {
 // Digests are not secrets, but there is no reason to spread them through logs.
 impl fmt::Debug for ApiKeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiKeyStore")
-            .field("keys", &self.by_digest.len())
-            .finish()
+        f.debug_struct("ApiKeyStore").field("keys", &self.by_digest.len()).finish()
     }
 }
 
@@ -61,11 +59,7 @@ impl ApiKeyStore {
         let mut by_digest = HashMap::with_capacity(entries.len());
         let mut first_index: HashMap<[u8; 32], usize> = HashMap::with_capacity(entries.len());
         for (index, entry) in entries.iter().enumerate() {
-            let err = |field: &'static str, reason: String| KeyConfigError {
-                index,
-                field,
-                reason,
-            };
+            let err = |field: &'static str, reason: String| KeyConfigError { index, field, reason };
             let digest = parse_digest(&entry.sha256).map_err(|r| err("sha256", r.to_string()))?;
             check_user(&entry.user).map_err(|r| err("user", r.to_string()))?;
             for (g, group) in entry.groups.iter().enumerate() {
@@ -74,13 +68,7 @@ impl ApiKeyStore {
             if let Some(first) = first_index.insert(digest, index) {
                 return Err(err("sha256", format!("same digest as keys[{first}]")));
             }
-            by_digest.insert(
-                digest,
-                Identity {
-                    user: entry.user.clone(),
-                    groups: entry.groups.clone(),
-                },
-            );
+            by_digest.insert(digest, Identity { user: entry.user.clone(), groups: entry.groups.clone() });
         }
         Ok(Self { by_digest })
     }
@@ -144,17 +132,13 @@ fn check_group(group: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    use super::*;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-    use super::*;
 
     fn entry(sha256: &str, user: &str, groups: &[&str]) -> ApiKeyEntry {
         let groups = groups.iter().map(|g| g.to_string()).collect();
-        ApiKeyEntry {
-            sha256: sha256.into(),
-            user: user.into(),
-            groups,
-        }
+        ApiKeyEntry { sha256: sha256.into(), user: user.into(), groups }
     }
 
     #[test]
@@ -186,11 +170,8 @@ mod tests {
             (&mittens, None), // the digest itself is not a key
         ];
         for (key, want) in cases {
-            let got = store
-                .lookup(key)
-                .map(|i| (i.user.as_str(), i.groups.clone()));
-            let want =
-                want.map(|(user, groups)| (user, groups.iter().map(|g| g.to_string()).collect()));
+            let got = store.lookup(key).map(|i| (i.user.as_str(), i.groups.clone()));
+            let want = want.map(|(user, groups)| (user, groups.iter().map(|g| g.to_string()).collect()));
             assert_eq!(got, want, "key {key:?}");
         }
     }

@@ -48,9 +48,7 @@ impl BodyKind {
             return BodyKind::Sse;
         }
         let b = media.as_bytes();
-        let is_app = b
-            .get(..12)
-            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/"));
+        let is_app = b.get(..12).is_some_and(|p| p.eq_ignore_ascii_case(b"application/"));
         let json_suffix = b
             .len()
             .checked_sub(5)
@@ -89,13 +87,7 @@ pub struct UsageParser {
 impl UsageParser {
     /// `max_carry` caps one captured `usage` value (see [`DEFAULT_MAX_CARRY`]).
     pub fn new(kind: BodyKind, max_carry: usize) -> Self {
-        UsageParser {
-            kind,
-            scan: Scanner::new(max_carry),
-            sse: Sse::new(),
-            found: Found::default(),
-            bytes_seen: 0,
-        }
+        UsageParser { kind, scan: Scanner::new(max_carry), sse: Sse::new(), found: Found::default(), bytes_seen: 0 }
     }
 
     /// Reads the next chunk; chunks may be cut at any byte.
@@ -201,12 +193,8 @@ impl Found {
         let d = |outer: &str, k: &str| o.get(outer).and_then(|v| v.get(k)).and_then(count);
         let prev = self.usage.unwrap_or_default();
         self.usage = Some(Usage {
-            prompt_tokens: n("prompt_tokens")
-                .or_else(|| n("input_tokens"))
-                .unwrap_or(prev.prompt_tokens),
-            completion_tokens: n("completion_tokens")
-                .or_else(|| n("output_tokens"))
-                .unwrap_or(prev.completion_tokens),
+            prompt_tokens: n("prompt_tokens").or_else(|| n("input_tokens")).unwrap_or(prev.prompt_tokens),
+            completion_tokens: n("completion_tokens").or_else(|| n("output_tokens")).unwrap_or(prev.completion_tokens),
             cached_tokens: d("prompt_tokens_details", "cached_tokens")
                 .or_else(|| d("input_tokens_details", "cached_tokens"))
                 .or_else(|| n("cache_read_input_tokens"))
@@ -377,10 +365,7 @@ impl Scanner {
                         self.pos = Pos::Done;
                     } else {
                         self.depth -= 1;
-                        if self
-                            .cap
-                            .is_some_and(|c| c.target == Target::Usage && c.depth == self.depth)
-                        {
+                        if self.cap.is_some_and(|c| c.target == Target::Usage && c.depth == self.depth) {
                             self.end_capture(input.get(from..=i).unwrap_or_default(), found);
                         }
                         if self.depth < self.level {
@@ -431,10 +416,7 @@ impl Scanner {
             return i.saturating_add(1);
         }
         let rest = input.get(i..).unwrap_or_default();
-        let n = rest
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\')
-            .unwrap_or(rest.len());
+        let n = rest.iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(rest.len());
         if in_key {
             self.push_key(rest.get(..n).unwrap_or_default());
         }
@@ -482,11 +464,7 @@ impl Scanner {
 
     fn start_capture(&mut self, target: Target) {
         self.buf.clear();
-        self.cap = Some(Capture {
-            target,
-            depth: self.depth,
-            over: false,
-        });
+        self.cap = Some(Capture { target, depth: self.depth, over: false });
     }
 
     fn append(&mut self, bytes: &[u8], found: &mut Found) {
@@ -510,8 +488,7 @@ impl Scanner {
         if need > self.buf.capacity() {
             // Grow by doubling, but never past the cap.
             let target = need.max(self.buf.capacity().saturating_mul(2)).min(limit);
-            self.buf
-                .reserve_exact(target.saturating_sub(self.buf.len()));
+            self.buf.reserve_exact(target.saturating_sub(self.buf.len()));
         }
         self.buf.extend_from_slice(bytes);
     }
@@ -595,10 +572,7 @@ impl Sse {
                 }
                 Line::Data | Line::Ignore => {
                     let rest = input.get(i..).unwrap_or_default();
-                    let n = rest
-                        .iter()
-                        .position(|&c| c == b'\n' || c == b'\r')
-                        .unwrap_or(rest.len());
+                    let n = rest.iter().position(|&c| c == b'\n' || c == b'\r').unwrap_or(rest.len());
                     if self.line == Line::Data {
                         self.data(rest.get(..n).unwrap_or_default(), scan, found);
                     }
@@ -688,9 +662,9 @@ impl Sse {
 #[cfg(test)]
 mod tests {
     // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
+    use super::*;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-    use super::*;
 
     const fn u(prompt: u64, completion: u64, cached: u64, reasoning: u64) -> Option<Usage> {
         Some(Usage {
@@ -718,22 +692,14 @@ mod tests {
         }
         p.finish();
         assert_eq!(p.bytes_seen(), len);
-        Out {
-            usage: p.usage(),
-            model: p.model().map(str::to_owned),
-            done: p.done(),
-            skipped: p.skipped_events(),
-        }
+        Out { usage: p.usage(), model: p.model().map(str::to_owned), done: p.done(), skipped: p.skipped_events() }
     }
 
     /// Deterministic LCG, so random splits need no extra crate.
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self, bound: usize) -> usize {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
+            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             ((self.0 >> 33) as usize) % bound
         }
     }
@@ -791,13 +757,7 @@ mod tests {
     const OPENAI_CHAT: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Report \"usage\": {\"prompt_tokens\": 999} – é ✓","refusal":null},"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":3,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":4,"audio_tokens":0}},"system_fingerprint":"fp_1"}"#;
 
     /// Name, body, usage, model, skipped.
-    type JsonCase = (
-        &'static str,
-        &'static str,
-        Option<Usage>,
-        Option<&'static str>,
-        u64,
-    );
+    type JsonCase = (&'static str, &'static str, Option<Usage>, Option<&'static str>, u64);
 
     const JSON_CASES: &[JsonCase] = &[
         ("openai chat", OPENAI_CHAT, u(19, 10, 3, 4), Some("gpt-4o-2024-08-06"), 0),
@@ -899,22 +859,14 @@ mod tests {
     fn json_bodies() {
         for &(name, body, usage, model, skipped) in JSON_CASES {
             let got = run_all_splits(BodyKind::Json, DEFAULT_MAX_CARRY, body.as_bytes());
-            let want = Out {
-                usage,
-                model: model.map(str::to_owned),
-                done: false,
-                skipped,
-            };
+            let want = Out { usage, model: model.map(str::to_owned), done: false, skipped };
             assert_eq!(got, want, "{name}");
         }
     }
 
     #[test]
     fn json_usage_over_bound_is_skipped() {
-        let body = format!(
-            r#"{{"model":"m","usage":{{"prompt_tokens":1,"pad":"{}"}},"n":1}}"#,
-            "x".repeat(100)
-        );
+        let body = format!(r#"{{"model":"m","usage":{{"prompt_tokens":1,"pad":"{}"}},"n":1}}"#, "x".repeat(100));
         let cases = [(64, None, 1), (200, u(1, 0, 0, 0), 0)];
         for (max, usage, skipped) in cases {
             let got = run_all_splits(BodyKind::Json, max, body.as_bytes());
@@ -928,24 +880,13 @@ mod tests {
         let long = "m".repeat(MODEL_MAX);
         let body = format!(r#"{{"model":"{long}","usage":{{"prompt_tokens":1}}}}"#);
         let got = run(BodyKind::Json, DEFAULT_MAX_CARRY, [body.as_bytes()]);
-        assert_eq!(
-            (got.model, got.usage, got.skipped),
-            (None, u(1, 0, 0, 0), 0)
-        );
+        assert_eq!((got.model, got.usage, got.skipped), (None, u(1, 0, 0, 0), 0));
     }
 
     #[test]
     fn other_kind_reads_nothing() {
         let got = run(BodyKind::Other, DEFAULT_MAX_CARRY, [OPENAI_CHAT.as_bytes()]);
-        assert_eq!(
-            got,
-            Out {
-                usage: None,
-                model: None,
-                done: false,
-                skipped: 0
-            }
-        );
+        assert_eq!(got, Out { usage: None, model: None, done: false, skipped: 0 });
     }
 
     const OPENAI_STREAM: &str = concat!(
@@ -1009,13 +950,7 @@ mod tests {
             ("responses", RESPONSES_STREAM.to_owned(), u(30, 20, 8, 5), Some("gpt-4.1-mini"), false),
             ("cumulative", CUMULATIVE_STREAM.to_owned(), u(5, 3, 0, 0), Some("llama-3"), true),
             ("multi-line data", multi_line.to_owned(), u(3, 4, 0, 0), Some("modèle-ü"), true),
-            (
-                "multi-line data crlf",
-                multi_line.replace('\n', "\r\n"),
-                u(3, 4, 0, 0),
-                Some("modèle-ü"),
-                true,
-            ),
+            ("multi-line data crlf", multi_line.replace('\n', "\r\n"), u(3, 4, 0, 0), Some("modèle-ü"), true),
             (
                 "bom, no final newline",
                 "\u{FEFF}data: {\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]".to_owned(),
@@ -1061,12 +996,7 @@ mod tests {
         ];
         for (name, body, usage, model, done) in cases {
             let got = run_all_splits(BodyKind::Sse, DEFAULT_MAX_CARRY, body.as_bytes());
-            let want = Out {
-                usage,
-                model: model.map(str::to_owned),
-                done,
-                skipped: 0,
-            };
+            let want = Out { usage, model: model.map(str::to_owned), done, skipped: 0 };
             assert_eq!(got, want, "{name}");
         }
     }
@@ -1084,12 +1014,7 @@ mod tests {
             "y".repeat(500),
         );
         let got = run_all_splits(BodyKind::Sse, 64, body.as_bytes());
-        let want = Out {
-            usage: u(2, 3, 0, 0),
-            model: Some("m".to_owned()),
-            done: true,
-            skipped: 1,
-        };
+        let want = Out { usage: u(2, 3, 0, 0), model: Some("m".to_owned()), done: true, skipped: 1 };
         assert_eq!(got, want);
     }
 
@@ -1097,15 +1022,9 @@ mod tests {
     fn sse_usage_is_latest_not_summed() {
         let mut p = UsageParser::new(BodyKind::Sse, DEFAULT_MAX_CARRY);
         let steps = [
-            (
-                "data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n",
-                u(5, 1, 0, 0),
-            ),
+            ("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n", u(5, 1, 0, 0)),
             ("data: {\"usage\":null}\n\n", u(5, 1, 0, 0)),
-            (
-                "data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4}}\n\n",
-                u(5, 4, 0, 0),
-            ),
+            ("data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4}}\n\n", u(5, 4, 0, 0)),
             // Anthropic message_delta: only output, input kept.
             ("data: {\"usage\":{\"output_tokens\":6}}\n\n", u(5, 6, 0, 0)),
         ];
@@ -1163,33 +1082,13 @@ mod tests {
                 Some(r#"{"stream_options":{"include_usage":true},"stream":true}"#),
             ),
             ("too big", r#"{"stream":true}"#, 14, None),
-            (
-                "stream false",
-                r#"{"model":"m","stream":false}"#,
-                1024,
-                None,
-            ),
+            ("stream false", r#"{"model":"m","stream":false}"#, 1024, None),
             ("no stream", r#"{"model":"m"}"#, 1024, None),
             ("stream string", r#"{"stream":"true"}"#, 1024, None),
             ("stream number", r#"{"stream":1}"#, 1024, None),
-            (
-                "has stream_options",
-                r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
-                1024,
-                None,
-            ),
-            (
-                "stream_options null",
-                r#"{"stream":true,"stream_options":null}"#,
-                1024,
-                None,
-            ),
-            (
-                "duplicate stream",
-                r#"{"stream":true,"stream":true}"#,
-                1024,
-                None,
-            ),
+            ("has stream_options", r#"{"stream":true,"stream_options":{"include_usage":false}}"#, 1024, None),
+            ("stream_options null", r#"{"stream":true,"stream_options":null}"#, 1024, None),
+            ("duplicate stream", r#"{"stream":true,"stream":true}"#, 1024, None),
             ("array", r#"[{"stream":true}]"#, 1024, None),
             ("array of bool", "[true]", 1024, None),
             ("not json", "stream=true", 1024, None),
@@ -1203,11 +1102,7 @@ mod tests {
             if let Some(out) = got {
                 let before: Map<String, Value> = serde_json::from_str(body).unwrap();
                 let mut after: Map<String, Value> = serde_json::from_slice(&out).unwrap();
-                assert_eq!(
-                    after.remove("stream_options"),
-                    Some(serde_json::json!({"include_usage": true})),
-                    "{name}"
-                );
+                assert_eq!(after.remove("stream_options"), Some(serde_json::json!({"include_usage": true})), "{name}");
                 assert_eq!(after, before, "{name}");
             }
         }

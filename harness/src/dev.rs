@@ -57,9 +57,7 @@ pub fn sign_raw(secret: &[u8], header_json: &str, payload_json: &str) -> anyhow:
 
 /// Claims for a token: `iss`, `sub`, `groups`, `iat`, `exp` = now + ttl, optional `aud`.
 pub fn claims(iss: &str, sub: &str, groups: &[String], ttl_secs: Option<u64>, aud: Option<&str>) -> Value {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut c = json!({"iss": iss, "sub": sub, "groups": groups, "iat": now});
     if let Some(obj) = c.as_object_mut() {
         if let Some(ttl) = ttl_secs {

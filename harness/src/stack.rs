@@ -111,7 +111,8 @@ impl Stack {
         let gateway_port = pick(opts.gateway_port)?;
         let admin_port = pick(opts.admin_port)?;
         let tracker_port = pick(opts.tracker_port)?;
-        let plugin_config = if opts.local_usage { with_local_usage(opts.plugin_config.clone()) } else { opts.plugin_config.clone() };
+        let plugin_config =
+            if opts.local_usage { with_local_usage(opts.plugin_config.clone()) } else { opts.plugin_config.clone() };
 
         let mock = MockServer::start(opts.mock_port)?;
         let mock_port = mock.port;
@@ -208,7 +209,12 @@ fn wait_ready(proc: &mut Proc, timeout: Duration, ready: impl Fn() -> bool) -> a
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = proc.exited() {
-            bail!("{} exited ({status}) before it was ready; log {}:\n{}", proc.name, proc.log.display(), proc.log_tail(40));
+            bail!(
+                "{} exited ({status}) before it was ready; log {}:\n{}",
+                proc.name,
+                proc.log.display(),
+                proc.log_tail(40)
+            );
         }
         if ready() {
             return Ok(());
@@ -248,7 +254,13 @@ fn start_prometheus(dir: &std::path::Path, port: u16, tracker_port: u16, interva
     Ok(p)
 }
 
-fn start_envoy(dir: &std::path::Path, bootstrap: &Value, concurrency: u32, admin_port: u16, gateway_port: u16) -> anyhow::Result<Proc> {
+fn start_envoy(
+    dir: &std::path::Path,
+    bootstrap: &Value,
+    concurrency: u32,
+    admin_port: u16,
+    gateway_port: u16,
+) -> anyhow::Result<Proc> {
     let cfg_path = dir.join("envoy.json");
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(bootstrap)?)?;
     let mut cmd = Command::new(paths::envoy_bin()?);

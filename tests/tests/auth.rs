@@ -55,7 +55,8 @@ fn denials_speak_the_openai_error_format() {
     )
     .unwrap();
     let wrong_key = other.token(600).unwrap();
-    let cases: Vec<(&str, Vec<(&str, String)>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("no credential", vec![], 401, "invalid_api_key"),
         ("unknown key", vec![("authorization", format!("Bearer {}", other.api_key))], 401, "invalid_api_key"),
         ("empty bearer", vec![("authorization", "Bearer ".into())], 401, "invalid_api_key"),
@@ -71,7 +72,10 @@ fn denials_speak_the_openai_error_format() {
         assert!(body["error"]["param"].is_null(), "{name}");
         assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}");
         let challenge = resp_headers.get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
-        assert!(challenge.as_deref().is_some_and(|c| c.starts_with(r#"Bearer realm="tollgate""#)), "{name}: {challenge:?}");
+        assert!(
+            challenge.as_deref().is_some_and(|c| c.starts_with(r#"Bearer realm="tollgate""#)),
+            "{name}: {challenge:?}"
+        );
         assert!(resp_headers.get("x-mock-received-headers").is_none(), "{name}: reached the upstream");
         for (_, v) in &headers {
             let secret = v.trim_start_matches("Bearer ").trim();
@@ -88,13 +92,15 @@ fn groups_are_authorized() {
     let free_key = dev::new_api_key();
     let none_key = dev::new_api_key();
     let mut config = creds.plugin_config();
-    config["api_keys"]["keys"].as_array_mut().unwrap().extend([
-        dev::key_entry(&free_key, "freebie", &["free".to_string()]),
-        dev::key_entry(&none_key, "loner", &[]),
-    ]);
+    config["api_keys"]["keys"]
+        .as_array_mut()
+        .unwrap()
+        .extend([dev::key_entry(&free_key, "freebie", &["free".to_string()]), dev::key_entry(&none_key, "loner", &[])]);
     config["authorization"] = json!({"allowed_groups": ["premium", "free"]});
     config["api_keys"]["keys"][0]["groups"] = json!(["staff"]);
-    let stack = Stack::start(StackOptions { plugin_config: config, label: "auth-groups".into(), ..StackOptions::default() }).unwrap();
+    let stack =
+        Stack::start(StackOptions { plugin_config: config, label: "auth-groups".into(), ..StackOptions::default() })
+            .unwrap();
     let cases = [(free_key.as_str(), 200u16), (none_key.as_str(), 403), (creds.api_key.as_str(), 403)];
     for (key, status) in cases {
         let resp = chat(&stack, &[("authorization", &format!("Bearer {key}"))], &chat_body(1, 1, false));

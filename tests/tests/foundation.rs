@@ -71,8 +71,7 @@ fn prometheus_scrapes_the_tracker() {
     let prom = stack.prometheus_url.clone().unwrap();
     let up = eventually(Duration::from_secs(30), "tracker target up in Prometheus", || {
         let r = prom_query(&prom, r#"up{job="usage-tracking"}"#);
-        r.first().and_then(|s| s["value"][1].as_str().map(str::to_string))
-            .filter(|v| v == "1")
+        r.first().and_then(|s| s["value"][1].as_str().map(str::to_string)).filter(|v| v == "1")
     });
     assert_eq!(up, "1");
 }

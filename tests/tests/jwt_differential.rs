@@ -72,9 +72,10 @@ fn corpus(secret: &[u8], other: &[u8]) -> Vec<Case> {
         let h = json!({"alg": "HS256", "typ": "JWT", "kid": kid}).to_string();
         add(format!("wrong kid {kid:?}"), sign(&h, &good), Expect::Same(false));
     }
-    for (i, h) in [json!({"alg": "HS256", "typ": "JWT"}), json!({"alg": "HS256"}), json!({"alg": "HS256", "typ": "JOSE"})]
-        .iter()
-        .enumerate()
+    for (i, h) in
+        [json!({"alg": "HS256", "typ": "JWT"}), json!({"alg": "HS256"}), json!({"alg": "HS256", "typ": "JOSE"})]
+            .iter()
+            .enumerate()
     {
         add(format!("no kid, right key {i}"), sign(&h.to_string(), &good), Expect::Same(true));
     }
@@ -100,7 +101,11 @@ fn corpus(secret: &[u8], other: &[u8]) -> Vec<Case> {
         let (rest, sig) = token.rsplit_once('.').unwrap();
         let mut sig: Vec<char> = sig.chars().collect();
         sig[i * 5] = if sig[i * 5] == 'A' { 'B' } else { 'A' };
-        add(format!("tampered signature {i}"), format!("{rest}.{}", sig.into_iter().collect::<String>()), Expect::Same(false));
+        add(
+            format!("tampered signature {i}"),
+            format!("{rest}.{}", sig.into_iter().collect::<String>()),
+            Expect::Same(false),
+        );
     }
     let token = sign(&hdr, &good);
     let parts: Vec<&str> = token.split('.').collect();
@@ -145,14 +150,19 @@ fn corpus(secret: &[u8], other: &[u8]) -> Vec<Case> {
         let p = json!({"iss": "dev", "sub": "u", "aud": "api", "exp": t + 600, "groups": groups});
         add(format!("groups shape {i}"), sign(&hdr, &p), Expect::Same(true));
     }
-    add("empty kid, right key".into(), sign(&json!({"alg": "HS256", "kid": ""}).to_string(), &good), Expect::Same(true));
+    add(
+        "empty kid, right key".into(),
+        sign(&json!({"alg": "HS256", "kid": ""}).to_string(), &good),
+        Expect::Same(true),
+    );
     let with_pad = format!("{}=", sign(&hdr, &good));
     add("padded signature".into(), with_pad, Expect::TollgateStricter);
     cases
 }
 
 fn allowed(url: &str, token: &str) -> bool {
-    let resp = client().get(format!("{url}/v1/models")).header("authorization", format!("Bearer {token}")).send().unwrap();
+    let resp =
+        client().get(format!("{url}/v1/models")).header("authorization", format!("Bearer {token}")).send().unwrap();
     let status = resp.status().as_u16();
     assert!([200, 401, 403].contains(&status), "unexpected status {status}");
     status == 200

@@ -56,7 +56,18 @@ fn prometheus_shows_exact_requests_and_tokens_per_user() {
     let (ok, out) = openai_smoke(
         &stack.gateway_url,
         &users.bob,
-        &["--prompt", "one two three four", "--max-tokens", "3", "--only", "chat", "--only", "chat_stream", "--only", "embeddings"],
+        &[
+            "--prompt",
+            "one two three four",
+            "--max-tokens",
+            "3",
+            "--only",
+            "chat",
+            "--only",
+            "chat_stream",
+            "--only",
+            "embeddings",
+        ],
     );
     assert!(ok, "{out}");
     // Denied: two without a credential, one with a wrong key.
@@ -76,7 +87,11 @@ fn prometheus_shows_exact_requests_and_tokens_per_user() {
     let paths: Vec<(String, String, String)> = by_path
         .iter()
         .map(|s| {
-            (s["metric"]["path"].as_str().unwrap().into(), s["metric"]["groups"].as_str().unwrap().into(), s["value"][1].as_str().unwrap().into())
+            (
+                s["metric"]["path"].as_str().unwrap().into(),
+                s["metric"]["groups"].as_str().unwrap().into(),
+                s["value"][1].as_str().unwrap().into(),
+            )
         })
         .collect();
     assert!(paths.contains(&("/v1/chat/completions".into(), "premium".into(), "2".into())), "{paths:?}");
@@ -88,7 +103,12 @@ fn prometheus_shows_exact_requests_and_tokens_per_user() {
     let want = [Some(13.0), Some(22.0), Some(20.0), Some(6.0)];
     let mut got = [None; 4];
     let settled = (0..300).any(|_| {
-        got = [tokens("alice", "prompt"), tokens("alice", "completion"), tokens("bob", "prompt"), tokens("bob", "completion")];
+        got = [
+            tokens("alice", "prompt"),
+            tokens("alice", "completion"),
+            tokens("bob", "prompt"),
+            tokens("bob", "completion"),
+        ];
         std::thread::sleep(Duration::from_millis(100));
         got == want
     });
@@ -176,8 +196,12 @@ fn tracker_outage_loses_nothing_and_counts_nothing_twice() {
     }
     // Wait until the filter has tried and failed to deliver (Envoy's cluster stats).
     eventually(Duration::from_secs(30), "a failed usage delivery", || {
-        let stats = client().get(format!("{}/stats?filter=tollgate-usage.upstream_cx_connect_fail", stack.admin_url))
-            .send().unwrap().text().unwrap();
+        let stats = client()
+            .get(format!("{}/stats?filter=tollgate-usage.upstream_cx_connect_fail", stack.admin_url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
         let fails: u64 = stats.split(':').nth(1).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
         (fails > 0).then_some(())
     });

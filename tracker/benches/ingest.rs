@@ -54,6 +54,26 @@ fn template(batch: u64) -> String {
     format!("[{}]", events.join(","))
 }
 
+/// Serves on a `current_thread` runtime until `stop`; returns the CPU seconds it used.
+fn run_server(
+    batch: u64,
+    address: std::sync::mpsc::Sender<std::net::SocketAddr>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<Option<f64>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let cpu_start = thread_cpu_seconds();
+        address.send(listener.local_addr()?)?;
+        let limits = Limits { max_batch: usize::try_from(batch)?, ..Limits::default() };
+        serve(listener, Arc::new(Tracker::new(limits)), async move {
+            let _ = stop.await;
+        })
+        .await?;
+        Ok(cpu_start.zip(thread_cpu_seconds()).map(|(start, end)| end - start))
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let total = env_number("BENCH_EVENTS", 1_000_000);
     let batch = env_number("BENCH_BATCH", 500).max(1);
@@ -63,20 +83,9 @@ fn main() -> anyhow::Result<()> {
     // Server: one thread, one current_thread runtime.
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = std::thread::Builder::new().name("tracker-server".into()).spawn(move || -> anyhow::Result<Option<f64>> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let cpu_start = thread_cpu_seconds();
-            address_tx.send(listener.local_addr()?)?;
-            let limits = Limits { max_batch: usize::try_from(batch)?, ..Limits::default() };
-            serve(listener, Arc::new(Tracker::new(limits)), async move {
-                let _ = stop_rx.await;
-            })
-            .await?;
-            Ok(cpu_start.zip(thread_cpu_seconds()).map(|(start, end)| end - start))
-        })
-    })?;
+    let server = std::thread::Builder::new()
+        .name("tracker-server".into())
+        .spawn(move || run_server(batch, address_tx, stop_rx))?;
     let address = address_rx.recv()?;
     let url = format!("http://{address}/track");
 

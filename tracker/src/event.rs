@@ -20,8 +20,10 @@ use crate::labels;
 
 /// Longest accepted event id, in characters.
 pub const MAX_ID_CHARS: usize = 128;
-/// Largest accepted token count of one kind in one event.
-pub const MAX_TOKENS: u64 = u32::MAX as u64;
+/// Largest accepted token count of one kind in one event: the largest integer a JSON
+/// number holds exactly in most parsers (2^53 - 1), and in Prometheus's float64. Kept
+/// generous on purpose: one absurd count refuses the whole batch.
+pub const MAX_TOKENS: u64 = (1 << 53) - 1;
 /// Largest accepted HTTP status.
 pub const MAX_STATUS: u64 = 999;
 
@@ -39,7 +41,9 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// `denied` was set: counted in `llm_denied_requests_total` only.
-    Denied { reason: &'static str },
+    Denied {
+        reason: &'static str,
+    },
     Authorized(Usage),
 }
 
@@ -184,7 +188,8 @@ impl RawEvent<'_> {
     }
 
     fn check(self, prefix: &str) -> Result<Event, TrackError> {
-        let invalid = |name: &str, message: &str| TrackError::InvalidEvent(format!("{}: {message}", field(prefix, name)));
+        let invalid =
+            |name: &str, message: &str| TrackError::InvalidEvent(format!("{}: {message}", field(prefix, name)));
         if let Some(id) = &self.id {
             let chars = id.chars().count();
             if chars == 0 || chars > MAX_ID_CHARS {
@@ -303,7 +308,12 @@ mod tests {
             "status":200,"prompt_tokens":12,"completion_tokens":7,"cached_tokens":0,"reasoning_tokens":0,
             "incomplete":false,"denied":null}"#;
         let cases: Vec<(&str, Option<&str>, &str, Outcome)> = vec![
-            (full, Some("e1"), "/v1/chat/completions", usage("mittens", "premium", Some("Qwen/Qwen3-0.6B"), [12, 7, 0, 0])),
+            (
+                full,
+                Some("e1"),
+                "/v1/chat/completions",
+                usage("mittens", "premium", Some("Qwen/Qwen3-0.6B"), [12, 7, 0, 0]),
+            ),
             // Authorino callback: no id, no usage.
             (
                 r#"{"groups":"premium, free","host":"gw","method":"POST","path":"/v1/completions?x=1","user":"bob"}"#,
@@ -312,7 +322,12 @@ mod tests {
                 usage("bob", "free,premium", None, [0; 4]),
             ),
             // Tokens without a model: model label "unknown".
-            (r#"{"id":"e2","user":"a","prompt_tokens":3}"#, Some("e2"), "other", usage("a", "", Some("unknown"), [3, 0, 0, 0])),
+            (
+                r#"{"id":"e2","user":"a","prompt_tokens":3}"#,
+                Some("e2"),
+                "other",
+                usage("a", "", Some("unknown"), [3, 0, 0, 0]),
+            ),
             // Nulls mean absent; unknown fields are ignored.
             (
                 r#"{"id":"e3","user":"a","model":null,"groups":null,"status":null,"future_field":{"x":[1]}}"#,
@@ -321,7 +336,12 @@ mod tests {
                 usage("a", "", None, [0; 4]),
             ),
             // Denied: user not needed, reason normalised.
-            (r#"{"id":"e4","denied":"invalid_api_key","path":"/v1/models/"}"#, Some("e4"), "/v1/models", Outcome::Denied { reason: "invalid_credential" }),
+            (
+                r#"{"id":"e4","denied":"invalid_api_key","path":"/v1/models/"}"#,
+                Some("e4"),
+                "/v1/models",
+                Outcome::Denied { reason: "invalid_credential" },
+            ),
             (r#"{"id":"e5","denied":"","user":"x"}"#, Some("e5"), "other", Outcome::Denied { reason: "other" }),
         ];
         for (body, id, path, outcome) in cases {
@@ -345,7 +365,10 @@ mod tests {
     #[test]
     fn arrays_and_limits() {
         assert_eq!(parse_body(b"[]", 10).unwrap(), vec![]);
-        assert_eq!(parse_body(b" [{\"id\":\"a\",\"user\":\"u\"},{\"id\":\"b\",\"user\":\"u\"}] ", 10).unwrap().len(), 2);
+        assert_eq!(
+            parse_body(b" [{\"id\":\"a\",\"user\":\"u\"},{\"id\":\"b\",\"user\":\"u\"}] ", 10).unwrap().len(),
+            2
+        );
         let err = parse_body(b"[{\"id\":\"a\",\"user\":\"u\"},{\"id\":\"b\",\"user\":\"u\"}]", 1).unwrap_err();
         assert!(matches!(err, TrackError::TooLarge(_)), "{err:?}");
     }
@@ -358,45 +381,125 @@ mod tests {
             ("", "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 0"),
             ("hello", "bad_json", "body is not valid JSON: expected value at line 1 column 1"),
             ("{\"id\":", "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 6"),
-            ("{\"id\":\"a\",\"user\":\"u\"} trailing", "bad_json", "body is not valid JSON: trailing characters at line 1 column 23"),
-            ("[{\"id\":\"a\",\"user\":\"u\"},]", "bad_json", "body is not valid JSON: trailing comma at line 1 column 24"),
+            (
+                "{\"id\":\"a\",\"user\":\"u\"} trailing",
+                "bad_json",
+                "body is not valid JSON: trailing characters at line 1 column 23",
+            ),
+            (
+                "[{\"id\":\"a\",\"user\":\"u\"},]",
+                "bad_json",
+                "body is not valid JSON: trailing comma at line 1 column 24",
+            ),
             ("42", "invalid_event", "body: expected an event object or an array of events"),
             ("\"x\"", "invalid_event", "body: expected an event object or an array of events"),
             ("null", "invalid_event", "body: expected an event object or an array of events"),
             ("[1]", "invalid_event", "events[0]: invalid type: integer `1`, expected an event object"),
-            (r#"{"id":"a","user":"u","prompt_tokens":-1}"#, "invalid_event", "prompt_tokens: invalid type: integer `-1`, expected a non-negative integer"),
+            (
+                r#"{"id":"a","user":"u","prompt_tokens":-1}"#,
+                "invalid_event",
+                "prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
+            ),
             (
                 r#"[{"id":"a","user":"u"},{"id":"b","user":"u"},{"id":"c","user":"u"},{"id":"d","user":"u","prompt_tokens":-1}]"#,
                 "invalid_event",
                 "events[3].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
             ),
-            (r#"{"id":"a","user":"u","completion_tokens":1.5}"#, "invalid_event", "completion_tokens: invalid type: floating point `1.5`, expected a non-negative integer"),
-            (r#"{"id":"a","user":"u","cached_tokens":"3"}"#, "invalid_event", "cached_tokens: invalid type: string \"3\", expected a non-negative integer"),
-            (r#"{"id":"a","user":"u","reasoning_tokens":4294967296}"#, "invalid_event", "reasoning_tokens: invalid value: integer `4294967296`, expected an integer up to 4294967295"),
-            (r#"{"id":"a","user":"u","prompt_tokens":1e30}"#, "invalid_event", "prompt_tokens: invalid type: floating point `1e+30`, expected a non-negative integer"),
-            (r#"{"id":"a","user":"u","status":1000}"#, "invalid_event", "status: invalid value: integer `1000`, expected an integer up to 999"),
-            (r#"{"id":"a","user":"u","status":"200"}"#, "invalid_event", "status: invalid type: string \"200\", expected a non-negative integer"),
+            (
+                r#"{"id":"a","user":"u","completion_tokens":1.5}"#,
+                "invalid_event",
+                "completion_tokens: invalid type: floating point `1.5`, expected a non-negative integer",
+            ),
+            (
+                r#"{"id":"a","user":"u","cached_tokens":"3"}"#,
+                "invalid_event",
+                "cached_tokens: invalid type: string \"3\", expected a non-negative integer",
+            ),
+            (
+                r#"{"id":"a","user":"u","reasoning_tokens":9007199254740992}"#,
+                "invalid_event",
+                "reasoning_tokens: invalid value: integer `9007199254740992`, expected an integer up to 9007199254740991",
+            ),
+            (
+                r#"{"id":"a","user":"u","prompt_tokens":1e30}"#,
+                "invalid_event",
+                "prompt_tokens: invalid type: floating point `1e+30`, expected a non-negative integer",
+            ),
+            (
+                r#"{"id":"a","user":"u","status":1000}"#,
+                "invalid_event",
+                "status: invalid value: integer `1000`, expected an integer up to 999",
+            ),
+            (
+                r#"{"id":"a","user":"u","status":"200"}"#,
+                "invalid_event",
+                "status: invalid type: string \"200\", expected a non-negative integer",
+            ),
             (r#"{"id":7,"user":"u"}"#, "invalid_event", "id: invalid type: integer `7`, expected a string"),
             (r#"{"id":"","user":"u"}"#, "invalid_event", "id: must be 1 to 128 characters, got 0"),
             (&long_id, "invalid_event", "id: must be 1 to 128 characters, got 129"),
-            (r#"{"user":"u","prompt_tokens":1}"#, "invalid_event", "id: required (only an Authorino callback body may omit it)"),
-            (r#"{"user":"u","denied":"rate_limited"}"#, "invalid_event", "id: required (only an Authorino callback body may omit it)"),
+            (
+                r#"{"user":"u","prompt_tokens":1}"#,
+                "invalid_event",
+                "id: required (only an Authorino callback body may omit it)",
+            ),
+            (
+                r#"{"user":"u","denied":"rate_limited"}"#,
+                "invalid_event",
+                "id: required (only an Authorino callback body may omit it)",
+            ),
             (r#"{"id":"a"}"#, "invalid_event", "user: required when denied is null"),
             (r#"{"id":"a","denied":null}"#, "invalid_event", "user: required when denied is null"),
             (r#"{"groups":["a"],"path":"/v1/models"}"#, "invalid_event", "user: required when denied is null"),
             (r#"{"id":"a","user":" "}"#, "invalid_event", "user: must not be empty"),
             (r#"{"id":"a","user":["u"]}"#, "invalid_event", "user: invalid type: sequence, expected a string"),
-            (r#"{"id":"a","user":"u","groups":7}"#, "invalid_event", "groups: invalid type: integer `7`, expected an array of strings or a comma-separated string"),
-            (r#"{"id":"a","user":"u","groups":["a",1]}"#, "invalid_event", "groups[1]: invalid type: integer `1`, expected a string"),
-            (r#"[{"id":"a","user":"u","groups":["a",1]}]"#, "invalid_event", "events[0].groups[1]: invalid type: integer `1`, expected a string"),
-            (r#"{"id":"a","user":"u","incomplete":"yes"}"#, "invalid_event", "incomplete: invalid type: string \"yes\", expected a boolean"),
-            (r#"{"id":"a","user":"u","usage_missing":1}"#, "invalid_event", "usage_missing: invalid type: integer `1`, expected a boolean"),
-            (r#"{"id":"a","denied":false}"#, "invalid_event", "denied: invalid type: boolean `false`, expected a string"),
+            (
+                r#"{"id":"a","user":"u","groups":7}"#,
+                "invalid_event",
+                "groups: invalid type: integer `7`, expected an array of strings or a comma-separated string",
+            ),
+            (
+                r#"{"id":"a","user":"u","groups":["a",1]}"#,
+                "invalid_event",
+                "groups[1]: invalid type: integer `1`, expected a string",
+            ),
+            (
+                r#"[{"id":"a","user":"u","groups":["a",1]}]"#,
+                "invalid_event",
+                "events[0].groups[1]: invalid type: integer `1`, expected a string",
+            ),
+            (
+                r#"{"id":"a","user":"u","incomplete":"yes"}"#,
+                "invalid_event",
+                "incomplete: invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                r#"{"id":"a","user":"u","usage_missing":1}"#,
+                "invalid_event",
+                "usage_missing: invalid type: integer `1`, expected a boolean",
+            ),
+            (
+                r#"{"id":"a","denied":false}"#,
+                "invalid_event",
+                "denied: invalid type: boolean `false`, expected a string",
+            ),
             (r#"{"id":"a","user":"u","ts":"now"}"#, "invalid_event", "ts: invalid type: string \"now\", expected f64"),
-            (r#"{"id":"a","user":"u","model":1}"#, "invalid_event", "model: invalid type: integer `1`, expected a string"),
+            (
+                r#"{"id":"a","user":"u","model":1}"#,
+                "invalid_event",
+                "model: invalid type: integer `1`, expected a string",
+            ),
             (r#"{"id":"a","user":"u","path":{}}"#, "invalid_event", "path: invalid type: map, expected a string"),
-            (r#"{"id":"a","user":"u","method":1}"#, "invalid_event", "method: invalid type: integer `1`, expected a string"),
-            (r#"{"id":"a","user":"u","host":true}"#, "invalid_event", "host: invalid type: boolean `true`, expected a string"),
+            (
+                r#"{"id":"a","user":"u","method":1}"#,
+                "invalid_event",
+                "method: invalid type: integer `1`, expected a string",
+            ),
+            (
+                r#"{"id":"a","user":"u","host":true}"#,
+                "invalid_event",
+                "host: invalid type: boolean `true`, expected a string",
+            ),
             (r#"{"id":"a","id":"b","user":"u"}"#, "invalid_event", "event: duplicate field `id`"),
         ];
         for (body, reason, message) in cases {

@@ -15,14 +15,8 @@ pub const OTHER: &str = "other";
 pub const UNKNOWN_MODEL: &str = "unknown";
 
 /// Routes that get their own `path` label value; any other path is `other`.
-pub const ROUTES: [&str; 6] = [
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/messages",
-    "/v1/models",
-];
+pub const ROUTES: [&str; 6] =
+    ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/models"];
 
 /// Deny reasons that get their own `reason` label value; anything else is `other`.
 pub const DENY_REASONS: [&str; 5] =

@@ -140,7 +140,11 @@ impl Tracker {
             "Events dropped because their id was in the dedup window",
             events_duplicate.clone(),
         );
-        registry.register("tracker_requests_rejected", "/track requests refused as bad input, by reason", rejected.clone());
+        registry.register(
+            "tracker_requests_rejected",
+            "/track requests refused as bad input, by reason",
+            rejected.clone(),
+        );
         for reason in ["bad_json", "invalid_event", "too_large"] {
             rejected.get_or_create(&RejectedLabels { reason }).inc_by(0);
         }
@@ -212,7 +216,9 @@ impl Tracker {
             let mut labels = TokenLabels { user, groups, model, r#type: "prompt" };
             for (kind, n) in usage.tokens.by_type() {
                 labels.r#type = kind;
-                self.tokens.get_or_create(&labels).inc_by(n);
+                // Saturate instead of wrapping; safe because only this locked section adds.
+                let counter = self.tokens.get_or_create(&labels);
+                counter.inc_by(n.min(u64::MAX - counter.get()));
             }
         }
     }
@@ -230,5 +236,25 @@ impl Tracker {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .map_err(|e| TrackError::Internal(format!("encoding metrics failed: {e}")))?;
         Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{parse_body, MAX_TOKENS};
+
+    #[test]
+    fn token_counters_saturate_instead_of_wrapping() {
+        let tracker = Tracker::new(Limits::default());
+        let events: Vec<String> = (0..2100)
+            .map(|i| format!(r#"{{"id":"{i}","user":"u","model":"m","prompt_tokens":{MAX_TOKENS}}}"#))
+            .collect();
+        let body = format!("[{}]", events.join(","));
+        let done = tracker.ingest(parse_body(body.as_bytes(), 10_000).unwrap());
+        assert_eq!(done, Ingested { accepted: 2100, duplicates: 0 });
+        let text = tracker.encode().unwrap();
+        let series = format!(r#"llm_tokens_total{{user="u",groups="",model="m",type="prompt"}} {}"#, u64::MAX);
+        assert!(text.contains(&series), "{text}");
     }
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code: a panic is a failed test
 //! The service over real HTTP on loopback: the router is served in-process on an
 //! ephemeral port and spoken to with reqwest, so routing, body limits, status codes and
 //! the exact metric text are all checked as a client sees them.
@@ -269,7 +270,12 @@ async fn bad_input_is_refused_and_changes_no_usage_counter() {
         // (body, status, reason, message)
         ("".into(), 400, "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 0"),
         ("<xml/>".into(), 400, "bad_json", "body is not valid JSON: expected value at line 1 column 1"),
-        ("{\"id\":\"x\",".into(), 400, "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 10"),
+        (
+            "{\"id\":\"x\",".into(),
+            400,
+            "bad_json",
+            "body is not valid JSON: EOF while parsing a value at line 1 column 10",
+        ),
         ("42".into(), 400, "invalid_event", "body: expected an event object or an array of events"),
         (
             json!([good, good, {"id": "b3", "user": "u", "prompt_tokens": -1}]).to_string(),
@@ -277,10 +283,30 @@ async fn bad_input_is_refused_and_changes_no_usage_counter() {
             "invalid_event",
             "events[2].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
         ),
-        (json!({"id": "b", "prompt_tokens": 1}).to_string(), 400, "invalid_event", "user: required when denied is null"),
-        (json!({"user": "u", "model": "m"}).to_string(), 400, "invalid_event", "id: required (only an Authorino callback body may omit it)"),
-        (json!({"id": "b", "user": "u", "groups": [1]}).to_string(), 400, "invalid_event", "groups[0]: invalid type: integer `1`, expected a string"),
-        (json!({"id": "b", "user": "u", "denied": 1}).to_string(), 400, "invalid_event", "denied: invalid type: integer `1`, expected a string"),
+        (
+            json!({"id": "b", "prompt_tokens": 1}).to_string(),
+            400,
+            "invalid_event",
+            "user: required when denied is null",
+        ),
+        (
+            json!({"user": "u", "model": "m"}).to_string(),
+            400,
+            "invalid_event",
+            "id: required (only an Authorino callback body may omit it)",
+        ),
+        (
+            json!({"id": "b", "user": "u", "groups": [1]}).to_string(),
+            400,
+            "invalid_event",
+            "groups[0]: invalid type: integer `1`, expected a string",
+        ),
+        (
+            json!({"id": "b", "user": "u", "denied": 1}).to_string(),
+            400,
+            "invalid_event",
+            "denied: invalid type: integer `1`, expected a string",
+        ),
         (json!([good, good, good, good]).to_string(), 413, "too_large", "batch of 4 events is over the limit of 3"),
     ];
     for (body, status, reason, message) in cases {
@@ -316,7 +342,10 @@ async fn oversized_body_gets_413() {
     );
     let after = server.metrics().await;
     assert_eq!(series_lines(&before, "llm_"), series_lines(&after, "llm_"));
-    assert_series(&after, &[("tracker_requests_rejected_total{reason=\"too_large\"}", "1"), ("tracker_events_received_total", "0")]);
+    assert_series(
+        &after,
+        &[("tracker_requests_rejected_total{reason=\"too_large\"}", "1"), ("tracker_events_received_total", "0")],
+    );
     server.stop().await;
 }
 
