@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::credentials::{default_sources, validate_sources, CredentialSource};
 use crate::jwt::{Jwks, JwtProvider, JwtVerifier};
 use crate::keys::{ApiKeyEntry, ApiKeyStore};
+use crate::limits::{Limits, LimitsConfig};
 
 /// A refused configuration: which field, and why. Never carries secret values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +51,7 @@ struct RawConfig {
     #[serde(default)]
     forward_credentials: bool,
     #[serde(default)]
-    limits: Option<serde_json::Value>,
+    limits: Option<LimitsConfig>,
     #[serde(default)]
     usage: Option<RawUsage>,
 }
@@ -216,6 +217,7 @@ pub struct Settings {
     pub allowed_groups: Vec<String>,
     pub identity_headers: IdentityHeaders,
     pub forward_credentials: bool,
+    pub limits: Option<Limits>,
     pub usage: Option<UsageSettings>,
 }
 
@@ -255,12 +257,7 @@ fn strip_position(message: &str) -> String {
 }
 
 fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
-    if raw.limits.is_some() {
-        return Err(ConfigError::new(
-            "limits",
-            "limits are not supported by this build yet; remove the section (it would not be enforced)",
-        ));
-    }
+    let limits = raw.limits.map(Limits::from_config).transpose().map_err(|(f, m)| ConfigError::new(f, m))?;
 
     let api_keys = raw.api_keys.unwrap_or_default();
     let sources = match api_keys.sources {
@@ -331,6 +328,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         allowed_groups: raw.authorization.allowed_groups,
         identity_headers,
         forward_credentials: raw.forward_credentials,
+        limits,
         usage,
     })
 }
@@ -512,7 +510,8 @@ mod tests {
             (r#"{"identity_headers":{"user":"x-a","groups":"x-a"}}"#, "identity_headers.groups"),
             (r#"{"identity_headers":{"user":"x-api-key"}}"#, "identity_headers"),
             (r#"{"forward_credentials":"yes"}"#, "forward_credentials"),
-            (r#"{"limits":{}}"#, "limits"),
+            (r#"{"limits":{"users":{"u":{"requests_per_minute":0}}}}"#, "limits.users.u.requests_per_minute"),
+            (r#"{"limits":{"groups":{"g":{"requests_per_fortnight":1}}}}"#, "limits.groups.g.requests_per_fortnight"),
             (r#"{"usage":{}}"#, "usage"),
             (r#"{"usage":{"cluster":""}}"#, "usage.cluster"),
             (r#"{"usage":{"cluster":"c","path":"track"}}"#, "usage.path"),

@@ -20,13 +20,16 @@ use crate::config::{Settings, UsageSettings};
 use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
 use crate::identity::Identity;
 use crate::jwt::TokenCache;
-use crate::response::{openai_error_body, LocalReply};
+use crate::limits::{state_key, Headroom, LimitSpec, LimitState, Limits, IDENTITY_COUNT_KEY, OVERFLOW_KEY};
+use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
 use crate::usage::{inject_include_usage, BodyKind, UsageParser, DEFAULT_MAX_CARRY};
 
 /// Request bodies up to this size are read to add `stream_options.include_usage`.
 const MAX_INJECT_BODY: usize = 64 * 1024;
 /// Usage batches in flight at once per worker.
 const MAX_IN_FLIGHT: usize = 4;
+/// Compare-and-swap rounds before a shared-data update gives up.
+const CAS_ATTEMPTS: usize = 16;
 /// Longest wait between two attempts while the tracker is failing.
 const BACKOFF_MAX_MS: u64 = 10_000;
 
@@ -236,6 +239,7 @@ impl RootContext for Root {
             inject_pending: false,
             parser: None,
             response_done: false,
+            limit: None,
         }))
     }
 }
@@ -250,6 +254,14 @@ struct Http {
     inject_pending: bool,
     parser: Option<UsageParser>,
     response_done: bool,
+    /// The limit state this request was admitted under, to charge its tokens to.
+    limit: Option<LimitTicket>,
+}
+
+struct LimitTicket {
+    key: String,
+    spec: LimitSpec,
+    headroom: Headroom,
 }
 
 impl Context for Http {}
@@ -277,6 +289,61 @@ fn new_event(headers: &[(String, String)], ts: Duration) -> UsageEvent {
         usage_missing: true,
         denied: None,
     }
+}
+
+/// Read-modify-write of one shared-data key (process-wide, all workers) with
+/// compare-and-swap. `f` gets the current bytes (empty if absent) and returns the new
+/// bytes (None: leave as is) and a result. None when the host fails or CAS keeps losing.
+fn update_shared<T>(key: &str, f: impl Fn(&[u8]) -> (Option<Vec<u8>>, T)) -> Option<T> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (bytes, cas) = hostcalls::get_shared_data(key).ok()?;
+        let (new, out) = f(bytes.as_deref().unwrap_or_default());
+        let Some(new) = new else { return Some(out) };
+        match hostcalls::set_shared_data(key, Some(&new), cas) {
+            Ok(()) => return Some(out),
+            Err(proxy_wasm::types::Status::CasMismatch) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// The shared-data key of a user's limit state. A user seen for the first time is
+/// counted; beyond `max_identities` new users share one overflow state (stricter,
+/// never looser), since Envoy's shared data has no expiry or deletion.
+fn limit_key(limits: &Limits, user: &str) -> Option<String> {
+    let key = state_key(user);
+    let (bytes, _) = hostcalls::get_shared_data(&key).ok()?;
+    if bytes.is_some_and(|b| !b.is_empty()) {
+        return Some(key);
+    }
+    let max = limits.max_identities;
+    let admitted = update_shared(IDENTITY_COUNT_KEY, |bytes| {
+        let n = <[u8; 8]>::try_from(bytes).map_or(0, u64::from_le_bytes);
+        if n < max {
+            (Some((n + 1).to_le_bytes().to_vec()), true)
+        } else {
+            (None, false)
+        }
+    })?;
+    Some(if admitted { key } else { OVERFLOW_KEY.to_string() })
+}
+
+fn admit_shared(
+    limits: &Limits,
+    spec: &LimitSpec,
+    user: &str,
+    now_ms: u64,
+) -> Option<(String, Result<Headroom, crate::limits::LimitError>)> {
+    let key = limit_key(limits, user)?;
+    let verdict = update_shared(&key, |bytes| {
+        let mut state = LimitState::decode(bytes);
+        match state.admit(spec, now_ms) {
+            Ok(h) => (Some(state.encode()), Ok(h)),
+            Err(e) => (None, Err(e)),
+        }
+    })?;
+    Some((key, verdict))
 }
 
 /// Streaming-capable OpenAI routes whose request may get `include_usage` added.
@@ -328,6 +395,33 @@ impl HttpContext for Http {
         let mut event = new_event(&headers, now);
         match verdict {
             Verdict::Allow { identity, edits } => {
+                if let Some(limits) = &state.settings.limits {
+                    if let Some(spec) = limits.spec_for(&identity) {
+                        match admit_shared(limits, spec, &identity.user, now.as_millis() as u64) {
+                            Some((key, Ok(headroom))) => {
+                                self.limit = Some(LimitTicket { key, spec: spec.clone(), headroom });
+                            }
+                            Some((_, Err(error))) => {
+                                log(
+                                    LogLevel::Info,
+                                    self.context_id,
+                                    format_args!("DENY reason={} path={}", error.reason(), log_path(&path)),
+                                );
+                                let reply = LocalReply::from(&error);
+                                event.denied = Some(error.reason().to_string());
+                                event.status = Some(reply.status);
+                                event.usage_missing = false;
+                                state.record(event);
+                                return self.reply(&reply);
+                            }
+                            None => log(
+                                LogLevel::Warn,
+                                self.context_id,
+                                format_args!("limit state unavailable; request allowed unlimited"),
+                            ),
+                        }
+                    }
+                }
                 for name in &edits.remove {
                     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
                 }
@@ -406,6 +500,11 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Some(ticket) = &self.limit {
+            for (name, value) in ratelimit_headers(&ticket.headroom) {
+                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, &name, Some(&value));
+            }
+        }
         let Some(event) = self.event.as_mut() else { return Action::Continue };
         let get = |name: &str| hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten();
         event.status = get(":status").and_then(|s| s.parse().ok());
@@ -452,6 +551,20 @@ impl HttpContext for Http {
         }
         // The client left (or the upstream reset) before the response ended.
         event.incomplete = !done;
+        if let Some(ticket) = &self.limit {
+            let tokens = event.prompt_tokens.saturating_add(event.completion_tokens);
+            if tokens > 0 && ticket.spec.counts_tokens() {
+                let now_ms = now().as_millis() as u64;
+                let charged = update_shared(&ticket.key, |bytes| {
+                    let mut state = LimitState::decode(bytes);
+                    state.charge(&ticket.spec, tokens, now_ms);
+                    (Some(state.encode()), ())
+                });
+                if charged.is_none() {
+                    log(LogLevel::Warn, self.context_id, format_args!("could not charge {tokens} tokens"));
+                }
+            }
+        }
         state.record(event);
     }
 }

@@ -12,6 +12,7 @@ pub mod events;
 pub mod identity;
 pub mod jwt;
 pub mod keys;
+pub mod limits;
 pub mod response;
 pub mod usage;
 

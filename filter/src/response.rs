@@ -3,6 +3,7 @@
 //! Bodies never echo the credential.
 
 use crate::auth::AuthError;
+use crate::limits::{format_reset, Headroom, LimitError};
 
 /// A response the filter sends itself instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,5 +43,104 @@ impl From<&AuthError> for LocalReply {
             headers.push(("www-authenticate".to_string(), challenge.to_string()));
         }
         LocalReply { status, headers, body: openai_error_body(&message, "invalid_request_error", code) }
+    }
+}
+
+/// The `x-ratelimit-*` headers OpenAI clients read, for the tightest limits.
+pub fn ratelimit_headers(h: &Headroom) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (kind, counter) in [("requests", h.requests), ("tokens", h.tokens)] {
+        if let Some(c) = counter {
+            out.push((format!("x-ratelimit-limit-{kind}"), c.limit.to_string()));
+            out.push((format!("x-ratelimit-remaining-{kind}"), c.remaining.to_string()));
+            out.push((format!("x-ratelimit-reset-{kind}"), format_reset(c.reset_ms)));
+        }
+    }
+    out
+}
+
+impl From<&LimitError> for LocalReply {
+    fn from(error: &LimitError) -> Self {
+        let (message, code, retry_ms, headroom, retry) = match error {
+            LimitError::RateLimited { kind, retry_after_ms, headroom } => (
+                format!(
+                    "Rate limit reached for {}. Please try again in {}.",
+                    kind.as_str(),
+                    format_reset(*retry_after_ms)
+                ),
+                "rate_limit_exceeded",
+                *retry_after_ms,
+                headroom,
+                true,
+            ),
+            LimitError::QuotaExceeded { kind, retry_after_ms, headroom } => (
+                format!(
+                    "You exceeded your current quota of {}. It resets in {}.",
+                    kind.as_str(),
+                    format_reset(*retry_after_ms)
+                ),
+                "insufficient_quota",
+                *retry_after_ms,
+                headroom,
+                false,
+            ),
+        };
+        let kind = match error {
+            LimitError::RateLimited { kind, .. } | LimitError::QuotaExceeded { kind, .. } => kind.as_str(),
+        };
+        let mut headers = vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("retry-after".to_string(), retry_ms.div_ceil(1000).max(1).to_string()),
+        ];
+        if !retry {
+            headers.push(("x-should-retry".to_string(), "false".to_string()));
+        }
+        headers.extend(ratelimit_headers(headroom));
+        let body =
+            serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}}).to_string();
+        LocalReply { status: 429, headers, body }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::limits::{Counter, LimitKind};
+
+    #[test]
+    fn limit_replies() {
+        let headroom = Headroom { requests: Some(Counter { limit: 5, remaining: 0, reset_ms: 60_000 }), tokens: None };
+        let cases = [
+            (
+                LimitError::RateLimited { kind: LimitKind::Requests, retry_after_ms: 11_500, headroom },
+                "rate_limit_exceeded",
+                "requests",
+                "12",
+                None,
+            ),
+            (
+                LimitError::QuotaExceeded { kind: LimitKind::Tokens, retry_after_ms: 400, headroom },
+                "insufficient_quota",
+                "tokens",
+                "1",
+                Some("false"),
+            ),
+        ];
+        for (error, code, kind, retry_after, should_retry) in cases {
+            let r = LocalReply::from(&error);
+            assert_eq!(r.status, 429);
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(v["error"]["code"], code);
+            assert_eq!(v["error"]["type"], kind);
+            let get = |name: &str| r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+            assert_eq!(get("retry-after"), Some(retry_after));
+            assert_eq!(get("x-should-retry"), should_retry);
+            assert_eq!(get("x-ratelimit-limit-requests"), Some("5"));
+            assert_eq!(get("x-ratelimit-remaining-requests"), Some("0"));
+            assert_eq!(get("x-ratelimit-reset-requests"), Some("1m0s"));
+        }
     }
 }

@@ -205,6 +205,7 @@ def expect_error(client: openai.OpenAI, a: argparse.Namespace) -> dict:
             f"{a.call}: got status {e.status_code}, expected {a.expect_error}: {e.message}",
         )
         return {
+            "class": type(e).__name__,
             "status": e.status_code,
             "message": e.message,
             "code": e.code,
@@ -224,6 +225,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--expect-prompt", type=int, help="expected prompt_tokens (default: words in --prompt)")
     p.add_argument("--header", action="append", default=[], help="extra request header 'Name: value'")
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--max-retries", type=int, default=0, help="the client's max_retries (default 0)")
     p.add_argument("--expect-error", type=int, metavar="STATUS", help="expect an APIStatusError with STATUS")
     p.add_argument(
         "--call",
@@ -255,7 +257,7 @@ def main(argv: list[str]) -> None:
     client = openai.OpenAI(
         base_url=a.base_url,
         api_key=a.api_key,
-        max_retries=0,
+        max_retries=a.max_retries,
         timeout=a.timeout,
         default_headers=a.headers or None,
     )

@@ -1,0 +1,639 @@
+//! Request rates, token budgets and quotas per user, with group tiers.
+//!
+//! Limits are enforced on the request path without a network call, so their state
+//! lives in Envoy's process-wide shared data (one Wasm VM per worker: a per-VM count
+//! would multiply every limit by the number of workers). This module is the pure part:
+//! the config, the state of one identity as bytes, and the arithmetic — admit a
+//! request, charge tokens when usage arrives, say how much headroom is left. The
+//! glue reads and writes the bytes with compare-and-swap.
+//!
+//! - Request rates (`requests_per_second|minute|hour|day`) are token buckets: capacity
+//!   the count of the window (or `burst` for the shortest window), refilled evenly.
+//!   Exceeded → 429 `rate_limit_exceeded`, type `requests`, retryable.
+//! - Token budgets (`tokens_per_minute|hour|day`) are fixed windows aligned to the
+//!   UTC clock. Tokens are known only after the response, so a request is admitted
+//!   while the window's budget is not spent and charged when its usage arrives:
+//!   the overshoot is bounded by the tokens of the requests in flight at that moment.
+//!   Exceeded → 429 `rate_limit_exceeded`, type `tokens`, retryable at the window end.
+//! - A quota (`quota: {requests, tokens, window}`) is a fixed allotment per window;
+//!   spent → 429 `insufficient_quota` with `x-should-retry: false`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::identity::Identity;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Window {
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Window {
+    pub fn millis(self) -> u64 {
+        match self {
+            Window::Second => 1_000,
+            Window::Minute => 60_000,
+            Window::Hour => 3_600_000,
+            Window::Day => 86_400_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default)]
+    pub requests: Option<u64>,
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    pub window: Window,
+}
+
+/// The limits of one user or group tier. Every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    #[serde(default)]
+    pub requests_per_second: Option<u64>,
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub requests_per_hour: Option<u64>,
+    #[serde(default)]
+    pub requests_per_day: Option<u64>,
+    /// Capacity of the shortest-window request bucket (default: its count).
+    #[serde(default)]
+    pub burst: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_hour: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    #[serde(default)]
+    pub quota: Option<Quota>,
+}
+
+const REQUEST_WINDOWS: [Window; 4] = [Window::Second, Window::Minute, Window::Hour, Window::Day];
+const TOKEN_WINDOWS: [Window; 3] = [Window::Minute, Window::Hour, Window::Day];
+
+impl LimitSpec {
+    fn request_rates(&self) -> [Option<u64>; 4] {
+        [self.requests_per_second, self.requests_per_minute, self.requests_per_hour, self.requests_per_day]
+    }
+
+    fn token_budgets(&self) -> [Option<u64>; 3] {
+        [self.tokens_per_minute, self.tokens_per_hour, self.tokens_per_day]
+    }
+
+    /// Capacity of request bucket `i`.
+    fn capacity(&self, i: usize) -> Option<u64> {
+        let rates = self.request_rates();
+        let rate = rates.get(i).copied().flatten()?;
+        let shortest = rates.iter().position(Option::is_some);
+        Some(if shortest == Some(i) { self.burst.unwrap_or(rate) } else { rate })
+    }
+
+    pub fn counts_tokens(&self) -> bool {
+        self.token_budgets().iter().any(Option::is_some) || self.quota.as_ref().is_some_and(|q| q.tokens.is_some())
+    }
+
+    fn check(&self, field: &str) -> Result<(), (String, String)> {
+        let positive = |name: &str, v: Option<u64>| match v {
+            Some(0) => Err((format!("{field}.{name}"), "must be a positive integer".to_string())),
+            _ => Ok(()),
+        };
+        for (name, v) in [
+            ("requests_per_second", self.requests_per_second),
+            ("requests_per_minute", self.requests_per_minute),
+            ("requests_per_hour", self.requests_per_hour),
+            ("requests_per_day", self.requests_per_day),
+            ("burst", self.burst),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("tokens_per_hour", self.tokens_per_hour),
+            ("tokens_per_day", self.tokens_per_day),
+        ] {
+            positive(name, v)?;
+        }
+        if self.burst.is_some() && self.request_rates().iter().all(Option::is_none) {
+            return Err((format!("{field}.burst"), "needs a requests_per_* rate".into()));
+        }
+        if let Some(q) = &self.quota {
+            positive("quota.requests", q.requests)?;
+            positive("quota.tokens", q.tokens)?;
+            if q.requests.is_none() && q.tokens.is_none() {
+                return Err((format!("{field}.quota"), "needs requests or tokens".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The raw `limits` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default)]
+    pub groups: BTreeMap<String, LimitSpec>,
+    #[serde(default)]
+    pub users: BTreeMap<String, LimitSpec>,
+    #[serde(default = "default_max_identities")]
+    pub max_identities: u64,
+}
+
+fn default_max_identities() -> u64 {
+    100_000
+}
+
+/// Checked limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub groups: BTreeMap<String, LimitSpec>,
+    pub users: BTreeMap<String, LimitSpec>,
+    pub max_identities: u64,
+}
+
+impl Limits {
+    /// Checks the section; the error is (field path, message).
+    pub fn from_config(raw: LimitsConfig) -> Result<Limits, (String, String)> {
+        for (name, spec) in &raw.groups {
+            spec.check(&format!("limits.groups.{name}"))?;
+        }
+        for (name, spec) in &raw.users {
+            spec.check(&format!("limits.users.{name}"))?;
+        }
+        if raw.max_identities == 0 {
+            return Err(("limits.max_identities".into(), "must be a positive integer".into()));
+        }
+        Ok(Limits { groups: raw.groups, users: raw.users, max_identities: raw.max_identities })
+    }
+
+    /// The user's own entry, else the first of its groups (in the identity's order)
+    /// that has one. Group limits are tiers: each user of the group gets them.
+    pub fn spec_for(&self, identity: &Identity) -> Option<&LimitSpec> {
+        self.users.get(&identity.user).or_else(|| identity.groups.iter().find_map(|g| self.groups.get(g)))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Bucket {
+    level: f64,
+    last_ms: u64,
+    used: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct FixedWindow {
+    start_ms: u64,
+    requests: u64,
+    tokens: u64,
+}
+
+impl FixedWindow {
+    /// Rolls over to the window containing `now_ms` (aligned to the epoch).
+    fn roll(&mut self, window: Window, now_ms: u64) {
+        let start = now_ms - now_ms % window.millis();
+        if start != self.start_ms {
+            *self = FixedWindow { start_ms: start, requests: 0, tokens: 0 };
+        }
+    }
+
+    fn reset_in(&self, window: Window, now_ms: u64) -> u64 {
+        (self.start_ms + window.millis()).saturating_sub(now_ms)
+    }
+}
+
+/// The state of one identity: 4 request buckets, 3 token windows, 1 quota window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LimitState {
+    buckets: [Bucket; 4],
+    token_windows: [FixedWindow; 3],
+    quota: FixedWindow,
+}
+
+const STATE_VERSION: u8 = 1;
+const STATE_LEN: usize = 1 + 4 * 17 + 4 * 24;
+
+impl LimitState {
+    /// Compact fixed-size encoding for shared data.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(STATE_LEN);
+        out.push(STATE_VERSION);
+        for b in &self.buckets {
+            out.extend_from_slice(&b.level.to_le_bytes());
+            out.extend_from_slice(&b.last_ms.to_le_bytes());
+            out.push(u8::from(b.used));
+        }
+        for w in self.token_windows.iter().chain(std::iter::once(&self.quota)) {
+            out.extend_from_slice(&w.start_ms.to_le_bytes());
+            out.extend_from_slice(&w.requests.to_le_bytes());
+            out.extend_from_slice(&w.tokens.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes; anything unexpected (empty, other version, other size) is a fresh state.
+    pub fn decode(bytes: &[u8]) -> LimitState {
+        if bytes.len() != STATE_LEN || bytes.first() != Some(&STATE_VERSION) {
+            return LimitState::default();
+        }
+        let mut r = Reader { bytes, pos: 1 };
+        let mut s = LimitState::default();
+        for b in &mut s.buckets {
+            b.level = f64::from_bits(r.u64());
+            b.last_ms = r.u64();
+            b.used = r.u8() != 0;
+        }
+        for w in s.token_windows.iter_mut().chain(std::iter::once(&mut s.quota)) {
+            w.start_ms = r.u64();
+            w.requests = r.u64();
+            w.tokens = r.u64();
+        }
+        s
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn u64(&mut self) -> u64 {
+        let v = self
+            .bytes
+            .get(self.pos..self.pos + 8)
+            .and_then(|s| <[u8; 8]>::try_from(s).ok())
+            .map_or(0, u64::from_le_bytes);
+        self.pos += 8;
+        v
+    }
+
+    fn u8(&mut self) -> u8 {
+        let v = self.bytes.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        v
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Tokens,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests",
+            LimitKind::Tokens => "tokens",
+        }
+    }
+}
+
+/// One `x-ratelimit-*` trio: the tightest limit of a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the limit is back to its initial state.
+    pub reset_ms: u64,
+}
+
+/// What is left, for the `x-ratelimit-*` headers of allowed responses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headroom {
+    pub requests: Option<Counter>,
+    pub tokens: Option<Counter>,
+}
+
+/// Why a request is refused. Mapped to a 429 at the edge (`response`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitError {
+    /// A rate or token budget: retry after `retry_after_ms`.
+    RateLimited { kind: LimitKind, retry_after_ms: u64, headroom: Headroom },
+    /// A quota is spent: do not retry before the window ends.
+    QuotaExceeded { kind: LimitKind, retry_after_ms: u64, headroom: Headroom },
+}
+
+impl LimitError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LimitError::RateLimited { .. } => "rate_limited",
+            LimitError::QuotaExceeded { .. } => "quota_exceeded",
+        }
+    }
+}
+
+fn tighter(a: Option<Counter>, b: Counter) -> Option<Counter> {
+    match a {
+        Some(a) if (a.remaining, a.limit) <= (b.remaining, b.limit) => Some(a),
+        _ => Some(b),
+    }
+}
+
+impl LimitState {
+    fn refill(&mut self, spec: &LimitSpec, now_ms: u64) {
+        let rates = spec.request_rates();
+        for (i, bucket) in self.buckets.iter_mut().enumerate() {
+            let (Some(rate), Some(cap), Some(window)) =
+                (rates.get(i).copied().flatten(), spec.capacity(i), REQUEST_WINDOWS.get(i))
+            else {
+                continue;
+            };
+            let cap = cap as f64;
+            if !bucket.used {
+                *bucket = Bucket { level: cap, last_ms: now_ms, used: true };
+                continue;
+            }
+            let elapsed = now_ms.saturating_sub(bucket.last_ms) as f64;
+            bucket.level = (bucket.level + elapsed * rate as f64 / window.millis() as f64).min(cap);
+            bucket.last_ms = bucket.last_ms.max(now_ms);
+        }
+        for (w, window) in self.token_windows.iter_mut().zip(TOKEN_WINDOWS) {
+            w.roll(window, now_ms);
+        }
+        if let Some(q) = &spec.quota {
+            self.quota.roll(q.window, now_ms);
+        }
+    }
+
+    /// Headroom after refilling to `now_ms`.
+    pub fn headroom(&mut self, spec: &LimitSpec, now_ms: u64) -> Headroom {
+        self.refill(spec, now_ms);
+        let mut h = Headroom::default();
+        let rates = spec.request_rates();
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            let (Some(rate), Some(cap), Some(window)) =
+                (rates.get(i).copied().flatten(), spec.capacity(i), REQUEST_WINDOWS.get(i))
+            else {
+                continue;
+            };
+            let missing = (cap as f64 - bucket.level).max(0.0);
+            let reset_ms = (missing * window.millis() as f64 / rate as f64).ceil() as u64;
+            let c = Counter { limit: cap, remaining: bucket.level.floor().max(0.0) as u64, reset_ms };
+            h.requests = tighter(h.requests, c);
+        }
+        for ((w, window), budget) in self.token_windows.iter().zip(TOKEN_WINDOWS).zip(spec.token_budgets()) {
+            if let Some(limit) = budget {
+                let c =
+                    Counter { limit, remaining: limit.saturating_sub(w.tokens), reset_ms: w.reset_in(window, now_ms) };
+                h.tokens = tighter(h.tokens, c);
+            }
+        }
+        if let Some(q) = &spec.quota {
+            let reset_ms = self.quota.reset_in(q.window, now_ms);
+            if let Some(limit) = q.requests {
+                let c = Counter { limit, remaining: limit.saturating_sub(self.quota.requests), reset_ms };
+                h.requests = tighter(h.requests, c);
+            }
+            if let Some(limit) = q.tokens {
+                let c = Counter { limit, remaining: limit.saturating_sub(self.quota.tokens), reset_ms };
+                h.tokens = tighter(h.tokens, c);
+            }
+        }
+        h
+    }
+
+    /// Admits one request (consuming from every request limit) or says why not.
+    /// A refused request consumes nothing.
+    pub fn admit(&mut self, spec: &LimitSpec, now_ms: u64) -> Result<Headroom, LimitError> {
+        let before = self.headroom(spec, now_ms);
+        if let Some(q) = &spec.quota {
+            let reset = self.quota.reset_in(q.window, now_ms);
+            let requests_spent = q.requests.is_some_and(|l| self.quota.requests >= l);
+            let tokens_spent = q.tokens.is_some_and(|l| self.quota.tokens >= l);
+            if requests_spent || tokens_spent {
+                let kind = if requests_spent { LimitKind::Requests } else { LimitKind::Tokens };
+                return Err(LimitError::QuotaExceeded { kind, retry_after_ms: reset, headroom: before });
+            }
+        }
+        let rates = spec.request_rates();
+        let mut wait_ms = 0u64;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            let (Some(rate), Some(window)) = (rates.get(i).copied().flatten(), REQUEST_WINDOWS.get(i)) else {
+                continue;
+            };
+            if bucket.level < 1.0 {
+                let need = ((1.0 - bucket.level) * window.millis() as f64 / rate as f64).ceil() as u64;
+                wait_ms = wait_ms.max(need.max(1));
+            }
+        }
+        if wait_ms > 0 {
+            return Err(LimitError::RateLimited {
+                kind: LimitKind::Requests,
+                retry_after_ms: wait_ms,
+                headroom: before,
+            });
+        }
+        for ((w, window), budget) in self.token_windows.iter().zip(TOKEN_WINDOWS).zip(spec.token_budgets()) {
+            if budget.is_some_and(|limit| w.tokens >= limit) {
+                let retry = w.reset_in(window, now_ms).max(1);
+                return Err(LimitError::RateLimited {
+                    kind: LimitKind::Tokens,
+                    retry_after_ms: retry,
+                    headroom: before,
+                });
+            }
+        }
+        for (i, bucket) in self.buckets.iter_mut().enumerate() {
+            if rates.get(i).copied().flatten().is_some() {
+                bucket.level -= 1.0;
+            }
+        }
+        if spec.quota.is_some() {
+            self.quota.requests = self.quota.requests.saturating_add(1);
+        }
+        Ok(self.headroom(spec, now_ms))
+    }
+
+    /// Charges the tokens of a finished request to the budgets and quota.
+    pub fn charge(&mut self, spec: &LimitSpec, tokens: u64, now_ms: u64) {
+        self.refill(spec, now_ms);
+        for w in &mut self.token_windows {
+            w.tokens = w.tokens.saturating_add(tokens);
+        }
+        if spec.quota.is_some() {
+            self.quota.tokens = self.quota.tokens.saturating_add(tokens);
+        }
+    }
+}
+
+/// Shared-data key of an identity's state. Istio leaves `vm_id` empty, so keys are
+/// prefixed; the user name is hex-encoded to keep the key printable and unambiguous.
+pub fn state_key(user: &str) -> String {
+    format!("tollgate.limits.v1.user.{}", hex::encode(user.as_bytes()))
+}
+
+/// Key of the count of tracked identities (see `max_identities`).
+pub const IDENTITY_COUNT_KEY: &str = "tollgate.limits.v1.identities";
+/// Key shared by identities beyond `max_identities` (they share one state: stricter, never looser).
+pub const OVERFLOW_KEY: &str = "tollgate.limits.v1.overflow";
+
+/// Formats a duration as OpenAI does in `x-ratelimit-reset-*` (e.g. `1s`, `6m0s`, `1h2m3s`, `120ms`).
+pub fn format_reset(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = ms.div_ceil(1000);
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    const T0: u64 = 1_763_800_040_000; // 20 s into a minute
+
+    fn spec(json: &str) -> LimitSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn request_rate_allows_burst_then_refills() {
+        let s = spec(r#"{"requests_per_minute":5}"#);
+        let mut st = LimitState::default();
+        let mut results = Vec::new();
+        for i in 0..7 {
+            results.push(st.admit(&s, T0 + i).is_ok());
+        }
+        assert_eq!(results, [true, true, true, true, true, false, false]);
+        // One request refills every 12 s.
+        match st.admit(&s, T0 + 10) {
+            Err(LimitError::RateLimited { kind: LimitKind::Requests, retry_after_ms, headroom }) => {
+                assert!((11_990..=12_000).contains(&retry_after_ms), "{retry_after_ms}");
+                assert_eq!(headroom.requests.map(|c| (c.limit, c.remaining)), Some((5, 0)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(st.admit(&s, T0 + 12_010).is_ok());
+        assert!(st.admit(&s, T0 + 12_011).is_err());
+    }
+
+    #[test]
+    fn burst_sets_the_shortest_bucket_only() {
+        let s = spec(r#"{"requests_per_second":1,"burst":3,"requests_per_minute":4}"#);
+        let mut st = LimitState::default();
+        let ok: Vec<bool> = (0..4).map(|i| st.admit(&s, T0 + i).is_ok()).collect();
+        assert_eq!(ok, [true, true, true, false]);
+        // After 2 s the second bucket refilled 2, the minute bucket has 1 left.
+        let ok: Vec<bool> = (0..3).map(|i| st.admit(&s, T0 + 2_000 + i).is_ok()).collect();
+        assert_eq!(ok, [true, false, false]);
+    }
+
+    #[test]
+    fn token_budget_admits_until_spent_then_resets_at_window_end() {
+        let s = spec(r#"{"tokens_per_minute":10}"#);
+        let mut st = LimitState::default();
+        assert!(st.admit(&s, T0).is_ok());
+        st.charge(&s, 7, T0 + 100);
+        assert!(st.admit(&s, T0 + 200).is_ok(), "7 < 10: admitted");
+        st.charge(&s, 7, T0 + 300);
+        match st.admit(&s, T0 + 400) {
+            Err(LimitError::RateLimited { kind: LimitKind::Tokens, retry_after_ms, headroom }) => {
+                assert_eq!(retry_after_ms, 60_000 - 20_000 - 400);
+                assert_eq!(headroom.tokens.map(|c| (c.limit, c.remaining)), Some((10, 0)));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The next minute starts fresh.
+        assert!(st.admit(&s, T0 + 40_000).is_ok());
+    }
+
+    #[test]
+    fn quota_is_not_retryable_and_windows_roll_over() {
+        let s = spec(r#"{"quota":{"requests":2,"window":"day"}}"#);
+        let mut st = LimitState::default();
+        assert!(st.admit(&s, T0).is_ok());
+        assert!(st.admit(&s, T0 + 1).is_ok());
+        let err = st.admit(&s, T0 + 2).unwrap_err();
+        assert!(matches!(err, LimitError::QuotaExceeded { kind: LimitKind::Requests, .. }));
+        assert_eq!(err.reason(), "quota_exceeded");
+        let next_day = T0 - T0 % 86_400_000 + 86_400_000;
+        assert!(st.admit(&s, next_day).is_ok());
+
+        let t = spec(r#"{"quota":{"tokens":10,"window":"hour"}}"#);
+        let mut st = LimitState::default();
+        assert!(st.admit(&t, T0).is_ok());
+        st.charge(&t, 12, T0);
+        assert!(matches!(st.admit(&t, T0 + 1), Err(LimitError::QuotaExceeded { kind: LimitKind::Tokens, .. })));
+    }
+
+    #[test]
+    fn headroom_reports_the_tightest_limit() {
+        let s = spec(r#"{"requests_per_minute":100,"quota":{"requests":3,"window":"day"},"tokens_per_day":1000}"#);
+        let mut st = LimitState::default();
+        let h = st.admit(&s, T0).unwrap();
+        assert_eq!(h.requests.map(|c| (c.limit, c.remaining)), Some((3, 2)));
+        assert_eq!(h.tokens.map(|c| (c.limit, c.remaining)), Some((1000, 1000)));
+    }
+
+    #[test]
+    fn state_round_trips_and_garbage_is_fresh() {
+        let s = spec(
+            r#"{"requests_per_second":3,"tokens_per_hour":50,"quota":{"requests":9,"tokens":9,"window":"minute"}}"#,
+        );
+        let mut st = LimitState::default();
+        st.admit(&s, T0).unwrap();
+        st.charge(&s, 5, T0);
+        let bytes = st.encode();
+        assert_eq!(bytes.len(), STATE_LEN);
+        assert_eq!(LimitState::decode(&bytes), st);
+        for garbage in [&b""[..], &[2u8; STATE_LEN][..], &[1u8, 2, 3][..]] {
+            assert_eq!(LimitState::decode(garbage), LimitState::default());
+        }
+    }
+
+    #[test]
+    fn config_checks_name_the_field() {
+        let cases = [
+            (r#"{"groups":{"free":{"requests_per_minute":0}}}"#, "limits.groups.free.requests_per_minute"),
+            (r#"{"users":{"u":{"burst":3}}}"#, "limits.users.u.burst"),
+            (r#"{"users":{"u":{"quota":{"window":"day"}}}}"#, "limits.users.u.quota"),
+            (r#"{"max_identities":0}"#, "limits.max_identities"),
+        ];
+        for (json, field) in cases {
+            let raw: LimitsConfig = serde_json::from_str(json).unwrap();
+            assert_eq!(Limits::from_config(raw).unwrap_err().0, field, "{json}");
+        }
+        assert!(serde_json::from_str::<LimitsConfig>(r#"{"users":{"u":{"quota":{"requests":1,"window":"week"}}}}"#)
+            .is_err());
+    }
+
+    #[test]
+    fn user_entry_overrides_groups() {
+        let raw: LimitsConfig = serde_json::from_str(
+            r#"{"groups":{"free":{"requests_per_minute":5},"premium":{"requests_per_minute":50}},
+                "users":{"mittens":{"requests_per_day":1000}}}"#,
+        )
+        .unwrap();
+        let l = Limits::from_config(raw).unwrap();
+        let id = |user: &str, groups: &[&str]| Identity {
+            user: user.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        };
+        assert_eq!(l.spec_for(&id("mittens", &["free"])).and_then(|s| s.requests_per_day), Some(1000));
+        assert_eq!(l.spec_for(&id("a", &["x", "premium", "free"])).and_then(|s| s.requests_per_minute), Some(50));
+        assert!(l.spec_for(&id("a", &["x"])).is_none());
+    }
+
+    #[test]
+    fn reset_format() {
+        for (ms, want) in [(120, "120ms"), (1000, "1s"), (1001, "2s"), (360_000, "6m0s"), (3_723_000, "1h2m3s")] {
+            assert_eq!(format_reset(ms), want);
+        }
+    }
+}
