@@ -22,6 +22,7 @@ use crate::identity::Identity;
 use crate::jwt::TokenCache;
 use crate::limits::{state_key, Headroom, LimitSpec, LimitState, Limits, IDENTITY_COUNT_KEY, OVERFLOW_KEY};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
+use crate::strip::UsageOnlyStripper;
 use crate::usage::{inject_include_usage, BodyKind, UsageParser, DEFAULT_MAX_CARRY};
 
 /// Request bodies up to this size are read to add `stream_options.include_usage`.
@@ -240,6 +241,7 @@ impl RootContext for Root {
             parser: None,
             response_done: false,
             limit: None,
+            stripper: None,
         }))
     }
 }
@@ -256,6 +258,8 @@ struct Http {
     response_done: bool,
     /// The limit state this request was admitted under, to charge its tokens to.
     limit: Option<LimitTicket>,
+    /// Set when the filter added include_usage: the usage-only event is removed again.
+    stripper: Option<UsageOnlyStripper>,
 }
 
 struct LimitTicket {
@@ -494,7 +498,9 @@ impl HttpContext for Http {
             _ => return Action::Continue,
         };
         if let Some(new_body) = inject_include_usage(&body, MAX_INJECT_BODY) {
-            let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body);
+            if hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body).is_ok() {
+                self.stripper = Some(UsageOnlyStripper::default());
+            }
         }
         Action::Continue
     }
@@ -510,9 +516,12 @@ impl HttpContext for Http {
         event.status = get(":status").and_then(|s| s.parse().ok());
         let encoding = get("content-encoding");
         let readable = encoding.as_deref().is_none_or(|e| e.eq_ignore_ascii_case("identity"));
+        let kind = BodyKind::from_content_type(get("content-type").as_deref());
         if readable {
-            let kind = BodyKind::from_content_type(get("content-type").as_deref());
             self.parser = Some(UsageParser::new(kind, DEFAULT_MAX_CARRY));
+        }
+        if !readable || kind != BodyKind::Sse {
+            self.stripper = None;
         }
         if end_of_stream {
             self.response_done = true;
@@ -525,6 +534,9 @@ impl HttpContext for Http {
             if body_size > 0 {
                 if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
                     parser.feed(&chunk);
+                    if let Some(stripped) = self.stripper.as_mut().and_then(|s| s.strip(&chunk)) {
+                        let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &stripped);
+                    }
                 }
             }
             if end_of_stream {

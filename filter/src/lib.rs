@@ -14,6 +14,7 @@ pub mod jwt;
 pub mod keys;
 pub mod limits;
 pub mod response;
+pub mod strip;
 pub mod usage;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]

@@ -50,7 +50,10 @@ fn prometheus_shows_exact_requests_and_tokens_per_user() {
     for _ in 0..2 {
         let resp = chat(&stack, &[("authorization", &alice)], &chat_body(2, 5, true));
         assert_eq!(resp.status(), 200);
-        assert!(resp.text().unwrap().contains("data: [DONE]"));
+        let text = resp.text().unwrap();
+        assert!(text.contains("data: [DONE]"));
+        // The usage-only event the filter asked for is not passed to a client that did not.
+        assert!(!text.contains(r#""choices":[]"#) && !text.contains(r#""usage":{"#), "{text}");
     }
     // bob: the official openai client, plain and streamed chat and two embeddings calls.
     let (ok, out) = openai_smoke(
