@@ -127,7 +127,7 @@ mod tests {
             (vec![CONTENT.into(), crlf.clone(), DONE.into()], format!("{CONTENT}{DONE}"), 1),
             (vec![CONTENT.into(), DONE.into()], format!("{CONTENT}{DONE}"), 0),
             // The tail of a cut event is not taken for a whole one.
-            (vec![CONTENT[..10].into(), format!("{}{USAGE}", &CONTENT[10..])], format!("{CONTENT}"), 1),
+            (vec![CONTENT[..10].into(), format!("{}{USAGE}", &CONTENT[10..])], CONTENT.to_string(), 1),
             (vec!["event: x\n".into(), USAGE.into()], format!("event: x\n{USAGE}"), 0),
         ];
         for (i, (chunks, want, removed)) in cases.into_iter().enumerate() {
