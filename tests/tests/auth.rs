@@ -41,6 +41,10 @@ fn every_credential_source_authenticates() {
             assert!(!seen.contains_key(h), "{name}: credential header {h} reached the upstream");
         }
     }
+    // Decisions are logged, credentials never.
+    let log = stack.envoy_log();
+    assert!(log.contains("ALLOW user=dev-user groups=premium path=/v1/chat/completions"), "no ALLOW line");
+    assert!(!log.contains(key) && !log.contains(&token), "a credential reached the log");
 }
 
 #[test]

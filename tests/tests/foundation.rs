@@ -75,3 +75,16 @@ fn prometheus_scrapes_the_tracker() {
     });
     assert_eq!(up, "1");
 }
+
+#[test]
+fn dropping_a_stack_leaves_no_process_behind() {
+    let creds = DevCredentials::generate();
+    let stack = start("foundation-drop", &creds, json!({}));
+    let pids = stack.pids();
+    assert_eq!(pids.len(), 2, "envoy and tracker");
+    let alive = |pid: &u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(pids.iter().all(alive));
+    drop(stack);
+    let gone = pids.iter().filter(|p| alive(p)).count() == 0;
+    assert!(gone, "still running after drop: {pids:?}");
+}
