@@ -4,7 +4,7 @@ CARGO ?= cargo
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 export PATH := $(CURDIR)/.local/bin:$(PATH)
 
-.PHONY: setup wasm build run test test-unit test-wasm test-e2e lint fmt clean
+.PHONY: setup wasm build run test test-unit test-wasm test-e2e lint fmt clean fuzz
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,11 @@ test-wasm:
 
 test-e2e:
 	$(CARGO) test -p tollgate-e2e -- --test-threads=2
+
+# Bounded fuzzing of the JWT, credential, config and usage parsers (cargo-fuzz);
+# FUZZ_SECONDS per target, default 60. Not part of `make test`.
+fuzz:
+	@bash scripts/fuzz.sh
 
 lint:
 	$(CARGO) fmt --all --check

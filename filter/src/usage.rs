@@ -148,7 +148,10 @@ pub fn inject_include_usage(body: &[u8], max_len: usize) -> Option<Vec<u8>> {
     if body.get(open) != Some(&b'{') {
         return None;
     }
-    let probe: StreamProbe = serde_json::from_slice(body).ok()?;
+    // UTF-8 first: serde_json skips the strings of unread members without checking
+    // their UTF-8, and a body that is not UTF-8 is not JSON.
+    let text = std::str::from_utf8(body).ok()?;
+    let probe: StreamProbe = serde_json::from_str(text).ok()?;
     if probe.stream != Some(Value::Bool(true)) || probe.stream_options {
         return None;
     }
@@ -1105,6 +1108,16 @@ mod tests {
                 assert_eq!(after.remove("stream_options"), Some(serde_json::json!({"include_usage": true})), "{name}");
                 assert_eq!(after, before, "{name}");
             }
+        }
+        // Not UTF-8, so not JSON, also where the bad bytes are in a member serde skips
+        // (found by `make fuzz`, usage_stream).
+        let not_utf8: &[&[u8]] = &[
+            b"{\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"u\xc7ser\",\"content\":\"hi\"}]}",
+            b"{\"stream\":true,\"x\":\"\xff\"}",
+            b"{\"stream\":true,\"\xed\xa0\x80\":1}",
+        ];
+        for body in not_utf8 {
+            assert_eq!(inject_include_usage(body, 1024), None, "{}", String::from_utf8_lossy(body));
         }
     }
 }
