@@ -4,7 +4,8 @@ CARGO ?= cargo
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 export PATH := $(CURDIR)/.local/bin:$(PATH)
 
-.PHONY: setup wasm build run test test-unit test-wasm test-e2e lint fmt clean fuzz
+.PHONY: setup wasm build run test test-unit test-wasm test-e2e lint fmt clean bench fuzz
+.PHONY: oci test-istio
 
 setup:
 	@bash scripts/setup.sh
@@ -18,7 +19,7 @@ build: wasm
 run: setup build
 	./target/debug/tollgate up
 
-test: setup build test-unit test-wasm test-e2e
+test: setup build test-unit test-wasm test-e2e test-istio
 	@echo "make test: all suites passed"
 
 test-unit:
@@ -44,6 +45,24 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+# The filter as the OCI image an Istio WasmPlugin pulls (url: oci://…): an OCI layout and
+# tarball under target/oci; prints the manifest digest for the WasmPlugin's sha256.
+oci: wasm
+	@bash scripts/oci.sh
+
+# The Istio bundle (istio/): every kustomize-rendered object against the published
+# schemas, their cross-references, and the OCI image of `make oci`.
+test-istio: wasm
+	node --test istio/test/
+
+# Side-by-side benchmarks (BENCHMARKS.md): Tollgate vs no filter, jwt_authn, ext_authz,
+# Lua, in one Envoy. Reports only (never part of `make test`); about 15 minutes.
+# Longer or narrower runs: make bench BENCH_ARGS="--rounds 5 --duration 5" (see --help).
+bench: setup wasm
+	@bash bench/build-noop-wasm.sh
+	CARGO_PROFILE_RELEASE_STRIP=false $(CARGO) build --release -p tollgate-bench -p usage-tracking
+	./target/release/bench-run $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -7,4 +7,5 @@ pub mod envoy;
 pub mod mock;
 pub mod paths;
 pub mod process;
+pub mod render;
 pub mod stack;

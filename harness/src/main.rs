@@ -56,6 +56,8 @@ enum Cmd {
         #[arg(long)]
         kid: Option<String>,
     },
+    /// Render the Istio bundle's credentials Secret and WasmPlugin pluginConfig from a users file.
+    Render(harness::render::RenderArgs),
 }
 
 #[derive(Subcommand)]
@@ -124,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", dev::jwks(secret.as_bytes(), kid.as_deref()));
             Ok(())
         }
+        Cmd::Render(args) => harness::render::run(&args),
     }
 }
 
