@@ -365,6 +365,16 @@ impl Http {
         Action::Pause
     }
 
+    /// Logs the denial, records its usage event and sends the reply.
+    fn deny(&self, state: &State, mut event: UsageEvent, reason: &str, reply: &LocalReply, path: &str) -> Action {
+        log(LogLevel::Info, self.context_id, format_args!("DENY reason={reason} path={}", log_path(path)));
+        event.denied = Some(reason.to_string());
+        event.status = Some(reply.status);
+        event.usage_missing = false;
+        state.record(event);
+        self.reply(reply)
+    }
+
     fn request_headers() -> Option<Vec<(String, String)>> {
         let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()?;
         Some(raw.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect())
@@ -406,17 +416,7 @@ impl HttpContext for Http {
                                 self.limit = Some(LimitTicket { key, spec: spec.clone(), headroom });
                             }
                             Some((_, Err(error))) => {
-                                log(
-                                    LogLevel::Info,
-                                    self.context_id,
-                                    format_args!("DENY reason={} path={}", error.reason(), log_path(&path)),
-                                );
-                                let reply = LocalReply::from(&error);
-                                event.denied = Some(error.reason().to_string());
-                                event.status = Some(reply.status);
-                                event.usage_missing = false;
-                                state.record(event);
-                                return self.reply(&reply);
+                                return self.deny(&state, event, error.reason(), &LocalReply::from(&error), &path);
                             }
                             None => log(
                                 LogLevel::Warn,
@@ -470,17 +470,7 @@ impl HttpContext for Http {
                 for name in &edits.remove {
                     let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
                 }
-                log(
-                    LogLevel::Info,
-                    self.context_id,
-                    format_args!("DENY reason={} path={}", error.reason(), log_path(&path)),
-                );
-                let reply = LocalReply::from(&error);
-                event.denied = Some(error.reason().to_string());
-                event.status = Some(reply.status);
-                event.usage_missing = false;
-                state.record(event);
-                self.reply(&reply)
+                self.deny(&state, event, error.reason(), &LocalReply::from(&error), &path)
             }
         }
     }
