@@ -1,19 +1,25 @@
-//! Ingest throughput: events per second that one tracker thread takes over real HTTP.
+//! Ingest throughput: events per second that one tracker takes over real HTTP, in
+//! memory only and with each durable ledger, side by side in the same run (so the ratio
+//! is measured under the same machine load).
 //!
 //! The server runs on a `current_thread` tokio runtime (one core), the client on
-//! another, so the number is what one core of the tracker can do. Every event has a new
-//! id (the dedup window keeps evicting, as in production) and the events spread over
-//! 50 users, 4 group sets and 5 models.
+//! another, so the number is what one core of the tracker can do; SQLite's writes run
+//! on tokio's blocking threads, PostgreSQL in its own processes. Every event has a new
+//! id (the dedup window keeps evicting, as in production; the ledger's unique index
+//! grows) and the events spread over 50 users, 4 group sets and 5 models.
 //!
 //! Run: `cargo bench -p usage-tracking --bench ingest`
 //! Knobs (environment): BENCH_EVENTS (default 1000000), BENCH_BATCH (500),
-//! BENCH_CONNECTIONS (4).
+//! BENCH_CONNECTIONS (4), BENCH_STORES (memory,sqlite,postgres). PostgreSQL is
+//! BENCH_DATABASE_URL if set, else a throwaway server from tests/pg.sh (skipped when
+//! PostgreSQL is not installed). SQLite writes to a temporary directory
+//! (BENCH_DATA_DIR to choose the disk).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use usage_tracking::{serve, Limits, Tracker};
+use usage_tracking::{serve, Ledger, Limits, Tracker};
 
 /// CPU seconds used so far by the calling thread (Linux; `None` elsewhere). The machine
 /// may be shared, so events per CPU second of the server thread is the steadier number.
@@ -54,19 +60,45 @@ fn template(batch: u64) -> String {
     format!("[{}]", events.join(","))
 }
 
+/// Where the tracker under test keeps usage.
+#[derive(Debug, Clone)]
+enum Store {
+    Memory,
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Store {
+    fn name(&self) -> &'static str {
+        match self {
+            Store::Memory => "memory",
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+}
+
 /// Serves on a `current_thread` runtime until `stop`; returns the CPU seconds it used.
 fn run_server(
     batch: u64,
+    store: Store,
     address: std::sync::mpsc::Sender<std::net::SocketAddr>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<Option<f64>> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
+        let limits = Limits { max_batch: usize::try_from(batch)?, ..Limits::default() };
+        let tracker = match &store {
+            Store::Memory => Tracker::new(limits),
+            Store::Sqlite(dir) => Tracker::with_ledger(limits, Arc::new(Ledger::open_sqlite(dir, "bench")?)).await?,
+            Store::Postgres(url) => {
+                Tracker::with_ledger(limits, Arc::new(Ledger::open_postgres(url, "bench").await?)).await?
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let cpu_start = thread_cpu_seconds();
         address.send(listener.local_addr()?)?;
-        let limits = Limits { max_batch: usize::try_from(batch)?, ..Limits::default() };
-        serve(listener, Arc::new(Tracker::new(limits)), async move {
+        serve(listener, Arc::new(tracker), async move {
             let _ = stop.await;
         })
         .await?;
@@ -74,19 +106,110 @@ fn run_server(
     })
 }
 
+/// A fresh PostgreSQL database: in BENCH_DATABASE_URL's server, else in a throwaway
+/// server started by tests/pg.sh (stopped when this process exits); `None` if there is
+/// no PostgreSQL.
+fn postgres_database() -> anyhow::Result<Option<String>> {
+    let server = match std::env::var("BENCH_DATABASE_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pg.sh");
+            let output = std::process::Command::new("bash")
+                .arg(script)
+                .arg(std::process::id().to_string())
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            match output.status.code() {
+                Some(0) => String::from_utf8(output.stdout)?.trim().to_owned(),
+                Some(77) => return Ok(None),
+                _ => anyhow::bail!("tests/pg.sh could not start PostgreSQL"),
+            }
+        }
+    };
+    let name = format!("bench_{}", std::process::id());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await?;
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let (base, _) = server.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("bad database URL {server}"))?;
+    Ok(Some(format!("{base}/{name}")))
+}
+
+struct Run {
+    store: &'static str,
+    events: u64,
+    seconds: f64,
+    server_cpu: Option<f64>,
+}
+
 fn main() -> anyhow::Result<()> {
     let total = env_number("BENCH_EVENTS", 1_000_000);
     let batch = env_number("BENCH_BATCH", 500).max(1);
     let connections = env_number("BENCH_CONNECTIONS", 4).max(1);
+    let stores = std::env::var("BENCH_STORES").unwrap_or_else(|_| "memory,sqlite,postgres".into());
+    let mut runs = Vec::new();
+    for name in stores.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let mut temp = None;
+        let store = match name {
+            "memory" => Store::Memory,
+            "sqlite" => {
+                let parent = std::env::var_os("BENCH_DATA_DIR").map_or_else(std::env::temp_dir, Into::into);
+                let dir = parent.join(format!("tollgate-bench-{}", std::process::id()));
+                temp = Some(dir.clone());
+                Store::Sqlite(dir)
+            }
+            "postgres" => match postgres_database()? {
+                Some(url) => Store::Postgres(url),
+                None => {
+                    println!("ingest: postgres skipped: no PostgreSQL server binaries (and no BENCH_DATABASE_URL)");
+                    continue;
+                }
+            },
+            other => anyhow::bail!("BENCH_STORES: unknown store {other:?} (memory, sqlite, postgres)"),
+        };
+        let run = run(store, total, batch, connections);
+        if let Some(dir) = temp {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        runs.push(run?);
+    }
+    let memory = runs.iter().find(|r| r.store == "memory").map(|r| r.events as f64 / r.seconds);
+    println!("ingest: summary ({batch} events per batch, {connections} connections)");
+    for r in &runs {
+        let rate = r.events as f64 / r.seconds;
+        let ratio = memory.map(|m| format!(", {:.2}× memory", rate / m)).unwrap_or_default();
+        let cpu = r
+            .server_cpu
+            .filter(|c| *c > 0.0)
+            .map(|c| format!(", server async thread {c:.2} CPU s"))
+            .unwrap_or_default();
+        println!("  {:<8} {:>9.0} events/s{ratio}{cpu}", r.store, rate);
+    }
+    Ok(())
+}
+
+/// One timed run against a fresh tracker on `store`.
+fn run(store: Store, total: u64, batch: u64, connections: u64) -> anyhow::Result<Run> {
     let batches = total.div_ceil(batch);
+    let name = store.name();
 
     // Server: one thread, one current_thread runtime.
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::Builder::new()
         .name("tracker-server".into())
-        .spawn(move || run_server(batch, address_tx, stop_rx))?;
-    let address = address_rx.recv()?;
+        .spawn(move || run_server(batch, store, address_tx, stop_rx))?;
+    let address = match address_rx.recv() {
+        Ok(address) => address,
+        Err(_) => {
+            server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+            anyhow::bail!("the server stopped before listening");
+        }
+    };
     let url = format!("http://{address}/track");
 
     // Client: its own runtime on one worker thread.
@@ -135,14 +258,15 @@ fn main() -> anyhow::Result<()> {
     let events = batches * batch;
     let seconds = elapsed.as_secs_f64();
     println!(
-        "ingest: {events} events in {batches} batches of {batch} over {connections} connections: {seconds:.2} s, {:.0} events/s (server: one current_thread runtime)",
+        "ingest [{name}]: {events} events in {batches} batches of {batch} over {connections} connections: {seconds:.2} s, {:.0} events/s (server: one current_thread runtime)",
         events as f64 / seconds
     );
     if let Some(cpu) = server_cpu.filter(|cpu| *cpu > 0.0) {
         println!(
-            "ingest: server thread used {cpu:.2} CPU s: {:.0} events per CPU second (includes warm-up)",
-            events as f64 / cpu
+            "ingest [{name}]: server async thread used {cpu:.2} CPU s: {:.0} events per CPU second (includes warm-up{})",
+            events as f64 / cpu,
+            if name == "memory" { "" } else { "; ledger writes run elsewhere" }
         );
     }
-    Ok(())
+    Ok(Run { store: name, events, seconds, server_cpu })
 }

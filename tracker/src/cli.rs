@@ -1,14 +1,31 @@
 //! Command line. Every option also reads an environment variable, so the Kubernetes
-//! Deployment can set them without changing the container's arguments.
+//! Deployment can set them without changing the container's arguments. The usage API's
+//! secret is an environment variable only (`TRACKER_API_TOKEN`), so it never shows in
+//! `ps`.
+
+use std::path::PathBuf;
 
 use clap::Parser;
 
 use crate::metrics::Limits;
 
+/// The environment variable that holds the usage API's bearer secret.
+pub const API_TOKEN_ENV: &str = "TRACKER_API_TOKEN";
+
 /// Tollgate usage-tracking service: takes usage events from the gateway on POST /track
 /// and exports them as Prometheus counters on GET /metrics.
+///
+/// WITHOUT --data-dir OR --database-url, USAGE IS KEPT IN MEMORY ONLY: a restart loses
+/// the counters and every event not yet scraped. That is fine for the local dev stack,
+/// not for billing or quotas.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "usage-tracking", version, about, long_about = None)]
+#[command(
+    name = "usage-tracking",
+    version,
+    about,
+    after_help = "Environment only:\n  TRACKER_API_TOKEN  bearer secret of GET /v1/usage and GET /v1/usage/recent \
+                  (unset or empty: those answer 404)"
+)]
 pub struct Args {
     /// Address to listen on (host:port; use 0.0.0.0:8081 in a pod).
     #[arg(long, env = "TRACKER_LISTEN", default_value = "127.0.0.1:8081")]
@@ -25,8 +42,10 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_batch: u32,
 
-    /// How many recent event ids are remembered to drop duplicates (first in, first
-    /// out); a copy arriving after this many newer events counts again. 0 disables.
+    /// Without a ledger: how many recent event ids are remembered to drop duplicates
+    /// (first in, first out); a copy arriving after this many newer events counts
+    /// again; 0 disables. With a ledger it is not used: an id is remembered as long as
+    /// its event is in the ledger (--retention-days), across restarts and replicas.
     #[arg(long, env = "TRACKER_DEDUP_WINDOW", default_value_t = 100_000)]
     pub dedup_window: u32,
 
@@ -41,6 +60,46 @@ pub struct Args {
     /// Most distinct `model` label values; later new ones are counted as model="other".
     #[arg(long, env = "TRACKER_MAX_MODELS", default_value_t = 1_000)]
     pub max_models: u32,
+
+    /// Durable SQLite ledger in this directory (created if missing; file
+    /// usage.sqlite3). Every accepted event is committed and fsynced there before
+    /// /track answers 200; counters and duplicate detection continue from it after a
+    /// restart; the usage API reads it. Without this or --database-url: memory only.
+    #[arg(long, env = "TRACKER_DATA_DIR", value_name = "DIR", conflicts_with = "database_url")]
+    pub data_dir: Option<PathBuf>,
+
+    /// PostgreSQL ledger shared by several replicas, instead of --data-dir:
+    /// postgres://user:password@host:port/database (no TLS). Prefer the environment
+    /// variable: the URL may hold a password.
+    #[arg(long, env = "TRACKER_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Days raw events stay in the ledger; older ones are compacted into per-day totals
+    /// (the totals stay exact; single events and hour resolution of those days go).
+    #[arg(long, env = "TRACKER_RETENTION_DAYS", default_value_t = 90,
+          value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub retention_days: u32,
+
+    /// Seconds between compaction runs (the first runs at start).
+    #[arg(long, env = "TRACKER_COMPACT_INTERVAL_SECS", default_value_t = 3_600,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub compact_interval_secs: u32,
+
+    /// This replica's name in the ledger; its counters are restored from its own rows
+    /// only, so several replicas sharing one PostgreSQL each need a stable, distinct
+    /// name (e.g. the StatefulSet pod name). Default: "local" with --data-dir, the host
+    /// name with --database-url.
+    #[arg(long, env = "TRACKER_REPLICA_ID", value_name = "NAME")]
+    pub replica_id: Option<String>,
+}
+
+/// Where usage is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Store {
+    /// Memory only (no --data-dir, no --database-url).
+    Memory,
+    Sqlite(PathBuf),
+    Postgres(String),
 }
 
 impl Args {
@@ -55,6 +114,36 @@ impl Args {
             max_models: size(self.max_models),
         }
     }
+
+    pub fn store(&self) -> Store {
+        match (&self.data_dir, &self.database_url) {
+            (_, Some(url)) if !url.is_empty() => Store::Postgres(url.clone()),
+            (Some(dir), _) if !dir.as_os_str().is_empty() => Store::Sqlite(dir.clone()),
+            _ => Store::Memory,
+        }
+    }
+
+    /// The replica name: `--replica-id`, else "local" for SQLite (one file, one
+    /// writer; the name must not change when the host does), else the host name.
+    pub fn replica(&self) -> String {
+        if let Some(id) = self.replica_id.as_deref().map(str::trim).filter(|id| !id.is_empty()) {
+            return id.to_owned();
+        }
+        match self.store() {
+            Store::Postgres(_) => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "tracker".to_owned()),
+            Store::Memory | Store::Sqlite(_) => "local".to_owned(),
+        }
+    }
+}
+
+/// The usage API's secret from [`API_TOKEN_ENV`], if set and not empty.
+pub fn api_token_from_env() -> Option<String> {
+    std::env::var(API_TOKEN_ENV).ok().filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -91,9 +180,42 @@ mod tests {
     }
 
     #[test]
+    fn stores_and_replicas() {
+        let cases: [(&[&str], Store, Option<&str>); 5] = [
+            (&[], Store::Memory, Some("local")),
+            (&["--data-dir", "/d"], Store::Sqlite("/d".into()), Some("local")),
+            (&["--data-dir", "/d", "--replica-id", "a"], Store::Sqlite("/d".into()), Some("a")),
+            (&["--database-url", "postgres://h/db"], Store::Postgres("postgres://h/db".into()), None),
+            (
+                &["--database-url", "postgres://h/db", "--replica-id", "r-0"],
+                Store::Postgres("postgres://h/db".into()),
+                Some("r-0"),
+            ),
+        ];
+        for (flags, store, replica) in cases {
+            let args = Args::try_parse_from(std::iter::once("usage-tracking").chain(flags.iter().copied())).unwrap();
+            assert_eq!(args.store(), store, "{flags:?}");
+            if let Some(replica) = replica {
+                assert_eq!(args.replica(), replica, "{flags:?}");
+            } else {
+                assert!(!args.replica().is_empty());
+            }
+            assert_eq!((args.retention_days, args.compact_interval_secs), (90, 3600));
+        }
+    }
+
+    #[test]
     fn bad_flags() {
-        for bad in [["--max-body-bytes", "10"], ["--max-batch", "0"], ["--dedup-window", "-1"]] {
-            assert!(Args::try_parse_from(["usage-tracking", bad[0], bad[1]]).is_err(), "{bad:?}");
+        for bad in [
+            &["--max-body-bytes", "10"][..],
+            &["--max-batch", "0"],
+            &["--dedup-window", "-1"],
+            &["--retention-days", "0"],
+            &["--compact-interval-secs", "0"],
+            &["--data-dir", "/d", "--database-url", "postgres://h/db"],
+        ] {
+            let argv = std::iter::once("usage-tracking").chain(bad.iter().copied());
+            assert!(Args::try_parse_from(argv).is_err(), "{bad:?}");
         }
         Args::command().debug_assert();
     }

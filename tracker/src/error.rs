@@ -1,12 +1,14 @@
-//! The one error type of the service. Everything that can go wrong with a request is a
-//! variant here; [`crate::http`] maps it to a status and an OpenAI-style JSON body, so
-//! clients get one error shape whatever failed.
+//! The one error type of the service's requests. Everything that can go wrong with a
+//! request is a variant here; [`crate::http`] maps it to a status and an OpenAI-style
+//! JSON body, so clients get one error shape whatever failed. The ledger has its own
+//! domain error, [`crate::ledger::LedgerError`], which reaches a client as
+//! `Unavailable` (503: retry) — never as a 4xx, because the batch was not at fault.
 
 use std::fmt;
 
-/// Why a request was refused. Every variant except `NotFound`, `MethodNotAllowed` and
-/// `Internal` is bad input to `/track` and is counted in
-/// `tracker_requests_rejected_total{reason}`.
+/// Why a request was refused. `BadJson`, `InvalidEvent` and `TooLarge` are bad input to
+/// `/track` and are counted in `tracker_requests_rejected_total{reason}`; the others are
+/// not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrackError {
     /// The body is not JSON (or not readable).
@@ -17,6 +19,14 @@ pub enum TrackError {
     TooLarge(String),
     NotFound(String),
     MethodNotAllowed(String),
+    /// Usage API: no or a wrong bearer secret.
+    Unauthorized(String),
+    /// Usage API: a query parameter is missing, malformed or out of range.
+    BadQuery(String),
+    /// Usage API: the ledger has never seen the user asked about.
+    UnknownUser(String),
+    /// The ledger failed; nothing was written, the sender should retry.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -27,24 +37,32 @@ impl TrackError {
             TrackError::BadJson(_) => Some("bad_json"),
             TrackError::InvalidEvent(_) => Some("invalid_event"),
             TrackError::TooLarge(_) => Some("too_large"),
-            TrackError::NotFound(_) | TrackError::MethodNotAllowed(_) | TrackError::Internal(_) => None,
+            TrackError::NotFound(_)
+            | TrackError::MethodNotAllowed(_)
+            | TrackError::Unauthorized(_)
+            | TrackError::BadQuery(_)
+            | TrackError::UnknownUser(_)
+            | TrackError::Unavailable(_)
+            | TrackError::Internal(_) => None,
         }
     }
 
     pub fn status(&self) -> u16 {
         match self {
-            TrackError::BadJson(_) | TrackError::InvalidEvent(_) => 400,
-            TrackError::NotFound(_) => 404,
+            TrackError::BadJson(_) | TrackError::InvalidEvent(_) | TrackError::BadQuery(_) => 400,
+            TrackError::Unauthorized(_) => 401,
+            TrackError::NotFound(_) | TrackError::UnknownUser(_) => 404,
             TrackError::MethodNotAllowed(_) => 405,
             TrackError::TooLarge(_) => 413,
             TrackError::Internal(_) => 500,
+            TrackError::Unavailable(_) => 503,
         }
     }
 
     /// The OpenAI error `type`: the client's fault or ours.
     pub fn error_type(&self) -> &'static str {
         match self {
-            TrackError::Internal(_) => "server_error",
+            TrackError::Internal(_) | TrackError::Unavailable(_) => "server_error",
             _ => "invalid_request_error",
         }
     }
@@ -56,6 +74,10 @@ impl TrackError {
             | TrackError::TooLarge(m)
             | TrackError::NotFound(m)
             | TrackError::MethodNotAllowed(m)
+            | TrackError::Unauthorized(m)
+            | TrackError::BadQuery(m)
+            | TrackError::UnknownUser(m)
+            | TrackError::Unavailable(m)
             | TrackError::Internal(m) => m,
         }
     }

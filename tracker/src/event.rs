@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use crate::error::TrackError;
-use crate::labels;
+use crate::{labels, time};
 
 /// Longest accepted event id, in characters.
 pub const MAX_ID_CHARS: usize = 128;
@@ -35,6 +35,11 @@ pub struct Event {
     pub id: Option<String>,
     /// The `path` label.
     pub path: &'static str,
+    /// `ts` in milliseconds since the epoch, when the event has a usable one (the ledger
+    /// files the event under the time it arrived otherwise).
+    pub ts_ms: Option<i64>,
+    /// The upstream's HTTP status, when the event has one (kept by the ledger).
+    pub status: Option<u16>,
     pub outcome: Outcome,
 }
 
@@ -199,9 +204,12 @@ impl RawEvent<'_> {
             return Err(invalid("id", "required (only an Authorino callback body may omit it)"));
         }
         let path = labels::route(self.path.as_deref().unwrap_or(""));
+        let ts_ms = time::event_ms(self.ts);
+        // MAX_STATUS (999) fits.
+        let status = self.status.and_then(|s| u16::try_from(s.0).ok());
         if let Some(reason) = &self.denied {
             let outcome = Outcome::Denied { reason: labels::deny_reason(reason) };
-            return Ok(Event { id: self.id.map(Cow::into_owned), path, outcome });
+            return Ok(Event { id: self.id.map(Cow::into_owned), path, ts_ms, status, outcome });
         }
         let user = match self.user.as_deref().map(str::trim) {
             None => return Err(invalid("user", "required when denied is null")),
@@ -224,7 +232,7 @@ impl RawEvent<'_> {
             incomplete: self.incomplete.unwrap_or(false),
             upstream_error: self.status.is_some_and(|s| s.0 >= 500),
         };
-        Ok(Event { id: self.id.map(Cow::into_owned), path, outcome: Outcome::Authorized(usage) })
+        Ok(Event { id: self.id.map(Cow::into_owned), path, ts_ms, status, outcome: Outcome::Authorized(usage) })
     }
 }
 

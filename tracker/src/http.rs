@@ -1,5 +1,6 @@
 //! The HTTP edge: routes, the body limit, and the mapping of [`TrackError`] to a status
-//! and an OpenAI-style JSON error, so every failure looks the same to a client.
+//! and an OpenAI-style JSON error, so every failure looks the same to a client (a
+//! ledger failure arrives here as `Unavailable`: 503, which the filter retries).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::error::TrackError;
 use crate::event;
 use crate::metrics::Tracker;
+use crate::usage_api;
 
 /// The content type Prometheus asks for and gets OpenMetrics in (it reads `_total`
 /// counters and `# EOF` from this format).
@@ -28,6 +30,8 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/track", post(track))
+        .route("/v1/usage", get(usage_api::usage))
+        .route("/v1/usage/recent", get(usage_api::recent))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -45,7 +49,11 @@ where
 impl IntoResponse for TrackError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 
@@ -58,10 +66,13 @@ async fn metrics(State(tracker): State<Arc<Tracker>>) -> Result<Response, TrackE
     Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response())
 }
 
+/// Checks the whole body, then records it (with a ledger: committed before the 200).
 async fn track(State(tracker): State<Arc<Tracker>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let result = read_body(body)
-        .and_then(|body| event::parse_body(&body, tracker.limits().max_batch))
-        .map(|events| tracker.ingest(events));
+    let events = read_body(body).and_then(|body| event::parse_body(&body, tracker.limits().max_batch));
+    let result = match events {
+        Ok(events) => tracker.record(events).await,
+        Err(error) => Err(error),
+    };
     match result {
         Ok(done) => Json(done).into_response(),
         Err(error) => {

@@ -5,8 +5,10 @@
 //! the very same router in-process. The pieces, in the order a request meets them:
 //! [`event`] checks a body and turns it into events (or a [`TrackError`]),
 //! [`labels`] bounds every label value, [`dedup`] drops events seen before, and
-//! [`metrics`] owns the registry. [`http`] is the edge: routes, body limit, and the one
-//! place where errors become status codes and JSON.
+//! [`metrics`] owns the registry. With a [`ledger`] (SQLite or PostgreSQL), every batch
+//! is committed there before it is acknowledged, and the counters are restored from it
+//! on start; [`usage_api`] serves what it holds. [`http`] is the edge: routes, body
+//! limit, and the one place where errors become status codes and JSON.
 
 pub mod cli;
 pub mod dedup;
@@ -14,9 +16,13 @@ pub mod error;
 pub mod event;
 pub mod http;
 pub mod labels;
+pub mod ledger;
 pub mod metrics;
+pub mod time;
+pub mod usage_api;
 
 pub use cli::Args;
 pub use error::TrackError;
 pub use http::{router, serve};
+pub use ledger::{Ledger, LedgerError};
 pub use metrics::{Limits, Tracker};

@@ -1,24 +1,30 @@
 //! The counters and the state that decides what they count.
 //!
-//! A checked batch is applied under one lock, so two copies of a batch arriving at once
-//! cannot both pass the duplicate check.
+//! Without a ledger, a checked batch is applied under one lock, so two copies of a
+//! batch arriving at once cannot both pass the duplicate check. With a ledger
+//! ([`crate::ledger`]), the ledger decides what is new (its unique index on the event
+//! id), the batch is committed before anything is counted, and on start the counters are
+//! restored from the ledger's totals, so they continue where they were.
 //!
 //! Series creation: `llm_tokens_total` gets all four `type` series as soon as a
 //! (user, groups, model) is first seen with usage, zeros included, so `rate()` and
 //! `increase()` see the first real increment instead of a series that starts at it.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::dedup::DedupWindow;
 use crate::error::TrackError;
-use crate::event::{Event, Outcome, Usage};
-use crate::labels::CardinalityGuard;
+use crate::event::{Event, Outcome};
+use crate::labels::{self, CardinalityGuard};
+use crate::ledger::{Ledger, LedgerError, SeriesKey, Totals};
+use crate::time;
 
 /// The service's limits; see the README and `--help` for why each default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +76,14 @@ struct RejectedLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LedgerOpLabels {
+    op: &'static str,
+}
+
+/// The `op` label values of `tracker_ledger_errors_total`.
+pub const LEDGER_OPS: [&str; 3] = ["write", "read", "compact"];
+
 /// What one `/track` request did: the body of its 200 answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Ingested {
@@ -102,7 +116,15 @@ pub struct Tracker {
     events_received: Counter,
     events_duplicate: Counter,
     rejected: Family<RejectedLabels, Counter>,
+    ledger_errors: Family<LedgerOpLabels, Counter>,
     state: Mutex<State>,
+    /// The durable store; `None`: in memory only.
+    ledger: Option<Arc<Ledger>>,
+    /// SHA-256 of the usage API's bearer secret; `None`: the usage API is off (404).
+    api_token: Option<[u8; 32]>,
+    /// Where counters saturate: `u64::MAX`, or with a ledger `i64::MAX`, the most the
+    /// ledger stores, so a restored counter equals the one it replaces.
+    cap: u64,
 }
 
 impl Tracker {
@@ -148,6 +170,12 @@ impl Tracker {
         for reason in ["bad_json", "invalid_event", "too_large"] {
             rejected.get_or_create(&RejectedLabels { reason }).inc_by(0);
         }
+        let ledger_errors = Family::<LedgerOpLabels, Counter>::default();
+        registry.register(
+            "tracker_ledger_errors",
+            "Failed ledger operations, by operation (a failed write answers 503 and is retried by the sender)",
+            ledger_errors.clone(),
+        );
         Tracker {
             limits,
             registry,
@@ -159,6 +187,10 @@ impl Tracker {
             events_received,
             events_duplicate,
             rejected,
+            ledger_errors,
+            ledger: None,
+            api_token: None,
+            cap: u64::MAX,
             state: Mutex::new(State {
                 dedup: DedupWindow::new(limits.dedup_window),
                 users: CardinalityGuard::new(limits.max_users),
@@ -172,8 +204,66 @@ impl Tracker {
         self.limits
     }
 
-    /// Counts a checked batch. Cannot fail: everything that could go wrong was ruled
-    /// out when the batch was checked.
+    /// A tracker backed by `ledger`: its counters start from this replica's totals in
+    /// the ledger, and [`Tracker::record`] writes every batch there before counting it.
+    pub async fn with_ledger(limits: Limits, ledger: Arc<Ledger>) -> Result<Tracker, LedgerError> {
+        let mut tracker = Tracker::new(limits);
+        tracker.cap = crate::ledger::from_sql(i64::MAX);
+        let series = ledger.restore().await?;
+        tracker.restore(series);
+        for op in LEDGER_OPS {
+            tracker.ledger_errors.get_or_create(&LedgerOpLabels { op }).inc_by(0);
+        }
+        tracker.ledger = Some(ledger);
+        Ok(tracker)
+    }
+
+    /// Turns the usage API on with this bearer secret (`None` or empty: off).
+    pub fn with_api_token(mut self, token: Option<&str>) -> Tracker {
+        self.api_token = token.filter(|t| !t.is_empty()).map(|t| Sha256::digest(t.as_bytes()).into());
+        self
+    }
+
+    pub fn ledger(&self) -> Option<&Arc<Ledger>> {
+        self.ledger.as_ref()
+    }
+
+    /// SHA-256 of the usage API's secret, if it is on.
+    pub fn api_token_digest(&self) -> Option<&[u8; 32]> {
+        self.api_token.as_ref()
+    }
+
+    /// Counts a failed ledger operation (`op` is one of [`LEDGER_OPS`]).
+    pub fn ledger_error(&self, op: &'static str) {
+        self.ledger_errors.get_or_create(&LedgerOpLabels { op }).inc();
+    }
+
+    /// Records a checked batch: with a ledger, commits it first (one transaction) and
+    /// then counts what was new; without, counts it against the in-memory dedup window.
+    /// A ledger failure is a 503 (nothing was written or counted; the sender retries).
+    pub async fn record(self: &Arc<Self>, events: Vec<Event>) -> Result<Ingested, TrackError> {
+        let Some(ledger) = self.ledger.clone() else {
+            return Ok(self.ingest(events));
+        };
+        let tracker = Arc::clone(self);
+        // Its own task, so a client that hangs up cannot cancel it between the commit
+        // and the counting: what is in the ledger is always in the counters.
+        tokio::spawn(async move {
+            match ledger.append(&events, time::now_ms()).await {
+                Ok(is_new) => Ok(tracker.count_checked(events, &is_new)),
+                Err(error) => {
+                    tracker.ledger_error("write");
+                    eprintln!("usage-tracking: {error}");
+                    Err(TrackError::Unavailable(format!("{error}; nothing was recorded, retry the batch")))
+                }
+            }
+        })
+        .await
+        .map_err(|e| TrackError::Internal(format!("ingest task failed: {e}")))?
+    }
+
+    /// Counts a checked batch against the in-memory dedup window. Cannot fail:
+    /// everything that could go wrong was ruled out when the batch was checked.
     pub fn ingest(&self, events: Vec<Event>) -> Ingested {
         // Nothing here can panic, so a poisoned lock only means a panic elsewhere; the
         // state is still consistent.
@@ -187,11 +277,23 @@ impl Tracker {
                 }
             }
             done.accepted += 1;
-            match event.outcome {
-                Outcome::Denied { reason } => {
-                    self.denied.get_or_create(&DeniedLabels { reason, path: event.path }).inc();
-                }
-                Outcome::Authorized(usage) => self.count_usage(&mut state, event.path, usage),
+            self.count_event(&mut state, event);
+        }
+        self.events_received.inc_by(done.accepted + done.duplicates);
+        self.events_duplicate.inc_by(done.duplicates);
+        done
+    }
+
+    /// Counts the events the ledger flagged as new; the rest are duplicates.
+    fn count_checked(&self, events: Vec<Event>, is_new: &[bool]) -> Ingested {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut done = Ingested::default();
+        for (event, new) in events.into_iter().zip(is_new.iter().copied().chain(std::iter::repeat(false))) {
+            if new {
+                done.accepted += 1;
+                self.count_event(&mut state, event);
+            } else {
+                done.duplicates += 1;
             }
         }
         self.events_received.inc_by(done.accepted + done.duplicates);
@@ -199,26 +301,76 @@ impl Tracker {
         done
     }
 
-    fn count_usage(&self, state: &mut State, path: &'static str, usage: Usage) {
-        let user = state.users.admit(usage.user);
-        let groups = state.groups.admit(usage.groups);
+    fn count_event(&self, state: &mut State, event: Event) {
+        match event.outcome {
+            Outcome::Denied { reason } => {
+                self.denied.get_or_create(&DeniedLabels { reason, path: event.path }).inc();
+            }
+            Outcome::Authorized(usage) => {
+                let totals = Totals {
+                    requests: 1,
+                    prompt: usage.tokens.prompt,
+                    completion: usage.tokens.completion,
+                    cached: usage.tokens.cached,
+                    reasoning: usage.tokens.reasoning,
+                    incomplete: u64::from(usage.incomplete),
+                    upstream_errors: u64::from(usage.upstream_error),
+                };
+                self.count_usage(state, event.path, usage.user, usage.groups, usage.model, &totals);
+            }
+        }
+    }
+
+    /// Sets the counters from the ledger's totals (a new tracker: they are all zero).
+    /// The series come in the order they first appeared, so the cardinality guard
+    /// admits the same values as the process that counted them.
+    fn restore(&mut self, series: Vec<(SeriesKey, Totals)>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for (key, totals) in series {
+            // The stored values are label values already; these map them onto themselves.
+            let path = labels::route(&key.path);
+            if key.denied.is_empty() {
+                let model = (!key.model.is_empty()).then_some(key.model);
+                self.count_usage(&mut state, path, key.user, key.groups, model, &totals);
+            } else {
+                let reason = labels::deny_reason(&key.denied);
+                saturating_inc(&self.denied.get_or_create(&DeniedLabels { reason, path }), totals.requests, self.cap);
+            }
+        }
+    }
+
+    fn count_usage(
+        &self,
+        state: &mut State,
+        path: &'static str,
+        user: String,
+        groups: String,
+        model: Option<String>,
+        totals: &Totals,
+    ) {
+        let user = state.users.admit(user);
+        let groups = state.groups.admit(groups);
         let labels = RequestLabels { user, groups, path };
-        self.requests.get_or_create(&labels).inc();
-        if usage.incomplete {
-            self.incomplete.get_or_create(&labels).inc();
+        saturating_inc(&self.requests.get_or_create(&labels), totals.requests, self.cap);
+        if totals.incomplete > 0 {
+            saturating_inc(&self.incomplete.get_or_create(&labels), totals.incomplete, self.cap);
         }
-        if usage.upstream_error {
-            self.upstream_errors.get_or_create(&labels).inc();
+        if totals.upstream_errors > 0 {
+            saturating_inc(&self.upstream_errors.get_or_create(&labels), totals.upstream_errors, self.cap);
         }
-        if let Some(model) = usage.model {
+        if let Some(model) = model {
             let model = state.models.admit(model);
             let RequestLabels { user, groups, .. } = labels;
             let mut labels = TokenLabels { user, groups, model, r#type: "prompt" };
-            for (kind, n) in usage.tokens.by_type() {
+            let by_type = [
+                ("prompt", totals.prompt),
+                ("completion", totals.completion),
+                ("cached", totals.cached),
+                ("reasoning", totals.reasoning),
+            ];
+            for (kind, n) in by_type {
                 labels.r#type = kind;
-                // Saturate instead of wrapping; safe because only this locked section adds.
-                let counter = self.tokens.get_or_create(&labels);
-                counter.inc_by(n.min(u64::MAX - counter.get()));
+                saturating_inc(&self.tokens.get_or_create(&labels), n, self.cap);
             }
         }
     }
@@ -237,6 +389,12 @@ impl Tracker {
             .map_err(|e| TrackError::Internal(format!("encoding metrics failed: {e}")))?;
         Ok(text)
     }
+}
+
+/// Adds `n`, saturating at `cap` instead of wrapping; safe because every caller holds the
+/// state lock (or owns the tracker), so nothing adds in between.
+fn saturating_inc(counter: &Counter, n: u64, cap: u64) {
+    counter.inc_by(n.min(cap.saturating_sub(counter.get())));
 }
 
 #[cfg(test)]
