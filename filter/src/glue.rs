@@ -18,7 +18,6 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use crate::auth::{decide, Verdict};
 use crate::config::{Settings, UsageSettings};
 use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
-use crate::identity::Identity;
 use crate::jwt::TokenCache;
 use crate::limits::{state_key, Headroom, LimitSpec, LimitState, Limits, IDENTITY_COUNT_KEY, OVERFLOW_KEY};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
@@ -236,7 +235,6 @@ impl RootContext for Root {
             context_id,
             state: self.state.clone(),
             event: None,
-            identity: None,
             inject_pending: false,
             parser: None,
             response_done: false,
@@ -251,7 +249,6 @@ struct Http {
     state: Option<Rc<State>>,
     /// The usage event being filled in; recorded in `on_log`.
     event: Option<UsageEvent>,
-    identity: Option<Identity>,
     /// The request body is being read to add `stream_options.include_usage`.
     inject_pending: bool,
     parser: Option<UsageParser>,
@@ -450,9 +447,13 @@ impl HttpContext for Http {
                         log_path(&path)
                     ),
                 );
-                event.user = Some(identity.user.clone());
-                event.groups = identity.groups.clone();
-                self.identity = Some(identity);
+                // The response is only looked at when something needs its usage.
+                let counts_tokens = self.limit.as_ref().is_some_and(|t| t.spec.counts_tokens());
+                if state.settings.usage.is_none() && !counts_tokens {
+                    return Action::Continue;
+                }
+                event.user = Some(identity.user);
+                event.groups = identity.groups;
                 self.event = Some(event);
                 let Some(usage) = &state.settings.usage else { return Action::Continue };
                 // Ask for an uncompressed answer so its usage can be read (see README).
