@@ -1,0 +1,165 @@
+//! The per-request cost of the filter's pure logic, natively, one piece at a time, so
+//! `bench-run` can count its instructions under `valgrind --tool=callgrind` (a count
+//! that does not depend on how busy the shared machine is) and time it.
+//!
+//! `auth-cost --mode MODE --iterations N` runs MODE N times after the setup and prints
+//! `mode=… iterations=… ns_per_op=…`. Instructions per request are the difference
+//! between two callgrind runs with different N, divided by the difference in N, so
+//! the setup (config parsing, key generation) cancels out.
+//!
+//! Modes: `key` (`auth::decide` with an API key among 100), `jwt` (`decide` with an
+//! HS256 JWT, token cache disabled: full verification), `jwt-cached` (`decide`, token
+//! in the cache), `limits` (the limit state round trip of a request: decode, admit,
+//! encode, then decode, charge, encode when its tokens arrive), `event` (build and
+//! serialize the usage event), `json-usage` (read the usage of a chat completion body).
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tollgate_bench::variants::{tollgate_config, Creds};
+use tollgate_filter::auth::{decide, Verdict};
+use tollgate_filter::config::Settings;
+use tollgate_filter::events::UsageEvent;
+use tollgate_filter::jwt::TokenCache;
+use tollgate_filter::limits::LimitState;
+use tollgate_filter::usage::{BodyKind, UsageParser, DEFAULT_MAX_CARRY};
+
+#[derive(Parser)]
+#[command(about = "Per-request cost of Tollgate's pure logic (for callgrind and timing)")]
+struct Args {
+    #[arg(long)]
+    mode: String,
+    #[arg(long, default_value_t = 100_000)]
+    iterations: u64,
+    /// API keys in the config.
+    #[arg(long, default_value_t = 100)]
+    keys: usize,
+}
+
+const NOW: u64 = 1_800_000_000;
+
+fn headers(authorization: &str) -> Vec<(String, String)> {
+    [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        (":authority", "gateway.example"),
+        (":scheme", "http"),
+        ("user-agent", "OpenAI/Python 1.54.0"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("content-length", "98"),
+        ("x-request-id", "6f1c1d7e-3d7a-4d7e-9c47-1f2b3c4d5e6f"),
+        ("authorization", authorization),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+const CHAT_RESPONSE: &str = r#"{"id":"chatcmpl-8c2f","object":"chat.completion","created":1763800000,"model":"Qwen/Qwen3-0.6B","choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 tok8 tok9 tok10 tok11 tok12 tok13 tok14 tok15 "},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":16,"total_tokens":28,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let creds = Creds::new(args.keys)?;
+    let config = tollgate_config(&creds, true);
+    let settings = Settings::parse(config.to_string().as_bytes(), &|_| None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let key_headers = headers(&format!("Bearer {}", creds.api_key));
+    let jwt_headers = headers(&format!("Bearer {}", creds.jwt));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+
+    let allow = |v: &Verdict| matches!(v, Verdict::Allow { .. });
+    let n = args.iterations;
+    let start;
+    match args.mode.as_str() {
+        "key" => {
+            let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
+            if !allow(&decide(&settings, &mut cache, &key_headers, now)) {
+                bail!("the API key was refused");
+            }
+            start = Instant::now();
+            for _ in 0..n {
+                black_box(decide(&settings, &mut cache, black_box(&key_headers), now));
+            }
+        }
+        "jwt" => {
+            let mut cache = TokenCache::new(0, 300);
+            if !allow(&decide(&settings, &mut cache, &jwt_headers, now)) {
+                bail!("the JWT was refused");
+            }
+            start = Instant::now();
+            for _ in 0..n {
+                black_box(decide(&settings, &mut cache, black_box(&jwt_headers), now));
+            }
+        }
+        "jwt-cached" => {
+            let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
+            if !allow(&decide(&settings, &mut cache, &jwt_headers, now)) {
+                bail!("the JWT was refused");
+            }
+            start = Instant::now();
+            for _ in 0..n {
+                black_box(decide(&settings, &mut cache, black_box(&jwt_headers), now));
+            }
+        }
+        "limits" => {
+            let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
+            let Verdict::Allow { identity, .. } = decide(&settings, &mut cache, &key_headers, now) else {
+                bail!("the API key was refused");
+            };
+            let limits = settings.limits.as_ref().context("no limits in the config")?;
+            let spec = limits.spec_for(&identity).context("no limit spec for the bench user")?;
+            let mut stored: Vec<u8> = Vec::new();
+            start = Instant::now();
+            for i in 0..n {
+                let now_ms = NOW * 1000 + i;
+                let mut state = LimitState::decode(black_box(&stored));
+                let admitted = state.admit(spec, now_ms).is_ok();
+                stored = state.encode();
+                let mut state = LimitState::decode(&stored);
+                state.charge(spec, 28, now_ms);
+                stored = state.encode();
+                black_box(admitted);
+            }
+        }
+        "event" => {
+            start = Instant::now();
+            for i in 0..n {
+                let event = UsageEvent {
+                    id: format!("0123456789abcdef-{i}"),
+                    ts: 1_763_800_000.125,
+                    user: Some("user50".into()),
+                    groups: vec!["bench".into()],
+                    method: "POST".into(),
+                    host: "gateway.example".into(),
+                    path: "/v1/chat/completions".into(),
+                    model: Some("Qwen/Qwen3-0.6B".into()),
+                    status: Some(200),
+                    prompt_tokens: 12,
+                    completion_tokens: 16,
+                    cached_tokens: 0,
+                    reasoning_tokens: 0,
+                    incomplete: false,
+                    usage_missing: false,
+                    denied: None,
+                };
+                black_box(serde_json::to_string(black_box(&event))?);
+            }
+        }
+        "json-usage" => {
+            start = Instant::now();
+            for _ in 0..n {
+                let mut p = UsageParser::new(BodyKind::Json, DEFAULT_MAX_CARRY);
+                p.feed(black_box(CHAT_RESPONSE.as_bytes()));
+                p.finish();
+                black_box(p.usage());
+            }
+        }
+        other => bail!("unknown mode {other:?}: key, jwt, jwt-cached, limits, event, json-usage"),
+    }
+    let elapsed = start.elapsed();
+    let ns = elapsed.as_nanos() as f64 / n.max(1) as f64;
+    println!("mode={} iterations={n} ns_per_op={ns:.1}", args.mode);
+    Ok(())
+}

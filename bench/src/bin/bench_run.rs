@@ -1,0 +1,1072 @@
+//! `make bench`: Tollgate side by side with no filter, Envoy's native `jwt_authn`
+//! (without and with its JWT cache), an `ext_authz` HTTP service and a Lua filter —
+//! every variant a listener of the same Envoy binary and process, in front of the same
+//! upstreams, driven by the same load, variants interleaved round by round so drift on
+//! a shared machine hits them all alike. Results are reported mostly as ratios.
+//!
+//! Steps: start the mock model server (in process), the usage tracker and the auth
+//! service; for each `--concurrency` start Envoy with one listener per variant, check
+//! every listener answers as it should, run each pass (tool × upstream × load) round
+//! by round; stream a 1 MB SSE response through (a), (d) and (e); then memory: Envoy
+//! without a filter vs with Tollgate, and RSS growth over `--leak-requests` requests;
+//! then the native benches (`sse-throughput`, `auth-cost`, callgrind). Writes
+//! `bench/results/<stamp>.md` (and `.csv` with every run) and prints the Markdown.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Parser;
+use harness::process::Proc;
+use serde_json::json;
+use tollgate_bench::load::{self, LoadResult, Request, Shape, Tool};
+use tollgate_bench::stats::{median, min_max};
+use tollgate_bench::sys;
+use tollgate_bench::variants::{bootstrap, Creds, Kind, Layout};
+
+#[derive(Parser, Clone)]
+#[command(about = "Tollgate vs no filter vs jwt_authn vs ext_authz vs Lua, in one Envoy")]
+struct Args {
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 3)]
+    duration: u32,
+    /// Warm-up seconds before each run (same load, not measured).
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
+    /// Rounds: each round runs every variant once, in rotating order.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Envoy worker threads, one full pass per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    concurrency: Vec<u32>,
+    /// wrk connections.
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+    /// h2load connections and streams per connection.
+    #[arg(long, default_value_t = 4)]
+    h2_connections: u32,
+    #[arg(long, default_value_t = 8)]
+    h2_streams: u32,
+    /// Variants to run (slugs or letters); default all.
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
+    /// Requests for the leak check (0 skips memory and leak measurements).
+    #[arg(long, default_value_t = 1_000_000)]
+    leak_requests: u64,
+    /// Requests of the 1 MB SSE test per variant (each takes milliseconds).
+    #[arg(long, default_value_t = 40)]
+    stream_runs: u32,
+    /// SSE response size in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    stream_bytes: usize,
+    /// API keys in every variant's key list.
+    #[arg(long, default_value_t = 100)]
+    keys: usize,
+    /// Skip the native benches (sse-throughput, auth-cost, callgrind).
+    #[arg(long)]
+    no_native: bool,
+    /// Only the passes whose name contains one of these (e.g. `wrk`, `mock`, `h2`).
+    #[arg(long, value_delimiter = ',')]
+    passes: Vec<String>,
+    /// Where to write the results.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Upstream {
+    /// Envoy's `direct_response`: no upstream hop.
+    Direct,
+    /// The mock model server: POST /v1/chat/completions, non-streaming.
+    Mock,
+}
+
+#[derive(Clone, Debug)]
+struct Pass {
+    name: String,
+    shape: Shape,
+    upstream: Upstream,
+}
+
+fn passes(args: &Args, concurrency: u32) -> Vec<Pass> {
+    let wrk = Shape { tool: Tool::Wrk, connections: args.connections, streams: 1, seconds: args.duration };
+    let h2 = Shape {
+        tool: Tool::H2load,
+        connections: args.h2_connections,
+        streams: args.h2_streams,
+        seconds: args.duration,
+    };
+    let one = Shape { tool: Tool::Wrk, connections: 1, streams: 1, seconds: args.duration };
+    let mut v = vec![
+        Pass { name: format!("c{concurrency} wrk direct"), shape: wrk, upstream: Upstream::Direct },
+        Pass { name: format!("c{concurrency} h2load direct"), shape: h2, upstream: Upstream::Direct },
+    ];
+    if concurrency == 1 {
+        v.push(Pass { name: format!("c{concurrency} wrk mock"), shape: wrk, upstream: Upstream::Mock });
+        v.push(Pass { name: format!("c{concurrency} wrk 1-conn direct"), shape: one, upstream: Upstream::Direct });
+    }
+    if !args.passes.is_empty() {
+        v.retain(|p| args.passes.iter().any(|f| p.name.contains(f.as_str())));
+    }
+    v
+}
+
+const NOOP_WASM: &str = "target/bench-noop/wasm32-wasip1/release/tollgate_bench_noop_filter.wasm";
+
+const CHAT_BODY: &str =
+    r#"{"model":"mock-model","messages":[{"role":"user","content":"Say hello to the benchmark"}],"max_tokens":16}"#;
+
+/// One measured run of one variant.
+#[derive(Clone, Debug)]
+struct Run {
+    pass: String,
+    pass_desc: String,
+    kind: Kind,
+    round: u32,
+    load: LoadResult,
+    envoy_cpu_us: f64,
+    side_cpu_us: f64,
+}
+
+/// Everything the report needs.
+#[derive(Default)]
+struct Results {
+    runs: Vec<Run>,
+    streaming: Vec<(Kind, Vec<(f64, f64, usize)>)>,
+    memory: Vec<(String, String)>,
+    leak: Vec<(u64, u64, u64)>,
+    leak_note: String,
+    native: Vec<String>,
+    callgrind: Vec<(String, f64, f64)>,
+    callgrind_top: Vec<(String, String)>,
+    notes: Vec<String>,
+}
+
+struct Tools {
+    envoy: PathBuf,
+    wasm: PathBuf,
+    tracker: PathBuf,
+    authz: PathBuf,
+    auth_cost: PathBuf,
+    sse: PathBuf,
+    /// The empty Wasm filter of variant (h), if `bench/build-noop-wasm.sh` built it.
+    noop_wasm: Option<PathBuf>,
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("bench-run has no directory")?;
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!("{} not found: build the bench crate (`cargo build --release -p tollgate-bench`)", p.display());
+    }
+    Ok(p)
+}
+
+fn tools() -> anyhow::Result<Tools> {
+    let release_tracker = harness::paths::workspace_root().join("target/release/usage-tracking");
+    let tracker = if std::env::var_os("TOLLGATE_TRACKER_BIN").is_none() && release_tracker.exists() {
+        release_tracker
+    } else {
+        harness::paths::tracker_bin()?
+    };
+    Ok(Tools {
+        envoy: harness::paths::envoy_bin()?,
+        wasm: harness::paths::wasm_file()?,
+        tracker,
+        authz: sibling("authz-service")?,
+        auth_cost: sibling("auth-cost")?,
+        sse: sibling("sse-throughput")?,
+        noop_wasm: Some(harness::paths::workspace_root().join(NOOP_WASM)).filter(|p| p.exists()),
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok()
+}
+
+fn http_client() -> anyhow::Result<reqwest::blocking::Client> {
+    Ok(reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build()?)
+}
+
+fn wait_until(proc: &mut Proc, timeout: Duration, ready: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = proc.exited() {
+            bail!("{} exited ({status}); log {}:\n{}", proc.name, proc.log.display(), proc.log_tail(40));
+        }
+        if ready() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{} not ready after {timeout:?}; log {}:\n{}", proc.name, proc.log.display(), proc.log_tail(40));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The mock model server, in this process on its own runtime.
+struct Mock {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Mock {
+    fn start() -> anyhow::Result<Mock> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("mock".into()).spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() else {
+                eprintln!("mock: no runtime");
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+                tokio::select! {
+                    r = harness::mock::serve(listener) => { if let Err(e) = r { eprintln!("mock stopped: {e}"); } }
+                    _ = rx => {}
+                }
+            });
+        })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !port_open(port) {
+            if Instant::now() > deadline {
+                bail!("mock server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Mock { port, stop: Some(tx), thread: Some(thread) })
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The processes every Envoy of the run talks to.
+struct Backends {
+    mock: Mock,
+    tracker: Proc,
+    tracker_port: u16,
+    authz: Proc,
+    authz_port: u16,
+}
+
+fn start_backends(t: &Tools, dir: &Path, creds: &Creds) -> anyhow::Result<Backends> {
+    let mock = Mock::start()?;
+    let tracker_port = free_port()?;
+    let mut cmd = Command::new(&t.tracker);
+    cmd.args(["--listen", &format!("127.0.0.1:{tracker_port}")]);
+    let mut tracker = Proc::spawn("usage-tracking", cmd, &dir.join("tracker.log"))?;
+    let client = http_client()?;
+    let url = format!("http://127.0.0.1:{tracker_port}/healthz");
+    wait_until(&mut tracker, Duration::from_secs(20), || {
+        client.get(&url).send().is_ok_and(|r| r.status().is_success())
+    })?;
+
+    let keys_file = dir.join("keys.json");
+    std::fs::write(&keys_file, serde_json::to_vec(&creds.key_entries)?)?;
+    let authz_port = free_port()?;
+    let mut cmd = Command::new(&t.authz);
+    cmd.args(["--listen", &format!("127.0.0.1:{authz_port}")]).arg("--keys").arg(&keys_file);
+    let mut authz = Proc::spawn("authz-service", cmd, &dir.join("authz.log"))?;
+    wait_until(&mut authz, Duration::from_secs(20), || port_open(authz_port))?;
+    Ok(Backends { mock, tracker, tracker_port, authz, authz_port })
+}
+
+struct Envoy {
+    proc: Proc,
+    admin_port: u16,
+    ports: BTreeMap<Kind, u16>,
+}
+
+impl Envoy {
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.proc.pid().context("envoy has no pid")
+    }
+
+    fn url(&self, kind: Kind, path: &str) -> anyhow::Result<String> {
+        let port = self.ports.get(&kind).with_context(|| format!("no listener for {}", kind.slug()))?;
+        Ok(format!("http://127.0.0.1:{port}{path}"))
+    }
+}
+
+fn start_envoy(
+    t: &Tools,
+    b: &Backends,
+    creds: &Creds,
+    kinds: &[Kind],
+    concurrency: u32,
+    dir: &Path,
+    label: &str,
+) -> anyhow::Result<Envoy> {
+    let admin_port = free_port()?;
+    let mut ports = BTreeMap::new();
+    for &k in kinds {
+        ports.insert(k, free_port()?);
+    }
+    let listeners: Vec<(Kind, u16)> = ports.iter().map(|(k, p)| (*k, *p)).collect();
+    let config = bootstrap(&Layout {
+        admin_port,
+        mock_port: b.mock.port,
+        tracker_port: b.tracker_port,
+        authz_port: b.authz_port,
+        wasm: &t.wasm,
+        noop_wasm: t.noop_wasm.as_deref(),
+        creds,
+        listeners: &listeners,
+    });
+    let cfg_path = dir.join(format!("envoy-{label}.json"));
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&config)?)?;
+    let mut cmd = Command::new(&t.envoy);
+    cmd.arg("-c")
+        .arg(&cfg_path)
+        .args(["--concurrency", &concurrency.to_string()])
+        .args(["--log-level", "warn"])
+        .arg("--disable-hot-restart");
+    let mut proc = Proc::spawn("envoy", cmd, &dir.join(format!("envoy-{label}.log")))?;
+    let client = http_client()?;
+    let ready = format!("http://127.0.0.1:{admin_port}/ready");
+    let all_ports: Vec<u16> = ports.values().copied().collect();
+    wait_until(&mut proc, Duration::from_secs(60), || {
+        client.get(&ready).send().is_ok_and(|r| r.status().is_success()) && all_ports.iter().all(|&p| port_open(p))
+    })
+    .with_context(|| format!("envoy config {}", cfg_path.display()))?;
+    Ok(Envoy { proc, admin_port, ports })
+}
+
+fn request(envoy: &Envoy, creds: &Creds, kind: Kind, upstream: Upstream) -> anyhow::Result<Request> {
+    let headers = vec![("authorization".to_string(), creds.authorization(kind))];
+    Ok(match upstream {
+        Upstream::Direct => Request { url: envoy.url(kind, "/bench")?, headers, body: None },
+        Upstream::Mock => {
+            Request { url: envoy.url(kind, "/v1/chat/completions")?, headers, body: Some(CHAT_BODY.into()) }
+        }
+    })
+}
+
+/// Every listener allows its credential and (except "no filter") refuses a wrong one.
+fn sanity_check(envoy: &Envoy, creds: &Creds, kinds: &[Kind]) -> anyhow::Result<()> {
+    let client = http_client()?;
+    for &k in kinds {
+        let ok = client.get(envoy.url(k, "/bench")?).header("authorization", creds.authorization(k)).send()?;
+        if ok.status().as_u16() != 200 {
+            bail!("{}: the valid credential got {}: {}", k.label(), ok.status(), ok.text().unwrap_or_default());
+        }
+        let mock = client
+            .post(envoy.url(k, "/v1/chat/completions")?)
+            .header("authorization", creds.authorization(k))
+            .header("content-type", "application/json")
+            .body(CHAT_BODY)
+            .send()?;
+        if mock.status().as_u16() != 200 {
+            bail!("{}: mock request got {}", k.label(), mock.status());
+        }
+        if k.authenticates() {
+            let bad = client.get(envoy.url(k, "/bench")?).header("authorization", "Bearer tg-wrong-key").send()?;
+            if bad.status().as_u16() != 401 {
+                bail!("{}: a wrong credential got {} (want 401)", k.label(), bad.status());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One measured run: warm-up, then the load, with Envoy's (and the side process')
+/// CPU time measured around the measured part only.
+fn measure(
+    pass: &Pass,
+    warmup: u32,
+    req: &Request,
+    work: &Path,
+    envoy_pid: u32,
+    side_pid: Option<u32>,
+) -> anyhow::Result<(LoadResult, f64, f64)> {
+    if warmup > 0 {
+        let w = Shape { seconds: warmup, ..pass.shape };
+        load::run(&w, req, work).context("warm-up")?;
+    }
+    let e0 = sys::cpu_ns(envoy_pid)?;
+    let s0 = side_pid.map(sys::cpu_ns).transpose()?.unwrap_or(0);
+    let r = load::run(&pass.shape, req, work)?;
+    let e1 = sys::cpu_ns(envoy_pid)?;
+    let s1 = side_pid.map(sys::cpu_ns).transpose()?.unwrap_or(0);
+    let n = r.requests.max(1) as f64;
+    Ok((r, e1.saturating_sub(e0) as f64 / 1000.0 / n, s1.saturating_sub(s0) as f64 / 1000.0 / n))
+}
+
+fn run_passes(
+    args: &Args,
+    t: &Tools,
+    b: &Backends,
+    creds: &Creds,
+    kinds: &[Kind],
+    dir: &Path,
+    res: &mut Results,
+) -> anyhow::Result<()> {
+    for &c in &args.concurrency {
+        let envoy = start_envoy(t, b, creds, kinds, c, dir, &format!("all-c{c}"))?;
+        sanity_check(&envoy, creds, kinds)?;
+        let envoy_pid = envoy.pid()?;
+        for pass in passes(args, c) {
+            for round in 0..args.rounds {
+                // Rotate the order each round so no variant always follows the same one.
+                let n = kinds.len();
+                for i in 0..n {
+                    let Some(&kind) = kinds.get((i + round as usize) % n) else { continue };
+                    let req = request(&envoy, creds, kind, pass.upstream)?;
+                    let side = match kind {
+                        Kind::ExtAuthz => b.authz.pid(),
+                        Kind::TollgateMetered => b.tracker.pid(),
+                        _ => None,
+                    };
+                    let (load, cpu, side_cpu) = measure(&pass, args.warmup, &req, dir, envoy_pid, side)
+                        .with_context(|| format!("{} on {}", pass.name, kind.label()))?;
+                    eprintln!(
+                        "[{}] round {} {:<42} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  envoy {:.1} µs/req{}",
+                        pass.name,
+                        round + 1,
+                        kind.label(),
+                        load.rps,
+                        load.p50_ms,
+                        load.p99_ms,
+                        cpu,
+                        if load.bad > 0 { format!("  ({} bad)", load.bad) } else { String::new() }
+                    );
+                    res.runs.push(Run {
+                        pass: pass.name.clone(),
+                        pass_desc: format!(
+                            "Envoy --concurrency {c}; {}; {}",
+                            pass.shape.describe(),
+                            upstream_desc(pass.upstream)
+                        ),
+                        kind,
+                        round,
+                        load,
+                        envoy_cpu_us: cpu,
+                        side_cpu_us: side_cpu,
+                    });
+                }
+            }
+        }
+        if c == 1 && args.stream_runs > 0 {
+            res.streaming = streaming(args, &envoy, creds, kinds)?;
+        }
+        drop(envoy);
+    }
+    Ok(())
+}
+
+fn upstream_desc(u: Upstream) -> &'static str {
+    match u {
+        Upstream::Direct => "GET answered by Envoy's direct_response",
+        Upstream::Mock => "POST /v1/chat/completions to the mock model server (16 tokens, non-streaming)",
+    }
+}
+
+/// POSTs a streaming chat completion over a raw HTTP/1.1 connection and returns
+/// (time to the first response byte, total time, body bytes) in ms.
+fn stream_once(port: u16, authorization: &str, body: &str) -> anyhow::Result<(f64, f64, usize)> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\nauthorization: {authorization}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut first = None;
+    let mut total = 0usize;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut head: Vec<u8> = Vec::new();
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if first.is_none() {
+            first = Some(start.elapsed());
+        }
+        let chunk = buf.get(..n).unwrap_or_default();
+        if head.len() < 64 {
+            head.extend_from_slice(chunk.get(..chunk.len().min(64)).unwrap_or_default());
+        }
+        total += n;
+        tail.extend_from_slice(chunk);
+        if tail.len() > 256 {
+            tail.drain(..tail.len() - 256);
+        }
+    }
+    let elapsed = start.elapsed();
+    if !head.starts_with(b"HTTP/1.1 200") {
+        bail!("stream answered {}", String::from_utf8_lossy(&head));
+    }
+    if !String::from_utf8_lossy(&tail).contains("[DONE]") {
+        bail!("stream ended without [DONE]");
+    }
+    let first = first.context("no response")?;
+    Ok((first.as_secs_f64() * 1000.0, elapsed.as_secs_f64() * 1000.0, total))
+}
+
+fn stream_body(tokens: u64) -> String {
+    json!({"model": "mock-model", "messages": [{"role": "user", "content": "stream please"}],
+           "stream": true, "stream_options": {"include_usage": true}, "max_tokens": tokens})
+    .to_string()
+}
+
+fn streaming(
+    args: &Args,
+    envoy: &Envoy,
+    creds: &Creds,
+    kinds: &[Kind],
+) -> anyhow::Result<Vec<(Kind, Vec<(f64, f64, usize)>)>> {
+    let which: Vec<Kind> =
+        [Kind::NoFilter, Kind::TollgateKey, Kind::TollgateMetered].into_iter().filter(|k| kinds.contains(k)).collect();
+    let Some(&first) = which.first() else { return Ok(Vec::new()) };
+    let port = *envoy.ports.get(&first).context("port")?;
+    // Calibrate: bytes per token of this stream shape.
+    let (_, _, bytes) = stream_once(port, &creds.authorization(first), &stream_body(1000))?;
+    let per_token = (bytes / 1000).max(1);
+    let tokens = (args.stream_bytes / per_token).max(1) as u64;
+    let body = stream_body(tokens);
+    let mut out: Vec<(Kind, Vec<(f64, f64, usize)>)> = which.iter().map(|&k| (k, Vec::new())).collect();
+    for (k, _) in &out {
+        let p = *envoy.ports.get(k).context("port")?;
+        stream_once(p, &creds.authorization(*k), &body)?; // warm-up
+    }
+    for round in 0..args.stream_runs {
+        let n = out.len();
+        for i in 0..n {
+            let idx = (i + round as usize) % n;
+            let Some((k, samples)) = out.get_mut(idx) else { continue };
+            let p = *envoy.ports.get(k).context("port")?;
+            samples.push(stream_once(p, &creds.authorization(*k), &body)?);
+        }
+    }
+    eprintln!("[stream] {tokens} tokens, ~{} bytes per response", tokens as usize * per_token);
+    Ok(out)
+}
+
+fn admin_memory(admin_port: u16) -> String {
+    http_client()
+        .ok()
+        .and_then(|c| c.get(format!("http://127.0.0.1:{admin_port}/memory")).send().ok())
+        .and_then(|r| r.json::<serde_json::Value>().ok())
+        .map(|v| {
+            let get = |k: &str| v.get(k).and_then(|x| x.as_str()).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            format!("heap allocated {:.1} MiB", get("allocated") as f64 / 1_048_576.0)
+        })
+        .unwrap_or_else(|| "admin /memory unavailable".into())
+}
+
+fn memory_and_leak(
+    args: &Args,
+    t: &Tools,
+    b: &Backends,
+    creds: &Creds,
+    dir: &Path,
+    res: &mut Results,
+) -> anyhow::Result<()> {
+    let warm = 20_000u64;
+    let mut rows = Vec::new();
+    for (label, kind) in [
+        ("no filter", Kind::NoFilter),
+        ("Envoy jwt_authn + cache", Kind::JwtAuthnCached),
+        ("Tollgate + limits + metering", Kind::TollgateMetered),
+    ] {
+        let envoy = start_envoy(t, b, creds, &[kind], 1, dir, &format!("mem-{}", kind.slug()))?;
+        let pid = envoy.pid()?;
+        let idle = sys::rss_kib(pid)?;
+        let req = request(&envoy, creds, kind, Upstream::Direct)?;
+        load::run_count(args.h2_connections, args.h2_streams, warm, &req, dir)?;
+        let after = sys::rss_kib(pid)?;
+        rows.push((
+            label.to_string(),
+            format!(
+                "{:.1} MiB idle, {:.1} MiB after {warm} requests ({})",
+                idle as f64 / 1024.0,
+                after as f64 / 1024.0,
+                admin_memory(envoy.admin_port)
+            ),
+        ));
+
+        if kind == Kind::TollgateMetered && args.leak_requests > 0 {
+            // Alternate API key and JWT quarters; 1 in 4 requests goes to the mock model
+            // server (usage parsed and charged), the rest to the direct response.
+            let quarter = (args.leak_requests / 4).max(1);
+            let mut series = vec![(warm, after, 0u64)];
+            let started = Instant::now();
+            let mut done = warm;
+            for q in 0..4u32 {
+                let kind_for_creds = if q % 2 == 0 { Kind::TollgateKey } else { Kind::TollgateJwt };
+                let base = envoy.url(kind, "")?;
+                let mut r = Request {
+                    url: format!("{base}/bench"),
+                    headers: vec![("authorization".into(), creds.authorization(kind_for_creds))],
+                    body: Some(CHAT_BODY.into()),
+                };
+                // h2load cycles through the URIs it is given.
+                r.url = format!("{base}/bench {base}/bench {base}/bench {base}/v1/chat/completions");
+                let res_q = load_multi(args, quarter, &r, dir)?;
+                done += quarter;
+                let rss = sys::rss_kib(pid)?;
+                series.push((done, rss, res_q));
+                eprintln!("[leak] {done} requests: RSS {:.1} MiB", rss as f64 / 1024.0);
+            }
+            res.leak_note = format!(
+                "{} requests after a {warm}-request warm-up, in 4 quarters (API key, JWT, API key, JWT); 3 in 4 to the direct response, 1 in 4 a chat completion through the mock model server (usage read, tokens charged, event sent); {:.0} s; {}",
+                quarter * 4,
+                started.elapsed().as_secs_f64(),
+                admin_memory(envoy.admin_port)
+            );
+            res.leak = series;
+        }
+        drop(envoy);
+    }
+    res.memory = rows;
+    Ok(())
+}
+
+/// h2load over several URIs (space-separated in `req.url`), `count` requests; returns failures.
+fn load_multi(args: &Args, count: u64, req: &Request, dir: &Path) -> anyhow::Result<u64> {
+    let body = dir.join("leak-body.json");
+    std::fs::write(&body, req.body.as_deref().unwrap_or(""))?;
+    let mut cmd = Command::new("h2load");
+    cmd.args([
+        "-t1",
+        "-c",
+        &args.h2_connections.to_string(),
+        "-m",
+        &args.h2_streams.to_string(),
+        "-n",
+        &count.to_string(),
+    ]);
+    for (k, v) in &req.headers {
+        cmd.args(["-H", &format!("{k}: {v}")]);
+    }
+    cmd.arg("-d").arg(&body).args(["-H", "content-type: application/json"]);
+    cmd.args(req.url.split(' '));
+    let out = cmd.output().context("run h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r = load::parse_h2load(&text).with_context(|| format!("h2load:\n{text}"))?;
+    if r.bad > 0 {
+        bail!("leak check: {} requests failed:\n{text}", r.bad);
+    }
+    Ok(r.bad)
+}
+
+fn native(t: &Tools, dir: &Path, res: &mut Results) -> anyhow::Result<()> {
+    let out = Command::new(&t.sse).output().context("run sse-throughput")?;
+    if !out.status.success() {
+        bail!("sse-throughput failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    res.native.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| format!("sse-throughput: {l}")));
+    let modes = ["key", "jwt", "jwt-cached", "limits", "event", "json-usage"];
+    for mode in modes {
+        let out = Command::new(&t.auth_cost).args(["--mode", mode, "--iterations", "200000"]).output()?;
+        if !out.status.success() {
+            bail!("auth-cost {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        res.native.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| format!("auth-cost: {l}")));
+    }
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        res.notes.push("valgrind not found: instruction counts skipped".into());
+        return Ok(());
+    }
+    let (n1, n2) = (1_000u64, 11_000u64);
+    for mode in modes {
+        let mut irs = Vec::new();
+        for n in [n1, n2] {
+            let file = dir.join(format!("callgrind.{mode}.{n}.out"));
+            let out = Command::new("valgrind")
+                .args(["--tool=callgrind"])
+                .arg(format!("--callgrind-out-file={}", file.display()))
+                .arg(&t.auth_cost)
+                .args(["--mode", mode, "--iterations", &n.to_string()])
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            let ir: u64 = err
+                .lines()
+                .find_map(|l| l.split("Collected :").nth(1))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no callgrind total for {mode}:\n{err}"))?;
+            irs.push(ir);
+            if n == n2 && matches!(mode, "key" | "jwt" | "jwt-cached") {
+                let ann = Command::new("callgrind_annotate").arg(&file).output().ok();
+                let text = ann.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+                res.callgrind_top.push((mode.to_string(), top_functions(&text, 8)));
+            }
+        }
+        let (a, b) = (irs.first().copied().unwrap_or(0), irs.get(1).copied().unwrap_or(0));
+        let per_op = b.saturating_sub(a) as f64 / (n2 - n1) as f64;
+        res.callgrind.push((mode.to_string(), per_op, a as f64));
+    }
+    Ok(())
+}
+
+/// The first `n` function lines of `callgrind_annotate` output (self cost).
+fn top_functions(text: &str, n: usize) -> String {
+    let mut lines = Vec::new();
+    let mut started = false;
+    for l in text.lines() {
+        if l.contains("file:function") {
+            started = true;
+            continue;
+        }
+        if started {
+            let t = l.trim();
+            if t.is_empty() {
+                if !lines.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            if t.starts_with("--") {
+                continue;
+            }
+            lines.push(t.chars().take(160).collect::<String>());
+            if lines.len() >= n {
+                break;
+            }
+        }
+    }
+    lines.join("\n")
+}
+
+// ----- report -----
+
+struct Agg {
+    rps: f64,
+    rps_lo: f64,
+    rps_hi: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    cpu: f64,
+    side: f64,
+    bad: u64,
+    /// Median over rounds of this variant's rps divided by (a)'s rps in the same round.
+    vs_a: f64,
+    vs_b: f64,
+    cpu_vs_a: f64,
+}
+
+fn aggregate(runs: &[Run], pass: &str, kind: Kind, rounds: u32) -> Option<Agg> {
+    let mine: Vec<&Run> = runs.iter().filter(|r| r.pass == pass && r.kind == kind).collect();
+    if mine.is_empty() {
+        return None;
+    }
+    let col = |f: &dyn Fn(&Run) -> f64| median(&mine.iter().map(|r| f(r)).collect::<Vec<_>>());
+    let rps_of = |k: Kind, round: u32| {
+        runs.iter().find(|r| r.pass == pass && r.kind == k && r.round == round).map(|r| r.load.rps)
+    };
+    let cpu_of = |k: Kind, round: u32| {
+        runs.iter().find(|r| r.pass == pass && r.kind == k && r.round == round).map(|r| r.envoy_cpu_us)
+    };
+    let mut vs_a = Vec::new();
+    let mut vs_b = Vec::new();
+    let mut cpu_vs_a = Vec::new();
+    for round in 0..rounds {
+        let Some(me) = rps_of(kind, round) else { continue };
+        if let Some(a) = rps_of(Kind::NoFilter, round) {
+            vs_a.push(me / a);
+        }
+        let b = [rps_of(Kind::JwtAuthn, round), rps_of(Kind::JwtAuthnCached, round)]
+            .into_iter()
+            .flatten()
+            .fold(f64::NAN, f64::max);
+        if b.is_finite() {
+            vs_b.push(me / b);
+        }
+        if let (Some(c), Some(ca)) = (cpu_of(kind, round), cpu_of(Kind::NoFilter, round)) {
+            cpu_vs_a.push(c - ca);
+        }
+    }
+    let (lo, hi) = min_max(&mine.iter().map(|r| r.load.rps).collect::<Vec<_>>());
+    Some(Agg {
+        rps: col(&|r| r.load.rps),
+        rps_lo: lo,
+        rps_hi: hi,
+        p50: col(&|r| r.load.p50_ms),
+        p90: col(&|r| r.load.p90_ms),
+        p99: col(&|r| r.load.p99_ms),
+        cpu: col(&|r| r.envoy_cpu_us),
+        side: col(&|r| r.side_cpu_us),
+        bad: mine.iter().map(|r| r.load.bad).sum(),
+        vs_a: median(&vs_a),
+        vs_b: median(&vs_b),
+        cpu_vs_a: median(&cpu_vs_a),
+    })
+}
+
+fn fmt_ratio(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        "–".into()
+    }
+}
+
+fn report(
+    args: &Args,
+    facts: &[(String, String)],
+    kinds: &[Kind],
+    res: &Results,
+    command: &str,
+    started: &str,
+    elapsed: Duration,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Tollgate benchmark run — {started}\n");
+    let _ = writeln!(md, "Command: `{command}` ({:.1} min)\n", elapsed.as_secs_f64() / 60.0);
+    let _ = writeln!(md, "| | |\n|---|---|");
+    for (k, v) in facts {
+        let _ = writeln!(md, "| {k} | {} |", v.replace('|', "\\|"));
+    }
+    let _ = writeln!(
+        md,
+        "| method | {} rounds × {} s measured (+{} s warm-up per run), variants interleaved and rotated each round; medians over rounds; ratios computed per round then medianed |",
+        args.rounds, args.duration, args.warmup
+    );
+    let _ = writeln!(
+        md,
+        "\nVariants: {}\n",
+        kinds.iter().map(|k| format!("({}) {}", k.id(), k.label())).collect::<Vec<_>>().join("; ")
+    );
+    let _ = writeln!(
+        md,
+        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the ext_authz service (f) or the usage tracker (e), outside Envoy. Every request carries an `authorization` header (the JWT for b, b', c; the API key otherwise, unused by a and h).\n"
+    );
+    let mut pass_names: Vec<(String, String)> = Vec::new();
+    for r in &res.runs {
+        if !pass_names.iter().any(|(n, _)| n == &r.pass) {
+            pass_names.push((r.pass.clone(), r.pass_desc.clone()));
+        }
+    }
+    for (pass, desc) in &pass_names {
+        let _ = writeln!(md, "## {pass}\n\n{desc}\n");
+        let _ = writeln!(md, "| variant | req/s (min–max) | ×a | ×b | p50 ms | p90 ms | p99 ms | +p50 µs | CPU/req µs | +CPU µs | side CPU µs | non-2xx |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let base = aggregate(&res.runs, pass, Kind::NoFilter, args.rounds);
+        for &k in kinds {
+            let Some(a) = aggregate(&res.runs, pass, k, args.rounds) else { continue };
+            let added = base.as_ref().map_or(f64::NAN, |b| (a.p50 - b.p50) * 1000.0);
+            let side = if matches!(k, Kind::ExtAuthz | Kind::TollgateMetered) {
+                format!("{:.1}", a.side)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                md,
+                "| ({}) {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:+.1} | {} | {} |",
+                k.id(),
+                k.label(),
+                a.rps,
+                a.rps_lo,
+                a.rps_hi,
+                fmt_ratio(a.vs_a),
+                fmt_ratio(a.vs_b),
+                a.p50,
+                a.p90,
+                a.p99,
+                added,
+                a.cpu,
+                a.cpu_vs_a,
+                side,
+                a.bad
+            );
+        }
+        let _ = writeln!(md);
+    }
+    if !res.streaming.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Streaming: one SSE chat completion of ~{} KiB (Envoy --concurrency 1)\n",
+            args.stream_bytes / 1024
+        );
+        let _ = writeln!(md, "Median of {} requests per variant, interleaved, new connection each; time to the first response byte and to the end of the stream.\n", args.stream_runs);
+        let _ = writeln!(md, "| variant | TTFB ms | total ms | total ×a | body bytes |\n|---|---:|---:|---:|---:|");
+        let base_total = res
+            .streaming
+            .iter()
+            .find(|(k, _)| *k == Kind::NoFilter)
+            .map(|(_, s)| median(&s.iter().map(|x| x.1).collect::<Vec<_>>()));
+        for (k, samples) in &res.streaming {
+            let ttfb = median(&samples.iter().map(|x| x.0).collect::<Vec<_>>());
+            let total = median(&samples.iter().map(|x| x.1).collect::<Vec<_>>());
+            let bytes = samples.first().map_or(0, |x| x.2);
+            let label = match k {
+                Kind::NoFilter => "(a) no filter".to_string(),
+                Kind::TollgateKey => "(d) Tollgate, auth only (no metering)".to_string(),
+                Kind::TollgateMetered => "(e) Tollgate, limits + metering (SSE parsed)".to_string(),
+                other => format!("({}) {}", other.id(), other.label()),
+            };
+            let _ = writeln!(
+                md,
+                "| {label} | {ttfb:.2} | {total:.2} | {} | {bytes} |",
+                fmt_ratio(base_total.map_or(f64::NAN, |b| total / b))
+            );
+        }
+        let _ = writeln!(md);
+    }
+    if !res.memory.is_empty() {
+        let _ = writeln!(md, "## Memory (Envoy --concurrency 1, one listener, RSS)\n\n| Envoy with | RSS |\n|---|---|");
+        for (k, v) in &res.memory {
+            let _ = writeln!(md, "| {k} | {v} |");
+        }
+        let _ = writeln!(md);
+    }
+    if !res.leak.is_empty() {
+        let _ = writeln!(md, "### Leak check: Tollgate + limits + metering\n\n{}\n", res.leak_note);
+        let _ = writeln!(md, "| requests served | RSS MiB |\n|---:|---:|");
+        for (n, rss, _) in &res.leak {
+            let _ = writeln!(md, "| {n} | {:.1} |", *rss as f64 / 1024.0);
+        }
+        if let (Some(mid), Some(last)) = (res.leak.get(2), res.leak.last()) {
+            let growth = last.1 as f64 - mid.1 as f64;
+            let reqs = last.0.saturating_sub(mid.0).max(1) as f64;
+            let _ = writeln!(
+                md,
+                "\nGrowth over the second half: {:+.1} MiB ({:+.2} bytes per request).\n",
+                growth / 1024.0,
+                growth * 1024.0 / reqs
+            );
+        }
+    }
+    if !res.native.is_empty() || !res.callgrind.is_empty() {
+        let _ = writeln!(md, "## Native: the filter's pure logic (release profile, x86-64)\n");
+        let _ = writeln!(md, "```");
+        for l in &res.native {
+            let _ = writeln!(md, "{l}");
+        }
+        let _ = writeln!(md, "```\n");
+        if !res.callgrind.is_empty() {
+            let _ = writeln!(md, "Instructions per operation (callgrind, (Ir at 11 000 − Ir at 1 000) / 10 000):\n\n| operation | instructions |\n|---|---:|");
+            for (mode, ir, _) in &res.callgrind {
+                let _ = writeln!(md, "| {mode} | {ir:.0} |");
+            }
+            let _ = writeln!(md);
+        }
+        for (mode, top) in &res.callgrind_top {
+            let _ = writeln!(
+                md,
+                "<details><summary>callgrind top functions (self), {mode}</summary>\n\n```\n{top}\n```\n</details>\n"
+            );
+        }
+    }
+    for n in &res.notes {
+        let _ = writeln!(md, "- {n}");
+    }
+    md
+}
+
+fn csv(res: &Results) -> String {
+    let mut s = String::from(
+        "pass,variant,round,requests,seconds,rps,p50_ms,p90_ms,p99_ms,bad,envoy_cpu_us_per_req,side_cpu_us_per_req\n",
+    );
+    for r in &res.runs {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{:.3},{:.1},{:.4},{:.4},{:.4},{},{:.2},{:.2}",
+            r.pass,
+            r.kind.slug(),
+            r.round + 1,
+            r.load.requests,
+            r.load.seconds,
+            r.load.rps,
+            r.load.p50_ms,
+            r.load.p90_ms,
+            r.load.p99_ms,
+            r.load.bad,
+            r.envoy_cpu_us,
+            r.side_cpu_us
+        );
+    }
+    s
+}
+
+fn stamp() -> (String, String) {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ|%Y%m%d-%H%M%S"]).output().ok();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let (human, file) = text.split_once('|').unwrap_or(("unknown date", "run"));
+    (human.to_string(), file.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let begin = Instant::now();
+    let command =
+        std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
+    let kinds: Vec<Kind> = if args.variants.is_empty() {
+        Kind::ALL.to_vec()
+    } else {
+        let mut v = Vec::new();
+        for s in &args.variants {
+            v.push(
+                Kind::from_slug(s)
+                    .ok_or_else(|| anyhow!("unknown variant {s:?}; one of {}", Kind::ALL.map(Kind::slug).join(", ")))?,
+            );
+        }
+        if !v.contains(&Kind::NoFilter) {
+            v.insert(0, Kind::NoFilter); // the baseline every ratio needs
+        }
+        v
+    };
+    let t = tools()?;
+    let mut kinds = kinds;
+    if t.noop_wasm.is_none() {
+        kinds.retain(|&k| k != Kind::WasmNoop);
+        eprintln!("bench-run: {NOOP_WASM} not built (bench/build-noop-wasm.sh): variant (h) skipped");
+    }
+    let dir = harness::paths::run_dir("bench")?;
+    eprintln!("bench-run: work dir {}", dir.display());
+    let facts = sys::machine_facts(&t.envoy, &t.wasm);
+    let (started, file_stamp) = stamp();
+    let creds = Creds::new(args.keys)?;
+    let backends = start_backends(&t, &dir, &creds)?;
+    let mut res = Results::default();
+    run_passes(&args, &t, &backends, &creds, &kinds, &dir, &mut res)?;
+    if args.leak_requests > 0 {
+        memory_and_leak(&args, &t, &backends, &creds, &dir, &mut res)?;
+    }
+    drop(backends);
+    if !args.no_native {
+        native(&t, &dir, &mut res)?;
+    }
+    let md = report(&args, &facts, &kinds, &res, &command, &started, begin.elapsed());
+    let out_dir = args.out.clone().unwrap_or_else(|| harness::paths::workspace_root().join("bench/results"));
+    std::fs::create_dir_all(&out_dir)?;
+    let md_path = out_dir.join(format!("{file_stamp}.md"));
+    std::fs::write(&md_path, &md)?;
+    std::fs::write(out_dir.join(format!("{file_stamp}.csv")), csv(&res))?;
+    std::fs::write(out_dir.join("latest.md"), &md)?;
+    println!("{md}");
+    eprintln!(
+        "bench-run: wrote {} (and .csv, latest.md) in {:.1} min",
+        md_path.display(),
+        begin.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}

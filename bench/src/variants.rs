@@ -1,0 +1,365 @@
+//! The variants under test, their credentials and filter configs, and the Envoy
+//! bootstrap that puts every variant on its own listener of one Envoy.
+//!
+//! Every listener has the same two routes, so one process serves both upstreams:
+//! `/v1/…` goes to the mock OpenAI-compatible model server (a real upstream hop),
+//! anything else is answered by Envoy itself with a `direct_response` (the fastest
+//! possible "upstream": what is left is the cost of the listener and its filters).
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// One benchmarked configuration of the gateway.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// (a) No auth filter: the limit.
+    NoFilter,
+    /// (b) Envoy's C++ `jwt_authn`, same HS256 JWKS, no token cache.
+    JwtAuthn,
+    /// (b') Envoy's `jwt_authn` with `jwt_cache_config`.
+    JwtAuthnCached,
+    /// (c) Tollgate, the request carries a JWT.
+    TollgateJwt,
+    /// (d) Tollgate, the request carries an API key.
+    TollgateKey,
+    /// (e) Tollgate with limits and metering (usage to the local tracker), API key.
+    TollgateMetered,
+    /// (f) Envoy `ext_authz` (HTTP) to an auth service on loopback: the same key check.
+    ExtAuthz,
+    /// (g) A Lua filter doing the same key check (SHA-256 in LuaJIT).
+    Lua,
+    /// (h) An empty Rust Proxy-Wasm filter (every callback returns Continue): the fixed
+    /// cost of any Wasm filter in V8, apart from Tollgate's own work.
+    WasmNoop,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 9] = [
+        Kind::NoFilter,
+        Kind::JwtAuthn,
+        Kind::JwtAuthnCached,
+        Kind::TollgateJwt,
+        Kind::TollgateKey,
+        Kind::TollgateMetered,
+        Kind::ExtAuthz,
+        Kind::Lua,
+        Kind::WasmNoop,
+    ];
+
+    pub fn id(self) -> &'static str {
+        match self {
+            Kind::NoFilter => "a",
+            Kind::JwtAuthn => "b",
+            Kind::JwtAuthnCached => "b'",
+            Kind::TollgateJwt => "c",
+            Kind::TollgateKey => "d",
+            Kind::TollgateMetered => "e",
+            Kind::ExtAuthz => "f",
+            Kind::Lua => "g",
+            Kind::WasmNoop => "h",
+        }
+    }
+
+    /// Short name used on the command line (`--variants`).
+    pub fn slug(self) -> &'static str {
+        match self {
+            Kind::NoFilter => "none",
+            Kind::JwtAuthn => "jwt_authn",
+            Kind::JwtAuthnCached => "jwt_authn_cache",
+            Kind::TollgateJwt => "tollgate_jwt",
+            Kind::TollgateKey => "tollgate_key",
+            Kind::TollgateMetered => "tollgate_metered",
+            Kind::ExtAuthz => "ext_authz",
+            Kind::Lua => "lua",
+            Kind::WasmNoop => "wasm_noop",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::NoFilter => "no filter",
+            Kind::JwtAuthn => "Envoy jwt_authn (JWT)",
+            Kind::JwtAuthnCached => "Envoy jwt_authn + jwt_cache_config (JWT)",
+            Kind::TollgateJwt => "Tollgate (JWT)",
+            Kind::TollgateKey => "Tollgate (API key)",
+            Kind::TollgateMetered => "Tollgate + limits + metering (API key)",
+            Kind::ExtAuthz => "ext_authz HTTP → Rust service (API key)",
+            Kind::Lua => "Lua filter (API key)",
+            Kind::WasmNoop => "empty Rust Wasm filter (no auth)",
+        }
+    }
+
+    pub fn from_slug(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.slug() == s || k.id() == s)
+    }
+
+    /// Whether the request carries the JWT (else the API key).
+    pub fn sends_jwt(self) -> bool {
+        matches!(self, Kind::JwtAuthn | Kind::JwtAuthnCached | Kind::TollgateJwt)
+    }
+
+    pub fn is_jwt_authn(self) -> bool {
+        matches!(self, Kind::JwtAuthn | Kind::JwtAuthnCached)
+    }
+
+    /// Whether the listener refuses a wrong credential.
+    pub fn authenticates(self) -> bool {
+        !matches!(self, Kind::NoFilter | Kind::WasmNoop)
+    }
+}
+
+/// Credentials shared by every variant: a list of API keys (stored as SHA-256
+/// digests, as Tollgate, the auth service and the Lua filter all hold them), the
+/// key the load generators send, and an HS256 JWT with its JWKS.
+pub struct Creds {
+    /// `api_keys.keys` entries: `{"sha256","user","groups"}`.
+    pub key_entries: Vec<Value>,
+    pub api_key: String,
+    pub jwt: String,
+    pub jwks: String,
+}
+
+pub const GROUP: &str = "bench";
+
+impl Creds {
+    /// `n_keys` keys (at least one); the load uses the one in the middle.
+    pub fn new(n_keys: usize) -> anyhow::Result<Creds> {
+        let n = n_keys.max(1);
+        let mut key_entries = Vec::with_capacity(n);
+        let mut api_key = String::new();
+        for i in 0..n {
+            let key = harness::dev::new_api_key();
+            key_entries.push(harness::dev::key_entry(&key, &format!("user{i}"), &[GROUP.to_string()]));
+            if i == n / 2 {
+                api_key = key;
+            }
+        }
+        let secret = harness::dev::new_secret();
+        let jwks = harness::dev::jwks(secret.as_bytes(), Some("dev-key"));
+        // A day of validity: enough for any run, and jwt_authn's cache honours exp.
+        let claims = harness::dev::claims("dev", "jwt-user", &[GROUP.to_string()], Some(86_400), None);
+        let jwt = harness::dev::mint_jwt(secret.as_bytes(), Some("dev-key"), &claims)?;
+        Ok(Creds { key_entries, api_key, jwt, jwks })
+    }
+
+    /// The `authorization` header value this variant's requests carry.
+    pub fn authorization(&self, kind: Kind) -> String {
+        if kind.sends_jwt() {
+            format!("Bearer {}", self.jwt)
+        } else {
+            format!("Bearer {}", self.api_key)
+        }
+    }
+
+    /// `(sha256 hex, user, groups csv)` for the auth service and the Lua filter.
+    pub fn digest_table(&self) -> Vec<(String, String, String)> {
+        self.key_entries
+            .iter()
+            .filter_map(|e| {
+                let digest = e.get("sha256")?.as_str()?.to_string();
+                let user = e.get("user")?.as_str()?.to_string();
+                let groups =
+                    e.get("groups")?.as_array()?.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",");
+                Some((digest, user, groups))
+            })
+            .collect()
+    }
+}
+
+/// Cluster names in the bootstrap.
+pub const MOCK_CLUSTER: &str = "model";
+pub const TRACKER_CLUSTER: &str = "usage-tracking";
+pub const AUTHZ_CLUSTER: &str = "authz";
+
+/// Tollgate's plugin config for a variant: API keys and the JWT provider for
+/// (c)/(d); plus generous limits (nothing is denied, but every request goes through
+/// the shared-data token bucket and is charged its tokens) and usage reports to the
+/// local tracker for (e).
+pub fn tollgate_config(creds: &Creds, metered: bool) -> Value {
+    let mut config = json!({
+        "api_keys": {"keys": creds.key_entries},
+        "jwt": {"providers": [{"issuer": "dev", "jwks": creds.jwks}]}
+    });
+    if metered {
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert(
+                "limits".into(),
+                json!({"groups": {GROUP: {
+                    "requests_per_second": 100_000_000u64,
+                    "burst": 100_000_000u64,
+                    "tokens_per_minute": 1_000_000_000_000u64
+                }}}),
+            );
+            obj.insert(
+                "usage".into(),
+                json!({"cluster": TRACKER_CLUSTER, "authority": "usage-tracking", "path": "/track",
+                       "flush_interval_ms": 500, "timeout_ms": 1000}),
+            );
+        }
+    }
+    config
+}
+
+fn jwt_authn_filter(creds: &Creds, cached: bool) -> Value {
+    let mut provider = json!({
+        "issuer": "dev",
+        "local_jwks": {"inline_string": creds.jwks},
+        "forward": false,
+        "clock_skew_seconds": 60
+    });
+    if cached {
+        if let Some(obj) = provider.as_object_mut() {
+            obj.insert("jwt_cache_config".into(), json!({"jwt_cache_size": 1000}));
+        }
+    }
+    json!({"name": "envoy.filters.http.jwt_authn", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {"dev": provider},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "dev"}}]
+    }})
+}
+
+fn wasm_filter(wasm: &Path, config: &Value) -> Value {
+    wasm_filter_named(wasm, config, "tollgate")
+}
+
+fn wasm_filter_named(wasm: &Path, config: &Value, name: &str) -> Value {
+    json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": name,
+                "root_id": name,
+                "failure_policy": "FAIL_CLOSED",
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": config.to_string()
+                },
+                "vm_config": {
+                    "vm_id": "",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm.display().to_string()}}
+                }
+            }
+        }
+    })
+}
+
+fn ext_authz_filter() -> Value {
+    json!({"name": "envoy.filters.http.ext_authz", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": false,
+        "http_service": {
+            "server_uri": {"uri": "http://127.0.0.1", "cluster": AUTHZ_CLUSTER, "timeout": "1s"},
+            "path_prefix": "/check",
+            "authorization_request": {"allowed_headers": {"patterns": [
+                {"exact": "authorization"}, {"exact": "x-api-key"}
+            ]}},
+            "authorization_response": {"allowed_upstream_headers": {"patterns": [
+                {"exact": "x-tollgate-user"}, {"exact": "x-tollgate-groups"}
+            ]}}
+        }
+    }})
+}
+
+fn lua_filter(creds: &Creds) -> Value {
+    json!({"name": "envoy.filters.http.lua", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": crate::lua::source(&creds.digest_table())}
+    }})
+}
+
+fn auth_filters(kind: Kind, creds: &Creds, wasm: &Path, noop_wasm: Option<&Path>) -> Vec<Value> {
+    match kind {
+        Kind::NoFilter => vec![],
+        Kind::JwtAuthn => vec![jwt_authn_filter(creds, false)],
+        Kind::JwtAuthnCached => vec![jwt_authn_filter(creds, true)],
+        Kind::TollgateJwt | Kind::TollgateKey => vec![wasm_filter(wasm, &tollgate_config(creds, false))],
+        Kind::TollgateMetered => vec![wasm_filter(wasm, &tollgate_config(creds, true))],
+        Kind::ExtAuthz => vec![ext_authz_filter()],
+        Kind::Lua => vec![lua_filter(creds)],
+        Kind::WasmNoop => noop_wasm.map(|w| wasm_filter_named(w, &json!({}), "noop")).into_iter().collect(),
+    }
+}
+
+fn listener(kind: Kind, port: u16, creds: &Creds, wasm: &Path, noop_wasm: Option<&Path>) -> Value {
+    let mut filters = auth_filters(kind, creds, wasm, noop_wasm);
+    filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
+    json!({
+        "name": kind.slug(),
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": kind.slug(),
+                "codec_type": "AUTO",
+                "route_config": {"name": "local", "virtual_hosts": [{
+                    "name": "all", "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/v1/"}, "route": {"cluster": MOCK_CLUSTER, "timeout": "300s"}},
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
+                    ]
+                }]},
+                "http_filters": filters
+            }
+        }]}]
+    })
+}
+
+fn cluster(name: &str, port: u16, http2: bool) -> Value {
+    let mut c = json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+        ]}]}
+    });
+    if http2 {
+        if let Some(obj) = c.as_object_mut() {
+            obj.insert(
+                "typed_extension_protocol_options".into(),
+                json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}
+                }}),
+            );
+        }
+    }
+    c
+}
+
+/// Where the parts of one benchmark Envoy are.
+pub struct Layout<'a> {
+    pub admin_port: u16,
+    pub mock_port: u16,
+    pub tracker_port: u16,
+    pub authz_port: u16,
+    pub wasm: &'a Path,
+    /// The empty filter of variant (h), when built.
+    pub noop_wasm: Option<&'a Path>,
+    pub creds: &'a Creds,
+    /// One listener per variant.
+    pub listeners: &'a [(Kind, u16)],
+}
+
+pub fn bootstrap(l: &Layout<'_>) -> Value {
+    let listeners: Vec<Value> =
+        l.listeners.iter().map(|&(k, port)| listener(k, port, l.creds, l.wasm, l.noop_wasm)).collect();
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": l.admin_port}}},
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": [
+                cluster(MOCK_CLUSTER, l.mock_port, false),
+                cluster(TRACKER_CLUSTER, l.tracker_port, false),
+                cluster(AUTHZ_CLUSTER, l.authz_port, false)
+            ]
+        }
+    })
+}
