@@ -95,19 +95,25 @@ pub enum Credential<'a> {
 /// The first credential found, trying `sources` in order. `headers` are
 /// (lowercase name, value) pairs as Envoy hands them over.
 pub fn find_credential<'a>(headers: &'a [(String, String)], sources: &[CredentialSource]) -> Option<Credential<'a>> {
+    find_credential_value(headers, sources).map(classify)
+}
+
+/// The credential's raw value, not yet classified (lets the caller consult its cache of
+/// verified tokens before the JWT shape check, which decodes and parses the header).
+pub fn find_credential_value<'a>(headers: &'a [(String, String)], sources: &[CredentialSource]) -> Option<&'a str> {
     sources.iter().find_map(|source| {
-        headers
-            .iter()
-            .filter(|(name, _)| name.eq_ignore_ascii_case(&source.header))
-            .find_map(|(_, value)| match source.prefix.as_deref() {
-                Some(prefix) => strip_scheme(value, prefix),
-                None => Some(value.trim()),
-            })
-            .map(classify)
+        headers.iter().filter(|(name, _)| name.eq_ignore_ascii_case(&source.header)).find_map(|(_, value)| match source
+            .prefix
+            .as_deref()
+        {
+            Some(prefix) => strip_scheme(value, prefix),
+            None => Some(value.trim()),
+        })
     })
 }
 
-fn classify(value: &str) -> Credential<'_> {
+/// JWT when the value has the JWT shape, else an API key.
+pub fn classify(value: &str) -> Credential<'_> {
     if looks_like_jwt(value) {
         Credential::Jwt(value)
     } else {

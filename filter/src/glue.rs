@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
@@ -43,7 +44,20 @@ proxy_wasm::main! {{
     });
 }}
 
+/// The host's log level, read at configure time and on every tick, so a line the host
+/// would drop is never formatted (the ALLOW/DENY lines run on every request).
+static HOST_LOG_LEVEL: AtomicU32 = AtomicU32::new(0);
+
+fn refresh_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        HOST_LOG_LEVEL.store(level as u32, Ordering::Relaxed);
+    }
+}
+
 fn log(level: LogLevel, context_id: u32, message: std::fmt::Arguments<'_>) {
+    if (level as u32) < HOST_LOG_LEVEL.load(Ordering::Relaxed) {
+        return;
+    }
     let _ = hostcalls::log(level, &format!("[ctx {context_id}] {message}"));
 }
 
@@ -161,6 +175,7 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        refresh_log_level();
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(b) => b.unwrap_or_default(),
             Err(status) => {
@@ -224,6 +239,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        refresh_log_level();
         let Some(state) = self.state.clone() else { return };
         if let Some(usage) = &state.settings.usage {
             self.flush(usage, &state);
@@ -476,9 +492,7 @@ impl HttpContext for Http {
                 Action::Continue
             }
             // A denied request never reaches the upstream: no header needs editing.
-            Verdict::Deny { error, .. } => {
-                self.deny(&state, event, error.reason(), &LocalReply::from(&error), &path)
-            }
+            Verdict::Deny { error, .. } => self.deny(&state, event, error.reason(), &LocalReply::from(&error), &path),
         }
     }
 
