@@ -31,21 +31,26 @@ impl AuthError {
 
 /// Header changes to apply to the request before it goes upstream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HeaderEdits {
-    pub remove: Vec<String>,
-    pub set: Vec<(String, String)>,
+pub struct HeaderEdits<'a> {
+    pub remove: Vec<&'a str>,
+    pub set: Vec<(&'a str, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Allow { identity: Identity, edits: HeaderEdits },
-    Deny { error: AuthError, edits: HeaderEdits },
+pub enum Verdict<'a> {
+    Allow { identity: Identity, edits: HeaderEdits<'a> },
+    Deny { error: AuthError, edits: HeaderEdits<'a> },
 }
 
 /// Decides one request. `cache` is the worker's cache of verified JWTs.
-pub fn decide(settings: &Settings, cache: &mut TokenCache, headers: &[(String, String)], now: u64) -> Verdict {
+pub fn decide<'a>(
+    settings: &'a Settings,
+    cache: &mut TokenCache,
+    headers: &[(String, String)],
+    now: u64,
+) -> Verdict<'a> {
     let mut edits = HeaderEdits {
-        remove: vec![settings.identity_headers.user.clone(), settings.identity_headers.groups.clone()],
+        remove: vec![settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()],
         set: Vec::new(),
     };
     let identity = match authenticate(settings, cache, headers, now).and_then(|id| authorize(settings, id)) {
@@ -54,13 +59,13 @@ pub fn decide(settings: &Settings, cache: &mut TokenCache, headers: &[(String, S
     };
     if !settings.forward_credentials {
         for source in &settings.sources {
-            if !edits.remove.contains(&source.header) {
-                edits.remove.push(source.header.clone());
+            if !edits.remove.contains(&source.header.as_str()) {
+                edits.remove.push(source.header.as_str());
             }
         }
     }
-    edits.set.push((settings.identity_headers.user.clone(), identity.user.clone()));
-    edits.set.push((settings.identity_headers.groups.clone(), identity.groups_csv()));
+    edits.set.push((settings.identity_headers.user.as_str(), identity.user.clone()));
+    edits.set.push((settings.identity_headers.groups.as_str(), identity.groups_csv()));
     Verdict::Allow { identity, edits }
 }
 
@@ -148,7 +153,7 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn run(s: &Settings, pairs: &[(&str, &str)]) -> Verdict {
+    fn run<'a>(s: &'a Settings, pairs: &[(&str, &str)]) -> Verdict<'a> {
         let mut cache = TokenCache::new(16, 300);
         decide(s, &mut cache, &headers(pairs), NOW)
     }
@@ -197,20 +202,17 @@ mod tests {
         let s = settings("");
         let Verdict::Allow { edits, .. } = run(&s, &[("x-api-key", KEY)]) else { panic!("denied") };
         for h in ["x-tollgate-user", "x-tollgate-groups", "authorization", "x-api-key", "apikey"] {
-            assert!(edits.remove.iter().any(|r| r == h), "{h} not removed");
+            assert!(edits.remove.contains(&h), "{h} not removed");
         }
         assert_eq!(
             edits.set,
-            vec![
-                ("x-tollgate-user".to_string(), "mittens".to_string()),
-                ("x-tollgate-groups".into(), "premium,free".into())
-            ]
+            vec![("x-tollgate-user", "mittens".to_string()), ("x-tollgate-groups", "premium,free".to_string())]
         );
         let fwd = settings(r#","forward_credentials":true"#);
         let Verdict::Allow { edits, .. } = run(&fwd, &[("x-api-key", KEY)]) else { panic!("denied") };
-        assert!(!edits.remove.iter().any(|r| r == "x-api-key"));
+        assert!(!edits.remove.contains(&"x-api-key"));
         let Verdict::Deny { edits, .. } = run(&s, &[]) else { panic!("allowed") };
-        assert!(edits.remove.iter().any(|r| r == "x-tollgate-user"));
+        assert!(edits.remove.contains(&"x-tollgate-user"));
     }
 
     #[test]

@@ -387,12 +387,22 @@ impl Http {
     }
 
     /// Logs the denial, records its usage event and sends the reply.
-    fn deny(&self, state: &State, mut event: UsageEvent, reason: &str, reply: &LocalReply, path: &str) -> Action {
+    fn deny(
+        &self,
+        state: &State,
+        event: impl FnOnce() -> UsageEvent,
+        reason: &str,
+        reply: &LocalReply,
+        path: &str,
+    ) -> Action {
         log(LogLevel::Info, self.context_id, format_args!("DENY reason={reason} path={}", log_path(path)));
-        event.denied = Some(reason.to_string());
-        event.status = Some(reply.status);
-        event.usage_missing = false;
-        state.record(event);
+        if state.settings.usage.is_some() {
+            let mut event = event();
+            event.denied = Some(reason.to_string());
+            event.status = Some(reply.status);
+            event.usage_missing = false;
+            state.record(event);
+        }
         self.reply(reply)
     }
 
@@ -427,7 +437,8 @@ impl HttpContext for Http {
             let mut cache = state.token_cache.borrow_mut();
             decide(&state.settings, &mut cache, &headers, now.as_secs())
         };
-        let mut event = new_event(&headers, now);
+        // Built only when it will be recorded (see `deny` and the allow branch).
+        let event = || new_event(&headers, now);
         match verdict {
             Verdict::Allow { identity, edits } => {
                 if let Some(limits) = &state.settings.limits {
@@ -468,6 +479,7 @@ impl HttpContext for Http {
                 if state.settings.usage.is_none() && !counts_tokens {
                     return Action::Continue;
                 }
+                let mut event = event();
                 event.user = Some(identity.user);
                 event.groups = identity.groups;
                 self.event = Some(event);

@@ -82,7 +82,7 @@ fn headers(data: &[u8]) -> Vec<(String, String)> {
 }
 
 fn check_decision(s: &Settings, headers: &[(String, String)], verdict: &Verdict) {
-    let (user_h, groups_h) = (&s.identity_headers.user, &s.identity_headers.groups);
+    let (user_h, groups_h) = (&s.identity_headers.user.as_str(), &s.identity_headers.groups.as_str());
     match verdict {
         Verdict::Deny { edits, .. } => {
             assert!(edits.remove.contains(user_h) && edits.remove.contains(groups_h), "{verdict:?}");
@@ -92,7 +92,7 @@ fn check_decision(s: &Settings, headers: &[(String, String)], verdict: &Verdict)
             assert!(edits.remove.contains(user_h) && edits.remove.contains(groups_h), "{verdict:?}");
             assert_eq!(
                 edits.set,
-                vec![(user_h.clone(), identity.user.clone()), (groups_h.clone(), identity.groups_csv())],
+                vec![(*user_h, identity.user.clone()), (*groups_h, identity.groups_csv())],
                 "{verdict:?}"
             );
             assert!(!identity.user.is_empty());
@@ -102,7 +102,7 @@ fn check_decision(s: &Settings, headers: &[(String, String)], verdict: &Verdict)
                 assert!(identity.groups.iter().any(|g| s.allowed_groups.contains(g)), "{verdict:?}");
             }
             for source in &s.sources {
-                assert_eq!(edits.remove.contains(&source.header), !s.forward_credentials, "{verdict:?}");
+                assert_eq!(edits.remove.contains(&source.header.as_str()), !s.forward_credentials, "{verdict:?}");
             }
         }
     }
