@@ -66,10 +66,14 @@ impl EventIds {
     }
 }
 
-/// The path as reported: without its query string (which may hold secrets), bounded.
-pub fn report_path(path: &str) -> String {
+/// The path as reported and logged: without its query string (which may hold
+/// secrets), bounded to 256 characters.
+pub fn report_path(path: &str) -> &str {
     let p = path.split(['?', '#']).next().unwrap_or("");
-    p.chars().take(256).collect()
+    match p.char_indices().nth(256) {
+        Some((i, _)) => p.get(..i).unwrap_or(p),
+        None => p,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

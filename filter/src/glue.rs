@@ -148,10 +148,7 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, _body_size: usize, _num_trailers: usize) {
         let Some(state) = self.state.clone() else { return };
         // A failed callout (connect error, timeout) arrives without `:status`.
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u32>().ok());
+        let status = map_value(MapType::HttpCallResponseHeaders, ":status").and_then(|s| s.parse::<u32>().ok());
         let outcome = SendOutcome::from_status(status);
         if outcome != SendOutcome::Delivered {
             log(
@@ -295,7 +292,7 @@ fn new_event(headers: &[(String, String)], ts: Duration) -> UsageEvent {
         groups: Vec::new(),
         method: header(headers, ":method").chars().take(16).collect(),
         host: header(headers, ":authority").chars().take(256).collect(),
-        path: report_path(header(headers, ":path")),
+        path: report_path(header(headers, ":path")).to_string(),
         model: None,
         status: None,
         prompt_tokens: 0,
@@ -306,6 +303,13 @@ fn new_event(headers: &[(String, String)], ts: Duration) -> UsageEvent {
         usage_missing: true,
         denied: None,
     }
+}
+
+/// One header value, read as bytes: the SDK's string variant panics (and traps the VM)
+/// on a value that is not UTF-8, which an upstream may send.
+fn map_value(map: MapType, name: &str) -> Option<String> {
+    let bytes = hostcalls::get_map_value_bytes(map, name).ok().flatten()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Removes every copy of a request header, with a host call only when one was sent
@@ -395,7 +399,7 @@ impl Http {
         reply: &LocalReply,
         path: &str,
     ) -> Action {
-        log(LogLevel::Info, self.context_id, format_args!("DENY reason={reason} path={}", log_path(path)));
+        log(LogLevel::Info, self.context_id, format_args!("DENY reason={reason} path={}", report_path(path)));
         if state.settings.usage.is_some() {
             let mut event = event();
             event.denied = Some(reason.to_string());
@@ -471,7 +475,7 @@ impl HttpContext for Http {
                         "ALLOW user={} groups={} path={}",
                         identity.user,
                         identity.groups_csv(),
-                        log_path(&path)
+                        report_path(&path)
                     ),
                 );
                 // The response is only looked at when something needs its usage.
@@ -535,7 +539,7 @@ impl HttpContext for Http {
             }
         }
         let Some(event) = self.event.as_mut() else { return Action::Continue };
-        let get = |name: &str| hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten();
+        let get = |name: &str| map_value(MapType::HttpResponseHeaders, name);
         event.status = get(":status").and_then(|s| s.parse().ok());
         let encoding = get("content-encoding");
         let readable = encoding.as_deref().is_none_or(|e| e.eq_ignore_ascii_case("identity"));
@@ -601,14 +605,5 @@ impl HttpContext for Http {
             }
         }
         state.record(event);
-    }
-}
-
-/// The path without its query string (which may carry secrets), bounded in length.
-fn log_path(path: &str) -> &str {
-    let p = path.split('?').next().unwrap_or("");
-    match p.char_indices().nth(200) {
-        Some((i, _)) => p.get(..i).unwrap_or(p),
-        None => p,
     }
 }
