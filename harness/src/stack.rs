@@ -276,15 +276,17 @@ fn start_envoy(
     Ok(p)
 }
 
-/// The mock model server, in-process on its own thread and runtime.
-struct MockServer {
-    port: u16,
+/// The mock model server, in-process on its own thread and runtime; stopped on drop.
+/// (Also used by `bench-run`.)
+pub struct MockServer {
+    pub port: u16,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl MockServer {
-    fn start(port: u16) -> anyhow::Result<MockServer> {
+    /// Serves on 127.0.0.1:`port` (0 picks a free port) once this returns.
+    pub fn start(port: u16) -> anyhow::Result<MockServer> {
         let listener = TcpListener::bind(("127.0.0.1", port)).with_context(|| format!("bind mock port {port}"))?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();

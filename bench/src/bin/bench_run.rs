@@ -18,12 +18,12 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use harness::process::Proc;
+use harness::stack::MockServer;
 use serde_json::json;
 use tollgate_bench::load::{self, LoadResult, Request, Shape, Tool};
 use tollgate_bench::stats::{median, min_max};
@@ -215,57 +215,9 @@ fn wait_until(proc: &mut Proc, timeout: Duration, ready: impl Fn() -> bool) -> a
     }
 }
 
-/// The mock model server, in this process on its own runtime.
-struct Mock {
-    port: u16,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Mock {
-    fn start() -> anyhow::Result<Mock> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let port = listener.local_addr()?.port();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name("mock".into()).spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() else {
-                eprintln!("mock: no runtime");
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-                tokio::select! {
-                    r = harness::mock::serve(listener) => { if let Err(e) = r { eprintln!("mock stopped: {e}"); } }
-                    _ = rx => {}
-                }
-            });
-        })?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !port_open(port) {
-            if Instant::now() > deadline {
-                bail!("mock server did not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Mock { port, stop: Some(tx), thread: Some(thread) })
-    }
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The processes every Envoy of the run talks to.
 struct Backends {
-    mock: Mock,
+    mock: MockServer,
     tracker: Proc,
     tracker_port: u16,
     authz: Proc,
@@ -273,7 +225,7 @@ struct Backends {
 }
 
 fn start_backends(t: &Tools, dir: &Path, creds: &Creds) -> anyhow::Result<Backends> {
-    let mock = Mock::start()?;
+    let mock = MockServer::start(0)?;
     let tracker_port = free_port()?;
     let mut cmd = Command::new(&t.tracker);
     cmd.args(["--listen", &format!("127.0.0.1:{tracker_port}")]);
