@@ -135,3 +135,18 @@ pub fn wait_metric(stack: &Stack, name: &str, labels: &[(&str, &str)], want: f64
         (last == Some(want)).then_some(text)
     })
 }
+
+/// One Envoy counter from the admin `/stats` (0 when absent).
+pub fn envoy_counter(stack: &Stack, name: &str) -> u64 {
+    let text = client()
+        .get(format!("{}/stats", stack.admin_url))
+        .query(&[("filter", format!("^{}$", name.replace('.', "\\.")))])
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.split_once(": ").filter(|(n, _)| *n == name))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}

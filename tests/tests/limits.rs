@@ -49,13 +49,7 @@ fn fresh_chat(stack: &Stack, key: &str, stream: bool) -> reqwest::blocking::Resp
 }
 
 fn gateway_4xx(stack: &Stack) -> u64 {
-    let text = client()
-        .get(format!("{}/stats?filter=^http.gateway.downstream_rq_4xx$", stack.admin_url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.split(':').nth(1).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    envoy_counter(stack, "http.gateway.downstream_rq_4xx")
 }
 
 #[test]

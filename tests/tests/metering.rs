@@ -199,14 +199,7 @@ fn tracker_outage_loses_nothing_and_counts_nothing_twice() {
     }
     // Wait until the filter has tried and failed to deliver (Envoy's cluster stats).
     eventually(Duration::from_secs(30), "a failed usage delivery", || {
-        let stats = client()
-            .get(format!("{}/stats?filter=tollgate-usage.upstream_cx_connect_fail", stack.admin_url))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        let fails: u64 = stats.split(':').nth(1).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-        (fails > 0).then_some(())
+        (envoy_counter(&stack, "cluster.tollgate-usage.upstream_cx_connect_fail") > 0).then_some(())
     });
     stack.restart_tracker().unwrap();
     let text = wait_metric(&stack, "llm_requests_total", &[("user", "bob")], 20.0);
