@@ -32,10 +32,18 @@ pub enum Kind {
     /// (h) An empty Rust Proxy-Wasm filter (every callback returns Continue): the fixed
     /// cost of any Wasm filter in V8, apart from Tollgate's own work.
     WasmNoop,
+    /// (h') The empty filter plus exactly the host calls an auth filter must make per
+    /// request (read the headers, remove the credential, set user and groups): the
+    /// floor of the Wasm ABI for Tollgate's job, with none of Tollgate's own work.
+    WasmHostCalls,
+    /// (c2) As (c) with another build of the filter (`--alt-wasm`): A/B of two builds.
+    TollgateJwtAlt,
+    /// (d2) As (d) with the `--alt-wasm` build.
+    TollgateKeyAlt,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 12] = [
         Kind::NoFilter,
         Kind::JwtAuthn,
         Kind::JwtAuthnCached,
@@ -45,6 +53,9 @@ impl Kind {
         Kind::ExtAuthz,
         Kind::Lua,
         Kind::WasmNoop,
+        Kind::WasmHostCalls,
+        Kind::TollgateJwtAlt,
+        Kind::TollgateKeyAlt,
     ];
 
     pub fn id(self) -> &'static str {
@@ -58,6 +69,9 @@ impl Kind {
             Kind::ExtAuthz => "f",
             Kind::Lua => "g",
             Kind::WasmNoop => "h",
+            Kind::WasmHostCalls => "h'",
+            Kind::TollgateJwtAlt => "c2",
+            Kind::TollgateKeyAlt => "d2",
         }
     }
 
@@ -73,6 +87,9 @@ impl Kind {
             Kind::ExtAuthz => "ext_authz",
             Kind::Lua => "lua",
             Kind::WasmNoop => "wasm_noop",
+            Kind::WasmHostCalls => "wasm_host_calls",
+            Kind::TollgateJwtAlt => "tollgate_jwt_alt",
+            Kind::TollgateKeyAlt => "tollgate_key_alt",
         }
     }
 
@@ -87,6 +104,9 @@ impl Kind {
             Kind::ExtAuthz => "ext_authz HTTP → Rust service (API key)",
             Kind::Lua => "Lua filter (API key)",
             Kind::WasmNoop => "empty Rust Wasm filter (no auth)",
+            Kind::WasmHostCalls => "empty Wasm filter + an auth filter's 4 host calls",
+            Kind::TollgateJwtAlt => "Tollgate (JWT), --alt-wasm build",
+            Kind::TollgateKeyAlt => "Tollgate (API key), --alt-wasm build",
         }
     }
 
@@ -96,16 +116,21 @@ impl Kind {
 
     /// Whether the request carries the JWT (else the API key).
     pub fn sends_jwt(self) -> bool {
-        matches!(self, Kind::JwtAuthn | Kind::JwtAuthnCached | Kind::TollgateJwt)
+        matches!(self, Kind::JwtAuthn | Kind::JwtAuthnCached | Kind::TollgateJwt | Kind::TollgateJwtAlt)
     }
 
     pub fn is_jwt_authn(self) -> bool {
         matches!(self, Kind::JwtAuthn | Kind::JwtAuthnCached)
     }
 
+    /// Whether the variant runs the `--alt-wasm` build.
+    pub fn needs_alt_wasm(self) -> bool {
+        matches!(self, Kind::TollgateJwtAlt | Kind::TollgateKeyAlt)
+    }
+
     /// Whether the listener refuses a wrong credential.
     pub fn authenticates(self) -> bool {
-        !matches!(self, Kind::NoFilter | Kind::WasmNoop)
+        !matches!(self, Kind::NoFilter | Kind::WasmNoop | Kind::WasmHostCalls)
     }
 }
 
@@ -272,7 +297,8 @@ fn lua_filter(creds: &Creds) -> Value {
     }})
 }
 
-fn auth_filters(kind: Kind, creds: &Creds, wasm: &Path, noop_wasm: Option<&Path>) -> Vec<Value> {
+fn auth_filters(kind: Kind, creds: &Creds, l: &Layout<'_>) -> Vec<Value> {
+    let wasm = l.wasm;
     match kind {
         Kind::NoFilter => vec![],
         Kind::JwtAuthn => vec![jwt_authn_filter(creds, false)],
@@ -281,12 +307,21 @@ fn auth_filters(kind: Kind, creds: &Creds, wasm: &Path, noop_wasm: Option<&Path>
         Kind::TollgateMetered => vec![wasm_filter(wasm, &tollgate_config(creds, true))],
         Kind::ExtAuthz => vec![ext_authz_filter()],
         Kind::Lua => vec![lua_filter(creds)],
-        Kind::WasmNoop => noop_wasm.map(|w| wasm_filter_named(w, &json!({}), "noop")).into_iter().collect(),
+        Kind::WasmNoop => l.noop_wasm.map(|w| wasm_filter_named(w, &json!({}), "noop")).into_iter().collect(),
+        Kind::WasmHostCalls => {
+            l.noop_wasm.map(|w| wasm_filter_named(w, &json!({"host_calls": true}), "host-calls")).into_iter().collect()
+        }
+        Kind::TollgateJwtAlt | Kind::TollgateKeyAlt => l
+            .alt_wasm
+            .map(|w| wasm_filter_named(w, &tollgate_config(creds, false), "tollgate-alt"))
+            .into_iter()
+            .collect(),
     }
 }
 
-fn listener(kind: Kind, port: u16, creds: &Creds, wasm: &Path, noop_wasm: Option<&Path>) -> Value {
-    let mut filters = auth_filters(kind, creds, wasm, noop_wasm);
+fn listener(kind: Kind, port: u16, l: &Layout<'_>) -> Value {
+    let creds = l.creds;
+    let mut filters = auth_filters(kind, creds, l);
     filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
     json!({
@@ -343,14 +378,15 @@ pub struct Layout<'a> {
     pub wasm: &'a Path,
     /// The empty filter of variant (h), when built.
     pub noop_wasm: Option<&'a Path>,
+    /// Another build of the filter for (c2)/(d2), from `--alt-wasm`.
+    pub alt_wasm: Option<&'a Path>,
     pub creds: &'a Creds,
     /// One listener per variant.
     pub listeners: &'a [(Kind, u16)],
 }
 
 pub fn bootstrap(l: &Layout<'_>) -> Value {
-    let listeners: Vec<Value> =
-        l.listeners.iter().map(|&(k, port)| listener(k, port, l.creds, l.wasm, l.noop_wasm)).collect();
+    let listeners: Vec<Value> = l.listeners.iter().map(|&(k, port)| listener(k, port, l)).collect();
     json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": l.admin_port}}},
         "static_resources": {

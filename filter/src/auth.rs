@@ -4,6 +4,8 @@
 //! Client-sent identity headers are always removed, before anything else, so an
 //! identity can only reach the upstream if this module put it there.
 
+use std::borrow::Cow;
+
 use crate::config::Settings;
 use crate::credentials::{classify, find_credential_value, Credential};
 use crate::identity::Identity;
@@ -33,21 +35,23 @@ impl AuthError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderEdits<'a> {
     pub remove: Vec<&'a str>,
-    pub set: Vec<(&'a str, String)>,
+    pub set: Vec<(&'a str, Cow<'a, str>)>,
 }
 
+/// An API key's identity is borrowed from the settings; a JWT's is the caller's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict<'a> {
-    Allow { identity: Identity, edits: HeaderEdits<'a> },
+    Allow { identity: Cow<'a, Identity>, edits: HeaderEdits<'a> },
     Deny { error: AuthError, edits: HeaderEdits<'a> },
 }
 
-/// Decides one request. `cache` is the worker's cache of verified JWTs.
-pub fn decide<'a>(
+/// Decides one request. `cache` is the worker's cache of verified JWTs; `now` (Unix
+/// seconds) is asked for only when a JWT is checked.
+pub fn decide<'a, K: AsRef<str>, V: AsRef<str>>(
     settings: &'a Settings,
     cache: &mut TokenCache,
-    headers: &[(String, String)],
-    now: u64,
+    headers: &[(K, V)],
+    now: impl Fn() -> u64,
 ) -> Verdict<'a> {
     let mut edits = HeaderEdits {
         remove: vec![settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()],
@@ -64,25 +68,29 @@ pub fn decide<'a>(
             }
         }
     }
-    edits.set.push((settings.identity_headers.user.as_str(), identity.user.clone()));
-    edits.set.push((settings.identity_headers.groups.as_str(), identity.groups_csv()));
+    let (user, groups) = match &identity {
+        Cow::Borrowed(id) => (Cow::Borrowed(id.user.as_str()), id.groups_csv()),
+        Cow::Owned(id) => (Cow::Owned(id.user.clone()), Cow::Owned(id.groups_csv().into_owned())),
+    };
+    edits.set.push((settings.identity_headers.user.as_str(), user));
+    edits.set.push((settings.identity_headers.groups.as_str(), groups));
     Verdict::Allow { identity, edits }
 }
 
-fn authenticate(
-    settings: &Settings,
+fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
+    settings: &'a Settings,
     cache: &mut TokenCache,
-    headers: &[(String, String)],
-    now: u64,
-) -> Result<Identity, AuthError> {
+    headers: &[(K, V)],
+    now: impl Fn() -> u64,
+) -> Result<Cow<'a, Identity>, AuthError> {
     let Some(value) = find_credential_value(headers, &settings.sources) else {
         return Err(AuthError::MissingCredential);
     };
     // A repeat JWT skips the shape check too; only verified tokens are in the cache,
     // and only a value with exactly two dots can be one.
     if value.bytes().filter(|&b| b == b'.').count() == 2 {
-        if let Some(hit) = cache.get(value, now) {
-            return Ok(hit.identity);
+        if let Some(identity) = cache.get(value, now()) {
+            return Ok(Cow::Owned(identity.clone()));
         }
     }
     match classify(value) {
@@ -90,20 +98,21 @@ fn authenticate(
             if key.is_empty() {
                 return Err(AuthError::InvalidApiKey);
             }
-            settings.keys.lookup(key).cloned().ok_or(AuthError::InvalidApiKey)
+            settings.keys.lookup(key).map(Cow::Borrowed).ok_or(AuthError::InvalidApiKey)
         }
         Credential::Jwt(token) => {
             if settings.jwt.is_empty() {
                 return Err(AuthError::InvalidToken(JwtError::UnknownIssuer));
             }
+            let now = now();
             let verified = settings.jwt.verify(token, now).map_err(AuthError::InvalidToken)?;
             cache.insert(token, &verified, now);
-            Ok(verified.identity)
+            Ok(Cow::Owned(verified.identity))
         }
     }
 }
 
-fn authorize(settings: &Settings, identity: Identity) -> Result<Identity, AuthError> {
+fn authorize<'a>(settings: &Settings, identity: Cow<'a, Identity>) -> Result<Cow<'a, Identity>, AuthError> {
     if settings.allowed_groups.is_empty() || identity.groups.iter().any(|g| settings.allowed_groups.contains(g)) {
         Ok(identity)
     } else {
@@ -155,7 +164,7 @@ mod tests {
 
     fn run<'a>(s: &'a Settings, pairs: &[(&str, &str)]) -> Verdict<'a> {
         let mut cache = TokenCache::new(16, 300);
-        decide(s, &mut cache, &headers(pairs), NOW)
+        decide(s, &mut cache, &headers(pairs), || NOW)
     }
 
     #[test]
@@ -206,7 +215,7 @@ mod tests {
         }
         assert_eq!(
             edits.set,
-            vec![("x-tollgate-user", "mittens".to_string()), ("x-tollgate-groups", "premium,free".to_string())]
+            vec![("x-tollgate-user", Cow::from("mittens")), ("x-tollgate-groups", Cow::from("premium,free"))]
         );
         let fwd = settings(r#","forward_credentials":true"#);
         let Verdict::Allow { edits, .. } = run(&fwd, &[("x-api-key", KEY)]) else { panic!("denied") };
@@ -221,14 +230,17 @@ mod tests {
         let t = token(r#"{"iss":"dev","sub":"jay","exp":1763803600}"#);
         let bearer = format!("Bearer {t}");
         let mut cache = TokenCache::new(16, 300);
-        assert!(matches!(decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), NOW), Verdict::Allow { .. }));
+        assert!(matches!(
+            decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), || NOW),
+            Verdict::Allow { .. }
+        ));
         assert_eq!(cache.len(), 1);
         assert!(matches!(
-            decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), NOW + 10),
+            decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), || NOW + 10),
             Verdict::Allow { .. }
         ));
         // Past exp + skew the cached entry no longer counts.
-        let later = decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), 1_763_803_600 + 61);
+        let later = decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), || 1_763_803_600 + 61);
         assert!(matches!(later, Verdict::Deny { .. }));
     }
 

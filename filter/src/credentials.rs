@@ -94,20 +94,25 @@ pub enum Credential<'a> {
 
 /// The first credential found, trying `sources` in order. `headers` are
 /// (lowercase name, value) pairs as Envoy hands them over.
-pub fn find_credential<'a>(headers: &'a [(String, String)], sources: &[CredentialSource]) -> Option<Credential<'a>> {
+pub fn find_credential<'a, K: AsRef<str>, V: AsRef<str>>(
+    headers: &'a [(K, V)],
+    sources: &[CredentialSource],
+) -> Option<Credential<'a>> {
     find_credential_value(headers, sources).map(classify)
 }
 
 /// The credential's raw value, not yet classified (lets the caller consult its cache of
 /// verified tokens before the JWT shape check, which decodes and parses the header).
-pub fn find_credential_value<'a>(headers: &'a [(String, String)], sources: &[CredentialSource]) -> Option<&'a str> {
+pub fn find_credential_value<'a, K: AsRef<str>, V: AsRef<str>>(
+    headers: &'a [(K, V)],
+    sources: &[CredentialSource],
+) -> Option<&'a str> {
     sources.iter().find_map(|source| {
-        headers.iter().filter(|(name, _)| name.eq_ignore_ascii_case(&source.header)).find_map(|(_, value)| match source
-            .prefix
-            .as_deref()
-        {
-            Some(prefix) => strip_scheme(value, prefix),
-            None => Some(value.trim()),
+        headers.iter().filter(|(name, _)| name.as_ref().eq_ignore_ascii_case(&source.header)).find_map(|(_, value)| {
+            match source.prefix.as_deref() {
+                Some(prefix) => strip_scheme(value.as_ref(), prefix),
+                None => Some(value.as_ref().trim()),
+            }
         })
     })
 }

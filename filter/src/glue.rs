@@ -4,9 +4,11 @@
 //! It uses `proxy_wasm::hostcalls` with explicit error handling where the SDK's
 //! trait helpers would unwrap a host error, and reads headers as bytes because the
 //! SDK's string variant panics on a header value that is not UTF-8 (HTTP/1 allows
-//! obs-text), which would trap the VM.
+//! obs-text), which would trap the VM. The request headers are read with the raw host
+//! call and parsed in place (`header_map`): the SDK's reader copies each header and
+//! panics on a host error.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,11 +16,12 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
 
 use crate::auth::{decide, Verdict};
 use crate::config::{Settings, UsageSettings};
 use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
+use crate::header_map::{self, HeaderPairs};
 use crate::jwt::TokenCache;
 use crate::limits::{state_key, Headroom, LimitSpec, LimitState, Limits, IDENTITY_COUNT_KEY, OVERFLOW_KEY};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
@@ -54,8 +57,12 @@ fn refresh_log_level() {
     }
 }
 
+fn log_enabled(level: LogLevel) -> bool {
+    (level as u32) >= HOST_LOG_LEVEL.load(Ordering::Relaxed)
+}
+
 fn log(level: LogLevel, context_id: u32, message: std::fmt::Arguments<'_>) {
-    if (level as u32) < HOST_LOG_LEVEL.load(Ordering::Relaxed) {
+    if !log_enabled(level) {
         return;
     }
     let _ = hostcalls::log(level, &format!("[ctx {context_id}] {message}"));
@@ -280,19 +287,15 @@ struct LimitTicket {
 
 impl Context for Http {}
 
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
-    headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str())
-}
-
-fn new_event(headers: &[(String, String)], ts: Duration) -> UsageEvent {
+fn new_event(headers: &HeaderPairs<'_>, ts: Duration) -> UsageEvent {
     UsageEvent {
         id: String::new(),
         ts: ts.as_secs_f64(),
         user: None,
         groups: Vec::new(),
-        method: header(headers, ":method").chars().take(16).collect(),
-        host: header(headers, ":authority").chars().take(256).collect(),
-        path: report_path(header(headers, ":path")).to_string(),
+        method: header_map::get(headers, ":method").chars().take(16).collect(),
+        host: header_map::get(headers, ":authority").chars().take(256).collect(),
+        path: report_path(header_map::get(headers, ":path")).to_string(),
         model: None,
         status: None,
         prompt_tokens: 0,
@@ -312,10 +315,38 @@ fn map_value(map: MapType, name: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The SDK's own import, declared with the SDK's signature.
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
+}
+
+/// A whole header map as the host serializes it (see `header_map`), or None when the
+/// host refuses (the SDK's `get_map_bytes` panics then).
+#[allow(unsafe_code)]
+fn header_map_bytes(map: MapType) -> Option<Vec<u8>> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: on Ok the host has filled `data` with a buffer of `size` bytes that it got
+    // from this module's `proxy_on_memory_allocate` (the SDK's: a leaked boxed slice of
+    // exactly `size` bytes), which we now own; this is the SDK's own `get_map_bytes`.
+    unsafe {
+        match proxy_get_header_map_pairs(map, &mut data, &mut size) {
+            Status::Ok if data.is_null() => Some(Vec::new()),
+            Status::Ok => Some(Vec::from_raw_parts(data, size, size)),
+            _ => None,
+        }
+    }
+}
+
 /// Removes every copy of a request header, with a host call only when one was sent
 /// (host calls dominate the filter's cost in V8).
-fn remove_if_present(headers: &[(String, String)], name: &str) {
-    if headers.iter().any(|(k, _)| k == name) {
+fn remove_if_present(headers: &HeaderPairs<'_>, name: &str) {
+    if header_map::contains(headers, name) {
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
     }
 }
@@ -409,11 +440,6 @@ impl Http {
         }
         self.reply(reply)
     }
-
-    fn request_headers() -> Option<Vec<(String, String)>> {
-        let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()?;
-        Some(raw.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect())
-    }
 }
 
 impl HttpContext for Http {
@@ -427,7 +453,8 @@ impl HttpContext for Http {
                 body,
             });
         };
-        let Some(headers) = Self::request_headers() else {
+        let raw = header_map_bytes(MapType::HttpRequestHeaders);
+        let Some(headers) = raw.as_deref().and_then(header_map::parse) else {
             let body = openai_error_body("Cannot read request headers.", "server_error", "internal_error");
             return self.reply(&LocalReply {
                 status: 500,
@@ -435,24 +462,26 @@ impl HttpContext for Http {
                 body,
             });
         };
-        let path = headers.iter().find(|(k, _)| k == ":path").map_or("", |(_, v)| v.as_str()).to_string();
-        let now = now();
+        let path = header_map::get(&headers, ":path");
+        // Read from the host only when something needs the time (not an API key alone).
+        let clock = OnceCell::new();
+        let now = || *clock.get_or_init(now);
         let verdict = {
             let mut cache = state.token_cache.borrow_mut();
-            decide(&state.settings, &mut cache, &headers, now.as_secs())
+            decide(&state.settings, &mut cache, &headers, || now().as_secs())
         };
         // Built only when it will be recorded (see `deny` and the allow branch).
-        let event = || new_event(&headers, now);
+        let event = || new_event(&headers, now());
         match verdict {
             Verdict::Allow { identity, edits } => {
                 if let Some(limits) = &state.settings.limits {
                     if let Some(spec) = limits.spec_for(&identity) {
-                        match admit_shared(limits, spec, &identity.user, now.as_millis() as u64) {
+                        match admit_shared(limits, spec, &identity.user, now().as_millis() as u64) {
                             Some((key, Ok(headroom))) => {
                                 self.limit = Some(LimitTicket { key, spec: spec.clone(), headroom });
                             }
                             Some((_, Err(error))) => {
-                                return self.deny(&state, event, error.reason(), &LocalReply::from(&error), &path);
+                                return self.deny(&state, event, error.reason(), &LocalReply::from(&error), path);
                             }
                             None => log(
                                 LogLevel::Warn,
@@ -466,37 +495,41 @@ impl HttpContext for Http {
                     remove_if_present(&headers, name);
                 }
                 for (name, value) in &edits.set {
-                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+                    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value.as_ref()));
                 }
-                log(
-                    LogLevel::Info,
-                    self.context_id,
-                    format_args!(
-                        "ALLOW user={} groups={} path={}",
-                        identity.user,
-                        identity.groups_csv(),
-                        report_path(&path)
-                    ),
-                );
+                if log_enabled(LogLevel::Info) {
+                    log(
+                        LogLevel::Info,
+                        self.context_id,
+                        format_args!(
+                            "ALLOW user={} groups={} path={}",
+                            identity.user,
+                            identity.groups_csv(),
+                            report_path(path)
+                        ),
+                    );
+                }
                 // The response is only looked at when something needs its usage.
                 let counts_tokens = self.limit.as_ref().is_some_and(|t| t.spec.counts_tokens());
                 if state.settings.usage.is_none() && !counts_tokens {
                     return Action::Continue;
                 }
                 let mut event = event();
+                let identity = identity.into_owned();
                 event.user = Some(identity.user);
                 event.groups = identity.groups;
                 self.event = Some(event);
                 let Some(usage) = &state.settings.usage else { return Action::Continue };
                 // Ask for an uncompressed answer so its usage can be read (see README).
                 remove_if_present(&headers, "accept-encoding");
-                let small_body =
-                    header(&headers, "content-length").parse::<usize>().is_ok_and(|n| n > 0 && n <= MAX_INJECT_BODY);
+                let small_body = header_map::get(&headers, "content-length")
+                    .parse::<usize>()
+                    .is_ok_and(|n| n > 0 && n <= MAX_INJECT_BODY);
                 if usage.inject_include_usage
                     && !end_of_stream
                     && small_body
-                    && header(&headers, ":method") == "POST"
-                    && wants_include_usage(&path)
+                    && header_map::get(&headers, ":method") == "POST"
+                    && wants_include_usage(path)
                 {
                     // Pausing here would stop the body callbacks too (the host turns
                     // StopIteration into StopAllIteration), so the headers go on
@@ -508,7 +541,7 @@ impl HttpContext for Http {
                 Action::Continue
             }
             // A denied request never reaches the upstream: no header needs editing.
-            Verdict::Deny { error, .. } => self.deny(&state, event, error.reason(), &LocalReply::from(&error), &path),
+            Verdict::Deny { error, .. } => self.deny(&state, event, error.reason(), &LocalReply::from(&error), path),
         }
     }
 

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
@@ -20,7 +21,8 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 use crate::identity::Identity;
 
@@ -373,21 +375,30 @@ pub fn looks_like_jwt(value: &str) -> bool {
     }
 }
 
-/// Bounded per-worker cache of verified tokens, keyed by SHA-256 of the token. Entries
-/// expire with the token (`expires_at`, i.e. exp + skew) and at most `max_age_secs`
-/// after insertion. When full, the entry that would expire soonest is evicted
-/// (expired ones first), in O(log n): a second index is ordered by deadline.
+/// Bounded per-worker cache of verified tokens. Like `jwt_authn`'s cache it holds the
+/// tokens themselves (at most `capacity` × `MAX_TOKEN_BYTES`): a hit costs a keyed
+/// SipHash of the token and a constant-time comparison with the stored one, where a
+/// SHA-256 key cost several times more on every request. The hash key is random per
+/// worker, so clients cannot aim collisions at an entry; a collision only replaces or
+/// misses, never matches a different token. Entries expire with the token
+/// (`expires_at`, i.e. exp + skew) and at most `max_age_secs` after insertion. When
+/// full, the entry that would expire soonest is evicted (expired ones first), in
+/// O(log n): a second index is ordered by deadline.
 #[derive(Debug)]
 pub struct TokenCache {
     capacity: usize,
     max_age_secs: u64,
-    entries: HashMap<[u8; 32], CacheEntry>,
-    by_deadline: BTreeSet<(u64, u64, [u8; 32])>,
+    hasher: RandomState,
+    /// By the token's keyed hash.
+    entries: HashMap<u64, CacheEntry>,
+    /// (deadline, insertion sequence, hash).
+    by_deadline: BTreeSet<(u64, u64, u64)>,
     next_seq: u64,
 }
 
 #[derive(Debug)]
 struct CacheEntry {
+    token: Box<str>,
     verified: VerifiedToken,
     deadline: u64,
     seq: u64,
@@ -395,17 +406,28 @@ struct CacheEntry {
 
 impl TokenCache {
     pub fn new(capacity: usize, max_age_secs: u64) -> Self {
-        Self { capacity, max_age_secs, entries: HashMap::new(), by_deadline: BTreeSet::new(), next_seq: 0 }
+        Self {
+            capacity,
+            max_age_secs,
+            hasher: RandomState::new(),
+            entries: HashMap::new(),
+            by_deadline: BTreeSet::new(),
+            next_seq: 0,
+        }
     }
 
-    pub fn get(&mut self, token: &str, now_unix_secs: u64) -> Option<VerifiedToken> {
-        let key = digest(token);
-        let entry = self.entries.get(&key)?;
-        if now_unix_secs < entry.deadline {
-            return Some(entry.verified.clone());
+    /// The verified token, if `token` was verified before and has not expired since.
+    pub fn get(&mut self, token: &str, now_unix_secs: u64) -> Option<&Identity> {
+        let slot = self.hasher.hash_one(token);
+        let entry = self.entries.get(&slot)?;
+        if !bool::from(entry.token.as_bytes().ct_eq(token.as_bytes())) {
+            return None;
         }
-        self.remove(&key);
-        None
+        if now_unix_secs >= entry.deadline {
+            self.remove(slot);
+            return None;
+        }
+        self.entries.get(&slot).map(|e| &e.verified.identity)
     }
 
     pub fn insert(&mut self, token: &str, verified: &VerifiedToken, now_unix_secs: u64) {
@@ -413,18 +435,18 @@ impl TokenCache {
         if self.capacity == 0 || deadline <= now_unix_secs {
             return;
         }
-        let key = digest(token);
-        self.remove(&key);
+        let slot = self.hasher.hash_one(token);
+        self.remove(slot);
         while self.entries.len() >= self.capacity {
             let Some(&(_, _, soonest)) = self.by_deadline.first() else {
                 break;
             };
-            self.remove(&soonest);
+            self.remove(soonest);
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
-        self.by_deadline.insert((deadline, seq, key));
-        self.entries.insert(key, CacheEntry { verified: verified.clone(), deadline, seq });
+        self.by_deadline.insert((deadline, seq, slot));
+        self.entries.insert(slot, CacheEntry { token: token.into(), verified: verified.clone(), deadline, seq });
     }
 
     pub fn len(&self) -> usize {
@@ -435,15 +457,11 @@ impl TokenCache {
         self.entries.is_empty()
     }
 
-    fn remove(&mut self, key: &[u8; 32]) {
-        if let Some(old) = self.entries.remove(key) {
-            self.by_deadline.remove(&(old.deadline, old.seq, *key));
+    fn remove(&mut self, slot: u64) {
+        if let Some(old) = self.entries.remove(&slot) {
+            self.by_deadline.remove(&(old.deadline, old.seq, slot));
         }
     }
-}
-
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 #[cfg(test)]
@@ -854,7 +872,7 @@ mod tests {
             let v = verified("dev", "a", *expires_at);
             cache.insert("tok", &v, NOW);
             assert_eq!(cache.get("other", NOW), None, "case {i}");
-            assert_eq!(cache.get("tok", *lookup), hit.then(|| v.clone()), "case {i}");
+            assert_eq!(cache.get("tok", *lookup), hit.then_some(&v.identity), "case {i}");
             assert_eq!(cache.len(), usize::from(*hit), "case {i}: expired entries are dropped");
         }
     }
@@ -877,7 +895,7 @@ mod tests {
         // Re-inserting a cached token replaces it instead of evicting another.
         cache.insert("t-new", &verified("dev", "new2", Some(NOW + 100)), NOW + 1);
         assert_eq!(cache.len(), 3);
-        assert_eq!(cache.get("t-new", NOW + 1).unwrap().identity.user, "new2");
+        assert_eq!(cache.get("t-new", NOW + 1).unwrap().user, "new2");
         // Many inserts never exceed the bound, and the newest survive.
         for i in 0..100 {
             cache.insert(&format!("t{i}"), &verified("dev", "x", None), NOW + i);

@@ -3,12 +3,14 @@
 //! Everything except `glue` is pure logic: data in, decisions out, the clock passed
 //! as an argument. It compiles and is unit-tested natively and on wasm32. Only `glue`
 //! touches proxy-wasm, and it is compiled for `wasm32-wasip1` alone.
-#![cfg_attr(not(test), forbid(unsafe_code))]
+//! The one `unsafe` block is in `glue` (reading the host's header buffer in place).
+#![cfg_attr(not(test), deny(unsafe_code))]
 
 pub mod auth;
 pub mod config;
 pub mod credentials;
 pub mod events;
+pub mod header_map;
 pub mod identity;
 pub mod jwt;
 pub mod keys;

@@ -14,6 +14,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
+use std::borrow::Cow;
+
 use tollgate_filter::auth::{decide, Verdict};
 use tollgate_filter::config::Settings;
 use tollgate_filter::credentials::{default_sources, find_credential, Credential};
@@ -61,7 +63,7 @@ fn settings() -> &'static [Settings; 2] {
         for (settings, headers, user) in
             [(&s[0], &jwt, Some("dev-user")), (&s[1], &jwt, None), (&s[1], &key, Some("key-user"))]
         {
-            let verdict = decide(settings, &mut TokenCache::new(0, 300), headers, NOW);
+            let verdict = decide(settings, &mut TokenCache::new(0, 300), headers, || NOW);
             match verdict {
                 Verdict::Allow { identity, .. } => assert_eq!(Some(identity.user.as_str()), user),
                 Verdict::Deny { .. } => assert_eq!(None, user, "{verdict:?}"),
@@ -92,7 +94,7 @@ fn check_decision(s: &Settings, headers: &[(String, String)], verdict: &Verdict)
             assert!(edits.remove.contains(user_h) && edits.remove.contains(groups_h), "{verdict:?}");
             assert_eq!(
                 edits.set,
-                vec![(*user_h, identity.user.clone()), (*groups_h, identity.groups_csv())],
+                vec![(*user_h, Cow::from(identity.user.as_str())), (*groups_h, identity.groups_csv())],
                 "{verdict:?}"
             );
             assert!(!identity.user.is_empty());
@@ -137,11 +139,11 @@ fuzz_target!(|data: &[u8]| {
 
     for s in settings() {
         let mut cache = TokenCache::new(s.jwt_cache_entries, 300);
-        let first = decide(s, &mut cache, &headers, NOW);
+        let first = decide(s, &mut cache, &headers, || NOW);
         check_decision(s, &headers, &first);
         // Again through the (possibly now filled) cache, and with a fresh cache.
-        let cached = decide(s, &mut cache, &headers, NOW);
-        let fresh = decide(s, &mut TokenCache::new(s.jwt_cache_entries, 300), &headers, NOW);
+        let cached = decide(s, &mut cache, &headers, || NOW);
+        let fresh = decide(s, &mut TokenCache::new(s.jwt_cache_entries, 300), &headers, || NOW);
         assert_eq!(cached, fresh, "{headers:?}");
         assert_eq!(first, fresh, "{headers:?}");
     }

@@ -75,37 +75,37 @@ fn main() -> anyhow::Result<()> {
     match args.mode.as_str() {
         "key" => {
             let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
-            if !allow(&decide(&settings, &mut cache, &key_headers, now)) {
+            if !allow(&decide(&settings, &mut cache, &key_headers, || now)) {
                 bail!("the API key was refused");
             }
             start = Instant::now();
             for _ in 0..n {
-                black_box(decide(&settings, &mut cache, black_box(&key_headers), now));
+                black_box(decide(&settings, &mut cache, black_box(&key_headers), || now));
             }
         }
         "jwt" => {
             let mut cache = TokenCache::new(0, 300);
-            if !allow(&decide(&settings, &mut cache, &jwt_headers, now)) {
+            if !allow(&decide(&settings, &mut cache, &jwt_headers, || now)) {
                 bail!("the JWT was refused");
             }
             start = Instant::now();
             for _ in 0..n {
-                black_box(decide(&settings, &mut cache, black_box(&jwt_headers), now));
+                black_box(decide(&settings, &mut cache, black_box(&jwt_headers), || now));
             }
         }
         "jwt-cached" => {
             let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
-            if !allow(&decide(&settings, &mut cache, &jwt_headers, now)) {
+            if !allow(&decide(&settings, &mut cache, &jwt_headers, || now)) {
                 bail!("the JWT was refused");
             }
             start = Instant::now();
             for _ in 0..n {
-                black_box(decide(&settings, &mut cache, black_box(&jwt_headers), now));
+                black_box(decide(&settings, &mut cache, black_box(&jwt_headers), || now));
             }
         }
         "limits" => {
             let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
-            let Verdict::Allow { identity, .. } = decide(&settings, &mut cache, &key_headers, now) else {
+            let Verdict::Allow { identity, .. } = decide(&settings, &mut cache, &key_headers, || now) else {
                 bail!("the API key was refused");
             };
             let limits = settings.limits.as_ref().context("no limits in the config")?;

@@ -77,6 +77,10 @@ struct Args {
     /// Where to write the results.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Another build of the filter, run as variants (c2) and (d2) beside (c) and (d)
+    /// (e.g. another opt-level, or the previous commit): A/B in one run.
+    #[arg(long)]
+    alt_wasm: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -157,6 +161,8 @@ struct Tools {
     sse: PathBuf,
     /// The empty Wasm filter of variant (h), if `bench/build-noop-wasm.sh` built it.
     noop_wasm: Option<PathBuf>,
+    /// `--alt-wasm`: the build run as (c2) and (d2).
+    alt_wasm: Option<PathBuf>,
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -184,6 +190,7 @@ fn tools() -> anyhow::Result<Tools> {
         auth_cost: sibling("auth-cost")?,
         sse: sibling("sse-throughput")?,
         noop_wasm: Some(harness::paths::workspace_root().join(NOOP_WASM)).filter(|p| p.exists()),
+        alt_wasm: None,
     })
 }
 
@@ -285,6 +292,7 @@ fn start_envoy(
         authz_port: b.authz_port,
         wasm: &t.wasm,
         noop_wasm: t.noop_wasm.as_deref(),
+        alt_wasm: t.alt_wasm.as_deref(),
         creds,
         listeners: &listeners,
     });
@@ -986,10 +994,22 @@ fn main() -> anyhow::Result<()> {
         }
         v
     };
-    let t = tools()?;
+    let mut t = tools()?;
+    t.alt_wasm = args.alt_wasm.clone();
     let mut kinds = kinds;
+    match &args.alt_wasm {
+        Some(p) if !p.exists() => bail!("--alt-wasm {}: no such file", p.display()),
+        Some(_) => {
+            for k in [Kind::TollgateJwtAlt, Kind::TollgateKeyAlt] {
+                if !args.variants.is_empty() && !kinds.contains(&k) {
+                    kinds.push(k);
+                }
+            }
+        }
+        None => kinds.retain(|k| !k.needs_alt_wasm()),
+    }
     if t.noop_wasm.is_none() {
-        kinds.retain(|&k| k != Kind::WasmNoop);
+        kinds.retain(|&k| !matches!(k, Kind::WasmNoop | Kind::WasmHostCalls));
         eprintln!("bench-run: {NOOP_WASM} not built (bench/build-noop-wasm.sh): variant (h) skipped");
     }
     let dir = harness::paths::run_dir("bench")?;
