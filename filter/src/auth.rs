@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::credentials::{classify, find_credential_value, Credential};
 use crate::identity::Identity;
 use crate::jwt::{JwtError, TokenCache};
+use crate::keys::KeyCache;
 
 /// Why a request was not let through. Mapped to a status and an OpenAI-style error
 /// body in `response`; `reason()` is the stable name used in logs and usage events.
@@ -38,25 +39,39 @@ pub struct HeaderEdits<'a> {
     pub set: Vec<(&'a str, Cow<'a, str>)>,
 }
 
-/// An API key's identity is borrowed from the settings; a JWT's is the caller's own.
+/// The identity is borrowed from the settings (API key) or the token cache (repeat JWT),
+/// so an allowed request allocates nothing for it; only a freshly verified JWT owns one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict<'a> {
     Allow { identity: Cow<'a, Identity>, edits: HeaderEdits<'a> },
     Deny { error: AuthError, edits: HeaderEdits<'a> },
 }
 
-/// Decides one request. `cache` is the worker's cache of verified JWTs; `now` (Unix
-/// seconds) is asked for only when a JWT is checked.
+/// The worker's caches of credentials that checked out: verified JWTs and API keys.
+/// Both are bounded by `jwt.cache_entries` and rebuilt with the settings.
+#[derive(Debug)]
+pub struct CredentialCache {
+    pub tokens: TokenCache,
+    pub keys: KeyCache,
+}
+
+impl CredentialCache {
+    pub fn new(entries: usize, token_max_age_secs: u64) -> Self {
+        Self { tokens: TokenCache::new(entries, token_max_age_secs), keys: KeyCache::new(entries) }
+    }
+}
+
+/// Decides one request. `cache` is the worker's cache of credentials that checked out;
+/// `now` (Unix seconds) is asked for only when a JWT is checked.
 pub fn decide<'a, K: AsRef<str>, V: AsRef<str>>(
     settings: &'a Settings,
-    cache: &mut TokenCache,
+    cache: &'a mut CredentialCache,
     headers: &[(K, V)],
     now: impl Fn() -> u64,
 ) -> Verdict<'a> {
-    let mut edits = HeaderEdits {
-        remove: vec![settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()],
-        set: Vec::new(),
-    };
+    let mut remove = Vec::with_capacity(2 + settings.sources.len());
+    remove.extend([settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()]);
+    let mut edits = HeaderEdits { remove, set: Vec::new() };
     let identity = match authenticate(settings, cache, headers, now).and_then(|id| authorize(settings, id)) {
         Ok(identity) => identity,
         Err(error) => return Verdict::Deny { error, edits },
@@ -72,14 +87,14 @@ pub fn decide<'a, K: AsRef<str>, V: AsRef<str>>(
         Cow::Borrowed(id) => (Cow::Borrowed(id.user.as_str()), id.groups_csv()),
         Cow::Owned(id) => (Cow::Owned(id.user.clone()), Cow::Owned(id.groups_csv().into_owned())),
     };
-    edits.set.push((settings.identity_headers.user.as_str(), user));
-    edits.set.push((settings.identity_headers.groups.as_str(), groups));
+    edits.set =
+        vec![(settings.identity_headers.user.as_str(), user), (settings.identity_headers.groups.as_str(), groups)];
     Verdict::Allow { identity, edits }
 }
 
 fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
     settings: &'a Settings,
-    cache: &mut TokenCache,
+    cache: &'a mut CredentialCache,
     headers: &[(K, V)],
     now: impl Fn() -> u64,
 ) -> Result<Cow<'a, Identity>, AuthError> {
@@ -89,8 +104,8 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
     // A repeat JWT skips the shape check too; only verified tokens are in the cache,
     // and only a value with exactly two dots can be one.
     if value.bytes().filter(|&b| b == b'.').count() == 2 {
-        if let Some(identity) = cache.get(value, now()) {
-            return Ok(Cow::Owned(identity.clone()));
+        if let Some(slot) = cache.tokens.find(value, now()) {
+            return cache.tokens.identity(slot).map(Cow::Borrowed).ok_or(AuthError::InvalidToken(JwtError::Malformed));
         }
     }
     match classify(value) {
@@ -98,7 +113,7 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
             if key.is_empty() {
                 return Err(AuthError::InvalidApiKey);
             }
-            settings.keys.lookup(key).map(Cow::Borrowed).ok_or(AuthError::InvalidApiKey)
+            settings.keys.lookup_cached(key, &mut cache.keys).map(Cow::Borrowed).ok_or(AuthError::InvalidApiKey)
         }
         Credential::Jwt(token) => {
             if settings.jwt.is_empty() {
@@ -106,7 +121,7 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
             }
             let now = now();
             let verified = settings.jwt.verify(token, now).map_err(AuthError::InvalidToken)?;
-            cache.insert(token, &verified, now);
+            cache.tokens.insert(token, &verified, now);
             Ok(Cow::Owned(verified.identity))
         }
     }
@@ -163,8 +178,9 @@ mod tests {
     }
 
     fn run<'a>(s: &'a Settings, pairs: &[(&str, &str)]) -> Verdict<'a> {
-        let mut cache = TokenCache::new(16, 300);
-        decide(s, &mut cache, &headers(pairs), || NOW)
+        // The verdict may borrow from the cache; a test can afford to leak it.
+        let cache = Box::leak(Box::new(CredentialCache::new(16, 300)));
+        decide(s, cache, &headers(pairs), || NOW)
     }
 
     #[test]
@@ -229,12 +245,12 @@ mod tests {
         let s = settings("");
         let t = token(r#"{"iss":"dev","sub":"jay","exp":1763803600}"#);
         let bearer = format!("Bearer {t}");
-        let mut cache = TokenCache::new(16, 300);
+        let mut cache = CredentialCache::new(16, 300);
         assert!(matches!(
             decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), || NOW),
             Verdict::Allow { .. }
         ));
-        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.tokens.len(), 1);
         assert!(matches!(
             decide(&s, &mut cache, &headers(&[("authorization", &bearer)]), || NOW + 10),
             Verdict::Allow { .. }

@@ -18,11 +18,10 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
 
-use crate::auth::{decide, Verdict};
+use crate::auth::{decide, CredentialCache, Verdict};
 use crate::config::{Settings, UsageSettings};
 use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
 use crate::header_map::{self, HeaderPairs};
-use crate::jwt::TokenCache;
 use crate::limits::{state_key, Headroom, LimitSpec, LimitState, Limits, IDENTITY_COUNT_KEY, OVERFLOW_KEY};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
 use crate::strip::UsageOnlyStripper;
@@ -86,7 +85,7 @@ fn env_var(name: &str) -> Option<String> {
 /// What a configured root context shares with its HTTP contexts.
 struct State {
     settings: Settings,
-    token_cache: RefCell<TokenCache>,
+    credentials: RefCell<CredentialCache>,
     /// Usage events waiting for the root context's next tick.
     queue: RefCell<EventQueue>,
     ids: RefCell<EventIds>,
@@ -199,7 +198,7 @@ impl RootContext for Root {
                         settings.allowed_groups
                     ),
                 );
-                let cache = TokenCache::new(settings.jwt_cache_entries, TOKEN_CACHE_MAX_AGE_SECS);
+                let cache = CredentialCache::new(settings.jwt_cache_entries, TOKEN_CACHE_MAX_AGE_SECS);
                 let limits = match &settings.usage {
                     Some(u) => QueueLimits {
                         max_queue: u.max_queue,
@@ -225,7 +224,7 @@ impl RootContext for Root {
                 }
                 self.state = Some(Rc::new(State {
                     settings,
-                    token_cache: RefCell::new(cache),
+                    credentials: RefCell::new(cache),
                     queue: RefCell::new(EventQueue::new(limits)),
                     ids: RefCell::new(EventIds::new(random_u64())),
                 }));
@@ -466,10 +465,9 @@ impl HttpContext for Http {
         // Read from the host only when something needs the time (not an API key alone).
         let clock = OnceCell::new();
         let now = || *clock.get_or_init(now);
-        let verdict = {
-            let mut cache = state.token_cache.borrow_mut();
-            decide(&state.settings, &mut cache, &headers, || now().as_secs())
-        };
+        // Held to the end of the request callback: the verdict may borrow from it.
+        let mut cache = state.credentials.borrow_mut();
+        let verdict = decide(&state.settings, &mut cache, &headers, || now().as_secs());
         // Built only when it will be recorded (see `deny` and the allow branch).
         let event = || new_event(&headers, now());
         match verdict {

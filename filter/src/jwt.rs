@@ -22,7 +22,6 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 use crate::identity::Identity;
 
@@ -416,17 +415,29 @@ impl TokenCache {
         }
     }
 
-    /// The verified token, if `token` was verified before and has not expired since.
+    /// The cached identity of `token`, if it was verified before and has not expired.
     pub fn get(&mut self, token: &str, now_unix_secs: u64) -> Option<&Identity> {
+        let slot = self.find(token, now_unix_secs)?;
+        self.identity(slot)
+    }
+
+    /// Where `token` is cached, if it was verified before and has not expired since (an
+    /// expired entry is dropped). Split from `identity` so a caller can hold the
+    /// identity borrowed while using the cache mutably on the other path.
+    pub fn find(&mut self, token: &str, now_unix_secs: u64) -> Option<u64> {
         let slot = self.hasher.hash_one(token);
         let entry = self.entries.get(&slot)?;
-        if !bool::from(entry.token.as_bytes().ct_eq(token.as_bytes())) {
+        if !crate::ct::eq(entry.token.as_bytes(), token.as_bytes()) {
             return None;
         }
         if now_unix_secs >= entry.deadline {
             self.remove(slot);
             return None;
         }
+        Some(slot)
+    }
+
+    pub fn identity(&self, slot: u64) -> Option<&Identity> {
         self.entries.get(&slot).map(|e| &e.verified.identity)
     }
 

@@ -5,9 +5,14 @@
 //! high-entropy random strings, so an unsalted fast hash is enough. The store is
 //! checked once at configure time: a digest that is not 64 hex characters, or an
 //! identity that could not be carried in a header, refuses the whole configuration.
+//!
+//! A key that checked out is remembered per worker (`KeyCache`, like the cache of
+//! verified JWTs): a repeat caller costs a keyed hash and a constant-time compare
+//! instead of a SHA-256, which was half of the key path. Wrong keys are never cached.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -76,9 +81,30 @@ impl ApiKeyStore {
     /// The identity owning `presented_key`, if any.
     pub fn lookup(&self, presented_key: &str) -> Option<&Identity> {
         let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
-        let (stored, identity) = self.by_digest.get_key_value(&digest)?;
+        self.by_exact_digest(&digest)
+    }
+
+    /// As `lookup`, through the worker's cache of keys that checked out before.
+    pub fn lookup_cached(&self, presented_key: &str, cache: &mut KeyCache) -> Option<&Identity> {
+        let slot = cache.hasher.hash_one(presented_key);
+        if let Some((key, digest)) = cache.by_hash.get(&slot) {
+            if crate::ct::eq(key.as_bytes(), presented_key.as_bytes()) {
+                return self.by_digest.get(digest);
+            }
+        }
+        let digest: [u8; 32] = Sha256::digest(presented_key.as_bytes()).into();
+        let identity = self.by_exact_digest(&digest)?;
+        // A slot taken by another key (a hash collision) is simply overwritten.
+        if cache.by_hash.len() < cache.capacity || cache.by_hash.contains_key(&slot) {
+            cache.by_hash.insert(slot, (presented_key.into(), digest));
+        }
+        Some(identity)
+    }
+
+    fn by_exact_digest(&self, digest: &[u8; 32]) -> Option<&Identity> {
+        let (stored, identity) = self.by_digest.get_key_value(digest)?;
         // The map already matched; confirm without a data-dependent early exit.
-        bool::from(stored.ct_eq(&digest)).then_some(identity)
+        bool::from(stored.ct_eq(digest)).then_some(identity)
     }
 
     pub fn len(&self) -> usize {
@@ -87,6 +113,36 @@ impl ApiKeyStore {
 
     pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
+    }
+}
+
+/// Keys that checked out on this worker: keyed hash of the key → (the key, its digest).
+/// Bounded by `capacity` (and by the number of configured keys, since only keys that
+/// match one are stored); the hash key is random per worker. Rebuilt with the settings.
+pub struct KeyCache {
+    capacity: usize,
+    hasher: RandomState,
+    by_hash: HashMap<u64, (Box<str>, [u8; 32])>,
+}
+
+impl KeyCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity, hasher: RandomState::new(), by_hash: HashMap::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+// Holds keys: never print them.
+impl fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyCache").field("keys", &self.by_hash.len()).finish()
     }
 }
 
@@ -150,6 +206,41 @@ mod tests {
 
     /// (user, groups)
     type Owner<'a> = (&'a str, &'a [&'a str]);
+
+    #[test]
+    fn cached_lookup_agrees_and_caches_only_good_keys() {
+        let store = ApiKeyStore::new(&[
+            entry(&sha256_hex("sk-mittens"), "mittens", &["premium"]),
+            entry(&sha256_hex("sk-boots"), "boots", &[]),
+        ])
+        .unwrap();
+        // (presented key, owner, cache size after)
+        let cases: &[(&str, Option<&str>, usize)] = &[
+            ("sk-mittens", Some("mittens"), 1),
+            ("sk-mittens", Some("mittens"), 1), // served from the cache
+            ("sk-nobody", None, 1),             // wrong keys are not remembered
+            ("sk-mittens ", None, 1),
+            ("sk-boots", Some("boots"), 2),
+            ("sk-boots", Some("boots"), 2),
+            ("", None, 2),
+        ];
+        let mut cache = KeyCache::new(8);
+        for (i, (key, owner, size)) in cases.iter().enumerate() {
+            let got = store.lookup_cached(key, &mut cache).map(|id| id.user.as_str());
+            assert_eq!(got, *owner, "case {i}");
+            assert_eq!(got, store.lookup(key).map(|id| id.user.as_str()), "case {i}: same as uncached");
+            assert_eq!(cache.len(), *size, "case {i}");
+        }
+        // Full or disabled: lookups still answer, nothing more is stored.
+        for capacity in [0, 1] {
+            let mut cache = KeyCache::new(capacity);
+            for key in ["sk-mittens", "sk-boots", "sk-boots"] {
+                assert!(store.lookup_cached(key, &mut cache).is_some(), "{key}");
+            }
+            assert_eq!(cache.len(), capacity);
+        }
+        assert_eq!(format!("{:?}", KeyCache::new(1)), "KeyCache { keys: 0 }");
+    }
 
     #[test]
     fn lookup_finds_the_owner_only() {

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod config;
 pub mod credentials;
+pub mod ct;
 pub mod events;
 pub mod header_map;
 pub mod identity;

@@ -16,10 +16,10 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::json;
 use std::borrow::Cow;
 
-use tollgate_filter::auth::{decide, Verdict};
+use tollgate_filter::auth::{decide, CredentialCache, Verdict};
 use tollgate_filter::config::Settings;
 use tollgate_filter::credentials::{default_sources, find_credential, Credential};
-use tollgate_filter::jwt::{looks_like_jwt, TokenCache};
+use tollgate_filter::jwt::looks_like_jwt;
 use tollgate_filter::keys::sha256_hex;
 
 use common::{jwks, DEV_SECRET, DEV_TOKEN, NOW};
@@ -63,7 +63,8 @@ fn settings() -> &'static [Settings; 2] {
         for (settings, headers, user) in
             [(&s[0], &jwt, Some("dev-user")), (&s[1], &jwt, None), (&s[1], &key, Some("key-user"))]
         {
-            let verdict = decide(settings, &mut TokenCache::new(0, 300), headers, || NOW);
+            let mut cache = CredentialCache::new(0, 300);
+            let verdict = decide(settings, &mut cache, headers, || NOW);
             match verdict {
                 Verdict::Allow { identity, .. } => assert_eq!(Some(identity.user.as_str()), user),
                 Verdict::Deny { .. } => assert_eq!(None, user, "{verdict:?}"),
@@ -138,12 +139,15 @@ fuzz_target!(|data: &[u8]| {
     }
 
     for s in settings() {
-        let mut cache = TokenCache::new(s.jwt_cache_entries, 300);
+        let mut cache = CredentialCache::new(s.jwt_cache_entries, 300);
         let first = decide(s, &mut cache, &headers, || NOW);
         check_decision(s, &headers, &first);
+        // Verdicts borrow from the cache; compare them by their full Debug form.
+        let first = format!("{first:?}");
         // Again through the (possibly now filled) cache, and with a fresh cache.
-        let cached = decide(s, &mut cache, &headers, || NOW);
-        let fresh = decide(s, &mut TokenCache::new(s.jwt_cache_entries, 300), &headers, || NOW);
+        let cached = format!("{:?}", decide(s, &mut cache, &headers, || NOW));
+        let mut empty = CredentialCache::new(s.jwt_cache_entries, 300);
+        let fresh = format!("{:?}", decide(s, &mut empty, &headers, || NOW));
         assert_eq!(cached, fresh, "{headers:?}");
         assert_eq!(first, fresh, "{headers:?}");
     }

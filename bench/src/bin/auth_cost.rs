@@ -19,10 +19,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use tollgate_bench::variants::{tollgate_config, Creds};
-use tollgate_filter::auth::{decide, Verdict};
+use tollgate_filter::auth::{decide, CredentialCache, Verdict};
 use tollgate_filter::config::Settings;
 use tollgate_filter::events::UsageEvent;
-use tollgate_filter::jwt::TokenCache;
 use tollgate_filter::limits::LimitState;
 use tollgate_filter::usage::{BodyKind, UsageParser, DEFAULT_MAX_CARRY};
 
@@ -74,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     let start;
     match args.mode.as_str() {
         "key" => {
-            let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
+            let mut cache = CredentialCache::new(settings.jwt_cache_entries, 300);
             if !allow(&decide(&settings, &mut cache, &key_headers, || now)) {
                 bail!("the API key was refused");
             }
@@ -84,7 +83,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         "jwt" => {
-            let mut cache = TokenCache::new(0, 300);
+            let mut cache = CredentialCache::new(0, 300);
             if !allow(&decide(&settings, &mut cache, &jwt_headers, || now)) {
                 bail!("the JWT was refused");
             }
@@ -94,7 +93,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         "jwt-cached" => {
-            let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
+            let mut cache = CredentialCache::new(settings.jwt_cache_entries, 300);
             if !allow(&decide(&settings, &mut cache, &jwt_headers, || now)) {
                 bail!("the JWT was refused");
             }
@@ -104,7 +103,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         "limits" => {
-            let mut cache = TokenCache::new(settings.jwt_cache_entries, 300);
+            let mut cache = CredentialCache::new(settings.jwt_cache_entries, 300);
             let Verdict::Allow { identity, .. } = decide(&settings, &mut cache, &key_headers, || now) else {
                 bail!("the API key was refused");
             };
