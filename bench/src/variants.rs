@@ -36,6 +36,9 @@ pub enum Kind {
     /// request (read the headers, remove the credential, set user and groups): the
     /// floor of the Wasm ABI for Tollgate's job, with none of Tollgate's own work.
     WasmHostCalls,
+    /// (h'') As (h') with the three header edits made by one call that replaces the
+    /// whole header map: is one bigger host call cheaper than three small ones?
+    WasmHostCallsBulk,
     /// (c2) As (c) with another build of the filter (`--alt-wasm`): A/B of two builds.
     TollgateJwtAlt,
     /// (d2) As (d) with the `--alt-wasm` build.
@@ -43,7 +46,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::NoFilter,
         Kind::JwtAuthn,
         Kind::JwtAuthnCached,
@@ -54,6 +57,7 @@ impl Kind {
         Kind::Lua,
         Kind::WasmNoop,
         Kind::WasmHostCalls,
+        Kind::WasmHostCallsBulk,
         Kind::TollgateJwtAlt,
         Kind::TollgateKeyAlt,
     ];
@@ -70,6 +74,7 @@ impl Kind {
             Kind::Lua => "g",
             Kind::WasmNoop => "h",
             Kind::WasmHostCalls => "h'",
+            Kind::WasmHostCallsBulk => "h''",
             Kind::TollgateJwtAlt => "c2",
             Kind::TollgateKeyAlt => "d2",
         }
@@ -88,6 +93,7 @@ impl Kind {
             Kind::Lua => "lua",
             Kind::WasmNoop => "wasm_noop",
             Kind::WasmHostCalls => "wasm_host_calls",
+            Kind::WasmHostCallsBulk => "wasm_host_calls_bulk",
             Kind::TollgateJwtAlt => "tollgate_jwt_alt",
             Kind::TollgateKeyAlt => "tollgate_key_alt",
         }
@@ -105,6 +111,7 @@ impl Kind {
             Kind::Lua => "Lua filter (API key)",
             Kind::WasmNoop => "empty Rust Wasm filter (no auth)",
             Kind::WasmHostCalls => "empty Wasm filter + an auth filter's 4 host calls",
+            Kind::WasmHostCallsBulk => "as (h'), edits in one whole-map call (2 host calls)",
             Kind::TollgateJwtAlt => "Tollgate (JWT), --alt-wasm build",
             Kind::TollgateKeyAlt => "Tollgate (API key), --alt-wasm build",
         }
@@ -130,7 +137,7 @@ impl Kind {
 
     /// Whether the listener refuses a wrong credential.
     pub fn authenticates(self) -> bool {
-        !matches!(self, Kind::NoFilter | Kind::WasmNoop | Kind::WasmHostCalls)
+        !matches!(self, Kind::NoFilter | Kind::WasmNoop | Kind::WasmHostCalls | Kind::WasmHostCallsBulk)
     }
 }
 
@@ -311,6 +318,11 @@ fn auth_filters(kind: Kind, creds: &Creds, l: &Layout<'_>) -> Vec<Value> {
         Kind::WasmHostCalls => {
             l.noop_wasm.map(|w| wasm_filter_named(w, &json!({"host_calls": true}), "host-calls")).into_iter().collect()
         }
+        Kind::WasmHostCallsBulk => l
+            .noop_wasm
+            .map(|w| wasm_filter_named(w, &json!({"host_calls": "bulk"}), "host-calls-bulk"))
+            .into_iter()
+            .collect(),
         Kind::TollgateJwtAlt | Kind::TollgateKeyAlt => l
             .alt_wasm
             .map(|w| wasm_filter_named(w, &tollgate_config(creds, false), "tollgate-alt"))

@@ -354,48 +354,57 @@ fn remove_if_present(headers: &HeaderPairs<'_>, name: &str) {
 /// compare-and-swap. `f` gets the current bytes (empty if absent) and returns the new
 /// bytes (None: leave as is) and a result. None when the host fails or CAS keeps losing.
 fn update_shared<T>(key: &str, f: impl Fn(&[u8]) -> (Option<Vec<u8>>, T)) -> Option<T> {
+    update_shared_from(key, hostcalls::get_shared_data(key).ok()?, f)
+}
+
+/// `update_shared` starting from a value already read (saves a host call).
+fn update_shared_from<T>(
+    key: &str,
+    first: (Option<Vec<u8>>, Option<u32>),
+    f: impl Fn(&[u8]) -> (Option<Vec<u8>>, T),
+) -> Option<T> {
+    let mut current = first;
     for _ in 0..CAS_ATTEMPTS {
-        let (bytes, cas) = hostcalls::get_shared_data(key).ok()?;
+        let (bytes, cas) = current;
         let (new, out) = f(bytes.as_deref().unwrap_or_default());
         let Some(new) = new else { return Some(out) };
         match hostcalls::set_shared_data(key, Some(&new), cas) {
             Ok(()) => return Some(out),
-            Err(proxy_wasm::types::Status::CasMismatch) => continue,
+            Err(proxy_wasm::types::Status::CasMismatch) => current = hostcalls::get_shared_data(key).ok()?,
             Err(_) => return None,
         }
     }
     None
 }
 
-/// The shared-data key of a user's limit state. A user seen for the first time is
+/// Admits a request against its user's limit state: one shared-data read and one
+/// compare-and-swap write in the common case. A user seen for the first time is
 /// counted; beyond `max_identities` new users share one overflow state (stricter,
 /// never looser), since Envoy's shared data has no expiry or deletion.
-fn limit_key(limits: &Limits, user: &str) -> Option<String> {
-    let key = state_key(user);
-    let (bytes, _) = hostcalls::get_shared_data(&key).ok()?;
-    if bytes.is_some_and(|b| !b.is_empty()) {
-        return Some(key);
-    }
-    let max = limits.max_identities;
-    let admitted = update_shared(IDENTITY_COUNT_KEY, |bytes| {
-        let n = <[u8; 8]>::try_from(bytes).map_or(0, u64::from_le_bytes);
-        if n < max {
-            (Some((n + 1).to_le_bytes().to_vec()), true)
-        } else {
-            (None, false)
-        }
-    })?;
-    Some(if admitted { key } else { OVERFLOW_KEY.to_string() })
-}
-
 fn admit_shared(
     limits: &Limits,
     spec: &LimitSpec,
     user: &str,
     now_ms: u64,
 ) -> Option<(String, Result<Headroom, crate::limits::LimitError>)> {
-    let key = limit_key(limits, user)?;
-    let verdict = update_shared(&key, |bytes| {
+    let mut key = state_key(user);
+    let mut first = hostcalls::get_shared_data(&key).ok()?;
+    if first.0.as_ref().is_none_or(|b| b.is_empty()) {
+        let max = limits.max_identities;
+        let admitted = update_shared(IDENTITY_COUNT_KEY, |bytes| {
+            let n = <[u8; 8]>::try_from(bytes).map_or(0, u64::from_le_bytes);
+            if n < max {
+                (Some((n + 1).to_le_bytes().to_vec()), true)
+            } else {
+                (None, false)
+            }
+        })?;
+        if !admitted {
+            key = OVERFLOW_KEY.to_string();
+            first = hostcalls::get_shared_data(&key).ok()?;
+        }
+    }
+    let verdict = update_shared_from(&key, first, |bytes| {
         let mut state = LimitState::decode(bytes);
         match state.admit(spec, now_ms) {
             Ok(h) => (Some(state.encode()), Ok(h)),

@@ -1009,7 +1009,7 @@ fn main() -> anyhow::Result<()> {
         None => kinds.retain(|k| !k.needs_alt_wasm()),
     }
     if t.noop_wasm.is_none() {
-        kinds.retain(|&k| !matches!(k, Kind::WasmNoop | Kind::WasmHostCalls));
+        kinds.retain(|&k| !matches!(k, Kind::WasmNoop | Kind::WasmHostCalls | Kind::WasmHostCallsBulk));
         eprintln!("bench-run: {NOOP_WASM} not built (bench/build-noop-wasm.sh): variant (h) skipped");
     }
     let dir = harness::paths::run_dir("bench")?;
