@@ -43,10 +43,12 @@ pub enum Kind {
     TollgateJwtAlt,
     /// (d2) As (d) with the `--alt-wasm` build.
     TollgateKeyAlt,
+    /// (e2) As (e) with the `--alt-wasm` build.
+    TollgateMeteredAlt,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::NoFilter,
         Kind::JwtAuthn,
         Kind::JwtAuthnCached,
@@ -60,6 +62,7 @@ impl Kind {
         Kind::WasmHostCallsBulk,
         Kind::TollgateJwtAlt,
         Kind::TollgateKeyAlt,
+        Kind::TollgateMeteredAlt,
     ];
 
     pub fn id(self) -> &'static str {
@@ -77,6 +80,7 @@ impl Kind {
             Kind::WasmHostCallsBulk => "h''",
             Kind::TollgateJwtAlt => "c2",
             Kind::TollgateKeyAlt => "d2",
+            Kind::TollgateMeteredAlt => "e2",
         }
     }
 
@@ -96,6 +100,7 @@ impl Kind {
             Kind::WasmHostCallsBulk => "wasm_host_calls_bulk",
             Kind::TollgateJwtAlt => "tollgate_jwt_alt",
             Kind::TollgateKeyAlt => "tollgate_key_alt",
+            Kind::TollgateMeteredAlt => "tollgate_metered_alt",
         }
     }
 
@@ -114,6 +119,7 @@ impl Kind {
             Kind::WasmHostCallsBulk => "as (h'), edits in one whole-map call (2 host calls)",
             Kind::TollgateJwtAlt => "Tollgate (JWT), --alt-wasm build",
             Kind::TollgateKeyAlt => "Tollgate (API key), --alt-wasm build",
+            Kind::TollgateMeteredAlt => "Tollgate + limits + metering (API key), --alt-wasm build",
         }
     }
 
@@ -132,7 +138,7 @@ impl Kind {
 
     /// Whether the variant runs the `--alt-wasm` build.
     pub fn needs_alt_wasm(self) -> bool {
-        matches!(self, Kind::TollgateJwtAlt | Kind::TollgateKeyAlt)
+        matches!(self, Kind::TollgateJwtAlt | Kind::TollgateKeyAlt | Kind::TollgateMeteredAlt)
     }
 
     /// Whether the listener refuses a wrong credential.
@@ -326,6 +332,11 @@ fn auth_filters(kind: Kind, creds: &Creds, l: &Layout<'_>) -> Vec<Value> {
         Kind::TollgateJwtAlt | Kind::TollgateKeyAlt => l
             .alt_wasm
             .map(|w| wasm_filter_named(w, &tollgate_config(creds, false), "tollgate-alt"))
+            .into_iter()
+            .collect(),
+        Kind::TollgateMeteredAlt => l
+            .alt_wasm
+            .map(|w| wasm_filter_named(w, &tollgate_config(creds, true), "tollgate-alt-metered"))
             .into_iter()
             .collect(),
     }

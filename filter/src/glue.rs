@@ -579,11 +579,14 @@ impl HttpContext for Http {
             }
         }
         let Some(event) = self.event.as_mut() else { return Action::Continue };
-        let get = |name: &str| map_value(MapType::HttpResponseHeaders, name);
+        // One host call for the three headers needed (each single read is a call and a
+        // call back into the VM to allocate the copy).
+        let raw = header_map_bytes(MapType::HttpResponseHeaders);
+        let headers = raw.as_deref().and_then(header_map::parse).unwrap_or_default();
+        let get = |name: &str| header_map::find(&headers, name);
         event.status = get(":status").and_then(|s| s.parse().ok());
-        let encoding = get("content-encoding");
-        let readable = encoding.as_deref().is_none_or(|e| e.eq_ignore_ascii_case("identity"));
-        let kind = BodyKind::from_content_type(get("content-type").as_deref());
+        let readable = get("content-encoding").is_none_or(|e| e.eq_ignore_ascii_case("identity"));
+        let kind = BodyKind::from_content_type(get("content-type"));
         if readable {
             self.parser = Some(UsageParser::new(kind, DEFAULT_MAX_CARRY));
         }

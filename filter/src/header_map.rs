@@ -40,9 +40,14 @@ fn read_u32(buf: &[u8], at: usize) -> Option<usize> {
     Some(u32::from_le_bytes(<[u8; 4]>::try_from(bytes).ok()?) as usize)
 }
 
-/// The first value of `name` (lowercase, as Envoy stores names), or "".
+/// The first value of `name` (lowercase, as Envoy stores names), if present.
+pub fn find<'h>(headers: &'h [(Cow<'_, str>, Cow<'_, str>)], name: &str) -> Option<&'h str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_ref())
+}
+
+/// The first value of `name`, or "" when absent.
 pub fn get<'h>(headers: &'h [(Cow<'_, str>, Cow<'_, str>)], name: &str) -> &'h str {
-    headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_ref())
+    find(headers, name).unwrap_or("")
 }
 
 /// Whether the request carries `name` at all.
@@ -132,6 +137,7 @@ mod tests {
         assert_eq!(get(&pairs, ":path"), "/a");
         assert_eq!(get(&pairs, "x-dup"), "1");
         assert_eq!(get(&pairs, "missing"), "");
+        assert_eq!((find(&pairs, ":path"), find(&pairs, "missing")), (Some("/a"), None));
         assert!(contains(&pairs, "x-dup") && !contains(&pairs, "X-DUP"));
     }
 }

@@ -397,7 +397,7 @@ fn run_passes(
                     let req = request(&envoy, creds, kind, pass.upstream)?;
                     let side = match kind {
                         Kind::ExtAuthz => b.authz.pid(),
-                        Kind::TollgateMetered => b.tracker.pid(),
+                        Kind::TollgateMetered | Kind::TollgateMeteredAlt => b.tracker.pid(),
                         _ => None,
                     };
                     let (load, cpu, side_cpu) = measure(&pass, args.warmup, &req, dir, envoy_pid, side)
@@ -833,7 +833,7 @@ fn report(
         for &k in kinds {
             let Some(a) = aggregate(&res.runs, pass, k, args.rounds) else { continue };
             let added = base.as_ref().map_or(f64::NAN, |b| (a.p50 - b.p50) * 1000.0);
-            let side = if matches!(k, Kind::ExtAuthz | Kind::TollgateMetered) {
+            let side = if matches!(k, Kind::ExtAuthz | Kind::TollgateMetered | Kind::TollgateMeteredAlt) {
                 format!("{:.1}", a.side)
             } else {
                 String::new()
@@ -1000,8 +1000,13 @@ fn main() -> anyhow::Result<()> {
     match &args.alt_wasm {
         Some(p) if !p.exists() => bail!("--alt-wasm {}: no such file", p.display()),
         Some(_) => {
-            for k in [Kind::TollgateJwtAlt, Kind::TollgateKeyAlt] {
-                if !args.variants.is_empty() && !kinds.contains(&k) {
+            // Each alt beside its counterpart, when that one runs.
+            for (k, base) in [
+                (Kind::TollgateJwtAlt, Kind::TollgateJwt),
+                (Kind::TollgateKeyAlt, Kind::TollgateKey),
+                (Kind::TollgateMeteredAlt, Kind::TollgateMetered),
+            ] {
+                if !args.variants.is_empty() && kinds.contains(&base) && !kinds.contains(&k) {
                     kinds.push(k);
                 }
             }
