@@ -429,6 +429,12 @@ impl Http {
         Action::Pause
     }
 
+    /// A 500 in the OpenAI error format, for host failures (fail closed).
+    fn internal_error(&self, message: &str) -> Action {
+        let body = openai_error_body(message, "server_error", "internal_error");
+        self.reply(&LocalReply { status: 500, headers: vec![("content-type".into(), "application/json".into())], body })
+    }
+
     /// Logs the denial, records its usage event and sends the reply.
     fn deny(
         &self,
@@ -463,19 +469,17 @@ impl HttpContext for Http {
         };
         let raw = header_map_bytes(MapType::HttpRequestHeaders);
         let Some(headers) = raw.as_deref().and_then(header_map::parse) else {
-            let body = openai_error_body("Cannot read request headers.", "server_error", "internal_error");
-            return self.reply(&LocalReply {
-                status: 500,
-                headers: vec![("content-type".into(), "application/json".into())],
-                body,
-            });
+            return self.internal_error("Cannot read request headers.");
+        };
+        // Held to the end of the request callback: the verdict may borrow from it. Never
+        // borrowed elsewhere; refusing beats the panic `borrow_mut` would risk.
+        let Ok(mut cache) = state.credentials.try_borrow_mut() else {
+            return self.internal_error("Credential cache busy.");
         };
         let path = header_map::get(&headers, ":path");
         // Read from the host only when something needs the time (not an API key alone).
         let clock = OnceCell::new();
         let now = || *clock.get_or_init(now);
-        // Held to the end of the request callback: the verdict may borrow from it.
-        let mut cache = state.credentials.borrow_mut();
         let verdict = decide(&state.settings, &mut cache, &headers, || now().as_secs());
         // Built only when it will be recorded (see `deny` and the allow branch).
         let event = || new_event(&headers, now());
