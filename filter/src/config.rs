@@ -153,6 +153,8 @@ struct RawUsage {
     flush_interval_ms: u64,
     #[serde(default = "default_max_batch")]
     max_batch: usize,
+    #[serde(default = "default_max_batch_bytes")]
+    max_batch_bytes: usize,
     #[serde(default = "default_max_queue")]
     max_queue: usize,
     #[serde(default = "default_max_attempts")]
@@ -175,6 +177,10 @@ fn default_flush_ms() -> u64 {
 }
 fn default_max_batch() -> usize {
     500
+}
+/// Half the tracker's default body limit (1 MiB), so a default tracker never answers 413.
+fn default_max_batch_bytes() -> usize {
+    512 * 1024
 }
 fn default_max_queue() -> usize {
     10_000
@@ -202,6 +208,7 @@ pub struct UsageSettings {
     pub timeout_ms: u64,
     pub flush_interval_ms: u64,
     pub max_batch: usize,
+    pub max_batch_bytes: usize,
     pub max_queue: usize,
     pub max_attempts: u32,
     pub inject_include_usage: bool,
@@ -413,6 +420,9 @@ fn check_usage(u: RawUsage) -> Result<UsageSettings, ConfigError> {
     if !(1..=10_000).contains(&u.max_batch) {
         return fail("max_batch", "must be between 1 and 10000");
     }
+    if !(4096..=(16 << 20)).contains(&u.max_batch_bytes) {
+        return fail("max_batch_bytes", "must be between 4096 and 16777216");
+    }
     if !(1..=1_000_000).contains(&u.max_queue) {
         return fail("max_queue", "must be between 1 and 1000000");
     }
@@ -429,6 +439,7 @@ fn check_usage(u: RawUsage) -> Result<UsageSettings, ConfigError> {
         timeout_ms: u.timeout_ms,
         flush_interval_ms: u.flush_interval_ms,
         max_batch: u.max_batch,
+        max_batch_bytes: u.max_batch_bytes,
         max_queue: u.max_queue,
         max_attempts: u.max_attempts,
         inject_include_usage: u.inject_include_usage,
@@ -517,6 +528,7 @@ mod tests {
             (r#"{"usage":{"cluster":"c","path":"track"}}"#, "usage.path"),
             (r#"{"usage":{"cluster":"c","timeout_ms":0}}"#, "usage.timeout_ms"),
             (r#"{"usage":{"cluster":"c","max_batch":0}}"#, "usage.max_batch"),
+            (r#"{"usage":{"cluster":"c","max_batch_bytes":100}}"#, "usage.max_batch_bytes"),
             (r#"{"usage":{"cluster":"c","max_batch":100,"max_queue":10}}"#, "usage.max_queue"),
             (r#"{"usage":{"cluster":"c","flush_interval_ms":-1}}"#, "usage.flush_interval_ms"),
             (r#"{"usage":{"cluster":"c","bogus":1}}"#, "usage.bogus"),

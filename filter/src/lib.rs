@@ -1,9 +1,10 @@
 //! Tollgate: authentication, quotas and token metering for LLM APIs, inside Envoy.
 //!
-//! Everything except `glue` is pure logic: data in, decisions out, the clock passed
-//! as an argument. It compiles and is unit-tested natively and on wasm32. Only `glue`
-//! touches proxy-wasm, and it is compiled for `wasm32-wasip1` alone.
-//! The one `unsafe` block is in `glue` (reading the host's header buffer in place).
+//! Everything except `glue` and `abi` is pure logic: data in, decisions out, the clock
+//! and the host passed in. It compiles and is unit-tested natively and on wasm32.
+//! `gateway` holds the callbacks as functions of a `host::Host`, tested natively with
+//! a host that fails on purpose; `glue` (the SDK's traits) and `abi` (the raw proxy-wasm
+//! ABI, the only `unsafe` code) are compiled for `wasm32-wasip1` alone.
 #![cfg_attr(not(test), deny(unsafe_code))]
 
 pub mod auth;
@@ -11,7 +12,9 @@ pub mod config;
 pub mod credentials;
 pub mod ct;
 pub mod events;
+pub mod gateway;
 pub mod header_map;
+pub mod host;
 pub mod identity;
 pub mod jwt;
 pub mod keys;
@@ -20,6 +23,8 @@ pub mod response;
 pub mod strip;
 pub mod usage;
 
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+mod abi;
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 mod glue;
 

@@ -6,15 +6,37 @@
 
 use std::fmt;
 
-/// Why a request was refused. `BadJson`, `InvalidEvent` and `TooLarge` are bad input to
-/// `/track` and are counted in `tracker_requests_rejected_total{reason}`; the others are
-/// not.
+use serde::Serialize;
+
+/// One bad event of a `/track` body, as the answer reports it: which (its index in the
+/// array; 0 for a lone event), why (the `reason` label it is counted under) and what is
+/// wrong, naming the event and field (`events[3].prompt_tokens: …`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    pub index: usize,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Rejected {
+    pub fn invalid_event(index: usize, message: String) -> Rejected {
+        Rejected { index, reason: "invalid_event", message }
+    }
+}
+
+/// Why a request was refused. `BadJson`, `InvalidEvent`, `InvalidEvents` and `TooLarge`
+/// are bad input to `/track` and are counted in `tracker_requests_rejected_total{reason}`
+/// (`InvalidEvents` once per bad event); the others are not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrackError {
     /// The body is not JSON (or not readable).
     BadJson(String),
-    /// The body is JSON but an event in it breaks the schema.
+    /// The body is JSON but neither an event nor an array of events.
     InvalidEvent(String),
+    /// Every event of the body breaks the schema (a lone bad event, or an array of only
+    /// bad ones; never empty). An array with some good events is not an error: the good
+    /// ones are counted and the bad ones listed in the 200 answer.
+    InvalidEvents(Vec<Rejected>),
     /// The body or the batch is over its limit.
     TooLarge(String),
     NotFound(String),
@@ -35,7 +57,7 @@ impl TrackError {
     pub fn rejected_reason(&self) -> Option<&'static str> {
         match self {
             TrackError::BadJson(_) => Some("bad_json"),
-            TrackError::InvalidEvent(_) => Some("invalid_event"),
+            TrackError::InvalidEvent(_) | TrackError::InvalidEvents(_) => Some("invalid_event"),
             TrackError::TooLarge(_) => Some("too_large"),
             TrackError::NotFound(_)
             | TrackError::MethodNotAllowed(_)
@@ -49,7 +71,10 @@ impl TrackError {
 
     pub fn status(&self) -> u16 {
         match self {
-            TrackError::BadJson(_) | TrackError::InvalidEvent(_) | TrackError::BadQuery(_) => 400,
+            TrackError::BadJson(_)
+            | TrackError::InvalidEvent(_)
+            | TrackError::InvalidEvents(_)
+            | TrackError::BadQuery(_) => 400,
             TrackError::Unauthorized(_) => 401,
             TrackError::NotFound(_) | TrackError::UnknownUser(_) => 404,
             TrackError::MethodNotAllowed(_) => 405,
@@ -67,8 +92,19 @@ impl TrackError {
         }
     }
 
+    /// How many times the refusal counts in `tracker_requests_rejected_total`: once per
+    /// bad event for `InvalidEvents`, else once.
+    pub fn rejected_count(&self) -> u64 {
+        match self {
+            TrackError::InvalidEvents(rejected) => rejected.len() as u64,
+            _ => 1,
+        }
+    }
+
+    /// The message; for `InvalidEvents` the first bad event's.
     pub fn message(&self) -> &str {
         match self {
+            TrackError::InvalidEvents(rejected) => rejected.first().map_or("", |r| r.message.as_str()),
             TrackError::BadJson(m)
             | TrackError::InvalidEvent(m)
             | TrackError::TooLarge(m)
@@ -82,9 +118,14 @@ impl TrackError {
         }
     }
 
-    /// `{"error":{"message":…,"type":…}}`
+    /// `{"error":{"message":…,"type":…}}`, plus `"rejected":[…]` (every bad event) for
+    /// `InvalidEvents`.
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"error": {"message": self.message(), "type": self.error_type()}})
+        let error = serde_json::json!({"message": self.message(), "type": self.error_type()});
+        match self {
+            TrackError::InvalidEvents(rejected) => serde_json::json!({"error": error, "rejected": rejected}),
+            _ => serde_json::json!({"error": error}),
+        }
     }
 }
 

@@ -1,31 +1,33 @@
 //! The `/track` body: one event, an array of events, or the body of an Authorino HTTP
-//! callback. A body is checked completely before anything is counted, so a bad event
-//! refuses the whole request and no counter moves (the sender can fix and resend it
-//! without double counting what was good).
+//! callback. **A bad event costs only itself:** the events of an array are checked one
+//! by one, the good ones are counted and the bad ones are reported back by index
+//! ([`Rejected`]), so one event the tracker cannot take does not lose the batch (the
+//! sender cannot fix an event it built; resending would fail the same way). An event is
+//! checked completely before anything of it is counted, so no event is half-counted.
+//! Only a body that fails as a whole (not JSON, not an event or array, over a limit) is
+//! refused as a whole, and nothing of it is counted.
 //!
-//! Unknown fields are ignored, so a filter that sends a newer schema keeps working
-//! against an older tracker (a refused batch would lose every event in it). Known
-//! fields are type-checked even when the tracker does not use them (`ts`, `method`,
-//! `host`, `usage_missing`), so a broken sender is noticed; `null` means "absent" for
-//! every optional field.
+//! What a valid event is comes from [`tollgate_rules`], the definition the filter builds
+//! its events with. Unknown fields are ignored, so a filter that sends a newer schema
+//! keeps working against an older tracker. Known fields are type-checked even when the
+//! tracker does not use them (`ts`, `method`, `host`, `usage_missing`), so a broken
+//! sender is noticed; `null` means "absent" for every optional field.
 
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
 use serde_json::error::Category;
+use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::error::TrackError;
+pub use tollgate_rules::{MAX_DENIED_COUNT, MAX_ID_CHARS, MAX_STATUS, MAX_TOKENS};
+
+use crate::error::{Rejected, TrackError};
 use crate::{labels, time};
 
-/// Longest accepted event id, in characters.
-pub const MAX_ID_CHARS: usize = 128;
-/// Largest accepted token count of one kind in one event: the largest integer a JSON
-/// number holds exactly in most parsers (2^53 - 1), and in Prometheus's float64. Kept
-/// generous on purpose: one absurd count refuses the whole batch.
-pub const MAX_TOKENS: u64 = (1 << 53) - 1;
-/// Largest accepted HTTP status.
-pub const MAX_STATUS: u64 = 999;
+/// [`MAX_STATUS`] as the bound of the wire type. The tracker takes any status up to it
+/// (0 included); the filter sends only real ones ([`tollgate_rules::status`]).
+const MAX_STATUS_U64: u64 = MAX_STATUS as u64;
 
 /// A checked event, its label values already normalised (but not yet capped: the
 /// cardinality guard is state, applied when the event is counted).
@@ -48,8 +50,21 @@ pub enum Outcome {
     /// `denied` was set: counted in `llm_denied_requests_total` only.
     Denied {
         reason: &'static str,
+        /// How many denied requests the event stands for (its `count`, default 1): the
+        /// filter aggregates denials per (reason, route) between flushes.
+        count: u64,
     },
     Authorized(Usage),
+}
+
+impl Outcome {
+    /// The requests the event counts: its `count` when denied, else 1.
+    pub fn requests(&self) -> u64 {
+        match self {
+            Outcome::Denied { count, .. } => *count,
+            Outcome::Authorized(_) => 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,45 +105,118 @@ impl Tokens {
     }
 }
 
-/// Parses and checks a whole `/track` body. `max_batch` caps the events in an array.
-pub fn parse_body(body: &[u8], max_batch: usize) -> Result<Vec<Event>, TrackError> {
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'[') => {
-            let raw: Vec<RawEvent> = deserialize(body, "events")?;
-            if raw.len() > max_batch {
-                return Err(TrackError::TooLarge(format!(
-                    "batch of {} events is over the limit of {max_batch}",
-                    raw.len()
-                )));
+/// A body that passed as a whole: its good events, in order, and its bad ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub events: Vec<Event>,
+    /// The bad events, by index (ascending).
+    pub rejected: Vec<Rejected>,
+}
+
+/// Parses and checks a `/track` body; `max_batch` caps the events in an array.
+///
+/// - `Err` with [`TrackError::BadJson`], [`TrackError::InvalidEvent`] (not an event or
+///   an array) or [`TrackError::TooLarge`] when the body fails as a whole;
+/// - `Err` with [`TrackError::InvalidEvents`] when it has events and all are bad (a
+///   lone bad event, or an array of only bad ones): nothing to count;
+/// - else `Ok`: the good events and the rejected ones (possibly none).
+pub fn parse_body(body: &[u8], max_batch: usize) -> Result<Parsed, TrackError> {
+    let checked: Vec<Result<Event, String>> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => parse_array(body, max_batch)?,
+        Some(b'{') => match deserialize::<RawEvent>(body, "") {
+            Ok(raw) => vec![raw.check("")],
+            Err(Bad::Event(message)) => {
+                // A bad event, but only if the body is JSON: a syntax error anywhere
+                // makes the whole body bad.
+                serde_json::from_slice::<IgnoredAny>(body).map_err(not_json)?;
+                vec![Err(message)]
             }
-            raw.into_iter().enumerate().map(|(i, e)| e.check(&format!("events[{i}]"))).collect()
-        }
-        Some(b'{') => Ok(vec![deserialize::<RawEvent>(body, "")?.check("")?]),
-        _ => match serde_json::from_slice::<IgnoredAny>(body) {
-            Ok(_) => Err(TrackError::InvalidEvent("body: expected an event object or an array of events".into())),
-            Err(e) => Err(TrackError::BadJson(format!("body is not valid JSON: {e}"))),
+            Err(Bad::Json(error)) => return Err(not_json(error)),
         },
+        _ => {
+            return match serde_json::from_slice::<IgnoredAny>(body) {
+                Ok(_) => Err(TrackError::InvalidEvent("body: expected an event object or an array of events".into())),
+                Err(e) => Err(not_json(e)),
+            }
+        }
+    };
+    let mut parsed = Parsed::default();
+    for (index, result) in checked.into_iter().enumerate() {
+        match result {
+            Ok(event) => parsed.events.push(event),
+            Err(message) => parsed.rejected.push(Rejected::invalid_event(index, message)),
+        }
+    }
+    if parsed.events.is_empty() && !parsed.rejected.is_empty() {
+        return Err(TrackError::InvalidEvents(parsed.rejected));
+    }
+    Ok(parsed)
+}
+
+/// An array body, each element checked on its own. Fast path: the whole array is
+/// well-typed (the usual case) and is parsed in one go; otherwise it is split into its
+/// elements (which also checks the syntax of all of it) and each is parsed on its own,
+/// so a bad one fails alone.
+fn parse_array(body: &[u8], max_batch: usize) -> Result<Vec<Result<Event, String>>, TrackError> {
+    let too_large = |n: usize| TrackError::TooLarge(format!("batch of {n} events is over the limit of {max_batch}"));
+    match deserialize::<Vec<RawEvent>>(body, "events") {
+        Ok(raw) => {
+            if raw.len() > max_batch {
+                return Err(too_large(raw.len()));
+            }
+            Ok(raw.into_iter().enumerate().map(|(i, e)| e.check(&format!("events[{i}]"))).collect())
+        }
+        Err(Bad::Json(error)) => Err(not_json(error)),
+        Err(Bad::Event(_)) => {
+            let elements: Vec<&RawValue> = serde_json::from_slice(body).map_err(not_json)?;
+            if elements.len() > max_batch {
+                return Err(too_large(elements.len()));
+            }
+            Ok(elements
+                .into_iter()
+                .enumerate()
+                .map(|(i, element)| {
+                    let prefix = format!("events[{i}]");
+                    match deserialize::<RawEvent>(element.get().as_bytes(), &prefix) {
+                        Ok(raw) => raw.check(&prefix),
+                        Err(Bad::Event(message)) => Err(message),
+                        // Cannot happen: the element was parsed as JSON already.
+                        Err(Bad::Json(error)) => Err(format!("{prefix}: not valid JSON: {error}")),
+                    }
+                })
+                .collect())
+        }
     }
 }
 
-fn deserialize<'a, T: Deserialize<'a>>(body: &'a [u8], prefix: &str) -> Result<T, TrackError> {
+/// Why a deserialization failed: the JSON itself, or what it holds (the message names
+/// the event and field).
+enum Bad {
+    Json(serde_json::Error),
+    Event(String),
+}
+
+fn not_json(error: serde_json::Error) -> TrackError {
+    TrackError::BadJson(format!("body is not valid JSON: {error}"))
+}
+
+fn deserialize<'a, T: Deserialize<'a>>(body: &'a [u8], prefix: &str) -> Result<T, Bad> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let inner = err.inner();
+        let path = err.path().to_string();
+        let inner = err.into_inner();
         match inner.classify() {
             Category::Data => {
                 // The field path says where; the byte position adds nothing.
                 let text = inner.to_string();
                 let position = format!(" at line {} column {}", inner.line(), inner.column());
                 let message = text.strip_suffix(&position).unwrap_or(&text);
-                TrackError::InvalidEvent(format!("{}: {message}", field(prefix, &err.path().to_string())))
+                Bad::Event(format!("{}: {message}", field(prefix, &path)))
             }
-            Category::Syntax | Category::Eof | Category::Io => {
-                TrackError::BadJson(format!("body is not valid JSON: {inner}"))
-            }
+            Category::Syntax | Category::Eof | Category::Io => Bad::Json(inner),
         }
     })?;
-    de.end().map_err(|e| TrackError::BadJson(format!("body is not valid JSON: {e}")))?;
+    de.end().map_err(Bad::Json)?;
     Ok(value)
 }
 
@@ -164,15 +252,17 @@ struct RawEvent<'a> {
     path: Option<Cow<'a, str>>,
     #[serde(borrow)]
     model: Option<Cow<'a, str>>,
-    status: Option<UInt<MAX_STATUS>>,
-    prompt_tokens: Option<UInt<MAX_TOKENS>>,
-    completion_tokens: Option<UInt<MAX_TOKENS>>,
-    cached_tokens: Option<UInt<MAX_TOKENS>>,
-    reasoning_tokens: Option<UInt<MAX_TOKENS>>,
+    status: Option<UInt<0, MAX_STATUS_U64>>,
+    prompt_tokens: Option<UInt<0, MAX_TOKENS>>,
+    completion_tokens: Option<UInt<0, MAX_TOKENS>>,
+    cached_tokens: Option<UInt<0, MAX_TOKENS>>,
+    reasoning_tokens: Option<UInt<0, MAX_TOKENS>>,
     incomplete: Option<bool>,
     usage_missing: Option<bool>,
     #[serde(borrow)]
     denied: Option<Cow<'a, str>>,
+    /// Denied requests this event stands for (aggregated denials).
+    count: Option<UInt<1, MAX_DENIED_COUNT>>,
 }
 
 impl RawEvent<'_> {
@@ -190,14 +280,15 @@ impl RawEvent<'_> {
             && self.incomplete.is_none()
             && self.usage_missing.is_none()
             && self.denied.is_none()
+            && self.count.is_none()
     }
 
-    fn check(self, prefix: &str) -> Result<Event, TrackError> {
-        let invalid =
-            |name: &str, message: &str| TrackError::InvalidEvent(format!("{}: {message}", field(prefix, name)));
+    /// The event, or the message saying what is wrong with it.
+    fn check(self, prefix: &str) -> Result<Event, String> {
+        let invalid = |name: &str, message: &str| format!("{}: {message}", field(prefix, name));
         if let Some(id) = &self.id {
-            let chars = id.chars().count();
-            if chars == 0 || chars > MAX_ID_CHARS {
+            if !tollgate_rules::event_id(id) {
+                let chars = id.chars().count();
                 return Err(invalid("id", &format!("must be 1 to {MAX_ID_CHARS} characters, got {chars}")));
             }
         } else if !self.is_callback() {
@@ -207,16 +298,20 @@ impl RawEvent<'_> {
         let ts_ms = time::event_ms(self.ts);
         // MAX_STATUS (999) fits.
         let status = self.status.and_then(|s| u16::try_from(s.0).ok());
+        let count = self.count.map_or(1, |c| c.0);
         if let Some(reason) = &self.denied {
-            let outcome = Outcome::Denied { reason: labels::deny_reason(reason) };
+            let outcome = Outcome::Denied { reason: labels::deny_reason(reason), count };
             return Ok(Event { id: self.id.map(Cow::into_owned), path, ts_ms, status, outcome });
         }
-        let user = match self.user.as_deref().map(str::trim) {
+        if count != 1 {
+            return Err(invalid("count", &format!("only a denied event may count more than 1 request, got {count}")));
+        }
+        let user = match self.user.as_deref().map(labels::user) {
             None => return Err(invalid("user", "required when denied is null")),
-            Some("") => return Err(invalid("user", "must not be empty")),
-            Some(user) => labels::truncate(user),
+            Some(None) => return Err(invalid("user", "must not be empty")),
+            Some(Some(user)) => user.to_owned(),
         };
-        let count = |n: Option<UInt<MAX_TOKENS>>| n.map_or(0, |n| n.0);
+        let count = |n: Option<UInt<0, MAX_TOKENS>>| n.map_or(0, |n| n.0);
         let tokens = Tokens {
             prompt: count(self.prompt_tokens),
             completion: count(self.completion_tokens),
@@ -227,7 +322,7 @@ impl RawEvent<'_> {
         let usage = Usage {
             user,
             groups: labels::groups_label(&self.groups.map(|g| g.0).unwrap_or_default()),
-            model: reports_usage.then(|| labels::model_label(self.model.as_deref())),
+            model: reports_usage.then(|| labels::model_label(self.model.as_deref()).to_owned()),
             tokens,
             incomplete: self.incomplete.unwrap_or(false),
             upstream_error: self.status.is_some_and(|s| s.0 >= 500),
@@ -236,26 +331,31 @@ impl RawEvent<'_> {
     }
 }
 
-/// A non-negative integer no larger than `MAX`.
+/// An integer from `MIN` to `MAX`.
 #[derive(Debug, Clone, Copy)]
-struct UInt<const MAX: u64>(u64);
+struct UInt<const MIN: u64, const MAX: u64>(u64);
 
-impl<'de, const MAX: u64> Deserialize<'de> for UInt<MAX> {
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for UInt<MIN, MAX> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V<const MAX: u64>;
-        impl<const MAX: u64> Visitor<'_> for V<MAX> {
-            type Value = UInt<MAX>;
+        struct V<const MIN: u64, const MAX: u64>;
+        impl<const MIN: u64, const MAX: u64> Visitor<'_> for V<MIN, MAX> {
+            type Value = UInt<MIN, MAX>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a non-negative integer")
+                f.write_str(if MIN == 0 { "a non-negative integer" } else { "a positive integer" })
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                if v > MAX {
-                    return Err(E::invalid_value(Unexpected::Unsigned(v), &format!("an integer up to {MAX}").as_str()));
+                if v < MIN || v > MAX {
+                    let expected = if MIN == 0 {
+                        format!("an integer up to {MAX}")
+                    } else {
+                        format!("an integer from {MIN} to {MAX}")
+                    };
+                    return Err(E::invalid_value(Unexpected::Unsigned(v), &expected.as_str()));
                 }
                 Ok(UInt(v))
             }
         }
-        deserializer.deserialize_u64(V::<MAX>)
+        deserializer.deserialize_u64(V::<MIN, MAX>)
     }
 }
 
@@ -304,7 +404,8 @@ mod tests {
     }
 
     fn one(body: &str) -> Event {
-        let mut events = parse_body(body.as_bytes(), 10).unwrap();
+        let Parsed { mut events, rejected } = parse_body(body.as_bytes(), 10).unwrap();
+        assert_eq!(rejected, vec![]);
         assert_eq!(events.len(), 1);
         events.remove(0)
     }
@@ -348,9 +449,42 @@ mod tests {
                 r#"{"id":"e4","denied":"invalid_api_key","path":"/v1/models/"}"#,
                 Some("e4"),
                 "/v1/models",
-                Outcome::Denied { reason: "invalid_credential" },
+                Outcome::Denied { reason: "invalid_credential", count: 1 },
             ),
-            (r#"{"id":"e5","denied":"","user":"x"}"#, Some("e5"), "other", Outcome::Denied { reason: "other" }),
+            (
+                r#"{"id":"e5","denied":"","user":"x"}"#,
+                Some("e5"),
+                "other",
+                Outcome::Denied { reason: "other", count: 1 },
+            ),
+            // Aggregated denials: `count` requests in one event.
+            (
+                r#"{"id":"e6","ts":1763800000.1,"denied":"missing_credential","path":"/v1/models","count":137}"#,
+                Some("e6"),
+                "/v1/models",
+                Outcome::Denied { reason: "missing_credential", count: 137 },
+            ),
+            (
+                r#"{"id":"e7","denied":"rate_limited","count":9007199254740991}"#,
+                Some("e7"),
+                "other",
+                Outcome::Denied { reason: "rate_limited", count: MAX_DENIED_COUNT },
+            ),
+            (
+                r#"{"id":"e8","denied":"rate_limited","count":null}"#,
+                Some("e8"),
+                "other",
+                Outcome::Denied { reason: "rate_limited", count: 1 },
+            ),
+            // count 1 is every authorized event's count.
+            (r#"{"id":"e9","user":"a","count":1}"#, Some("e9"), "other", usage("a", "", None, [0; 4])),
+            // Group names holding the separator are dropped; user and groups trimmed.
+            (
+                r#"{"id":"e10","user":" a ","groups":["x,y"," b ","a"]}"#,
+                Some("e10"),
+                "other",
+                usage("a", "a,b", None, [0; 4]),
+            ),
         ];
         for (body, id, path, outcome) in cases {
             let event = one(body);
@@ -372,9 +506,9 @@ mod tests {
 
     #[test]
     fn arrays_and_limits() {
-        assert_eq!(parse_body(b"[]", 10).unwrap(), vec![]);
+        assert_eq!(parse_body(b"[]", 10).unwrap(), Parsed::default());
         assert_eq!(
-            parse_body(b" [{\"id\":\"a\",\"user\":\"u\"},{\"id\":\"b\",\"user\":\"u\"}] ", 10).unwrap().len(),
+            parse_body(b" [{\"id\":\"a\",\"user\":\"u\"},{\"id\":\"b\",\"user\":\"u\"}] ", 10).unwrap().events.len(),
             2
         );
         let err = parse_body(b"[{\"id\":\"a\",\"user\":\"u\"},{\"id\":\"b\",\"user\":\"u\"}]", 1).unwrap_err();
@@ -409,9 +543,9 @@ mod tests {
                 "prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
             ),
             (
-                r#"[{"id":"a","user":"u"},{"id":"b","user":"u"},{"id":"c","user":"u"},{"id":"d","user":"u","prompt_tokens":-1}]"#,
+                r#"[{"id":"a","user":"u","prompt_tokens":-1},{"id":"b"}]"#,
                 "invalid_event",
-                "events[3].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
+                "events[0].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
             ),
             (
                 r#"{"id":"a","user":"u","completion_tokens":1.5}"#,
@@ -509,11 +643,131 @@ mod tests {
                 "host: invalid type: boolean `true`, expected a string",
             ),
             (r#"{"id":"a","id":"b","user":"u"}"#, "invalid_event", "event: duplicate field `id`"),
+            // `count`: aggregated denials only, 1..=MAX_DENIED_COUNT.
+            (
+                r#"{"id":"a","user":"u","count":2}"#,
+                "invalid_event",
+                "count: only a denied event may count more than 1 request, got 2",
+            ),
+            (
+                r#"{"id":"a","denied":"rate_limited","count":0}"#,
+                "invalid_event",
+                "count: invalid value: integer `0`, expected an integer from 1 to 9007199254740991",
+            ),
+            (
+                r#"{"id":"a","user":"u","count":0}"#,
+                "invalid_event",
+                "count: invalid value: integer `0`, expected an integer from 1 to 9007199254740991",
+            ),
+            (
+                r#"{"id":"a","denied":"rate_limited","count":9007199254740992}"#,
+                "invalid_event",
+                "count: invalid value: integer `9007199254740992`, expected an integer from 1 to 9007199254740991",
+            ),
+            (
+                r#"{"id":"a","denied":"rate_limited","count":-3}"#,
+                "invalid_event",
+                "count: invalid type: integer `-3`, expected a positive integer",
+            ),
+            (
+                r#"{"id":"a","denied":"rate_limited","count":"3"}"#,
+                "invalid_event",
+                "count: invalid type: string \"3\", expected a positive integer",
+            ),
+            (
+                r#"{"id":"a","denied":"rate_limited","count":2.0}"#,
+                "invalid_event",
+                "count: invalid type: floating point `2.0`, expected a positive integer",
+            ),
+            (
+                r#"{"denied":"rate_limited","count":3}"#,
+                "invalid_event",
+                "id: required (only an Authorino callback body may omit it)",
+            ),
+            (r#"{"user":"u","count":1}"#, "invalid_event", "id: required (only an Authorino callback body may omit it)"),
+            // A bad event in a body that is not JSON: the body is what is wrong.
+            (
+                r#"{"id":7,"user":"u"} trailing"#,
+                "bad_json",
+                "body is not valid JSON: trailing characters at line 1 column 21",
+            ),
+            (
+                r#"[{"id":7,"user":"u"},]"#,
+                "bad_json",
+                "body is not valid JSON: trailing comma at line 1 column 22",
+            ),
+            (r#"[{"id":7},{"id":"b"}"#, "bad_json", "body is not valid JSON: EOF while parsing a list at line 1 column 20"),
+            // Every event bad: the first one's message (all are listed, see below).
+            (
+                r#"[{"id":"a","user":" "},1,{"id":"c","user":"u","status":-1}]"#,
+                "invalid_event",
+                "events[0].user: must not be empty",
+            ),
+            // Over the batch limit, bad events or not.
+            ("[1,1,1,1,1,1,1,1,1,1,1]", "too_large", "batch of 11 events is over the limit of 10"),
         ];
         for (body, reason, message) in cases {
             let err = parse_body(body.as_bytes(), 10).unwrap_err();
             assert_eq!(err.rejected_reason(), Some(reason), "{body}: {err:?}");
             assert_eq!(err.message(), message, "{body}");
         }
+    }
+
+    #[test]
+    fn a_bad_event_costs_only_itself() {
+        let long_id = format!(r#"[{{"id":"{}","user":"u"}},{{"id":"b","user":"u"}}]"#, "x".repeat(129));
+        let cases: Vec<(&str, Vec<&str>, Vec<(usize, &str)>)> = vec![
+            // (body, ids of the good events, (index, message) of the bad ones)
+            (
+                r#"[{"id":"a","user":"u"},{"id":"b","user":"u","prompt_tokens":-1},{"id":"c","user":"u"},1,{"id":"d"},
+                   {"id":"e","denied":"rate_limited","count":5},{"id":"f","user":"u","count":5}]"#,
+                vec!["a", "c", "e"],
+                vec![
+                    (1, "events[1].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer"),
+                    (3, "events[3]: invalid type: integer `1`, expected an event object"),
+                    (4, "events[4].user: required when denied is null"),
+                    (6, "events[6].count: only a denied event may count more than 1 request, got 5"),
+                ],
+            ),
+            // The last one bad; whitespace and escapes inside the elements.
+            (
+                "[ {\"id\":\"a\",\"user\":\"\\u00e9\"} ,\n {\"id\":\"b\\\"\",\"user\":\"\\\"u\\\"\",\"groups\":[\"g\",2]} ]",
+                vec!["a"],
+                vec![(1, "events[1].groups[1]: invalid type: integer `2`, expected a string")],
+            ),
+            // Copies of one id: both kept here (the duplicate is dropped when counted).
+            (
+                r#"[{"id":"a","user":"u"},{"id":"a","user":"u","status":1000},{"id":"a","user":"u"}]"#,
+                vec!["a", "a"],
+                vec![(1, "events[1].status: invalid value: integer `1000`, expected an integer up to 999")],
+            ),
+            // Only the check after parsing fails (an over-long id).
+            (
+                &long_id,
+                vec!["b"],
+                vec![(0, "events[0].id: must be 1 to 128 characters, got 129")],
+            ),
+        ];
+        for (body, ids, bad) in cases {
+            let parsed = parse_body(body.as_bytes(), 10).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+            let got: Vec<&str> = parsed.events.iter().map(|e| e.id.as_deref().unwrap_or("")).collect();
+            assert_eq!(got, ids, "{body}");
+            let want: Vec<Rejected> = bad.iter().map(|(i, m)| Rejected::invalid_event(*i, (*m).to_owned())).collect();
+            assert_eq!(parsed.rejected, want, "{body}");
+        }
+        // Every event bad: an error listing all of them.
+        let err = parse_body(br#"[{"id":"a","user":" "},1]"#, 10).unwrap_err();
+        assert_eq!(
+            err,
+            TrackError::InvalidEvents(vec![
+                Rejected::invalid_event(0, "events[0].user: must not be empty".into()),
+                Rejected::invalid_event(1, "events[1]: invalid type: integer `1`, expected an event object".into()),
+            ])
+        );
+        assert_eq!(err.rejected_count(), 2);
+        // A lone bad event is index 0, without a prefix.
+        let err = parse_body(br#"{"id":"a","user":"u","prompt_tokens":-1}"#, 10).unwrap_err();
+        let want = "prompt_tokens: invalid type: integer `-1`, expected a non-negative integer";
+        assert_eq!(err, TrackError::InvalidEvents(vec![Rejected::invalid_event(0, want.into())]));
     }
 }

@@ -12,9 +12,10 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::error::TrackError;
+use crate::error::{Rejected, TrackError};
 use crate::event;
 use crate::metrics::Tracker;
 use crate::usage_api;
@@ -66,15 +67,31 @@ async fn metrics(State(tracker): State<Arc<Tracker>>) -> Result<Response, TrackE
     Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response())
 }
 
-/// Checks the whole body, then records it (with a ledger: committed before the 200).
+/// The 200 answer of `/track`.
+#[derive(Debug, Serialize)]
+struct TrackAnswer {
+    /// Events counted.
+    accepted: u64,
+    /// Events dropped as duplicates.
+    duplicates: u64,
+    /// The bad events, by index; they were not counted (always present, often empty).
+    rejected: Vec<Rejected>,
+}
+
+/// Checks the body (each event on its own), then records its good events (with a
+/// ledger: committed before the 200) and reports the bad ones.
 async fn track(State(tracker): State<Arc<Tracker>>, body: Result<Bytes, BytesRejection>) -> Response {
-    let events = read_body(body).and_then(|body| event::parse_body(&body, tracker.limits().max_batch));
-    let result = match events {
-        Ok(events) => tracker.record(events).await,
+    let parsed = read_body(body).and_then(|body| event::parse_body(&body, tracker.limits().max_batch));
+    let result = match parsed {
+        Ok(parsed) => tracker.record(parsed.events).await.map(|done| (done, parsed.rejected)),
         Err(error) => Err(error),
     };
     match result {
-        Ok(done) => Json(done).into_response(),
+        Ok((done, rejected)) => {
+            // Counted only now: after a 503 the sender resends the batch, bad events and all.
+            tracker.reject_events(&rejected);
+            Json(TrackAnswer { accepted: done.accepted, duplicates: done.duplicates, rejected }).into_response()
+        }
         Err(error) => {
             tracker.reject(&error);
             error.into_response()

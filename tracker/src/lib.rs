@@ -3,7 +3,9 @@
 //!
 //! It is a library as well as a binary so that the tests and the ingest benchmark run
 //! the very same router in-process. The pieces, in the order a request meets them:
-//! [`event`] checks a body and turns it into events (or a [`TrackError`]),
+//! [`event`] checks a body event by event, keeping the good ones and reporting the bad
+//! ones (a body that fails as a whole is a [`TrackError`]); what a valid event is comes
+//! from the `tollgate-rules` crate, shared with the filter;
 //! [`labels`] bounds every label value, [`dedup`] drops events seen before, and
 //! [`metrics`] owns the registry. With a [`ledger`] (SQLite or PostgreSQL), every batch
 //! is committed there before it is acknowledged, and the counters are restored from it

@@ -20,7 +20,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::dedup::DedupWindow;
-use crate::error::TrackError;
+use crate::error::{Rejected, TrackError};
 use crate::event::{Event, Outcome};
 use crate::labels::{self, CardinalityGuard};
 use crate::ledger::{Ledger, LedgerError, SeriesKey, Totals};
@@ -154,7 +154,7 @@ impl Tracker {
         );
         registry.register(
             "tracker_events_received",
-            "Events in accepted /track requests, duplicates included",
+            "Good events in /track requests answered 200, duplicates included",
             events_received.clone(),
         );
         registry.register(
@@ -303,8 +303,8 @@ impl Tracker {
 
     fn count_event(&self, state: &mut State, event: Event) {
         match event.outcome {
-            Outcome::Denied { reason } => {
-                self.denied.get_or_create(&DeniedLabels { reason, path: event.path }).inc();
+            Outcome::Denied { reason, count } => {
+                saturating_inc(&self.denied.get_or_create(&DeniedLabels { reason, path: event.path }), count, self.cap);
             }
             Outcome::Authorized(usage) => {
                 let totals = Totals {
@@ -375,10 +375,18 @@ impl Tracker {
         }
     }
 
-    /// Counts a refused `/track` request (bad input only; other errors are not counted).
+    /// Counts a refused `/track` request (bad input only; other errors are not counted):
+    /// once, or once per bad event when every event of the body was bad.
     pub fn reject(&self, error: &TrackError) {
         if let Some(reason) = error.rejected_reason() {
-            self.rejected.get_or_create(&RejectedLabels { reason }).inc();
+            self.rejected.get_or_create(&RejectedLabels { reason }).inc_by(error.rejected_count());
+        }
+    }
+
+    /// Counts the bad events of a body whose good events were recorded.
+    pub fn reject_events(&self, rejected: &[Rejected]) {
+        for r in rejected {
+            self.rejected.get_or_create(&RejectedLabels { reason: r.reason }).inc();
         }
     }
 
@@ -409,7 +417,7 @@ mod tests {
             .map(|i| format!(r#"{{"id":"{i}","user":"u","model":"m","prompt_tokens":{MAX_TOKENS}}}"#))
             .collect();
         let body = format!("[{}]", events.join(","));
-        let done = tracker.ingest(parse_body(body.as_bytes(), 10_000).unwrap());
+        let done = tracker.ingest(parse_body(body.as_bytes(), 10_000).unwrap().events);
         assert_eq!(done, Ingested { accepted: 2100, duplicates: 0 });
         let text = tracker.encode().unwrap();
         let series = format!(r#"llm_tokens_total{{user="u",groups="",model="m",type="prompt"}} {}"#, u64::MAX);

@@ -137,7 +137,7 @@ async fn metrics_format_and_self_metrics_at_start() {
 async fn single_event_makes_exact_series() {
     let server = Server::default().await;
     let answer = server.track_json(&example_event("e1")).await;
-    assert_eq!(answer, json!({"accepted": 1, "duplicates": 0}));
+    assert_eq!(answer, json!({"accepted": 1, "duplicates": 0, "rejected": []}));
     let text = server.metrics().await;
     assert!(text.contains("# TYPE llm_requests counter\n"), "{text}");
     assert!(text.contains("# TYPE llm_tokens counter\n"), "{text}");
@@ -175,7 +175,7 @@ async fn array_of_events() {
         {"id": "a6", "denied": "rate_limit_exceeded", "path": "/admin"},
         {"id": "a7", "denied": "made-up", "path": "/v1/chat/completions", "user": "ignored"},
     ]);
-    assert_eq!(server.track_json(&batch).await, json!({"accepted": 7, "duplicates": 0}));
+    assert_eq!(server.track_json(&batch).await, json!({"accepted": 7, "duplicates": 0, "rejected": []}));
     let text = server.metrics().await;
     assert_series(
         &text,
@@ -210,7 +210,7 @@ async fn authorino_callback_counts_a_request_without_tokens() {
         "path": "/v1/chat/completions", "user": "alice"});
     for _ in 0..2 {
         // No id, so no dedup: every callback counts.
-        assert_eq!(server.track_json(&body).await, json!({"accepted": 1, "duplicates": 0}));
+        assert_eq!(server.track_json(&body).await, json!({"accepted": 1, "duplicates": 0, "rejected": []}));
     }
     let text = server.metrics().await;
     assert_series(
@@ -225,15 +225,15 @@ async fn authorino_callback_counts_a_request_without_tokens() {
 async fn duplicate_ids_count_once_within_and_across_batches() {
     let server = Server::default().await;
     let first = json!([example_event("d1"), example_event("d1"), example_event("d2")]);
-    assert_eq!(server.track_json(&first).await, json!({"accepted": 2, "duplicates": 1}));
+    assert_eq!(server.track_json(&first).await, json!({"accepted": 2, "duplicates": 1, "rejected": []}));
     // A retried batch: everything already counted.
-    assert_eq!(server.track_json(&first).await, json!({"accepted": 0, "duplicates": 3}));
+    assert_eq!(server.track_json(&first).await, json!({"accepted": 0, "duplicates": 3, "rejected": []}));
     let second = json!([example_event("d2"), example_event("d3")]);
-    assert_eq!(server.track_json(&second).await, json!({"accepted": 1, "duplicates": 1}));
+    assert_eq!(server.track_json(&second).await, json!({"accepted": 1, "duplicates": 1, "rejected": []}));
     // A denied event's id is remembered too.
     let denied = json!({"id": "d4", "denied": "missing_credential", "path": "/v1/models"});
-    assert_eq!(server.track_json(&denied).await, json!({"accepted": 1, "duplicates": 0}));
-    assert_eq!(server.track_json(&denied).await, json!({"accepted": 0, "duplicates": 1}));
+    assert_eq!(server.track_json(&denied).await, json!({"accepted": 1, "duplicates": 0, "rejected": []}));
+    assert_eq!(server.track_json(&denied).await, json!({"accepted": 0, "duplicates": 1, "rejected": []}));
     let text = server.metrics().await;
     assert_series(
         &text,
@@ -255,8 +255,8 @@ async fn dedup_window_forgets_the_oldest_ids() {
         server.track_json(&example_event(id)).await;
     }
     // w1 fell out of the window of 2, so it counts again; w3 is still remembered.
-    assert_eq!(server.track_json(&example_event("w1")).await, json!({"accepted": 1, "duplicates": 0}));
-    assert_eq!(server.track_json(&example_event("w1")).await, json!({"accepted": 0, "duplicates": 1}));
+    assert_eq!(server.track_json(&example_event("w1")).await, json!({"accepted": 1, "duplicates": 0, "rejected": []}));
+    assert_eq!(server.track_json(&example_event("w1")).await, json!({"accepted": 0, "duplicates": 1, "rejected": []}));
     server.stop().await;
 }
 
@@ -266,64 +266,212 @@ async fn bad_input_is_refused_and_changes_no_usage_counter() {
     // Something counted already, so "unchanged" means more than "still empty".
     server.track_json(&example_event("seed")).await;
     let good = example_event("good");
-    let cases: Vec<(String, u16, &str, &str)> = vec![
-        // (body, status, reason, message)
-        ("".into(), 400, "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 0"),
-        ("<xml/>".into(), 400, "bad_json", "body is not valid JSON: expected value at line 1 column 1"),
+    let rejected = |i: usize, message: &str| json!({"index": i, "reason": "invalid_event", "message": message});
+    let cases: Vec<(String, u16, &str, &str, Option<Value>)> = vec![
+        // (body, status, reason, message, the `rejected` list: only when events were bad).
+        // A bad body is counted once; every bad event once.
+        ("".into(), 400, "bad_json", "body is not valid JSON: EOF while parsing a value at line 1 column 0", None),
+        ("<xml/>".into(), 400, "bad_json", "body is not valid JSON: expected value at line 1 column 1", None),
         (
             "{\"id\":\"x\",".into(),
             400,
             "bad_json",
             "body is not valid JSON: EOF while parsing a value at line 1 column 10",
+            None,
         ),
-        ("42".into(), 400, "invalid_event", "body: expected an event object or an array of events"),
+        // A syntax error anywhere makes the whole body bad, good events and all.
         (
-            json!([good, good, {"id": "b3", "user": "u", "prompt_tokens": -1}]).to_string(),
+            format!("[{good},{{\"id\":\"b\",\"user\":\"u\",\"prompt_tokens\":-1}},]"),
+            400,
+            "bad_json",
+            "body is not valid JSON: trailing comma at line 1 column 333",
+            None,
+        ),
+        ("42".into(), 400, "invalid_event", "body: expected an event object or an array of events", None),
+        // Only bad events: 400, all of them listed.
+        (
+            json!([{"id": "b1", "user": " "}, 7, {"id": "b3", "user": "u", "prompt_tokens": -1}]).to_string(),
             400,
             "invalid_event",
-            "events[2].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer",
+            "events[0].user: must not be empty",
+            Some(json!([
+                rejected(0, "events[0].user: must not be empty"),
+                rejected(1, "events[1]: invalid type: integer `7`, expected an event object"),
+                rejected(2, "events[2].prompt_tokens: invalid type: integer `-1`, expected a non-negative integer"),
+            ])),
         ),
         (
             json!({"id": "b", "prompt_tokens": 1}).to_string(),
             400,
             "invalid_event",
             "user: required when denied is null",
+            Some(json!([rejected(0, "user: required when denied is null")])),
         ),
         (
             json!({"user": "u", "model": "m"}).to_string(),
             400,
             "invalid_event",
             "id: required (only an Authorino callback body may omit it)",
+            Some(json!([rejected(0, "id: required (only an Authorino callback body may omit it)")])),
         ),
         (
             json!({"id": "b", "user": "u", "groups": [1]}).to_string(),
             400,
             "invalid_event",
             "groups[0]: invalid type: integer `1`, expected a string",
+            Some(json!([rejected(0, "groups[0]: invalid type: integer `1`, expected a string")])),
         ),
         (
             json!({"id": "b", "user": "u", "denied": 1}).to_string(),
             400,
             "invalid_event",
             "denied: invalid type: integer `1`, expected a string",
+            Some(json!([rejected(0, "denied: invalid type: integer `1`, expected a string")])),
         ),
-        (json!([good, good, good, good]).to_string(), 413, "too_large", "batch of 4 events is over the limit of 3"),
+        (
+            json!({"id": "b", "user": "u", "count": 3}).to_string(),
+            400,
+            "invalid_event",
+            "count: only a denied event may count more than 1 request, got 3",
+            Some(json!([rejected(0, "count: only a denied event may count more than 1 request, got 3")])),
+        ),
+        (
+            json!([good, good, good, good]).to_string(),
+            413,
+            "too_large",
+            "batch of 4 events is over the limit of 3",
+            None,
+        ),
+        (json!([good, 1, 2, 3]).to_string(), 413, "too_large", "batch of 4 events is over the limit of 3", None),
     ];
-    for (body, status, reason, message) in cases {
+    for (body, status, reason, message, rejected) in cases {
         let before = server.metrics().await;
         let (got_status, answer) = server.track(body.clone()).await;
         assert_eq!(got_status, status, "{body}: {answer}");
-        assert_eq!(answer, json!({"error": {"message": message, "type": "invalid_request_error"}}), "{body}");
+        let mut want = json!({"error": {"message": message, "type": "invalid_request_error"}});
+        let counted = rejected.as_ref().map_or(1, |r| r.as_array().unwrap().len() as u64);
+        if let Some(rejected) = rejected {
+            want["rejected"] = rejected;
+        }
+        assert_eq!(answer, want, "{body}");
         let after = server.metrics().await;
         for prefix in ["llm_", "tracker_events_"] {
             assert_eq!(series_lines(&before, prefix), series_lines(&after, prefix), "{body}");
         }
-        let rejected = format!("tracker_requests_rejected_total{{reason=\"{reason}\"}}");
-        let count = |text: &str| value(text, &rejected).unwrap().parse::<u64>().unwrap();
-        assert_eq!(count(&after), count(&before) + 1, "{body}");
+        let series = format!("tracker_requests_rejected_total{{reason=\"{reason}\"}}");
+        let count = |text: &str| value(text, &series).unwrap().parse::<u64>().unwrap();
+        assert_eq!(count(&after), count(&before) + counted, "{body}");
     }
-    // The refused batches' good events were not remembered either: they count now.
-    assert_eq!(server.track_json(&good).await, json!({"accepted": 1, "duplicates": 0}));
+    // The refused bodies' good events were not remembered either: they count now.
+    assert_eq!(server.track_json(&good).await, json!({"accepted": 1, "duplicates": 0, "rejected": []}));
+    server.stop().await;
+}
+
+/// The value of `series` as a number (0 when absent).
+fn number(text: &str, series: &str) -> u64 {
+    value(text, series).map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_bad_event_costs_only_itself() {
+    let server = Server::default().await;
+    let invalid = r#"tracker_requests_rejected_total{reason="invalid_event"}"#;
+    let requests = r#"llm_requests_total{user="mittens",groups="premium",path="/v1/chat/completions"}"#;
+    let prompt = r#"llm_tokens_total{user="mittens",groups="premium",model="Qwen/Qwen3-0.6B",type="prompt"}"#;
+    let denied = r#"llm_denied_requests_total{reason="missing_credential",path="/v1/models"}"#;
+    let mut too_many_tokens = example_event("m2");
+    too_many_tokens["prompt_tokens"] = json!(9_007_199_254_740_992u64);
+    let batch = json!([
+        example_event("m1"),
+        too_many_tokens,
+        {"id": "m3", "denied": "missing_credential", "path": "/v1/models", "count": 137},
+        {"id": "m4", "user": "mittens", "count": 2},
+        example_event("m1"),
+        "not an event",
+        {"id": "m7", "user": "mittens", "groups": ["premium"], "path": "/v1/chat/completions/", "status": 1000},
+        example_event("m8"),
+    ]);
+    let rejected = json!([
+        {"index": 1, "reason": "invalid_event",
+         "message": "events[1].prompt_tokens: invalid value: integer `9007199254740992`, expected an integer up to 9007199254740991"},
+        {"index": 3, "reason": "invalid_event",
+         "message": "events[3].count: only a denied event may count more than 1 request, got 2"},
+        {"index": 5, "reason": "invalid_event",
+         "message": "events[5]: invalid type: string \"not an event\", expected an event object"},
+        {"index": 6, "reason": "invalid_event",
+         "message": "events[6].status: invalid value: integer `1000`, expected an integer up to 999"},
+    ]);
+    // m1, m3 and m8 count; the second m1 is a duplicate; four events are bad.
+    let answer = server.track_json(&batch).await;
+    assert_eq!(answer, json!({"accepted": 3, "duplicates": 1, "rejected": rejected}));
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[
+            (requests, "2"),
+            (prompt, "24"),
+            (denied, "137"),
+            (invalid, "4"),
+            ("tracker_events_received_total", "4"),
+            ("tracker_events_duplicate_total", "1"),
+        ],
+    );
+    assert_eq!(series_lines(&text, "llm_requests_total").len(), 1, "{text}");
+
+    // The filter resends a batch it got no answer for: the good events are duplicates
+    // now, the bad ones are reported (and counted) again.
+    let answer = server.track_json(&batch).await;
+    assert_eq!(answer, json!({"accepted": 0, "duplicates": 4, "rejected": rejected}));
+    let text = server.metrics().await;
+    assert_series(&text, &[(requests, "2"), (denied, "137"), (invalid, "8"), ("tracker_events_duplicate_total", "5")]);
+
+    // One good event among bad ones is enough for a 200; with none, it is a 400.
+    let one_good = json!([1, example_event("m9"), 2]);
+    let answer = server.track_json(&one_good).await;
+    assert_eq!(answer["accepted"], 1);
+    assert_eq!(
+        answer["rejected"].as_array().unwrap().iter().map(|r| r["index"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [0, 2]
+    );
+    let (status, answer) = server.track(json!([1, 2]).to_string()).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["rejected"].as_array().unwrap().len(), 2);
+    let text = server.metrics().await;
+    assert_series(&text, &[(requests, "3"), (invalid, "12"), ("tracker_events_received_total", "9")]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn aggregated_denials_count_their_requests() {
+    let server = Server::default().await;
+    let series = |reason: &str, path: &str| format!(r#"llm_denied_requests_total{{reason="{reason}",path="{path}"}}"#);
+    let batch = json!([
+        {"id": "f1-missing-models", "ts": 1763800000.1, "denied": "missing_credential", "path": "/v1/models", "count": 137},
+        {"id": "f1-rate-chat", "ts": 1763800000.1, "denied": "rate_limited", "path": "/v1/chat/completions", "count": 9_007_199_254_740_991u64},
+        {"id": "f1-rate-chat-2", "denied": "rate_limit_exceeded", "path": "/v1/chat/completions?x=1", "count": 1},
+        {"id": "f1-missing-models-2", "denied": "missing_credential", "path": "/v1/models"},
+        {"id": "f1-other", "denied": "missing_credential", "path": "/v1/models", "count": null},
+    ]);
+    assert_eq!(server.track_json(&batch).await, json!({"accepted": 5, "duplicates": 0, "rejected": []}));
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[
+            (&series("missing_credential", "/v1/models"), "139"),
+            (&series("rate_limited", "/v1/chat/completions"), "9007199254740992"),
+            ("tracker_events_received_total", "5"),
+        ],
+    );
+    // An aggregated event is de-duplicated as a whole: resent, it adds nothing; the
+    // next flush's event (a new id) adds its count.
+    let resent = json!({"id": "f1-missing-models", "denied": "missing_credential", "path": "/v1/models", "count": 137});
+    assert_eq!(server.track_json(&resent).await, json!({"accepted": 0, "duplicates": 1, "rejected": []}));
+    let next = json!({"id": "f2-missing-models", "denied": "missing_credential", "path": "/v1/models", "count": 11});
+    assert_eq!(server.track_json(&next).await, json!({"accepted": 1, "duplicates": 0, "rejected": []}));
+    let text = server.metrics().await;
+    assert_eq!(number(&text, &series("missing_credential", "/v1/models")), 150);
+    assert!(series_lines(&text, "llm_requests_total").is_empty(), "{text}");
+    assert_eq!(number(&text, r#"tracker_requests_rejected_total{reason="invalid_event"}"#), 0);
     server.stop().await;
 }
 

@@ -10,7 +10,8 @@
 //!
 //! Three tables, the same in both backends ([`sqlite`], [`postgres`]):
 //!
-//! - `usage_events`: one row per accepted event. Its `id` is `UNIQUE`, and that index
+//! - `usage_events`: one row per accepted event (an aggregated denial is one row whose
+//!   `requests` column holds its `count`; every other row holds 1). Its `id` is `UNIQUE`, and that index
 //!   *is* the duplicate detection: an insert that conflicts is a duplicate. So dedup
 //!   survives restarts and works across replicas sharing one PostgreSQL, for as long as
 //!   the event stays in the ledger (the retention period), far longer than the filter's
@@ -87,6 +88,8 @@ pub struct Record {
     pub ts_ms: i64,
     pub key: SeriesKey,
     pub status: Option<u16>,
+    /// The requests the event stands for: 1, or an aggregated denial's `count`.
+    pub requests: u64,
     pub tokens: Tokens,
     pub incomplete: bool,
     pub upstream_error: bool,
@@ -95,7 +98,7 @@ pub struct Record {
 impl Record {
     pub fn from_event(event: &Event, received_ms: i64) -> Record {
         let (key, tokens, incomplete, upstream_error) = match &event.outcome {
-            Outcome::Denied { reason } => {
+            Outcome::Denied { reason, .. } => {
                 let key = SeriesKey {
                     user: String::new(),
                     groups: String::new(),
@@ -121,6 +124,7 @@ impl Record {
             ts_ms: event.ts_ms.unwrap_or(received_ms),
             key,
             status: event.status,
+            requests: event.outcome.requests(),
             tokens,
             incomplete,
             upstream_error,
@@ -129,7 +133,7 @@ impl Record {
 
     pub fn totals(&self) -> Totals {
         Totals {
-            requests: 1,
+            requests: self.requests,
             prompt: self.tokens.prompt,
             completion: self.tokens.completion,
             cached: self.tokens.cached,
@@ -233,7 +237,7 @@ fn usage_sql(p: fn(u8) -> String) -> String {
     let sums = tokens.map(|c| format!("CAST(SUM({c}_hi) AS BIGINT), CAST(SUM({c}_lo) AS BIGINT)")).join(", ");
     format!(
         "SELECT b, CAST(SUM(requests) AS BIGINT), {sums} FROM (\
-           SELECT (ts_ms / {w}) * {w} AS b, 1 AS requests, {event_cols} FROM usage_events \
+           SELECT (ts_ms / {w}) * {w} AS b, requests, {event_cols} FROM usage_events \
              WHERE user_name = {u} AND ts_ms >= {since} AND ts_ms < {until} \
            UNION ALL \
            SELECT (day_ms / {w}) * {w} AS b, requests, {event_cols} FROM usage_daily \
@@ -516,8 +520,9 @@ mod tests {
         let body = br#"[{"id":"a","ts":1763800000.125,"user":"u","groups":["g"],"path":"/v1/models","model":"m",
             "status":503,"prompt_tokens":1,"completion_tokens":2,"cached_tokens":3,"reasoning_tokens":4,"incomplete":true},
             {"id":"b","denied":"rate_limited","path":"/v1/chat/completions"},
-            {"user":"cb","path":"/x"}]"#;
-        let events = parse_body(body, 10).unwrap();
+            {"user":"cb","path":"/x"},
+            {"id":"c","denied":"missing_credential","path":"/v1/models","count":137}]"#;
+        let events = parse_body(body, 10).unwrap().events;
         let records: Vec<Record> = events.iter().map(|e| Record::from_event(e, 42)).collect();
         let key = |user: &str, groups: &str, path: &str, model: &str, denied: &str| SeriesKey {
             user: user.into(),
@@ -530,7 +535,9 @@ mod tests {
             (Some("a"), 1_763_800_000_125, key("u", "g", "/v1/models", "m", ""), Some(503), [1, 1, 2, 3, 4, 1, 1]),
             (Some("b"), 42, key("", "", "/v1/chat/completions", "", "rate_limited"), None, [1, 0, 0, 0, 0, 0, 0]),
             (None, 42, key("cb", "", "other", "", ""), None, [1, 0, 0, 0, 0, 0, 0]),
+            (Some("c"), 42, key("", "", "/v1/models", "", "missing_credential"), None, [137, 0, 0, 0, 0, 0, 0]),
         ];
+        assert_eq!(records.len(), cases.len());
         for (record, (id, ts, key, status, columns)) in records.iter().zip(cases) {
             assert_eq!(record.id.as_deref(), id);
             assert_eq!(record.ts_ms, ts);

@@ -40,13 +40,21 @@ use crate::time::DAY_MS;
 
 /// Writer connections per replica.
 pub const WRITERS: usize = 4;
-/// The schema version this tracker writes.
-const SCHEMA_VERSION: i32 = 1;
+/// The schema version this tracker writes. 2 added `usage_events.requests` (aggregated
+/// denials); a version-1 database is migrated in place when a tracker opens it.
+const SCHEMA_VERSION: i32 = 2;
+/// From schema 1 to 2: every existing event counted one request. A constant default
+/// does not rewrite the table; run only on an older schema, because `ALTER TABLE` locks
+/// the table against the other replicas' writes.
+const MIGRATE_TO_2: &str = "ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS requests BIGINT NOT NULL DEFAULT 1";
 /// Serialises schema creation when several replicas start at once.
 const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
 
+/// The version table, created first so the version is known before anything else.
+const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_ledger_schema (version INTEGER NOT NULL)";
+
+/// The current schema, created where missing.
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS tollgate_ledger_schema (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS usage_events (
     seq               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     id                TEXT UNIQUE,
@@ -64,7 +72,8 @@ CREATE TABLE IF NOT EXISTS usage_events (
     cached_tokens     BIGINT NOT NULL,
     reasoning_tokens  BIGINT NOT NULL,
     incomplete        BOOLEAN NOT NULL,
-    upstream_error    BOOLEAN NOT NULL
+    upstream_error    BOOLEAN NOT NULL,
+    requests          BIGINT NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS usage_events_user_ts ON usage_events (user_name, ts_ms);
 CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events (ts_ms);
@@ -106,12 +115,12 @@ CREATE TABLE IF NOT EXISTS usage_daily (
 
 const INSERT_EVENTS: &str = "INSERT INTO usage_events (id, ts_ms, received_ms, replica, user_name, user_groups, \
     path, model, denied, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, incomplete, \
-    upstream_error) \
+    upstream_error, requests) \
     SELECT e.id, e.ts_ms, $2, $3, e.user_name, e.user_groups, e.path, e.model, e.denied, e.status, e.p, e.c, e.k, \
-      e.r, e.inc, e.up \
+      e.r, e.inc, e.up, e.n \
     FROM UNNEST($1::text[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int[], \
-      $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], $15::bool[], $16::bool[]) \
-      AS e(id, ts_ms, user_name, user_groups, path, model, denied, status, p, c, k, r, inc, up) \
+      $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], $15::bool[], $16::bool[], $17::bigint[]) \
+      AS e(id, ts_ms, user_name, user_groups, path, model, denied, status, p, c, k, r, inc, up, n) \
     ON CONFLICT (id) DO NOTHING RETURNING id";
 
 fn upsert_totals_sql() -> String {
@@ -280,6 +289,7 @@ impl Postgres {
         let (cached, reasoning) = (count(|t| t.cached), count(|t| t.reasoning));
         let incomplete: Vec<bool> = records.iter().map(|r| r.incomplete).collect();
         let upstream: Vec<bool> = records.iter().map(|r| r.upstream_error).collect();
+        let requests: Vec<i64> = records.iter().map(|r| super::to_sql(r.requests)).collect();
         let rows = tx
             .query(
                 INSERT_EVENTS,
@@ -300,6 +310,7 @@ impl Postgres {
                     &reasoning,
                     &incomplete,
                     &upstream,
+                    &requests,
                 ],
             )
             .await
@@ -405,7 +416,7 @@ impl Postgres {
             .query(
                 "DELETE FROM usage_events WHERE seq IN \
                    (SELECT seq FROM usage_events WHERE ts_ms < $1 ORDER BY ts_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING ts_ms, replica, user_name, user_groups, path, model, denied, prompt_tokens, \
+                 RETURNING ts_ms, replica, user_name, user_groups, path, model, denied, requests, prompt_tokens, \
                    completion_tokens, cached_tokens, reasoning_tokens, incomplete, upstream_error",
                 &[&cutoff_ms, &i64::try_from(chunk).unwrap_or(i64::MAX)],
             )
@@ -416,8 +427,15 @@ impl Postgres {
             .map(|row| {
                 let ts_ms: i64 = row.try_get(0)?;
                 let flag = |i: usize| row.try_get::<_, bool>(i).map(i64::from);
-                let values =
-                    [1, row.try_get(7)?, row.try_get(8)?, row.try_get(9)?, row.try_get(10)?, flag(11)?, flag(12)?];
+                let values = [
+                    row.try_get(7)?,
+                    row.try_get(8)?,
+                    row.try_get(9)?,
+                    row.try_get(10)?,
+                    row.try_get(11)?,
+                    flag(12)?,
+                    flag(13)?,
+                ];
                 Ok(Compacted {
                     day_ms: crate::time::floor(ts_ms, DAY_MS),
                     replica: row.try_get(1)?,
@@ -469,24 +487,33 @@ fn key_of(row: &Row, first: usize) -> Result<SeriesKey, tokio_postgres::Error> {
     })
 }
 
-/// Creates the schema if missing, under an advisory lock so replicas starting together
-/// do not race; refuses a database written by a newer tracker.
+/// Creates the schema if missing and migrates an older one, under an advisory lock so
+/// replicas starting together do not race, in one transaction; refuses a database
+/// written by a newer tracker (before touching anything else).
 async fn migrate(client: &mut Client) -> Result<(), LedgerError> {
     let open = |e: tokio_postgres::Error| LedgerError::Open(format!("cannot create the schema: {}", describe(&e)));
     let tx = client.transaction().await.map_err(open)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).await.map_err(open)?;
-    tx.batch_execute(SCHEMA).await.map_err(open)?;
+    tx.batch_execute(VERSION_TABLE).await.map_err(open)?;
     let rows = tx.query("SELECT version FROM tollgate_ledger_schema", &[]).await.map_err(open)?;
-    match rows.first().map(|row| row.try_get::<_, i32>(0)).transpose().map_err(open)? {
+    let version = rows.first().map(|row| row.try_get::<_, i32>(0)).transpose().map_err(open)?;
+    if let Some(version) = version.filter(|v| *v > SCHEMA_VERSION) {
+        return Err(LedgerError::Open(format!(
+            "the ledger has schema version {version}, newer than this tracker's {SCHEMA_VERSION}"
+        )));
+    }
+    tx.batch_execute(SCHEMA).await.map_err(open)?;
+    if version.is_some_and(|v| v < 2) {
+        tx.batch_execute(MIGRATE_TO_2).await.map_err(open)?;
+    }
+    match version {
         None => {
             tx.execute("INSERT INTO tollgate_ledger_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
                 .await
                 .map_err(open)?;
         }
-        Some(version) if version > SCHEMA_VERSION => {
-            return Err(LedgerError::Open(format!(
-                "the ledger has schema version {version}, newer than this tracker's {SCHEMA_VERSION}"
-            )));
+        Some(v) if v < SCHEMA_VERSION => {
+            tx.execute("UPDATE tollgate_ledger_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(open)?;
         }
         Some(_) => {}
     }

@@ -35,8 +35,9 @@ pub const FILE_NAME: &str = "usage.sqlite3";
 /// Most events written in one group-committed transaction (a bound on how long one
 /// transaction holds the write lock).
 const MAX_GROUP_EVENTS: usize = 20_000;
-/// `PRAGMA user_version` of the current schema.
-const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA user_version` of the current schema. 2 added `usage_events.requests`
+/// (aggregated denials); a version-1 file is migrated in place when opened.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage_events (
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS usage_events (
     cached_tokens     INTEGER NOT NULL,
     reasoning_tokens  INTEGER NOT NULL,
     incomplete        INTEGER NOT NULL,
-    upstream_error    INTEGER NOT NULL
+    upstream_error    INTEGER NOT NULL,
+    requests          INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS usage_events_user_ts ON usage_events (user_name, ts_ms);
 CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events (ts_ms);
@@ -97,8 +99,9 @@ CREATE TABLE IF NOT EXISTS usage_daily (
 ";
 
 const INSERT_EVENT: &str = "INSERT INTO usage_events (id, ts_ms, received_ms, replica, user_name, user_groups, path, \
-    model, denied, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, incomplete, upstream_error) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) ON CONFLICT (id) DO NOTHING";
+    model, denied, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, incomplete, upstream_error, \
+    requests) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) ON CONFLICT (id) DO NOTHING";
 
 fn upsert_totals_sql() -> String {
     format!(
@@ -156,7 +159,7 @@ impl Sqlite {
         let open_error = |what: &str, e: &dyn std::fmt::Display| LedgerError::Open(format!("{what}: {e}"));
         std::fs::create_dir_all(dir).map_err(|e| open_error(&format!("cannot create {}", dir.display()), &e))?;
         let path = dir.join(FILE_NAME);
-        let writer = Connection::open(&path).map_err(|e| open_error(&path.display().to_string(), &e))?;
+        let mut writer = Connection::open(&path).map_err(|e| open_error(&path.display().to_string(), &e))?;
         configure(&writer).map_err(|e| open_error("cannot configure SQLite", &e))?;
         let mode: String = writer
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
@@ -165,7 +168,7 @@ impl Sqlite {
             return Err(LedgerError::Open(format!("SQLite refused WAL mode (journal_mode is {mode})")));
         }
         writer.pragma_update(None, "synchronous", "FULL").map_err(|e| open_error("cannot set synchronous", &e))?;
-        migrate(&writer)?;
+        migrate(&mut writer)?;
         // The database and its -wal/-shm files exist now; make their directory entries durable.
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
@@ -374,7 +377,7 @@ fn append_batch(
     let mut inserted = Vec::with_capacity(records.len());
     let mut insert = tx.prepare_cached(INSERT_EVENT).map_err(write_error)?;
     for r in records {
-        let [_, prompt, completion, cached, reasoning, incomplete, upstream] = r.totals().columns();
+        let [requests, prompt, completion, cached, reasoning, incomplete, upstream] = r.totals().columns();
         let changed = insert
             .execute(params![
                 r.id,
@@ -393,6 +396,7 @@ fn append_batch(
                 reasoning,
                 incomplete,
                 upstream,
+                requests,
             ])
             .map_err(write_error)?;
         inserted.push(changed == 1);
@@ -432,16 +436,16 @@ fn compact_chunk(conn: &mut Connection, cutoff_ms: i64, chunk: usize) -> Result<
             .prepare_cached(
                 "DELETE FROM usage_events WHERE seq IN \
                    (SELECT seq FROM usage_events WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2) \
-                 RETURNING ts_ms, replica, user_name, user_groups, path, model, denied, prompt_tokens, \
+                 RETURNING ts_ms, replica, user_name, user_groups, path, model, denied, requests, prompt_tokens, \
                    completion_tokens, cached_tokens, reasoning_tokens, incomplete, upstream_error",
             )
             .map_err(write_error)?;
         let rows = delete
             .query_map(params![cutoff_ms, i64::try_from(chunk).unwrap_or(i64::MAX)], |row| {
                 let ts_ms: i64 = row.get(0)?;
-                let mut values = [1i64; 7];
-                for (i, v) in values.iter_mut().enumerate().skip(1) {
-                    *v = row.get(6 + i)?;
+                let mut values = [0i64; 7];
+                for (i, v) in values.iter_mut().enumerate() {
+                    *v = row.get(7 + i)?;
                 }
                 Ok(Compacted {
                     day_ms: crate::time::floor(ts_ms, DAY_MS),
@@ -496,16 +500,34 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Creates the schema in a new file; refuses a file written by a newer tracker.
-fn migrate(conn: &Connection) -> Result<(), LedgerError> {
-    let version: i64 = conn
+/// Creates the schema in a new file, migrates a file of an older schema (version 1: adds
+/// `usage_events.requests`, 1 for every existing row, which is what each of them
+/// counted), and refuses a file written by a newer tracker. One transaction: a crash
+/// mid-migration leaves the file as it was.
+fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
+    let open = |what: &str, e: rusqlite::Error| LedgerError::Open(format!("{what}: {e}"));
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| open("cannot create the schema", e))?;
+    let version: i64 = tx
         .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(|e| LedgerError::Open(format!("cannot read the schema version: {e}")))?;
+        .map_err(|e| open("cannot read the schema version", e))?;
     if version > SCHEMA_VERSION {
         return Err(LedgerError::Open(format!(
             "the ledger has schema version {version}, newer than this tracker's {SCHEMA_VERSION}"
         )));
     }
-    conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
-        .map_err(|e| LedgerError::Open(format!("cannot create the schema: {e}")))
+    tx.execute_batch(SCHEMA).map_err(|e| open("cannot create the schema", e))?;
+    // Decided by the column itself rather than the version number: idempotent either way.
+    let has_requests: bool = tx
+        .query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('usage_events') WHERE name = 'requests'", [], |row| {
+            row.get(0)
+        })
+        .map_err(|e| open("cannot read the schema", e))?;
+    if !has_requests {
+        tx.execute_batch("ALTER TABLE usage_events ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
+            .map_err(|e| open("cannot migrate the schema to version 2", e))?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| open("cannot set the schema version", e))?;
+    tx.commit().map_err(|e| open("cannot create the schema", e))
 }

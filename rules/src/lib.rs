@@ -1,0 +1,348 @@
+//! What a valid Tollgate usage event is, defined once.
+//!
+//! The filter (in Envoy) reports every request it handles to the usage-tracking service
+//! as a JSON event; the tracker checks each event and turns it into Prometheus label
+//! values and counts. Both sides used to carry their own copy of these rules, and a
+//! copy that drifts costs data: an event the filter sends but the tracker refuses is
+//! lost (the filter cannot fix and resend it), and a label value the two normalise
+//! differently splits one series in two. So the limits and the normalisation live here,
+//! in one crate both depend on:
+//!
+//! - the **filter** builds its events with these functions ([`tokens`], [`status`],
+//!   [`event_id`], …), so it never sends what the tracker refuses;
+//! - the **tracker** checks incoming events against the same limits and derives its
+//!   label values with the same functions ([`route`], [`deny_reason`], [`user`],
+//!   [`groups_label`], [`model_label`]), so a value means the same on both sides.
+//!
+//! No dependencies and no panics: the filter links this crate into its Wasm module,
+//! where a panic traps the VM.
+
+#![forbid(unsafe_code)]
+
+/// Longest event id, in characters (ids are the tracker's dedup key).
+pub const MAX_ID_CHARS: usize = 128;
+
+/// Largest count accepted per token kind per event: the largest integer a JSON number
+/// holds exactly in most parsers (2^53 - 1), and in Prometheus's float64.
+pub const MAX_TOKENS: u64 = (1 << 53) - 1;
+
+/// Largest HTTP status an event may carry.
+pub const MAX_STATUS: u16 = 999;
+
+/// Longest label value kept, in characters; longer values are cut.
+pub const MAX_LABEL_CHARS: usize = 128;
+
+/// Largest `count` of an aggregated denial event (one event standing for `count`
+/// denied requests of one reason and route).
+pub const MAX_DENIED_COUNT: u64 = MAX_TOKENS;
+
+/// Routes that get their own `path` label value; any other path is [`OTHER`].
+pub const ROUTES: [&str; 6] =
+    ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/models"];
+
+/// Deny reasons that get their own `reason` label value; anything else is [`OTHER`].
+pub const DENY_REASONS: [&str; 5] =
+    ["missing_credential", "invalid_credential", "permission_denied", "rate_limited", "quota_exceeded"];
+
+/// The label value of everything outside a fixed set (routes, deny reasons) or over a
+/// cardinality cap.
+pub const OTHER: &str = "other";
+
+/// The `model` label of an event that reports usage but names no model.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
+/// The `path` label of a request path: the query string and fragment are dropped,
+/// trailing slashes ignored, and only the exact routes in [`ROUTES`] are kept.
+pub fn route(path: &str) -> &'static str {
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    let bare = path.get(..end).unwrap_or(path).trim_end_matches('/');
+    ROUTES.iter().find(|r| **r == bare).copied().unwrap_or(OTHER)
+}
+
+/// The `reason` label of a deny reason (trimmed, case-insensitive). The filter sends
+/// the canonical names of [`DENY_REASONS`]; the OpenAI error codes for the same cases
+/// are accepted as aliases; anything else is [`OTHER`].
+pub fn deny_reason(reason: &str) -> &'static str {
+    let reason = reason.trim();
+    let is = |name: &str| reason.eq_ignore_ascii_case(name);
+    if is("missing_credential") || is("missing_api_key") {
+        "missing_credential"
+    } else if is("invalid_credential") || is("invalid_api_key") || is("invalid_token") {
+        "invalid_credential"
+    } else if is("permission_denied") || is("forbidden") {
+        "permission_denied"
+    } else if is("rate_limited") || is("rate_limit_exceeded") {
+        "rate_limited"
+    } else if is("quota_exceeded") || is("insufficient_quota") {
+        "quota_exceeded"
+    } else {
+        OTHER
+    }
+}
+
+/// `value` cut to at most [`MAX_LABEL_CHARS`] characters (never inside a character).
+pub fn truncate(value: &str) -> &str {
+    match value.char_indices().nth(MAX_LABEL_CHARS) {
+        Some((end, _)) => value.get(..end).unwrap_or(value),
+        None => value,
+    }
+}
+
+/// The `user` label: trimmed and cut to [`MAX_LABEL_CHARS`]; `None` when blank (an
+/// authorized event without a user is invalid).
+pub fn user(value: &str) -> Option<&str> {
+    let value = value.trim();
+    (!value.is_empty()).then(|| truncate(value))
+}
+
+/// One group name, trimmed; `None` when blank or when it holds `,`, the separator of
+/// the `groups` label (such a name would read as two groups).
+pub fn group(value: &str) -> Option<&str> {
+    let value = value.trim();
+    (!value.is_empty() && !value.contains(',')).then_some(value)
+}
+
+/// The `groups` label: the valid [`group`] names, sorted, de-duplicated, joined with
+/// `,` and cut to [`MAX_LABEL_CHARS`], so the same set of groups is one series whatever
+/// order the sender used. No groups is the empty value.
+pub fn groups_label<S: AsRef<str>>(groups: &[S]) -> String {
+    let mut names: Vec<&str> = groups.iter().filter_map(|g| group(g.as_ref())).collect();
+    names.sort_unstable();
+    names.dedup();
+    truncate(&names.join(",")).to_owned()
+}
+
+/// The `model` label: trimmed and cut to [`MAX_LABEL_CHARS`]; [`UNKNOWN_MODEL`] when
+/// missing or blank.
+pub fn model_label(model: Option<&str>) -> &str {
+    match model.map(str::trim) {
+        Some(m) if !m.is_empty() => truncate(m),
+        _ => UNKNOWN_MODEL,
+    }
+}
+
+/// A token count as the filter sends it: clamped to [`MAX_TOKENS`] (an absurd count
+/// from an upstream must not make the whole event invalid).
+pub fn tokens(n: u64) -> u64 {
+    n.min(MAX_TOKENS)
+}
+
+/// An HTTP status worth sending: `Some` for 100..=[`MAX_STATUS`], `None` (leave the
+/// field out) otherwise.
+pub fn status(n: u32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|s| (100..=MAX_STATUS).contains(s))
+}
+
+/// Whether `id` is a valid event id: 1..=[`MAX_ID_CHARS`] characters.
+pub fn event_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().nth(MAX_ID_CHARS).is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits() {
+        assert_eq!(MAX_TOKENS, 9_007_199_254_740_991);
+        assert_eq!(MAX_DENIED_COUNT, MAX_TOKENS);
+        assert_eq!((MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_STATUS), (128, 128, 999));
+        for r in ROUTES {
+            assert_eq!(route(r), r);
+        }
+        for r in DENY_REASONS {
+            assert_eq!(deny_reason(r), r);
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let cases = [
+            ("/v1/chat/completions", "/v1/chat/completions"),
+            ("/v1/chat/completions/", "/v1/chat/completions"),
+            ("/v1/chat/completions?stream=true", "/v1/chat/completions"),
+            ("/v1/chat/completions/?a=b#frag", "/v1/chat/completions"),
+            ("/v1/completions", "/v1/completions"),
+            ("/v1/embeddings", "/v1/embeddings"),
+            ("/v1/responses", "/v1/responses"),
+            ("/v1/messages", "/v1/messages"),
+            ("/v1/models", "/v1/models"),
+            ("/v1/models/", "/v1/models"),
+            ("/v1/models//", "/v1/models"),
+            ("/v1/models#x", "/v1/models"),
+            ("/v1/models/Qwen", "other"),
+            ("/V1/CHAT/COMPLETIONS", "other"),
+            ("/v1/chat/completions/extra", "other"),
+            ("/v2/chat/completions", "other"),
+            ("v1/models", "other"),
+            ("", "other"),
+            ("/", "other"),
+            ("?", "other"),
+            ("/v1/chat/compl\u{e9}tions", "other"),
+        ];
+        for (path, want) in cases {
+            assert_eq!(route(path), want, "path {path:?}");
+        }
+    }
+
+    #[test]
+    fn deny_reasons() {
+        let cases = [
+            ("missing_credential", "missing_credential"),
+            ("missing_api_key", "missing_credential"),
+            ("invalid_credential", "invalid_credential"),
+            ("invalid_api_key", "invalid_credential"),
+            ("INVALID_TOKEN", "invalid_credential"),
+            ("permission_denied", "permission_denied"),
+            ("forbidden", "permission_denied"),
+            ("rate_limited", "rate_limited"),
+            ("rate_limit_exceeded", "rate_limited"),
+            (" quota_exceeded ", "quota_exceeded"),
+            ("insufficient_quota", "quota_exceeded"),
+            ("\tRate_Limited\n", "rate_limited"),
+            ("", "other"),
+            ("other", "other"),
+            ("something new", "other"),
+            ("rate_limited_x", "other"),
+            ("ınvalid_token", "other"), // dotless i: not ASCII, no case folding
+        ];
+        for (reason, want) in cases {
+            assert_eq!(deny_reason(reason), want, "reason {reason:?}");
+        }
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        let cases = [
+            (String::new(), String::new()),
+            ("short".to_owned(), "short".to_owned()),
+            ("a".repeat(128), "a".repeat(128)),
+            ("a".repeat(129), "a".repeat(128)),
+            ("λ".repeat(200), "λ".repeat(128)),
+            (format!("{}λ", "a".repeat(127)), format!("{}λ", "a".repeat(127))),
+            (format!("{}λλ", "a".repeat(127)), format!("{}λ", "a".repeat(127))),
+        ];
+        for (input, want) in cases {
+            assert_eq!(truncate(&input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn users() {
+        let long = "u".repeat(200);
+        let cases: [(&str, Option<&str>); 6] = [
+            ("mittens", Some("mittens")),
+            ("  mittens\n", Some("mittens")),
+            ("a b", Some("a b")),
+            ("", None),
+            (" \t\n", None),
+            (&long, Some(&long[..128])),
+        ];
+        for (input, want) in cases {
+            assert_eq!(user(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn groups() {
+        let cases: [(&str, Option<&str>); 6] = [
+            ("premium", Some("premium")),
+            (" premium ", Some("premium")),
+            ("", None),
+            ("  ", None),
+            ("a,b", None),
+            (",", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(group(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn groups_labels() {
+        let many: Vec<String> = (0..40).map(|i| format!("group{i:02}")).collect();
+        let many_label = many.join(",");
+        let cases: [(&[&str], &str); 8] = [
+            (&[], ""),
+            (&["premium"], "premium"),
+            (&["premium", "free"], "free,premium"),
+            (&[" b ", "a", "b", ""], "a,b"),
+            (&["z", "a", "m"], "a,m,z"),
+            (&["a,b", "c"], "c"),
+            (&[" ", ","], ""),
+            (&["B", "a", "b"], "B,a,b"),
+        ];
+        for (groups, want) in cases {
+            assert_eq!(groups_label(groups), want, "groups {groups:?}");
+            let owned: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            assert_eq!(groups_label(&owned), want, "groups {groups:?}");
+        }
+        assert_eq!(groups_label(&many), &many_label[..128]);
+    }
+
+    #[test]
+    fn model_labels() {
+        let long = "m".repeat(129);
+        let cases: [(Option<&str>, &str); 6] = [
+            (None, "unknown"),
+            (Some(""), "unknown"),
+            (Some("  "), "unknown"),
+            (Some("Qwen/Qwen3-0.6B"), "Qwen/Qwen3-0.6B"),
+            (Some(" gpt-4.1 "), "gpt-4.1"),
+            (Some(&long), &long[..128]),
+        ];
+        for (input, want) in cases {
+            assert_eq!(model_label(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn token_counts() {
+        let cases = [
+            (0, 0),
+            (1, 1),
+            (MAX_TOKENS - 1, MAX_TOKENS - 1),
+            (MAX_TOKENS, MAX_TOKENS),
+            (MAX_TOKENS + 1, MAX_TOKENS),
+            (u64::MAX, MAX_TOKENS),
+        ];
+        for (input, want) in cases {
+            assert_eq!(tokens(input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn statuses() {
+        let cases = [
+            (0, None),
+            (99, None),
+            (100, Some(100)),
+            (200, Some(200)),
+            (503, Some(503)),
+            (999, Some(999)),
+            (1000, None),
+            (65_536 + 200, None),
+            (u32::MAX, None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(status(input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn event_ids() {
+        let cases = [
+            (String::new(), false),
+            ("a".to_owned(), true),
+            ("0123456789abcdef-17".to_owned(), true),
+            (" ".to_owned(), true),
+            ("x".repeat(128), true),
+            ("x".repeat(129), false),
+            ("λ".repeat(128), true),
+            ("λ".repeat(129), false),
+        ];
+        for (id, want) in cases {
+            assert_eq!(event_id(&id), want, "{id:?}");
+        }
+    }
+}
