@@ -326,8 +326,8 @@ fn check_claims(provider: &JwtProvider, claims: &Map<String, Value>, now: u64) -
         Some(Value::String(u)) if !u.is_empty() => u,
         _ => return Err(JwtError::MissingUser),
     };
-    // The user goes into a header and into comma-separated usage fields.
-    if user.contains(',') || user.chars().any(char::is_control) {
+    // The user goes into a header and into usage events (one rule with the tracker).
+    if tollgate_rules::check_user(user).is_err() {
         return Err(JwtError::BadClaim("user"));
     }
     let groups = read_groups(claims.get(&provider.groups_claim))?;
@@ -347,7 +347,7 @@ fn read_groups(value: Option<&Value>) -> Result<Vec<String>, JwtError> {
     };
     let mut groups = Vec::with_capacity(names.len());
     for name in names.into_iter().filter(|n| !n.is_empty()) {
-        if name.contains(',') || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if tollgate_rules::check_group(name).is_err() {
             return Err(BAD);
         }
         groups.push(name.to_string());
@@ -710,6 +710,8 @@ mod tests {
             ("sub number", mint(r#"{"iss":"dev","sub":42}"#), MissingUser),
             ("sub with comma", mint(r#"{"iss":"dev","sub":"a,b"}"#), BadClaim("user")),
             ("sub with newline", mint(r#"{"iss":"dev","sub":"a\r\nx-evil: 1"}"#), BadClaim("user")),
+            // The tracker would refuse a blank user: never admitted.
+            ("blank sub", mint(r#"{"iss":"dev","sub":"   "}"#), BadClaim("user")),
             ("groups number", claims(r#","groups":5"#), BadClaim("groups")),
             ("groups object", claims(r#","groups":{"a":1}"#), BadClaim("groups")),
             ("groups array of numbers", claims(r#","groups":["a",1]"#), BadClaim("groups")),

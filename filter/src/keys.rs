@@ -66,9 +66,9 @@ impl ApiKeyStore {
         for (index, entry) in entries.iter().enumerate() {
             let err = |field: &'static str, reason: String| KeyConfigError { index, field, reason };
             let digest = parse_digest(&entry.sha256).map_err(|r| err("sha256", r.to_string()))?;
-            check_user(&entry.user).map_err(|r| err("user", r.to_string()))?;
+            tollgate_rules::check_user(&entry.user).map_err(|r| err("user", r.to_string()))?;
             for (g, group) in entry.groups.iter().enumerate() {
-                check_group(group).map_err(|r| err("groups", format!("groups[{g}] {r}")))?;
+                tollgate_rules::check_group(group).map_err(|r| err("groups", format!("groups[{g}] {r}")))?;
             }
             if let Some(first) = first_index.insert(digest, index) {
                 return Err(err("sha256", format!("same digest as keys[{first}]")));
@@ -159,30 +159,6 @@ fn parse_digest(value: &str) -> Result<[u8; 32], &'static str> {
     // hex accepts either case, which normalises upper-case configs.
     hex::decode_to_slice(value, &mut digest).map_err(|_| "must be 64 hex characters")?;
     Ok(digest)
-}
-
-/// The user goes into a request header and into usage events.
-fn check_user(user: &str) -> Result<(), &'static str> {
-    if user.is_empty() {
-        Err("must not be empty")
-    } else if user.chars().any(char::is_control) {
-        Err("must not contain control characters")
-    } else if user.contains(',') {
-        Err("must not contain commas")
-    } else {
-        Ok(())
-    }
-}
-
-/// Groups are sent comma-joined, so a group name must survive that.
-fn check_group(group: &str) -> Result<(), &'static str> {
-    if group.is_empty() {
-        Err("must not be empty")
-    } else if group.contains(',') || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Err("must not contain commas, whitespace or control characters")
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(test)]

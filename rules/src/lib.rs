@@ -95,6 +95,38 @@ pub fn user(value: &str) -> Option<&str> {
     (!value.is_empty()).then(|| truncate(value))
 }
 
+/// Whether `user` may be an identity's user name, and why not: it goes into a request
+/// header and into usage events, so it must be a [`user`] label value as it is (not
+/// blank, no surrounding whitespace) and must not hold control characters (header
+/// injection) or `,` (it would read as two values in comma-joined fields). The filter
+/// admits an identity only when this holds, so every event it sends has a valid user.
+pub fn check_user(user: &str) -> Result<(), &'static str> {
+    if user.trim().is_empty() {
+        Err("must not be empty")
+    } else if user.chars().any(char::is_control) {
+        Err("must not contain control characters")
+    } else if user.contains(',') {
+        Err("must not contain commas")
+    } else if user.trim() != user {
+        Err("must not start or end with whitespace")
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether `group` may be one of an identity's group names, and why not: groups travel
+/// comma-joined in a header and in the `groups` label, so a name is a valid [`group`]
+/// with no whitespace or control characters.
+pub fn check_group(group: &str) -> Result<(), &'static str> {
+    if group.is_empty() {
+        Err("must not be empty")
+    } else if group.contains(',') || group.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err("must not contain commas, whitespace or control characters")
+    } else {
+        Ok(())
+    }
+}
+
 /// One group name, trimmed; `None` when blank or when it holds `,`, the separator of
 /// the `groups` label (such a name would read as two groups).
 pub fn group(value: &str) -> Option<&str> {
@@ -343,6 +375,32 @@ mod tests {
         ];
         for (id, want) in cases {
             assert_eq!(event_id(&id), want, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn identity_names() {
+        let users = [
+            ("mittens", Ok(())),
+            ("müller", Ok(())),
+            ("", Err("must not be empty")),
+            ("   ", Err("must not be empty")),
+            (" a", Err("must not start or end with whitespace")),
+            ("a\r\nx-evil: 1", Err("must not contain control characters")),
+            ("a,b", Err("must not contain commas")),
+        ];
+        for (name, want) in users {
+            assert_eq!(check_user(name), want, "{name:?}");
+            if want.is_ok() {
+                assert_eq!(user(name), Some(name), "a valid user is its own label");
+            }
+        }
+        let groups = [("premium", true), ("", false), ("a,b", false), ("a b", false), ("a\tb", false)];
+        for (name, ok) in groups {
+            assert_eq!(check_group(name).is_ok(), ok, "{name:?}");
+            if ok {
+                assert_eq!(group(name), Some(name));
+            }
         }
     }
 }
