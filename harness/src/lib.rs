@@ -4,6 +4,7 @@
 pub mod dev;
 pub mod devconfig;
 pub mod envoy;
+pub mod fault;
 pub mod mock;
 pub mod paths;
 pub mod process;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use harness::devconfig::DevCredentials;
+use harness::fault::FaultMode;
 use harness::stack::{Stack, StackOptions};
 use harness::{dev, mock};
 
@@ -90,6 +91,10 @@ struct UpArgs {
     /// Run the gateway with this JSON as the filter config instead of the generated dev config.
     #[arg(long)]
     plugin_config: Option<PathBuf>,
+    /// Send usage reports through a fault-injecting proxy in this mode (healthy, refuse,
+    /// reset-after-head, reset-mid-body, hang, status-NNN, huge-body, not-http, slow-accept).
+    #[arg(long, value_name = "MODE")]
+    fault_tracker: Option<FaultMode>,
 }
 
 fn split_groups(s: &str) -> Vec<String> {
@@ -152,14 +157,21 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         prometheus: true,
         scrape_interval: "5s".into(),
         label: "up".into(),
+        fault_tracker: args.fault_tracker.is_some(),
         ..StackOptions::default()
     })?;
+    if let (Some(mode), Some(fault)) = (args.fault_tracker, stack.fault()) {
+        fault.set_mode(mode)?;
+    }
     let gw = &stack.gateway_url;
     println!("Tollgate is up.");
     println!("  gateway     {gw}  (Envoy + filter, {} workers)", args.concurrency);
     println!("  envoy admin {}", stack.admin_url);
     println!("  mock model  {}", stack.mock_url);
     println!("  tracker     {}/metrics", stack.tracker_url);
+    if let Some(fault) = stack.fault() {
+        println!("  usage path  Envoy -> fault proxy 127.0.0.1:{} ({}) -> tracker", fault.port, fault.mode());
+    }
     if let Some(p) = &stack.prometheus_url {
         println!("  prometheus  {p}");
     }

@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
 use crate::envoy::{self, EnvoyLayout, LOCAL_USAGE_CLUSTER};
+use crate::fault::FaultTracker;
 use crate::paths;
 use crate::process::Proc;
 
@@ -40,6 +41,10 @@ pub struct StackOptions {
     /// Also run Envoy's native `jwt_authn` (this `JwtAuthentication` typed config,
     /// with its `@type`) on a second listener of the same Envoy.
     pub jwt_authn: Option<Value>,
+    /// Put a [`FaultTracker`] between Envoy and the tracker: Envoy's usage cluster points
+    /// at it (it starts `Healthy`, forwarding), while Prometheus and `tracker_url` still
+    /// reach the real tracker. Switch faults with `stack.fault()`.
+    pub fault_tracker: bool,
 }
 
 impl Default for StackOptions {
@@ -58,6 +63,7 @@ impl Default for StackOptions {
             scrape_interval: "1s".into(),
             label: "stack".into(),
             jwt_authn: None,
+            fault_tracker: false,
         }
     }
 }
@@ -76,6 +82,7 @@ pub struct Stack {
     tracker_port: u16,
     // Field order is drop order: Envoy first, then the rest.
     envoy: Proc,
+    fault: Option<FaultTracker>,
     prometheus: Option<Proc>,
     tracker: Option<Proc>,
     _mock: MockServer,
@@ -126,6 +133,10 @@ impl Stack {
             None
         };
 
+        // Usage reports go to the fault tracker when there is one, else to the tracker.
+        let fault = if opts.fault_tracker { Some(FaultTracker::start(tracker_port)?) } else { None };
+        let usage_port = fault.as_ref().map_or(tracker_port, |f| f.port);
+
         let jwt_authn_port = match opts.jwt_authn {
             Some(_) => Some(free_port()?),
             None => None,
@@ -135,7 +146,7 @@ impl Stack {
             gateway_port,
             admin_port,
             model_port: mock_port,
-            tracker_port,
+            tracker_port: usage_port,
             wasm: &wasm,
             plugin_config: &plugin_config,
             vm_env: &opts.vm_env,
@@ -158,10 +169,16 @@ impl Stack {
             plugin_config,
             tracker_port,
             envoy,
+            fault,
             prometheus,
             tracker: Some(tracker),
             _mock: mock,
         })
+    }
+
+    /// The fault tracker in front of the real one, when started with `fault_tracker`.
+    pub fn fault(&self) -> Option<&FaultTracker> {
+        self.fault.as_ref()
     }
 
     pub fn envoy_log(&self) -> String {

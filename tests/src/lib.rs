@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub use harness::dev;
 pub use harness::devconfig::DevCredentials;
+pub use harness::fault::{FaultMode, FaultTracker};
 pub use harness::stack::{Stack, StackOptions};
 use reqwest::blocking::{Client, Response};
 use serde_json::{json, Value};
@@ -46,13 +47,61 @@ pub fn received_headers(resp: &Response) -> BTreeMap<String, String> {
 
 /// Starts a stack with the dev credentials' config merged with `extra` (top-level keys).
 pub fn start(label: &str, creds: &DevCredentials, extra: Value) -> Stack {
+    start_with(label, creds, extra, StackOptions::default())
+}
+
+/// As [`start`], with other stack options (`plugin_config` and `label` are replaced).
+pub fn start_with(label: &str, creds: &DevCredentials, extra: Value, opts: StackOptions) -> Stack {
     let mut config = creds.plugin_config();
     if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
         for (k, v) in e {
             c.insert(k.clone(), v.clone());
         }
     }
-    Stack::start(StackOptions { plugin_config: config, label: label.into(), ..StackOptions::default() }).unwrap()
+    Stack::start(StackOptions { plugin_config: config, label: label.into(), ..opts }).unwrap()
+}
+
+/// Lines of an Envoy log that show the Wasm VM failing: a Rust panic (`panicked at`,
+/// the SDK's `unexpected status`), a V8 trap (`Function: proxy_on_… failed: Uncaught
+/// RuntimeError: unreachable` and its `Proxy-Wasm plugin in-VM backtrace:`).
+pub fn vm_failures(log: &str) -> Vec<String> {
+    const SIGNS: [&str; 9] = [
+        "panic",
+        "unexpected status",
+        "wasm trap",
+        "unreachable",
+        "function: proxy_on",
+        "uncaught",
+        "runtimeerror",
+        "in-vm backtrace",
+        "wasm vm failed",
+    ];
+    log.lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            SIGNS.iter().any(|s| l.contains(s))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The tracker's value of `name{labels}` (0 when absent).
+pub fn tracker_value(stack: &Stack, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(&tracker_metrics(stack), name, labels).unwrap_or(0.0)
+}
+
+/// Polls the tracker until `name{labels}` is at least `want` or `timeout` passes;
+/// returns the last value, so the caller asserts equality and a shortfall (or a value
+/// counted twice) shows as numbers.
+pub fn settle_metric(stack: &Stack, name: &str, labels: &[(&str, &str)], want: f64, timeout: Duration) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = tracker_value(stack, name, labels);
+        if v >= want || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Runs harness/scripts/openai_smoke.py with the project's virtualenv Python.
@@ -149,4 +198,78 @@ pub fn envoy_counter(stack: &Stack, name: &str) -> u64 {
         .find_map(|l| l.split_once(": ").filter(|(n, _)| *n == name))
         .and_then(|(_, v)| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A response read off the wire by [`raw_request`].
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header names as the server wrote them, in order, repeats kept.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked when the response was chunked.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of header `name` (matched case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The request headers the mock model server received (see [`received_headers`]).
+    pub fn received_headers(&self) -> BTreeMap<String, String> {
+        let raw = self
+            .header("x-mock-received-headers")
+            .expect("mock echo header missing: the request did not reach the mock model");
+        serde_json::from_str(raw).unwrap()
+    }
+}
+
+/// Sends one HTTP/1.1 request over a plain `TcpStream` to `base_url` (`http://host:port`),
+/// every header name byte for byte as given: reqwest (through `http`) lowercases header
+/// names, so a test about mixed-case or repeated headers must use this. Adds `Host`,
+/// `Content-Length` and `Connection: close`, and reads the whole response.
+pub fn raw_request(base_url: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> RawResponse {
+    use std::io::{Read, Write};
+    let authority = base_url.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n").into_bytes();
+    for (name, value) in headers {
+        request.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    request.extend_from_slice(format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes());
+    request.extend_from_slice(body);
+    stream.write_all(&request).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of response head");
+    let head = String::from_utf8(raw[..head_end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{status_line}"));
+    let headers: Vec<(String, String)> = lines
+        .map(|l| l.split_once(':').unwrap_or_else(|| panic!("bad header line {l:?}")))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[head_end + 4..].to_vec();
+    let chunked =
+        headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        let (mut rest, mut out) = (body.as_slice(), Vec::new());
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").expect("truncated chunk size");
+            let size_text = std::str::from_utf8(&rest[..line_end]).unwrap();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest = &rest[line_end + 2 + size + 2..];
+        }
+        body = out;
+    }
+    RawResponse { status, headers, body }
 }
