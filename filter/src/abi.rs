@@ -90,6 +90,13 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_done() -> u32;
 }
 
 fn check(status: u32) -> HostResult<()> {
@@ -208,6 +215,20 @@ impl Host for Abi {
 
     fn env(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
+    }
+
+    fn root_id(&self) -> Option<String> {
+        let path = b"plugin_root_id";
+        let mut data = null_mut();
+        let mut size = 0usize;
+        match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
+            0 => unsafe { owned(data, size) }.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            _ => None,
+        }
+    }
+
+    fn done(&self) -> HostResult<()> {
+        check(unsafe { proxy_done() })
     }
 
     fn random_u64(&self) -> u64 {

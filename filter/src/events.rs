@@ -225,6 +225,15 @@ impl EventQueue {
         self.stats
     }
 
+    /// New limits (a config push); what is queued stays, the next pushes and batches
+    /// follow the new bounds.
+    pub fn set_limits(&mut self, limits: QueueLimits) {
+        if limits != self.limits {
+            self.limits = limits;
+            self.batch_cap = limits.max_batch.max(1);
+        }
+    }
+
     /// Authorized events waiting (not in flight).
     pub fn len(&self) -> usize {
         self.pending.len()

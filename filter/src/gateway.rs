@@ -11,6 +11,7 @@
 //! or cannot be dispatched leaves its events queued for the next tick, with their ids.
 
 use std::cell::{OnceCell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -69,8 +70,36 @@ fn log(host: &impl Host, level: Level, context_id: u32, message: std::fmt::Argum
 pub struct State {
     settings: Settings,
     credentials: RefCell<CredentialCache>,
-    /// Usage events waiting for the root context's next tick.
-    queue: RefCell<EventQueue>,
+    /// Usage events waiting for a root context's next tick: this plugin's queue in
+    /// this VM, shared with the root contexts of later config pushes (see [`QUEUES`]).
+    queue: Rc<RefCell<EventQueue>>,
+}
+
+thread_local! {
+    /// Each plugin's (root id's) event queue in this VM — one VM per worker, so one
+    /// queue per worker and plugin. A live config push (Istio's every `pluginConfig`
+    /// change) makes Envoy create a new root context and send the old one `on_done`;
+    /// the queue outlives both, so what the old root held (queued events, batches in
+    /// flight) and what its HTTP contexts still record reaches the tracker through the
+    /// new one.
+    static QUEUES: RefCell<HashMap<String, Rc<RefCell<EventQueue>>>> = RefCell::new(HashMap::new());
+}
+
+/// The queue of plugin `root_id` in this VM, with these limits, created if new.
+fn plugin_queue(root_id: &str, limits: QueueLimits, random: impl FnOnce() -> u64) -> Rc<RefCell<EventQueue>> {
+    QUEUES.with(|queues| {
+        let Ok(mut queues) = queues.try_borrow_mut() else {
+            return Rc::new(RefCell::new(EventQueue::new(limits, EventIds::new(random()))));
+        };
+        let queue = queues
+            .entry(root_id.to_string())
+            .or_insert_with(|| Rc::new(RefCell::new(EventQueue::new(limits, EventIds::new(random())))))
+            .clone();
+        if let Ok(mut q) = queue.try_borrow_mut() {
+            q.set_limits(limits);
+        }
+        queue
+    })
 }
 
 impl State {
@@ -101,11 +130,16 @@ pub struct Root {
     context_id: u32,
     state: Option<Rc<State>>,
     last_stats: QueueStats,
+    /// Callouts this root context made that have not been answered yet: it stays
+    /// alive after `on_done` until they are (a deleted root's callouts are cancelled).
+    sent: HashSet<u32>,
+    /// `on_done` was called: call the host's `done` once `sent` is empty.
+    finishing: bool,
 }
 
 impl Root {
     pub fn new(context_id: u32) -> Root {
-        Root { context_id, state: None, last_stats: QueueStats::default() }
+        Root { context_id, state: None, last_stats: QueueStats::default(), sent: HashSet::new(), finishing: false }
     }
 
     pub fn state(&self) -> Option<&Rc<State>> {
@@ -182,12 +216,30 @@ impl Root {
                 log(host, Level::Error, self.context_id, format_args!("cannot set the tick period: {status:?}"));
             }
         }
-        self.state = Some(Rc::new(State {
-            settings,
-            credentials: RefCell::new(cache),
-            queue: RefCell::new(EventQueue::new(limits, EventIds::new(host.random_u64()))),
-        }));
+        let root_id = host.root_id().unwrap_or_default();
+        let queue = plugin_queue(&root_id, limits, || host.random_u64());
+        self.state = Some(Rc::new(State { settings, credentials: RefCell::new(cache), queue }));
         true
+    }
+
+    /// The host is done with this root context (a config push replaced it, or the
+    /// plugin goes away). Sends what is queued, then finishes once every callout it
+    /// made is answered: true at once if none is outstanding, else false and the host's
+    /// `done` is called from [`Root::call_response`].
+    pub fn done(&mut self, host: &impl Host) -> bool {
+        self.finishing = true;
+        if let Some(state) = self.state.clone() {
+            if let Some(usage) = &state.settings.usage {
+                self.flush(host, usage, &state);
+            }
+        }
+        log(
+            host,
+            Level::Info,
+            self.context_id,
+            format_args!("root context done; {} usage reports still in flight", self.sent.len()),
+        );
+        self.sent.is_empty()
     }
 
     pub fn tick(&mut self, host: &impl Host) {
@@ -212,7 +264,10 @@ impl Root {
             let now_ms = now_ms(host);
             let Some((batch, handles)) = queue.next_batch(now_ms) else { break };
             match host.dispatch(&usage.cluster, &headers, &batch.body, timeout) {
-                Ok(token) => queue.sent(token, handles),
+                Ok(token) => {
+                    self.sent.insert(token);
+                    queue.sent(token, handles);
+                }
                 Err(status) => {
                     queue.send_failed(handles, now_ms);
                     log(
@@ -252,6 +307,16 @@ impl Root {
     /// buffer limit) comes with no headers, and its maps cannot be read (Envoy says
     /// BadArgument): it is a retry, never a trap.
     pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
+        self.sent.remove(&token);
+        self.record_response(host, token, num_headers, body_size);
+        if self.finishing && self.sent.is_empty() {
+            if let Err(status) = host.done() {
+                log(host, Level::Error, self.context_id, format_args!("cannot finish the root context: {status:?}"));
+            }
+        }
+    }
+
+    fn record_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
         let Some(state) = self.state.clone() else { return };
         let status = if num_headers == 0 {
             None
@@ -739,7 +804,13 @@ mod tests {
         replies: RefCell<Vec<(u32, String)>>,
         logs: RefCell<Vec<String>>,
         clock: Cell<u64>,
+        /// The plugin's root id: unique per host, so tests never share a VM queue.
+        root: String,
+        /// Times the host's `done` was called.
+        done_calls: Cell<u32>,
     }
+
+    static NEXT_ROOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
     use std::cell::Cell;
 
@@ -858,6 +929,13 @@ mod tests {
         fn random_u64(&self) -> u64 {
             7
         }
+        fn root_id(&self) -> Option<String> {
+            Some(self.root.clone())
+        }
+        fn done(&self) -> HostResult<()> {
+            self.done_calls.set(self.done_calls.get() + 1);
+            Ok(())
+        }
     }
 
     fn config(usage: &str, extra: &str) -> Vec<u8> {
@@ -877,6 +955,7 @@ mod tests {
     fn host_with(usage: &str, extra: &str) -> FakeHost {
         let h = FakeHost {
             config: config(usage, extra),
+            root: format!("test.plugin-{}", NEXT_ROOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             response_headers: vec![
                 (":status".into(), "200".into()),
                 ("content-type".into(), "application/json".into()),
@@ -1071,6 +1150,44 @@ mod tests {
                 assert_eq!(stats.delivered, 0);
             }
         }
+    }
+
+    /// A live config push: a new root context, `on_done` for the old one, streams of
+    /// the old one still running. Nothing queued, in flight or recorded late is lost,
+    /// and the old root finishes only when its callouts are answered.
+    #[test]
+    fn a_config_push_hands_queued_and_in_flight_events_to_the_new_root() {
+        let mut h = host("");
+        h.call_response_headers = vec![(":status".into(), "200".into())];
+        let mut old = configured(&h);
+        request(&old, &h);
+        old.tick(&h); // batch 1 in flight from the old root
+        let mut late = old.stream(9); // a stream of the old root, still running
+        let sent_headers = h.request_headers.borrow().clone();
+        assert_eq!(late.request_headers(&h, true), Action::Continue);
+        *h.request_headers.borrow_mut() = sent_headers;
+        let mut new = Root::new(3);
+        assert!(new.configure(&h), "the pushed config");
+        request(&new, &h);
+        late.response_headers(&h, true);
+        late.log(&h); // recorded after the push
+        assert!(!old.done(&h), "a callout is still out");
+        assert_eq!(h.dispatched.borrow().len(), 2, "the old root flushed what was queued");
+        old.call_response(&h, 1, 0, 0); // batch 1 failed: back to the shared queue
+        assert_eq!(h.done_calls.get(), 0, "batch 2 is still out");
+        old.call_response(&h, 2, 1, 0);
+        assert_eq!(h.done_calls.get(), 1, "done once every callout was answered");
+        h.clock.set(h.clock.get() + 60_000);
+        new.tick(&h);
+        let events = sent_events(&h);
+        let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), 4, "{ids:?}: batch 1, batch 2, batch 1 again");
+        assert_eq!(ids[0], ids[3], "resent with its id");
+        let unique: HashSet<&str> = ids.iter().copied().collect();
+        assert_eq!(unique.len(), 3, "three requests");
+        new.call_response(&h, 3, 1, 0);
+        assert_eq!(new.state().unwrap().queue_stats().delivered, 3);
+        assert!(old.done(&h), "nothing out: done at once");
     }
 
     #[test]

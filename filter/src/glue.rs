@@ -28,6 +28,12 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         self.0.call_response(&Abi, token_id, num_headers, body_size);
     }
+
+    /// A config push replaced this root context (or the plugin goes away): false until
+    /// its callouts are answered, then `gateway` calls the host's `done`.
+    fn on_done(&mut self) -> bool {
+        self.0.done(&Abi)
+    }
 }
 
 impl RootContext for Root {

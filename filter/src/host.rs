@@ -92,6 +92,10 @@ pub trait Host {
     fn env(&self, name: &str) -> Option<String>;
     /// Random bits from the VM's entropy.
     fn random_u64(&self) -> u64;
+    /// The plugin's root id (Istio: the WasmPlugin's `pluginName`), if the host says.
+    fn root_id(&self) -> Option<String>;
+    /// Tells the host that a root context which answered `on_done` with false is done.
+    fn done(&self) -> HostResult<()>;
 }
 
 /// The host's serialization of a header list (count, then sizes, then NUL-terminated
