@@ -64,6 +64,8 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> types::Action {
+        #[cfg(feature = "test-trap")]
+        test_trap();
         action(self.0.request_headers(&Abi, end_of_stream))
     }
 
@@ -81,5 +83,16 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         self.0.log(&Abi);
+    }
+}
+
+/// Test builds only (feature `test-trap`): traps the VM when the request carries
+/// `x-tollgate-test-trap`, as a bug would, so recovery (FAIL_RELOAD) can be tested.
+#[cfg(feature = "test-trap")]
+fn test_trap() {
+    use crate::host::{Host, Map};
+    let raw = Abi.header_pairs(Map::RequestHeaders).unwrap_or_default();
+    if crate::header_map::parse(&raw).is_some_and(|h| crate::header_map::contains(&h, "x-tollgate-test-trap")) {
+        std::process::abort();
     }
 }
