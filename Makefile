@@ -38,7 +38,12 @@ test-e2e:
 fuzz:
 	@bash scripts/fuzz.sh
 
+# rustfmt, clippy and the wasm32-wasip1 target come from rustup (added here if missing,
+# as scripts/setup.sh does).
 lint:
+	@$(CARGO) fmt --version >/dev/null 2>&1 && $(CARGO) clippy --version >/dev/null 2>&1 \
+	  || rustup component add rustfmt clippy
+	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p tollgate-filter --target wasm32-wasip1 -- -D warnings

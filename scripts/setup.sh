@@ -17,6 +17,12 @@ else
   need_apt_fallback=1
 fi
 
+# `make lint` needs rustfmt and clippy (rustup components a minimal profile leaves out).
+if command -v rustup >/dev/null 2>&1 && ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+  log "rustup component add rustfmt clippy"
+  rustup component add rustfmt clippy >/dev/null 2>&1 || log "warning: cannot add rustfmt/clippy; make lint needs them"
+fi
+
 # 2. Debian packages.
 apt_pkgs=()
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || apt_pkgs+=(prometheus)

@@ -27,13 +27,20 @@ fn every_credential_source_authenticates() {
         ("APIKEY scheme", "authorization".into(), format!("APIKEY {key}"), "dev-user"),
         ("x-api-key", "x-api-key".into(), key.to_string(), "dev-user"),
         ("X-Api-Key mixed case", "X-Api-Key".into(), key.to_string(), "dev-user"),
+        ("X-API-KEY upper case", "X-API-KEY".into(), key.to_string(), "dev-user"),
         ("apikey", "apikey".into(), key.to_string(), "dev-user"),
+        ("ApiKey mixed case", "ApiKey".into(), key.to_string(), "dev-user"),
+        ("Authorization title case", "Authorization".into(), format!("Bearer {key}"), "dev-user"),
         ("bearer jwt", "authorization".into(), format!("Bearer {token}"), "jwt-user"),
     ];
+    // Over a raw socket: the header names go on the wire exactly as written above
+    // (reqwest would lowercase them).
+    let body = chat_body(2, 2, false).to_string();
     for (name, header, value, user) in cases {
-        let resp = chat(&stack, &[(&header, &value)], &chat_body(2, 2, false));
-        assert_eq!(resp.status(), 200, "{name}");
-        let seen = received_headers(&resp);
+        let headers = [(header.as_str(), value.as_str()), ("Content-Type", "application/json")];
+        let resp = raw_request(&stack.gateway_url, "POST", "/v1/chat/completions", &headers, body.as_bytes());
+        assert_eq!(resp.status, 200, "{name}: {}", String::from_utf8_lossy(&resp.body));
+        let seen = resp.received_headers();
         assert_eq!(seen.get("x-tollgate-user").map(String::as_str), Some(user), "{name}");
         assert_eq!(seen.get("x-tollgate-groups").map(String::as_str), Some("premium"), "{name}");
         // Stripped before the upstream (forward_credentials is false by default).
@@ -120,23 +127,32 @@ fn groups_are_authorized() {
 fn smuggled_identity_headers_are_removed_and_credentials_forwarded_only_when_configured() {
     let creds = DevCredentials::generate();
     let stack = start("auth-smuggle", &creds, json!({}));
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", stack.gateway_url))
-        .header("authorization", format!("Bearer {}", creds.api_key))
-        .header("X-Tollgate-User", "admin")
-        .header("x-tollgate-user", "root")
-        .header("X-TOLLGATE-GROUPS", "admins")
-        .json(&chat_body(1, 1, false))
-        .send()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let seen = received_headers(&resp);
+    // Over a raw socket, so the smuggled names reach Envoy mixed-case and repeated,
+    // byte for byte (reqwest would lowercase them).
+    let body = chat_body(1, 1, false).to_string();
+    let bearer = format!("Bearer {}", creds.api_key);
+    let smuggled = [
+        ("X-TollGate-User", "evil"),
+        ("x-tollgate-user", "evil2"),
+        ("X-TOLLGATE-GROUPS", "evil-admins"),
+        ("x-Tollgate-Groups", "evil-root"),
+    ];
+    let mut headers = vec![("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
+    headers.extend(smuggled);
+    let resp = raw_request(&stack.gateway_url, "POST", "/v1/chat/completions", &headers, body.as_bytes());
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let seen = resp.received_headers();
+    // Exactly the real identity: a smuggled value left beside it would show as "…, evil".
     assert_eq!(seen.get("x-tollgate-user").map(String::as_str), Some("dev-user"), "{seen:?}");
     assert_eq!(seen.get("x-tollgate-groups").map(String::as_str), Some("premium"), "{seen:?}");
+    assert!(!seen.values().any(|v| v.contains("evil")), "a smuggled value reached the upstream: {seen:?}");
 
     // A denied request with smuggled identity never reaches the upstream at all.
-    let resp = chat(&stack, &[("x-tollgate-user", "admin")], &chat_body(1, 1, false));
-    assert_eq!(resp.status(), 401);
+    let mut headers = vec![("Content-Type", "application/json")];
+    headers.extend(smuggled);
+    let resp = raw_request(&stack.gateway_url, "POST", "/v1/chat/completions", &headers, body.as_bytes());
+    assert_eq!(resp.status, 401);
+    assert!(resp.header("x-mock-received-headers").is_none(), "a denied request reached the upstream");
 
     let fwd = start("auth-forward", &creds, json!({"forward_credentials": true}));
     let resp = chat(&fwd, &[("authorization", &format!("Bearer {}", creds.api_key))], &chat_body(1, 1, false));

@@ -52,7 +52,8 @@ impl Drop for TempDir {
 
 /// The URL of this process's PostgreSQL server, started on first use by `tests/pg.sh`
 /// (stopped by the script's watchdog when this process exits); `None` when PostgreSQL
-/// is not installed.
+/// is not installed. Under CI (`CI=true` or `CI=1`) a missing server is a failure, not
+/// a skip: CI must prove the PostgreSQL ledger works.
 fn postgres_server() -> Option<&'static str> {
     static SERVER: OnceLock<Option<String>> = OnceLock::new();
     SERVER
@@ -67,8 +68,15 @@ fn postgres_server() -> Option<&'static str> {
             match output.status.code() {
                 Some(0) => Some(String::from_utf8(output.stdout).unwrap().trim().to_owned()),
                 Some(77) => {
-                    // Straight to stderr, past the test harness's capture, so `cargo test` shows it.
                     let why = String::from_utf8_lossy(&output.stderr);
+                    let ci = std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+                    assert!(
+                        !ci,
+                        "CI is set, so the PostgreSQL ledger tests must run, not skip; install the \
+                         postgresql package (`make setup`): {}",
+                        why.trim()
+                    );
+                    // Straight to stderr, past the test harness's capture, so `cargo test` shows it.
                     let _ = writeln!(std::io::stderr(), "SKIP the PostgreSQL ledger tests: {}", why.trim());
                     None
                 }
@@ -131,6 +139,56 @@ impl Backend {
     async fn tracker(&self, replica: &str, limits: Limits) -> Tracker {
         Tracker::with_ledger(limits, self.open(replica).await).await.unwrap().with_api_token(Some(TOKEN))
     }
+
+    /// Runs `sql` (statements separated by `;`) on the ledger's database, past the tracker.
+    async fn execute(&self, sql: &str) {
+        match self.kind {
+            Kind::Sqlite => {
+                let (path, sql) = (self.sqlite_file(), sql.to_owned());
+                tokio::task::spawn_blocking(move || sqlite(&path).execute_batch(&sql).unwrap()).await.unwrap();
+            }
+            Kind::Postgres => self.postgres().await.batch_execute(sql).await.unwrap(),
+        }
+    }
+
+    /// The first column of `sql`'s rows, as integers (cast in `sql` for PostgreSQL).
+    async fn integers(&self, sql: &str) -> Vec<i64> {
+        match self.kind {
+            Kind::Sqlite => {
+                let (path, sql) = (self.sqlite_file(), sql.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    let conn = sqlite(&path);
+                    let mut statement = conn.prepare(&sql).unwrap();
+                    let rows = statement.query_map([], |row| row.get(0)).unwrap();
+                    rows.collect::<Result<Vec<i64>, _>>().unwrap()
+                })
+                .await
+                .unwrap()
+            }
+            Kind::Postgres => {
+                let rows = self.postgres().await.query(sql, &[]).await.unwrap();
+                rows.iter().map(|row| row.get(0)).collect()
+            }
+        }
+    }
+
+    fn sqlite_file(&self) -> PathBuf {
+        self.dir.as_ref().unwrap().0.join(usage_tracking::ledger::sqlite::FILE_NAME)
+    }
+
+    async fn postgres(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(self.url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+/// A connection of its own to a SQLite ledger file (waiting for the tracker's locks).
+fn sqlite(path: &std::path::Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn
 }
 
 /// Runs `$test(kind)` as `$test::sqlite` and `$test::postgres`.
@@ -156,6 +214,8 @@ both_backends!(
     usage_api_buckets_and_recent,
     compaction_keeps_totals_exact,
     replicas_share_dedup_and_keep_their_own_counters,
+    counted_denials_survive_restart_and_compaction,
+    schema_1_ledger_is_migrated,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -259,6 +319,14 @@ impl Process {
         assert!(status.success());
         let exit = self.child.wait().unwrap();
         assert!(exit.success(), "tracker exited with {exit}");
+    }
+}
+
+/// A failed test must not leave its tracker running (it would hold the test's output).
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -395,7 +463,11 @@ async fn kill_9_loses_nothing_acknowledged(kind: Kind) {
         let response = client.post(format!("{}/track", second.base)).body(batch(b)).send().await.unwrap();
         assert_eq!(response.status(), 200);
         let answer: Value = response.json().await.unwrap();
-        assert_eq!(answer, json!({"accepted": expect_new, "duplicates": PER_BATCH - expect_new}), "batch {b:?}");
+        assert_eq!(
+            answer,
+            json!({"accepted": expect_new, "duplicates": PER_BATCH - expect_new, "rejected": []}),
+            "batch {b:?}"
+        );
     }
     let all = (acked.len() + in_flight.len()) as u64;
     let text = metrics().await;
@@ -433,7 +505,7 @@ async fn restart_restores_every_counter(kind: Kind) {
         {"user": "alice", "path": "/v1/models"},                      // Authorino callback
         {"id": "big", "user": "bob", "groups": "free", "model": "m", "prompt_tokens": 9_007_199_254_740_991u64},
     ]);
-    assert_eq!(server.track_json(&batch).await, json!({"accepted": 7, "duplicates": 0}));
+    assert_eq!(server.track_json(&batch).await, json!({"accepted": 7, "duplicates": 0, "rejected": []}));
     // More big ones: the lifetime sum saturates rather than wraps or fails.
     let bigs: Vec<Value> = (0..1100)
         .map(|i| {
@@ -441,7 +513,10 @@ async fn restart_restores_every_counter(kind: Kind) {
                         "prompt_tokens": 9_007_199_254_740_991u64})
         })
         .collect();
-    assert_eq!(server.track_json(&Value::Array(bigs)).await, json!({"accepted": 1100, "duplicates": 0}));
+    assert_eq!(
+        server.track_json(&Value::Array(bigs)).await,
+        json!({"accepted": 1100, "duplicates": 0, "rejected": []})
+    );
     let before = llm_lines(&server.metrics().await);
     assert!(before.iter().any(|l| l.contains(r#"user="other""#)), "{before:?}");
     assert!(before.iter().any(|l| l.ends_with(&format!(" {}", i64::MAX))), "saturated: {before:?}");
@@ -452,7 +527,7 @@ async fn restart_restores_every_counter(kind: Kind) {
     assert_eq!(llm_lines(&text), before);
     assert_eq!(value(&text, "tracker_events_received_total"), Some(0));
     // Duplicates are still recognised after the restart.
-    assert_eq!(server.track_json(&batch).await, json!({"accepted": 1, "duplicates": 6}));
+    assert_eq!(server.track_json(&batch).await, json!({"accepted": 1, "duplicates": 6, "rejected": []}));
     server.stop().await;
 }
 
@@ -468,30 +543,62 @@ async fn bad_input_writes_nothing(kind: Kind) {
     let good = event("good", "alice", t, 1, 1);
     let huge: Vec<Value> =
         (0..3).map(|i| json!({"id": format!("h{i}"), "user": "u", "model": "x".repeat(2000)})).collect();
-    let cases: Vec<(String, u16, &str)> = vec![
-        ("{\"id\":".into(), 400, "body is not valid JSON: EOF while parsing a value at line 1 column 6"),
+    let rejected = |i: usize, message: &str| json!({"index": i, "reason": "invalid_event", "message": message});
+    let cases: Vec<(String, u16, &str, Option<Value>)> = vec![
+        // (body, status, message, the `rejected` list when events were bad)
+        ("{\"id\":".into(), 400, "body is not valid JSON: EOF while parsing a value at line 1 column 6", None),
         (
-            json!([good, {"id": "b", "user": "u", "prompt_tokens": "12"}]).to_string(),
+            json!([{"id": "b0", "user": " "}, {"id": "b", "user": "u", "prompt_tokens": "12"}]).to_string(),
             400,
-            "events[1].prompt_tokens: invalid type: string \"12\", expected a non-negative integer",
+            "events[0].user: must not be empty",
+            Some(json!([
+                rejected(0, "events[0].user: must not be empty"),
+                rejected(1, "events[1].prompt_tokens: invalid type: string \"12\", expected a non-negative integer"),
+            ])),
         ),
         (
-            json!([good, {"id": "b", "user": "u", "ts": "yesterday"}]).to_string(),
+            json!([{"id": "b0", "denied": "x", "count": 0}, {"id": "b", "user": "u", "ts": "yesterday"}]).to_string(),
             400,
-            "events[1].ts: invalid type: string \"yesterday\", expected f64",
+            "events[0].count: invalid value: integer `0`, expected an integer from 1 to 9007199254740991",
+            Some(json!([
+                rejected(
+                    0,
+                    "events[0].count: invalid value: integer `0`, expected an integer from 1 to 9007199254740991"
+                ),
+                rejected(1, "events[1].ts: invalid type: string \"yesterday\", expected f64"),
+            ])),
         ),
-        (json!({"id": "b", "user": ["u"]}).to_string(), 400, "user: invalid type: sequence, expected a string"),
-        (json!([good, good, good, good]).to_string(), 413, "batch of 4 events is over the limit of 3"),
-        (Value::Array(huge).to_string(), 413, "request body is over the size limit"),
+        (
+            json!({"id": "b", "user": ["u"]}).to_string(),
+            400,
+            "user: invalid type: sequence, expected a string",
+            Some(json!([rejected(0, "user: invalid type: sequence, expected a string")])),
+        ),
+        (json!([good, good, good, good]).to_string(), 413, "batch of 4 events is over the limit of 3", None),
+        (Value::Array(huge).to_string(), 413, "request body is over the size limit", None),
     ];
-    for (body, status, message) in cases {
+    for (body, status, message, rejected) in cases {
         let before = ids(&checker).await;
         let (got, answer) = server.track(body.clone()).await;
-        assert_eq!((got, answer), (status, json!({"error": {"message": message, "type": "invalid_request_error"}})));
+        let mut want = json!({"error": {"message": message, "type": "invalid_request_error"}});
+        if let Some(rejected) = rejected {
+            want["rejected"] = rejected;
+        }
+        assert_eq!((got, answer), (status, want));
         assert_eq!(ids(&checker).await, before, "{body}");
     }
+    // A batch with good and bad events: only the good ones are written.
+    let mixed = json!([good, {"id": "bad", "user": "alice", "status": 1000}, event("good2", "alice", t, 1, 1)]);
+    let answer = server.track_json(&mixed).await;
+    assert_eq!(
+        answer,
+        json!({"accepted": 2, "duplicates": 0, "rejected": [
+            rejected(1, "events[1].status: invalid value: integer `1000`, expected an integer up to 999")]})
+    );
+    let stored: Vec<String> = ids(&checker).await.into_iter().collect();
+    assert_eq!(stored, ["good", "good2", "seed"]);
     let total = server.api("/v1/usage?user=alice").await["total"].clone();
-    assert_eq!(total["requests"], json!(1));
+    assert_eq!(total["requests"], json!(3));
 
     let bad_queries: Vec<(&str, u16, &str)> = vec![
         ("/v1/usage", 400, "user: required"),
@@ -548,7 +655,7 @@ async fn bad_input_writes_nothing(kind: Kind) {
             "{query}"
         );
     }
-    assert_eq!(ids(&checker).await.len(), 1, "queries write nothing");
+    assert_eq!(ids(&checker).await.len(), 3, "queries write nothing");
     server.stop().await;
 }
 
@@ -566,7 +673,7 @@ async fn usage_api_buckets_and_recent(kind: Kind) {
         {"id": "e6", "user": "alice", "path": "/v1/models", "status": 404, "ts": (day + 10 * HOUR_MS) as f64 / 1000.0},
         {"id": "e7", "denied": "invalid_api_key", "user": "alice", "ts": (day + 10 * HOUR_MS) as f64 / 1000.0},
     ]);
-    assert_eq!(server.track_json(&batch).await, json!({"accepted": 7, "duplicates": 0}));
+    assert_eq!(server.track_json(&batch).await, json!({"accepted": 7, "duplicates": 0, "rejected": []}));
     let counts = |start: i64, requests: u64, prompt: u64, completion: u64, cached: u64| {
         json!({"start": format_rfc3339(start), "requests": requests, "prompt_tokens": prompt,
                "completion_tokens": completion, "cached_tokens": cached, "reasoning_tokens": 0})
@@ -733,9 +840,9 @@ async fn replicas_share_dedup_and_keep_their_own_counters(kind: Kind) {
     let b = Server::start(backend.tracker("b", Limits::default()).await).await;
     let t = now_ms();
     let batch = json!([event("r1", "alice", t, 1, 1), event("r2", "alice", t, 1, 1)]);
-    assert_eq!(a.track_json(&batch).await, json!({"accepted": 2, "duplicates": 0}));
+    assert_eq!(a.track_json(&batch).await, json!({"accepted": 2, "duplicates": 0, "rejected": []}));
     let retry = json!([event("r2", "alice", t, 1, 1), event("r3", "alice", t, 1, 1)]);
-    assert_eq!(b.track_json(&retry).await, json!({"accepted": 1, "duplicates": 1}));
+    assert_eq!(b.track_json(&retry).await, json!({"accepted": 1, "duplicates": 1, "rejected": []}));
     // Both at once, the same new ids: exactly one replica takes each.
     let race: Vec<Value> = (0..200).map(|i| event(&format!("race{i}"), "alice", t, 1, 1)).collect();
     let race = Value::Array(race);
@@ -754,6 +861,123 @@ async fn replicas_share_dedup_and_keep_their_own_counters(kind: Kind) {
         server.stop().await;
     }
     assert_eq!(restored, HashMap::from([("a", ma), ("b", mb)]));
+}
+
+/// An aggregated denial (`count`) adds its count everywhere the ledger keeps requests:
+/// its event row, the lifetime totals the counters are restored from, and the daily
+/// totals compaction leaves; and it is de-duplicated as a whole.
+async fn counted_denials_survive_restart_and_compaction(kind: Kind) {
+    let Some(backend) = Backend::new(kind, &format!("counted_{kind:?}")).await else { return };
+    let series = r#"llm_denied_requests_total{reason="missing_credential",path="/v1/models"}"#;
+    let now = now_ms();
+    let old = now - 100 * DAY_MS;
+    let denial = |id: &str, ts_ms: i64, count: u64| {
+        json!({"id": id, "ts": ts_ms as f64 / 1000.0, "denied": "missing_credential", "path": "/v1/models",
+               "count": count})
+    };
+    let ledger = backend.open("r1").await;
+    let server = Server::start(Tracker::with_ledger(Limits::default(), Arc::clone(&ledger)).await.unwrap()).await;
+    let batch = json!([
+        denial("d-old", old, 137),
+        denial("d-new", now - HOUR_MS, 5),
+        {"id": "d-one", "denied": "missing_credential", "path": "/v1/models"},
+        {"id": "d-bad", "denied": "missing_credential", "path": "/v1/models", "count": 0},
+    ]);
+    let answer = server.track_json(&batch).await;
+    assert_eq!(answer["accepted"], 3, "{answer}");
+    assert_eq!(answer["rejected"][0]["index"], 3, "{answer}");
+    assert_eq!(value(&server.metrics().await, series), Some(143));
+    // Resent (the filter got no answer): a duplicate as a whole, whatever its count.
+    let resent = json!([denial("d-old", old, 137)]);
+    assert_eq!(server.track_json(&resent).await, json!({"accepted": 0, "duplicates": 1, "rejected": []}));
+    assert_eq!(value(&server.metrics().await, series), Some(143));
+    server.stop().await;
+    let totals = "SELECT requests FROM usage_totals WHERE denied = 'missing_credential'";
+    assert_eq!(backend.integers(totals).await, [143]);
+    let events = "SELECT requests FROM usage_events ORDER BY requests";
+    assert_eq!(backend.integers(events).await, [1, 5, 137]);
+
+    // Restart: the counter continues from the ledger.
+    let server = Server::start(Tracker::with_ledger(Limits::default(), Arc::clone(&ledger)).await.unwrap()).await;
+    assert_eq!(value(&server.metrics().await, series), Some(143));
+    // Compaction moves the old event into its day, with its count.
+    assert_eq!(ledger.compact(now, 90).await.unwrap(), 1);
+    let daily = "SELECT requests FROM usage_daily WHERE denied = 'missing_credential'";
+    assert_eq!(backend.integers(daily).await, [137]);
+    assert_eq!(backend.integers(events).await, [1, 5]);
+    assert_eq!(backend.integers(totals).await, [143]);
+    // A late event of that day is added to it at the next compaction.
+    server.track_json(&denial("d-late", old + 1, 20)).await;
+    assert_eq!(ledger.compact(now, 90).await.unwrap(), 1);
+    assert_eq!(backend.integers(daily).await, [157]);
+    assert_eq!(value(&server.metrics().await, series), Some(163));
+    server.stop().await;
+
+    // And after compaction the restored counter is still the lifetime total.
+    let server = Server::start(backend.tracker("r1", Limits::default()).await).await;
+    assert_eq!(value(&server.metrics().await, series), Some(163));
+    server.stop().await;
+}
+
+/// A ledger written by the schema-1 tracker (no `usage_events.requests`) is migrated
+/// when opened: every old row counts 1, as it did; a ledger of a newer schema is refused.
+async fn schema_1_ledger_is_migrated(kind: Kind) {
+    let Some(backend) = Backend::new(kind, &format!("migrate_{kind:?}")).await else { return };
+    let now = now_ms();
+    let old = now - 100 * DAY_MS;
+    let denied = r#"llm_denied_requests_total{reason="rate_limited",path="/v1/chat/completions"}"#;
+    let requests = r#"llm_requests_total{user="alice",groups="premium",path="/v1/chat/completions"}"#;
+    let server = Server::start(backend.tracker("r1", Limits::default()).await).await;
+    let batch = json!([
+        event("a1", "alice", old, 3, 4),
+        {"id": "d1", "ts": old as f64 / 1000.0, "denied": "rate_limited", "path": "/v1/chat/completions"},
+    ]);
+    server.track_json(&batch).await;
+    server.stop().await;
+    // Make it what the schema-1 tracker wrote.
+    let (version, set_version) = match kind {
+        Kind::Sqlite => ("SELECT user_version FROM pragma_user_version", "PRAGMA user_version = "),
+        Kind::Postgres => (
+            "SELECT CAST(version AS BIGINT) FROM tollgate_ledger_schema",
+            "UPDATE tollgate_ledger_schema SET version = ",
+        ),
+    };
+    assert_eq!(backend.integers(version).await, [2]);
+    backend.execute(&format!("ALTER TABLE usage_events DROP COLUMN requests; {set_version}1")).await;
+    assert_eq!(backend.integers(version).await, [1]);
+
+    let ledger = backend.open("r1").await;
+    assert_eq!(backend.integers(version).await, [2]);
+    assert_eq!(backend.integers("SELECT requests FROM usage_events").await, [1, 1]);
+    let tracker = Tracker::with_ledger(Limits::default(), Arc::clone(&ledger)).await.unwrap();
+    let server = Server::start(tracker.with_api_token(Some(TOKEN))).await;
+    let text = server.metrics().await;
+    assert_eq!((value(&text, requests), value(&text, denied)), (Some(1), Some(1)), "{text}");
+    let counted = json!({"id": "d2", "ts": old as f64 / 1000.0, "denied": "rate_limited",
+                         "path": "/v1/chat/completions", "count": 40});
+    server.track_json(&counted).await;
+    assert_eq!(value(&server.metrics().await, denied), Some(41));
+    assert_eq!(ledger.compact(now, 90).await.unwrap(), 3);
+    let daily = "SELECT requests FROM usage_daily ORDER BY requests";
+    assert_eq!(backend.integers(daily).await, [1, 41]);
+    let usage = server.api("/v1/usage?user=alice&since=2000-01-01").await;
+    assert_eq!(usage["total"]["requests"], 1, "{usage}");
+    assert_eq!(usage["total"]["prompt_tokens"], 3, "{usage}");
+    server.stop().await;
+    // Opening it again changes nothing.
+    let server = Server::start(backend.tracker("r1", Limits::default()).await).await;
+    assert_eq!(value(&server.metrics().await, denied), Some(41));
+    server.stop().await;
+    drop(ledger);
+
+    // A ledger of a newer schema than this tracker's is refused, not rewritten.
+    backend.execute(&format!("{set_version}3")).await;
+    let refused = match kind {
+        Kind::Sqlite => Ledger::open_sqlite(&backend.dir.as_ref().unwrap().0, "r1").map(drop),
+        Kind::Postgres => Ledger::open_postgres(backend.url.as_ref().unwrap(), "r1").await.map(drop),
+    };
+    let message = "cannot open the ledger: the ledger has schema version 3, newer than this tracker's 2";
+    assert_eq!(refused.map_err(|e| e.to_string()), Err(message.to_owned()));
 }
 
 /// A ledger that cannot write answers 503 (which the filter retries), counts nothing
@@ -787,7 +1011,8 @@ async fn postgres_write_failure_is_503_and_recovers() {
     let t = now_ms();
     server.track_json(&event("o1", "alice", t, 1, 1)).await;
     set_read_only(true).await;
-    let batch = json!([event("o2", "alice", t, 1, 1), event("o3", "alice", t, 1, 1)]);
+    // With a bad event: it is counted as rejected only once the batch is taken.
+    let batch = json!([event("o2", "alice", t, 1, 1), event("o3", "alice", t, 1, 1), {"id": "o4", "user": ""}]);
     let before = llm_lines(&server.metrics().await);
     let (status, answer) = server.track(batch.to_string()).await;
     assert_eq!(status, 503, "{answer}");
@@ -803,8 +1028,11 @@ async fn postgres_write_failure_is_503_and_recovers() {
     assert_eq!(value(&text, r#"tracker_requests_rejected_total{reason="invalid_event"}"#), Some(0));
 
     set_read_only(false).await;
-    assert_eq!(server.track_json(&batch).await, json!({"accepted": 2, "duplicates": 0}));
+    let rejected = json!([{"index": 2, "reason": "invalid_event", "message": "events[2].user: must not be empty"}]);
+    assert_eq!(server.track_json(&batch).await, json!({"accepted": 2, "duplicates": 0, "rejected": rejected}));
     let series = r#"llm_requests_total{user="alice",groups="premium",path="/v1/chat/completions"}"#;
-    assert_eq!(value(&server.metrics().await, series), Some(3));
+    let text = server.metrics().await;
+    assert_eq!(value(&text, series), Some(3));
+    assert_eq!(value(&text, r#"tracker_requests_rejected_total{reason="invalid_event"}"#), Some(1));
     server.stop().await;
 }

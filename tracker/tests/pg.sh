@@ -9,7 +9,9 @@
 # OWNER_PID (the test process) exits, however it exits.
 #
 # Exit 77 when no PostgreSQL server binaries are installed (the tests then skip, saying
-# so); any other failure exits 1 with the server log on stderr.
+# so, except under CI=true or CI=1, where they fail); any other failure exits 1 with the
+# server log on stderr. As root (initdb and postgres refuse root) the server runs as the
+# `postgres` user that Debian's postgresql package creates.
 set -euo pipefail
 owner=${1:?usage: pg.sh OWNER_PID}
 
