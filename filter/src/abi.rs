@@ -217,14 +217,19 @@ impl Host for Abi {
         std::env::var(name).ok()
     }
 
-    fn root_id(&self) -> Option<String> {
-        let path = b"plugin_root_id";
-        let mut data = null_mut();
-        let mut size = 0usize;
-        match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
-            0 => unsafe { owned(data, size) }.map(|b| String::from_utf8_lossy(&b).into_owned()),
-            _ => None,
-        }
+    fn plugin_id(&self) -> Option<String> {
+        let property = |path: &[u8]| {
+            let mut data = null_mut();
+            let mut size = 0usize;
+            match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
+                0 => unsafe { owned(data, size) }.map(|b| String::from_utf8_lossy(&b).into_owned()),
+                _ => None,
+            }
+        };
+        let name = property(b"plugin_name");
+        let root_id = property(b"plugin_root_id");
+        (name.is_some() || root_id.is_some())
+            .then(|| format!("{}/{}", name.unwrap_or_default(), root_id.unwrap_or_default()))
     }
 
     fn done(&self) -> HostResult<()> {

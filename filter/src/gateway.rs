@@ -76,7 +76,7 @@ pub struct State {
 }
 
 thread_local! {
-    /// Each plugin's (root id's) event queue in this VM — one VM per worker, so one
+    /// Each plugin's (name and root id's) event queue in this VM — one VM per worker, so one
     /// queue per worker and plugin. A live config push (Istio's every `pluginConfig`
     /// change) makes Envoy create a new root context and send the old one `on_done`;
     /// the queue outlives both, so what the old root held (queued events, batches in
@@ -85,14 +85,14 @@ thread_local! {
     static QUEUES: RefCell<HashMap<String, Rc<RefCell<EventQueue>>>> = RefCell::new(HashMap::new());
 }
 
-/// The queue of plugin `root_id` in this VM, with these limits, created if new.
-fn plugin_queue(root_id: &str, limits: QueueLimits, random: impl FnOnce() -> u64) -> Rc<RefCell<EventQueue>> {
+/// The queue of plugin `plugin_id` in this VM, with these limits, created if new.
+fn plugin_queue(plugin_id: &str, limits: QueueLimits, random: impl FnOnce() -> u64) -> Rc<RefCell<EventQueue>> {
     QUEUES.with(|queues| {
         let Ok(mut queues) = queues.try_borrow_mut() else {
             return Rc::new(RefCell::new(EventQueue::new(limits, EventIds::new(random()))));
         };
         let queue = queues
-            .entry(root_id.to_string())
+            .entry(plugin_id.to_string())
             .or_insert_with(|| Rc::new(RefCell::new(EventQueue::new(limits, EventIds::new(random())))))
             .clone();
         if let Ok(mut q) = queue.try_borrow_mut() {
@@ -216,8 +216,8 @@ impl Root {
                 log(host, Level::Error, self.context_id, format_args!("cannot set the tick period: {status:?}"));
             }
         }
-        let root_id = host.root_id().unwrap_or_default();
-        let queue = plugin_queue(&root_id, limits, || host.random_u64());
+        let plugin_id = host.plugin_id().unwrap_or_default();
+        let queue = plugin_queue(&plugin_id, limits, || host.random_u64());
         self.state = Some(Rc::new(State { settings, credentials: RefCell::new(cache), queue }));
         true
     }
@@ -929,7 +929,7 @@ mod tests {
         fn random_u64(&self) -> u64 {
             7
         }
-        fn root_id(&self) -> Option<String> {
+        fn plugin_id(&self) -> Option<String> {
             Some(self.root.clone())
         }
         fn done(&self) -> HostResult<()> {

@@ -92,8 +92,9 @@ pub trait Host {
     fn env(&self, name: &str) -> Option<String>;
     /// Random bits from the VM's entropy.
     fn random_u64(&self) -> u64;
-    /// The plugin's root id (Istio: the WasmPlugin's `pluginName`), if the host says.
-    fn root_id(&self) -> Option<String>;
+    /// What names this plugin across config pushes: its name and root id (Istio:
+    /// `<ns>.<WasmPlugin name>` and `pluginName`), if the host says.
+    fn plugin_id(&self) -> Option<String>;
     /// Tells the host that a root context which answered `on_done` with false is done.
     fn done(&self) -> HostResult<()>;
 }
