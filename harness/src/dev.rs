@@ -37,6 +37,12 @@ pub fn jwks(secret: &[u8], kid: Option<&str>) -> String {
     json!({"keys": [key]}).to_string()
 }
 
+/// Lowercase hex SHA-256 of `data` (what the mock reports as `x-mock-received-body-sha256`).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(Sha256::digest(data))
+}
+
 /// Signs `claims` as an HS256 JWT with `secret` (raw bytes) and an optional `kid`.
 pub fn mint_jwt(secret: &[u8], kid: Option<&str>, claims: &Value) -> anyhow::Result<String> {
     let mut header = json!({"alg": "HS256", "typ": "JWT"});

@@ -184,16 +184,32 @@ fn event_ids(body: &[u8]) -> Vec<String> {
 impl Shared {
     /// Notes the events of a report the tracker accepted, and whether its answer
     /// reached the client.
-    fn delivered(&self, body: &[u8], answered: bool) {
+    /// Returns the ids this call newly marked answered (see [`Shared::answer_lost_after_all`]).
+    fn delivered(&self, body: &[u8], answered: bool) -> Vec<String> {
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut newly_answered = Vec::new();
         for id in event_ids(body) {
             ledger.copies += 1;
             if answered {
-                ledger.answered.insert(id.clone());
+                if ledger.answered.insert(id.clone()) {
+                    newly_answered.push(id.clone());
+                }
             } else {
                 ledger.answer_lost.insert(id.clone());
             }
             ledger.delivered.insert(id);
+        }
+        newly_answered
+    }
+
+    /// The answer of a report noted as answered (before it was written, so that a
+    /// client that has read it finds the ledger up to date) could not be written after
+    /// all: its newly answered ids count as answer lost.
+    fn answer_lost_after_all(&self, ids: Vec<String>) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            ledger.answered.remove(&id);
+            ledger.answer_lost.insert(id);
         }
     }
 
@@ -542,7 +558,7 @@ async fn answer(stream: &mut TcpStream, request: &Request, mode: FaultMode, shar
     let forwarded = if mode.forwards() { Some(forward(shared, request).await) } else { None };
     let accepted = matches!(&forwarded, Some(Ok(a)) if (200..300).contains(&a.status));
     if accepted && !mode.answers() {
-        shared.delivered(&request.body, false);
+        let _ = shared.delivered(&request.body, false);
     }
     match mode {
         FaultMode::Healthy | FaultMode::SlowAccept => {
@@ -551,9 +567,12 @@ async fn answer(stream: &mut TcpStream, request: &Request, mode: FaultMode, shar
             }
             match forwarded {
                 Some(Ok(a)) => {
+                    // Noted before the answer is written: a client that has read it
+                    // must find the ledger up to date.
+                    let noted = if accepted { shared.delivered(&request.body, true) } else { Vec::new() };
                     let written = write_response(stream, a.status, &a.content_type, &a.body, false).await;
-                    if accepted {
-                        shared.delivered(&request.body, written.is_ok());
+                    if written.is_err() {
+                        shared.answer_lost_after_all(noted);
                     }
                     written?;
                     Ok(After::KeepAlive)

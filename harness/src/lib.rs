@@ -4,7 +4,9 @@
 pub mod dev;
 pub mod devconfig;
 pub mod envoy;
+pub mod extproc;
 pub mod fault;
+pub mod jsonpb;
 pub mod mock;
 pub mod paths;
 pub mod process;

@@ -1,6 +1,8 @@
 //! `tollgate`: start the local stack, mint dev credentials.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -88,9 +90,24 @@ struct UpArgs {
     /// Envoy worker threads.
     #[arg(long, default_value_t = 2)]
     concurrency: u32,
-    /// Run the gateway with this JSON as the filter config instead of the generated dev config.
+    /// Run the gateway with this JSON as the filter config instead of the generated dev
+    /// config, and push every later change of the file to the running gateway live, as
+    /// Istio pushes a changed pluginConfig (implies --istio-shaped).
     #[arg(long)]
     plugin_config: Option<PathBuf>,
+    /// Run the gateway as Istio does: the filter delivered by ECDS (live pushes), Istio's
+    /// names, the config in Go-jsonpb bytes, FAIL_RELOAD, log level warning, and the
+    /// neighbours jwt_authn and cors.
+    #[arg(long)]
+    istio_shaped: bool,
+    /// With the Istio-shaped gateway: also llm-d's InferencePool ext_proc (a stand-in
+    /// that streams bodies through unchanged).
+    #[arg(long)]
+    ext_proc: bool,
+    /// Protect the tracker's /track with a fresh ingest token (TRACKER_INGEST_TOKEN),
+    /// handed to the filter through the VM env (usage.token_env).
+    #[arg(long)]
+    ingest_token: bool,
     /// Send usage reports through a fault-injecting proxy in this mode (healthy, refuse,
     /// reset-after-head, reset-mid-body, hang, status-NNN, huge-body, not-http, slow-accept).
     #[arg(long, value_name = "MODE")]
@@ -138,14 +155,10 @@ fn main() -> anyhow::Result<()> {
 fn up(args: UpArgs) -> anyhow::Result<()> {
     let creds = DevCredentials::generate();
     let (plugin_config, custom) = match &args.plugin_config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-            (value, true)
-        }
+        Some(path) => (harness::stack::read_plugin_config(path)?, true),
         None => (creds.plugin_config(), false),
     };
+    let istio_shaped = args.istio_shaped || args.plugin_config.is_some() || args.ext_proc;
     let stack = Stack::start(StackOptions {
         gateway_port: args.gateway_port,
         admin_port: args.admin_port,
@@ -158,6 +171,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         scrape_interval: "5s".into(),
         label: "up".into(),
         fault_tracker: args.fault_tracker.is_some(),
+        istio_shaped,
+        ext_proc: args.ext_proc,
+        ingest_token: args.ingest_token,
         ..StackOptions::default()
     })?;
     if let (Some(mode), Some(fault)) = (args.fault_tracker, stack.fault()) {
@@ -166,6 +182,21 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     let gw = &stack.gateway_url;
     println!("Tollgate is up.");
     println!("  gateway     {gw}  (Envoy + filter, {} workers)", args.concurrency);
+    if let Some(shape) = stack.istio() {
+        println!(
+            "  delivery    Istio-shaped: ECDS resource {} from {}",
+            shape.resource_name(),
+            shape.ecds_file().display()
+        );
+    }
+    if stack.ingest_token.is_some() {
+        println!(
+            "  ingest      /track requires the token in TRACKER_INGEST_TOKEN (the VM has it as TOLLGATE_INGEST_TOKEN)"
+        );
+    }
+    if let Some(e) = stack.ext_proc() {
+        println!("  ext_proc    127.0.0.1:{} (InferencePool stand-in, bodies streamed through)", e.port);
+    }
     println!("  envoy admin {}", stack.admin_url);
     println!("  mock model  {}", stack.mock_url);
     println!("  tracker     {}/metrics", stack.tracker_url);
@@ -194,17 +225,36 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("Requests per user, in Prometheus:");
         println!("  curl -s '{p}/api/v1/query' --data-urlencode 'query=llm_requests_total'");
     }
+    if let Some(path) = &args.plugin_config {
+        println!("Edit {} and save: every change is pushed to the gateway live.", path.display());
+    }
     println!();
     println!("Ctrl-C stops everything.");
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        if let Some(path) = &args.plugin_config {
+            let (stack, stop) = (&stack, &stop);
+            s.spawn(move || {
+                harness::stack::watch_plugin_config(stack, path, stop, Duration::from_millis(300), |r| match r {
+                    Ok(()) => eprintln!("pushed {} to the gateway", path.display()),
+                    Err(e) => eprintln!("not pushed, the gateway keeps its config: {e:#}"),
+                })
+            });
         }
-        anyhow::Ok(())
+        let waited = (|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                anyhow::Ok(())
+            })
+        })();
+        stop.store(true, Ordering::Relaxed);
+        waited
     })?;
     eprintln!("stopping…");
     drop(stack);

@@ -51,6 +51,17 @@ pub fn wasm_file() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// The test-only module (`--features test-trap`, written by scripts/build-wasm.sh): a
+/// request with the header `x-tollgate-test-trap` traps the VM. Never deployed.
+pub fn test_trap_wasm_file() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    first_existing(
+        "TOLLGATE_TEST_TRAP_WASM",
+        &[root.join("target/wasm32-wasip1/release/tollgate_filter_test_trap.wasm")],
+        "run `make wasm`",
+    )
+}
+
 pub fn tracker_bin() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     first_existing(

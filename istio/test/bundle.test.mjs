@@ -14,6 +14,7 @@ import {
   ROOT,
   VARIANTS,
   kustomize,
+  kustomizeWithComponents,
   mergePatch,
   parseYaml,
   readYaml,
@@ -57,7 +58,16 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
       assert.ok(objs.length >= 6, `only ${objs.length} objects`);
       for (const o of objs) validate(o);
       const kinds = objs.map((o) => o.kind).sort();
-      for (const k of ["Deployment", "Secret", "Service", "ServiceMonitor", "WasmPlugin"]) {
+      for (const k of [
+        "StatefulSet",
+        "Secret",
+        "Service",
+        "ServiceMonitor",
+        "WasmPlugin",
+        "AuthorizationPolicy",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+      ]) {
         assert.ok(kinds.includes(k), `no ${k} in ${kinds}`);
       }
       const ns = new Set(objs.map((o) => o.metadata.namespace));
@@ -106,7 +116,7 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
 
       const patch = gatewayEnvPatch(variant, objs);
       const proxy = patch.spec.template.spec.containers.find((c) => c.name === "istio-proxy");
-      const secret = one(objs, "Secret");
+      const secret = one(objs, "Secret", "tollgate-credentials");
       for (const name of vmEnv) {
         const e = proxy.env.find((x) => x.name === name);
         assert.ok(e, `the gateway's istio-proxy gets no env var ${name}`);
@@ -127,7 +137,7 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
     });
 
     it("runs the tracker locked down and probed", () => {
-      const dep = one(objs, "Deployment", "usage-tracking");
+      const dep = one(objs, "StatefulSet", "usage-tracking");
       const pod = dep.spec.template.spec;
       const [c] = pod.containers;
       assert.equal(pod.securityContext.runAsNonRoot, true);
@@ -153,6 +163,79 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
         sm.spec.endpoints.map((e) => [e.port, e.path, e.interval]),
         [["http", "/metrics", "15s"]],
       );
+    });
+
+    it("runs the tracker with a durable ledger and its tokens from a Secret", () => {
+      const sts = one(objs, "StatefulSet", "usage-tracking");
+      const pod = sts.spec.template.spec;
+      const [c] = pod.containers;
+      const env = Object.fromEntries(c.env.map((e) => [e.name, e]));
+      // SQLite on the StatefulSet's volume: one replica (one writer), the volume mounted
+      // where TRACKER_DATA_DIR points, writable by the tracker's group.
+      assert.equal(sts.spec.replicas, 1, "SQLite has one writer");
+      const [claim] = sts.spec.volumeClaimTemplates;
+      const mount = c.volumeMounts.find((m) => m.name === claim.metadata.name);
+      assert.ok(mount, "the ledger volume is not mounted");
+      assert.equal(env.TRACKER_DATA_DIR.value, mount.mountPath);
+      assert.ok(/^\d+Gi$/.test(claim.spec.resources.requests.storage));
+      assert.equal(pod.securityContext.fsGroup, pod.securityContext.runAsGroup);
+      assert.deepEqual(env.TRACKER_REPLICA_ID.valueFrom, { fieldRef: { fieldPath: "metadata.name" } });
+      for (const m of c.volumeMounts) {
+        const known = [...(pod.volumes ?? []).map((v) => v.name), ...sts.spec.volumeClaimTemplates.map((t) => t.metadata.name)];
+        assert.ok(known.includes(m.name), `volumeMount ${m.name} has no volume`);
+      }
+      const tokens = one(objs, "Secret", "usage-tracking-tokens");
+      const ref = env.TRACKER_API_TOKEN.valueFrom.secretKeyRef;
+      assert.equal(ref.name, tokens.metadata.name);
+      assert.ok(ref.key in tokens.stringData);
+      assert.ok("TRACKER_INGEST_TOKEN" in tokens.stringData);
+      assert.equal(sts.spec.serviceName, one(objs, "Service", "usage-tracking").metadata.name);
+    });
+
+    it("lets only the gateway report usage, and bounds disruption", () => {
+      const sts = one(objs, "StatefulSet", "usage-tracking");
+      const podLabels = sts.spec.template.metadata.labels;
+      const matches = (selector) => Object.entries(selector).every(([k, v]) => podLabels[k] === v);
+      const wp = one(objs, "WasmPlugin", "tollgate");
+      // The gateway's pods and identity: Istio runs a Gateway API gateway as <name>-istio
+      // (pods labelled gateway.networking.k8s.io/gateway-name), the classic one as
+      // istio-ingressgateway-service-account in istio-system.
+      const gateway = variant.startsWith("gateway-api")
+        ? {
+            principal: `cluster.local/ns/${wp.metadata.namespace}/sa/${wp.spec.targetRefs[0].name}-istio`,
+            pods: { "gateway.networking.k8s.io/gateway-name": wp.spec.targetRefs[0].name },
+          }
+        : {
+            principal: "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",
+            pods: wp.spec.selector.matchLabels,
+          };
+      // The policy is enforced by the tracker's sidecar: it must have one.
+      assert.equal(podLabels["sidecar.istio.io/inject"], "true");
+      const ap = one(objs, "AuthorizationPolicy", "usage-tracking");
+      assert.ok(matches(ap.spec.selector.matchLabels));
+      assert.equal(ap.spec.action, "ALLOW");
+      const track = ap.spec.rules.filter((r) => r.to.some((t) => t.operation.paths.includes("/track")));
+      assert.equal(track.length, 1, "one rule for /track");
+      assert.deepEqual(track[0].from, [{ source: { principals: [gateway.principal] } }]);
+      assert.deepEqual(track[0].to, [{ operation: { methods: ["POST"], paths: ["/track"] } }]);
+      for (const r of ap.spec.rules.filter((x) => x !== track[0])) {
+        for (const t of r.to) {
+          assert.deepEqual(t.operation.methods, ["GET"], "only reads for everyone else");
+          for (const p of t.operation.paths) assert.ok(!p.startsWith("/track"), p);
+        }
+      }
+      const np = one(objs, "NetworkPolicy", "usage-tracking");
+      assert.ok(matches(np.spec.podSelector.matchLabels));
+      assert.deepEqual(np.spec.policyTypes, ["Ingress"]);
+      const [rule] = np.spec.ingress;
+      assert.deepEqual(rule.from[0], { podSelector: { matchLabels: gateway.pods } });
+      assert.deepEqual(rule.ports, [{ port: "http", protocol: "TCP" }]);
+      const pdb = one(objs, "PodDisruptionBudget", "usage-tracking");
+      assert.ok(matches(pdb.spec.selector.matchLabels));
+      // One SQLite replica: a drain may take it down (the gateways queue meanwhile); a
+      // minAvailable of 1 would block every drain.
+      assert.equal(pdb.spec.maxUnavailable, 1);
+      assert.equal(pdb.spec.minAvailable, undefined);
     });
 
     it("keeps the pluginConfig the e2e test runs in Envoy", () => {
@@ -185,7 +268,13 @@ describe("the gateway patches (applied to the gateway the user already has)", ()
     const patched = strategicMergeDeployment(dep, parseYaml(cm.data.deployment, "deployment")[0]);
     validate(patched);
     const env = patched.spec.template.spec.containers[0].env.map((e) => e.name);
-    assert.deepEqual(env, ["POD_NAMESPACE", "ISTIO_META_SERVICE_ACCOUNT", "TOLLGATE_API_KEYS", "TOLLGATE_JWKS"]);
+    assert.deepEqual(env, [
+      "POD_NAMESPACE",
+      "ISTIO_META_SERVICE_ACCOUNT",
+      "TOLLGATE_API_KEYS",
+      "TOLLGATE_JWKS",
+      "TOLLGATE_INGEST_TOKEN",
+    ]);
   });
 
   it("gives a classic ingress gateway the env vars, and the result validates", () => {
@@ -197,6 +286,78 @@ describe("the gateway patches (applied to the gateway the user already has)", ()
     const wp = one(kustomize(VARIANTS[Object.keys(VARIANTS)[1]]), "WasmPlugin");
     for (const [k, v] of Object.entries(wp.spec.selector.matchLabels)) assert.equal(labels[k], v, "selector misses");
     assert.equal(patched.metadata.namespace, wp.metadata.namespace);
+  });
+});
+
+describe("components (enabled in the kustomization a user applies)", () => {
+  const rendered = kustomizeWithComponents(["postgresql", "ingest-token"]);
+  for (const [variant, objs] of Object.entries(rendered)) {
+    it(`${variant}: every object still validates`, () => {
+      for (const o of objs) validate(o);
+    });
+
+    it(`${variant}: ingest-token hands the same secret to the tracker and the filter`, () => {
+      const wp = one(objs, "WasmPlugin", "tollgate");
+      const name = wp.spec.pluginConfig.usage.token_env;
+      assert.equal(name, "TOLLGATE_INGEST_TOKEN");
+      const vmEnv = wp.spec.vmConfig.env.map((e) => e.name);
+      assert.ok(vmEnv.includes(name) && vmEnv.includes("TOLLGATE_API_KEYS"), `vmConfig.env ${vmEnv}`);
+      assert.equal(wp.spec.vmConfig.env.find((e) => e.name === name).valueFrom, "HOST");
+      const proxy = gatewayEnvPatch(variant, objs).spec.template.spec.containers.find((c) => c.name === "istio-proxy");
+      const gatewayRef = proxy.env.find((e) => e.name === name).valueFrom.secretKeyRef;
+      const tracker = one(objs, "StatefulSet", "usage-tracking").spec.template.spec.containers[0];
+      const trackerRef = tracker.env.find((e) => e.name === "TRACKER_INGEST_TOKEN").valueFrom.secretKeyRef;
+      assert.deepEqual({ name: gatewayRef.name, key: gatewayRef.key }, trackerRef);
+      assert.ok(trackerRef.key in one(objs, "Secret", trackerRef.name).stringData);
+    });
+
+    it(`${variant}: postgresql runs replicas on the database from a Secret`, () => {
+      const sts = one(objs, "StatefulSet", "usage-tracking");
+      const [c] = sts.spec.template.spec.containers;
+      const env = Object.fromEntries(c.env.map((e) => [e.name, e]));
+      assert.ok(sts.spec.replicas >= 2);
+      assert.equal(sts.spec.volumeClaimTemplates, undefined);
+      assert.equal(env.TRACKER_DATA_DIR, undefined, "--data-dir and --database-url together");
+      const ref = env.TRACKER_DATABASE_URL.valueFrom.secretKeyRef;
+      assert.match(one(objs, "Secret", ref.name).stringData[ref.key], /^postgres:\/\//);
+      const volumes = (sts.spec.template.spec.volumes ?? []).map((v) => v.name);
+      for (const m of c.volumeMounts ?? []) assert.ok(volumes.includes(m.name), `volumeMount ${m.name} has no volume`);
+      const pdb = one(objs, "PodDisruptionBudget", "usage-tracking");
+      assert.deepEqual([pdb.spec.minAvailable, pdb.spec.maxUnavailable], [1, undefined]);
+    });
+  }
+});
+
+describe("istio/README.md", () => {
+  const readme = readFileSync(join(ISTIO, "README.md"), "utf8");
+
+  it("states the Istio version each feature needs, and nothing older anywhere in the bundle", () => {
+    const start = readme.indexOf("## Istio versions");
+    assert.ok(start >= 0, "no '## Istio versions' section");
+    const section = readme.slice(start, readme.indexOf("\n## ", start + 1));
+    const rows = Object.fromEntries(
+      [...section.matchAll(/^\| `([^`]+)`[^|]* \| (1\.\d+) \|/gm)].map((m) => [m[1], m[2]]),
+    );
+    assert.deepEqual(
+      { targetRefs: rows.targetRefs, parametersRef: rows["infrastructure.parametersRef"], reload: rows.FAIL_RELOAD },
+      { targetRefs: "1.22", parametersRef: "1.26", reload: "1.27" },
+      `version rows: ${JSON.stringify(rows)}`,
+    );
+    // No file of the bundle may promise an older Istio for these.
+    const files = [join(ISTIO, "README.md"), join(ROOT, "README.md")];
+    const walk = (dir) =>
+      readdirSync(dir).flatMap((f) => {
+        const p = join(dir, f);
+        if (f === "node_modules" || f === "test") return [];
+        return statSync(p).isDirectory() ? walk(p) : /\.ya?ml$/.test(f) ? [p] : [];
+      });
+    for (const f of [...files, ...walk(ISTIO)]) {
+      const text = readFileSync(f, "utf8");
+      for (const m of text.matchAll(/(parametersRef|ConfigMap route|FAIL_RELOAD|targetRefs)[^\n]{0,80}?(1\.2\d)/g)) {
+        const want = { parametersRef: "1.26", "ConfigMap route": "1.26", FAIL_RELOAD: "1.27", targetRefs: "1.22" }[m[1]];
+        assert.equal(m[2], want, `${relative(ROOT, f)}: "${m[0]}"`);
+      }
+    }
   });
 });
 
@@ -218,7 +379,12 @@ describe("the bundle's files", () => {
       "base/wasmplugin-config.yaml",
       "base/secret.yaml",
       "base/usage-tracking.yaml",
+      "base/tracker-secret.yaml",
+      "base/usage-tracking-policy.yaml",
       "base/servicemonitor.yaml",
+      "components/ingest-token/kustomization.yaml",
+      "components/postgresql/kustomization.yaml",
+      "components/postgresql/database-secret.yaml",
       "overlays/classic-ingress/kustomization.yaml",
       "gateway-patches/gateway-api.yaml",
       "gateway-patches/classic-ingress.yaml",

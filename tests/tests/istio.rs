@@ -50,7 +50,12 @@ fn wasmplugin() -> Value {
 /// (valueFrom: HOST) is the istio-proxy container's variable of that name, which
 /// gateway-options.yaml takes from a key of the Secret.
 fn vm_env_as_on_the_gateway(wp: &Value) -> BTreeMap<String, String> {
-    let secret = yaml(&istio("base/secret.yaml"));
+    // The bundle's Secrets by name: the credentials and the tracker's tokens.
+    let secrets: BTreeMap<String, Value> = ["base/secret.yaml", "base/tracker-secret.yaml"]
+        .iter()
+        .map(|f| yaml(&istio(f)))
+        .map(|s| (s["metadata"]["name"].as_str().unwrap().to_string(), s["stringData"].clone()))
+        .collect();
     let options = yaml(&istio("gateway-options.yaml"));
     let deployment: Value = serde_norway::from_str(options["data"]["deployment"].as_str().unwrap()).unwrap();
     let proxy = deployment["spec"]["template"]["spec"]["containers"]
@@ -67,8 +72,8 @@ fn vm_env_as_on_the_gateway(wp: &Value) -> BTreeMap<String, String> {
         let pod_var = proxy["env"].as_array().unwrap().iter().find(|v| v["name"] == name);
         let r =
             &pod_var.unwrap_or_else(|| panic!("the gateway pod has no env var {name}"))["valueFrom"]["secretKeyRef"];
-        assert_eq!(r["name"], secret["metadata"]["name"]);
-        let value = secret["stringData"][r["key"].as_str().unwrap()].as_str().unwrap();
+        let secret = secrets.get(r["name"].as_str().unwrap()).unwrap_or_else(|| panic!("no Secret {}", r["name"]));
+        let value = secret[r["key"].as_str().unwrap()].as_str().unwrap();
         env.insert(name.to_string(), value.to_string());
     }
     env
@@ -103,6 +108,8 @@ fn the_bundles_plugin_config_runs_in_envoy_with_credentials_from_the_secret() {
         plugin_config: config,
         vm_env,
         local_usage: false,
+        // As the gateway runs it: ECDS, jsonpb bytes, host_env_keys, the neighbours.
+        istio_shaped: true,
         label: "istio-bundle".into(),
         ..StackOptions::default()
     })
@@ -180,6 +187,7 @@ fn a_rendered_users_file_with_inline_keys_runs_in_envoy() {
     let stack = Stack::start(StackOptions {
         plugin_config: config,
         local_usage: false,
+        istio_shaped: true,
         label: "istio-render-inline".into(),
         ..StackOptions::default()
     })

@@ -4,15 +4,19 @@
 // containers and env, as Istio and `kubectl patch` apply to Deployments), a tar reader.
 
 import { execFileSync } from "node:child_process";
-import { existsSync, readFileSync } from "node:fs";
-import { dirname, join, resolve } from "node:path";
+import { appendFileSync, cpSync, existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseAllDocuments } from "yaml";
 
 import { WasmPlugin } from "@kubernetes-models/istio/extensions.istio.io/v1alpha1";
 import { Gateway } from "@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1";
+import { AuthorizationPolicy } from "@kubernetes-models/istio/security.istio.io/v1";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
-import { Deployment } from "kubernetes-models/apps/v1";
+import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
+import { NetworkPolicy } from "kubernetes-models/networking.k8s.io/v1";
+import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { ConfigMap, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
 
 export const ISTIO = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
@@ -22,7 +26,11 @@ const MODELS = {
   "extensions.istio.io/v1alpha1/WasmPlugin": WasmPlugin,
   "gateway.networking.k8s.io/v1/Gateway": Gateway,
   "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor,
+  "security.istio.io/v1/AuthorizationPolicy": AuthorizationPolicy,
   "apps/v1/Deployment": Deployment,
+  "apps/v1/StatefulSet": StatefulSet,
+  "networking.k8s.io/v1/NetworkPolicy": NetworkPolicy,
+  "policy/v1/PodDisruptionBudget": PodDisruptionBudget,
   "v1/ConfigMap": ConfigMap,
   "v1/Secret": Secret,
   "v1/Service": Service,
@@ -75,6 +83,30 @@ export const VARIANTS = {
   "gateway-api (kubectl apply -k istio)": ISTIO,
   "classic-ingress (kubectl apply -k istio/overlays/classic-ingress)": join(ISTIO, "overlays/classic-ingress"),
 };
+
+/**
+ * The variants with kustomize components enabled, as a user enables them: a copy of the
+ * bundle (kustomize refuses to load files outside a kustomization's root, and a
+ * kustomization inside istio/ cannot take istio/ as a resource) whose kustomizations
+ * list `components`. Returns {variant: objects}.
+ */
+export function kustomizeWithComponents(components) {
+  const dir = mkdtempSync(join(tmpdir(), "tollgate-bundle-"));
+  try {
+    cpSync(ISTIO, dir, { recursive: true, filter: (src) => !relative(ISTIO, src).startsWith("test") });
+    const out = {};
+    for (const [variant, variantDir] of Object.entries(VARIANTS)) {
+      const copy = join(dir, relative(ISTIO, variantDir));
+      const up = relative(copy, dir) || ".";
+      const list = components.map((c) => `  - ${up === "." ? "" : `${up}/`}components/${c}`).join("\n");
+      appendFileSync(join(copy, "kustomization.yaml"), `\ncomponents:\n${list}\n`);
+      out[variant] = kustomize(copy);
+    }
+    return out;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
 
 /** RFC 7386 JSON merge patch. */
 export function mergePatch(target, patch) {
