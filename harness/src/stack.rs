@@ -3,7 +3,7 @@
 //! ready, and stops everything when dropped. Tests use it through [`Stack::start`];
 //! `tollgate up` uses the same code with fixed ports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
@@ -120,9 +120,20 @@ pub struct Stack {
     _mock: MockServer,
 }
 
+/// A port free now and not handed out before by this process: the OS may give the same
+/// ephemeral port to two `bind(0)` calls once the first listener is closed, and two
+/// parts of one stack (or two stacks of parallel tests) on one port fail to start.
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no free port that was not handed out before")
 }
 
 fn pick(port: u16) -> anyhow::Result<u16> {
