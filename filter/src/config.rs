@@ -54,6 +54,53 @@ struct RawConfig {
     limits: Option<LimitsConfig>,
     #[serde(default)]
     usage: Option<RawUsage>,
+    #[serde(default)]
+    metering: RawMetering,
+    #[serde(default)]
+    cors_preflight: CorsPreflight,
+}
+
+/// How requests are metered, whether or not `usage` reports them (token limits need
+/// the same numbers).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetering {
+    #[serde(default = "default_true")]
+    inject_include_usage: bool,
+    #[serde(default = "default_max_tokens")]
+    default_max_tokens: u64,
+    #[serde(default = "default_prompt_bytes_per_token")]
+    prompt_bytes_per_token: u64,
+}
+
+impl Default for RawMetering {
+    fn default() -> Self {
+        Self {
+            inject_include_usage: true,
+            default_max_tokens: default_max_tokens(),
+            prompt_bytes_per_token: default_prompt_bytes_per_token(),
+        }
+    }
+}
+
+fn default_max_tokens() -> u64 {
+    1024
+}
+fn default_prompt_bytes_per_token() -> u64 {
+    4
+}
+
+/// What happens to a CORS preflight (`OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`): browsers send it without credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CorsPreflight {
+    /// Like any request: no credential, 401.
+    #[default]
+    Deny,
+    /// Passed on without a credential (for Envoy's `cors` filter or the upstream to
+    /// answer), identity headers removed, nothing set, no usage event.
+    Allow,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +208,8 @@ struct RawUsage {
     max_attempts: u32,
     #[serde(default = "default_true")]
     inject_include_usage: bool,
+    #[serde(default)]
+    token_env: Option<String>,
 }
 
 fn default_authority() -> String {
@@ -212,6 +261,36 @@ pub struct UsageSettings {
     pub max_queue: usize,
     pub max_attempts: u32,
     pub inject_include_usage: bool,
+    /// `Bearer <token>` for the reports' `authorization` header (`token_env`).
+    pub authorization: Option<String>,
+}
+
+impl UsageSettings {
+    /// The headers of a usage report (the token, when configured, as a bearer).
+    pub fn report_headers(&self) -> Vec<(&str, &str)> {
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", self.path.as_str()),
+            (":authority", self.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        if let Some(auth) = &self.authorization {
+            headers.push(("authorization", auth.as_str()));
+        }
+        headers
+    }
+}
+
+/// How requests are metered (the `metering` section), with or without `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metering {
+    /// Force `stream_options.include_usage` on streaming chat/completions requests.
+    pub inject_include_usage: bool,
+    /// Completion tokens reserved and estimated for a request that names no
+    /// `max_tokens` (per choice).
+    pub default_max_tokens: u64,
+    /// Request body bytes per prompt token, for the prompt estimate.
+    pub prompt_bytes_per_token: u64,
 }
 
 /// The checked configuration the filter runs with.
@@ -226,6 +305,8 @@ pub struct Settings {
     pub forward_credentials: bool,
     pub limits: Option<Limits>,
     pub usage: Option<UsageSettings>,
+    pub metering: Metering,
+    pub cors_preflight: CorsPreflight,
 }
 
 impl Settings {
@@ -242,7 +323,7 @@ impl Settings {
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let path = e.path().to_string();
                 let field = if path == "." || path == "?" { String::new() } else { path };
-                ConfigError::new(field, strip_position(&e.into_inner().to_string()))
+                ConfigError::new(field, serde_message(&e.into_inner().to_string()))
             })?
         };
         build(raw, env)
@@ -263,6 +344,44 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+/// A serde error as it may be logged: without its position and without the value it
+/// quotes. serde names the offending value (`invalid type: string "sk-…", expected
+/// …`, `unknown variant `…``), and a config's values include secrets put in the wrong
+/// place; field names (`unknown field `…``) and what was expected are kept.
+fn serde_message(message: &str) -> String {
+    redact_values(&strip_position(message))
+}
+
+fn redact_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    // `"…"` is a quoted value wherever it appears.
+    while let Some(start) = rest.find('"') {
+        out.push_str(rest.get(..start).unwrap_or_default());
+        let after = rest.get(start + 1..).unwrap_or_default();
+        match after.find('"') {
+            Some(end) => {
+                out.push_str("\"…\"");
+                rest = after.get(end + 1..).unwrap_or_default();
+            }
+            None => {
+                out.push_str("\"…");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    // `unknown variant `value`, expected one of …`: the first backquoted item is the value.
+    const VARIANT: &str = "unknown variant `";
+    if let Some(at) = out.find(VARIANT) {
+        let from = at + VARIANT.len();
+        if let Some(len) = out.get(from..).and_then(|s| s.find('`')) {
+            out.replace_range(from..from + len, "…");
+        }
+    }
+    out
+}
+
 fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
     let limits = raw.limits.map(Limits::from_config).transpose().map_err(|(f, m)| ConfigError::new(f, m))?;
 
@@ -278,7 +397,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         let from_env: Vec<ApiKeyEntry> = serde_json::from_str(&value).map_err(|e| {
             ConfigError::new(
                 "api_keys.keys_env",
-                format!("environment variable {var} is not a JSON list of keys: {}", strip_position(&e.to_string())),
+                format!("environment variable {var} is not a JSON list of keys: {}", serde_message(&e.to_string())),
             )
         })?;
         entries.extend(from_env);
@@ -294,9 +413,18 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
 
     let (providers, jwt_cache_entries) = match raw.jwt {
         Some(jwt) => {
-            let mut providers = Vec::with_capacity(jwt.providers.len());
+            let mut providers: Vec<JwtProvider> = Vec::with_capacity(jwt.providers.len());
             for (i, p) in jwt.providers.into_iter().enumerate() {
-                providers.push(build_provider(i, p, env)?);
+                let provider = build_provider(i, p, env)?;
+                // Tokens pick their provider by `iss`: a second entry for the same issuer
+                // would never be used (its keys, audiences and claims silently ignored).
+                if providers.iter().any(|other| other.issuer == provider.issuer) {
+                    return Err(ConfigError::new(
+                        format!("jwt.providers[{i}].issuer"),
+                        "duplicate issuer: each issuer may have one provider (put all its keys in one jwks)",
+                    ));
+                }
+                providers.push(provider);
             }
             (providers, jwt.cache_entries)
         }
@@ -325,7 +453,8 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         }
     }
 
-    let usage = raw.usage.map(check_usage).transpose()?;
+    let usage = raw.usage.map(|u| check_usage(u, env)).transpose()?;
+    let metering = check_metering(raw.metering, usage.as_ref())?;
 
     Ok(Settings {
         sources,
@@ -337,6 +466,23 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         forward_credentials: raw.forward_credentials,
         limits,
         usage,
+        metering,
+        cors_preflight: raw.cors_preflight,
+    })
+}
+
+fn check_metering(m: RawMetering, usage: Option<&UsageSettings>) -> Result<Metering, ConfigError> {
+    if !(1..=1_000_000_000).contains(&m.default_max_tokens) {
+        return Err(ConfigError::new("metering.default_max_tokens", "must be between 1 and 1000000000"));
+    }
+    if !(1..=1_000).contains(&m.prompt_bytes_per_token) {
+        return Err(ConfigError::new("metering.prompt_bytes_per_token", "must be between 1 and 1000"));
+    }
+    Ok(Metering {
+        // `usage.inject_include_usage` is the older place of the same switch; either off turns it off.
+        inject_include_usage: m.inject_include_usage && usage.is_none_or(|u| u.inject_include_usage),
+        default_max_tokens: m.default_max_tokens,
+        prompt_bytes_per_token: m.prompt_bytes_per_token,
     })
 }
 
@@ -400,7 +546,7 @@ fn check_header_name(field: &str, name: &str) -> Result<String, ConfigError> {
     Ok(lower)
 }
 
-fn check_usage(u: RawUsage) -> Result<UsageSettings, ConfigError> {
+fn check_usage(u: RawUsage, env: &dyn Fn(&str) -> Option<String>) -> Result<UsageSettings, ConfigError> {
     let fail = |f: &str, m: &str| Err(ConfigError::new(format!("usage.{f}"), m.to_string()));
     if u.cluster.trim().is_empty() {
         return fail("cluster", "must name the Envoy cluster of the usage-tracking service");
@@ -432,6 +578,21 @@ fn check_usage(u: RawUsage) -> Result<UsageSettings, ConfigError> {
     if !(1..=1000).contains(&u.max_attempts) {
         return fail("max_attempts", "must be between 1 and 1000");
     }
+    let authorization = match u.token_env.as_deref() {
+        None => None,
+        Some(var) => {
+            let token = read_env(env, var, "usage.token_env")?;
+            let token = token.trim();
+            // It goes into a header value: printable ASCII only (never echoed).
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::new(
+                    "usage.token_env",
+                    format!("environment variable {var} must hold a token of printable ASCII without spaces"),
+                ));
+            }
+            Some(format!("Bearer {token}"))
+        }
+    };
     Ok(UsageSettings {
         cluster: u.cluster,
         authority: u.authority,
@@ -443,6 +604,7 @@ fn check_usage(u: RawUsage) -> Result<UsageSettings, ConfigError> {
         max_queue: u.max_queue,
         max_attempts: u.max_attempts,
         inject_include_usage: u.inject_include_usage,
+        authorization,
     })
 }
 
@@ -570,6 +732,105 @@ mod tests {
         assert_eq!(err.field, "api_keys.keys_env[0].sha256");
         let err = Settings::parse(br#"{"api_keys":{"keys_env":"EMPTY"}}"#, &env).err().unwrap();
         assert_eq!(err.field, "api_keys.keys_env");
+    }
+
+    #[test]
+    fn metering_usage_token_and_preflight_settings() {
+        let env = |name: &str| match name {
+            "TOKEN" => Some(" s3cret-token\n".to_string()),
+            "SPACE" => Some("a b".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let s = parse("{}").unwrap();
+        assert_eq!(
+            s.metering,
+            Metering { inject_include_usage: true, default_max_tokens: 1024, prompt_bytes_per_token: 4 }
+        );
+        assert_eq!(s.cors_preflight, CorsPreflight::Deny);
+        let s = Settings::parse(
+            br#"{"usage":{"cluster":"c","token_env":"TOKEN","inject_include_usage":false},
+                 "metering":{"default_max_tokens":7,"prompt_bytes_per_token":3},"cors_preflight":"allow"}"#,
+            &env,
+        )
+        .unwrap();
+        let u = s.usage.as_ref().unwrap();
+        assert_eq!(u.authorization.as_deref(), Some("Bearer s3cret-token"));
+        assert!(u.report_headers().contains(&("authorization", "Bearer s3cret-token")));
+        assert_eq!(
+            s.metering,
+            Metering { inject_include_usage: false, default_max_tokens: 7, prompt_bytes_per_token: 3 }
+        );
+        assert_eq!(s.cors_preflight, CorsPreflight::Allow);
+        assert!(!parse(r#"{"usage":{"cluster":"c"}}"#)
+            .unwrap()
+            .usage
+            .unwrap()
+            .report_headers()
+            .iter()
+            .any(|h| h.0 == "authorization"));
+        // (config, field named in the error)
+        let bad = [
+            (r#"{"usage":{"cluster":"c","token_env":"NOPE"}}"#, "usage.token_env"),
+            (r#"{"usage":{"cluster":"c","token_env":"EMPTY"}}"#, "usage.token_env"),
+            (r#"{"usage":{"cluster":"c","token_env":""}}"#, "usage.token_env"),
+            (r#"{"usage":{"cluster":"c","token_env":"SPACE"}}"#, "usage.token_env"),
+            (r#"{"metering":{"default_max_tokens":0}}"#, "metering.default_max_tokens"),
+            (r#"{"metering":{"prompt_bytes_per_token":0}}"#, "metering.prompt_bytes_per_token"),
+            (r#"{"metering":{"bogus":1}}"#, "metering.bogus"),
+            (r#"{"cors_preflight":"yes"}"#, "cors_preflight"),
+            (r#"{"limits":{"on_contention":"never"}}"#, "limits.on_contention"),
+        ];
+        for (json, field) in bad {
+            let err = Settings::parse(json.as_bytes(), &env).err().unwrap_or_else(|| panic!("accepted {json}"));
+            assert_eq!(err.field, field, "{json}: {err}");
+            assert!(!err.to_string().contains("s3cret") && !err.to_string().contains("a b"), "{err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_issuers_are_refused() {
+        let jwks = serde_json::to_string(JWKS).unwrap();
+        let json = format!(
+            r#"{{"jwt":{{"providers":[{{"issuer":"dev","jwks":{jwks}}},{{"issuer":"other","jwks":{jwks}}},{{"issuer":"dev","jwks":{jwks}}}]}}}}"#
+        );
+        let err = parse(&json).err().unwrap();
+        assert_eq!(err.field, "jwt.providers[2].issuer");
+        assert!(err.message.contains("duplicate issuer"), "{err}");
+    }
+
+    /// serde quotes the offending value; a secret pasted into the wrong field must not
+    /// reach the log (every case is a secret in a place that refuses it).
+    #[test]
+    fn serde_errors_never_echo_values() {
+        let secret = "sk-live-SECRETVALUE";
+        let env = |name: &str| (name == "KEYS").then(|| format!(r#"[{{"sha256":["{secret}"],"user":"u"}}]"#));
+        let cases = [
+            format!(r#"{{"forward_credentials":"{secret}"}}"#),
+            format!(r#"{{"api_keys":{{"keys":"{secret}"}}}}"#),
+            format!(r#"{{"api_keys":{{"sources":[{{"header":1,"prefix":"{secret}"}}]}}}}"#),
+            format!(r#"{{"limits":{{"users":{{"u":{{"requests_per_minute":"{secret}"}}}}}}}}"#),
+            format!(r#"{{"limits":{{"on_contention":"{secret}"}}}}"#),
+            format!(r#"{{"cors_preflight":"{secret}"}}"#),
+            format!(r#"{{"usage":{{"cluster":"c","timeout_ms":"{secret}"}}}}"#),
+            format!(r#"{{"jwt":{{"providers":[{{"issuer":"d","jwks":{{"k":"{secret}"}}}}]}}}}"#),
+            r#"{"api_keys":{"keys_env":"KEYS"}}"#.to_string(),
+        ];
+        for json in &cases {
+            let err = Settings::parse(json.as_bytes(), &env).err().unwrap_or_else(|| panic!("accepted {json}"));
+            assert!(!err.to_string().contains("SECRETVALUE"), "{json}: {err}");
+            assert!(!err.field.is_empty() || json.starts_with('['), "{json}: {err}");
+        }
+        // What serde says besides the value stays.
+        assert_eq!(
+            redact_values(r#"invalid type: string "sk-abc", expected a boolean"#),
+            r#"invalid type: string "…", expected a boolean"#
+        );
+        assert_eq!(
+            redact_values("unknown variant `sk-abc`, expected `deny` or `allow`"),
+            "unknown variant `…`, expected `deny` or `allow`"
+        );
+        assert_eq!(redact_values("unknown field `bogus`, expected `a`"), "unknown field `bogus`, expected `a`");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct UsageEvent {
     pub reasoning_tokens: u64,
     pub incomplete: bool,
     pub usage_missing: bool,
+    /// The token counts are the filter's estimate, not the upstream's report (no usage
+    /// could be read; see README, Limits).
+    pub usage_estimated: bool,
     pub denied: Option<String>,
 }
 
@@ -61,6 +64,17 @@ impl UsageEvent {
         self.cached_tokens = tollgate_rules::tokens(u.cached_tokens);
         self.reasoning_tokens = tollgate_rules::tokens(u.reasoning_tokens);
         self.usage_missing = usage.is_none();
+        self.usage_estimated = false;
+    }
+
+    /// Counts estimated by the filter for a request whose usage could not be read.
+    pub fn set_estimate(&mut self, prompt_tokens: u64, completion_tokens: u64) {
+        self.prompt_tokens = tollgate_rules::tokens(prompt_tokens);
+        self.completion_tokens = tollgate_rules::tokens(completion_tokens);
+        self.cached_tokens = 0;
+        self.reasoning_tokens = 0;
+        self.usage_missing = true;
+        self.usage_estimated = true;
     }
 
     /// The upstream's status as the tracker accepts it.
@@ -467,6 +481,7 @@ mod tests {
             reasoning_tokens: 0,
             incomplete: false,
             usage_missing: false,
+            usage_estimated: false,
             denied: None,
         }
     }
@@ -506,9 +521,17 @@ mod tests {
         e.set_usage(None);
         let v: serde_json::Value = serde_json::to_value(&e).unwrap();
         assert_eq!(v["usage_missing"], true);
+        assert_eq!(v["usage_estimated"], false);
         assert_eq!(v["prompt_tokens"], 0);
         assert!(v["denied"].is_null());
         assert!(v.get("model").is_none());
+        e.set_estimate(10, u64::MAX);
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!((v["usage_missing"].clone(), v["usage_estimated"].clone()), (true.into(), true.into()));
+        assert_eq!(
+            (v["prompt_tokens"].as_u64(), v["completion_tokens"].as_u64()),
+            (Some(10), Some(tollgate_rules::MAX_TOKENS))
+        );
     }
 
     #[test]

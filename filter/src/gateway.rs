@@ -7,8 +7,12 @@
 //! request whose headers cannot be read, whose smuggled identity headers cannot be
 //! removed, whose credential cannot be stripped or whose clock cannot be read (for a
 //! JWT) is answered 500; a response whose headers or body cannot be read is served and
-//! its event recorded as `usage_missing`; a callout that fails, arrives without headers
-//! or cannot be dispatched leaves its events queued for the next tick, with their ids.
+//! its event recorded as `usage_missing` (and charged its estimate); a callout that
+//! fails, arrives without headers or cannot be dispatched leaves its events queued for
+//! the next tick, with their ids. One exception to metering failing open: a request
+//! body whose `content-length` was already promised upstream (see `request`) and that
+//! cannot be made that long is answered 500, rather than left hanging upstream. Limit
+//! state that cannot be read or written follows `limits.on_contention` (deny: 503).
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -17,17 +21,24 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::auth::{decide, CredentialCache, Verdict};
-use crate::config::{Settings, UsageSettings};
+use crate::config::{CorsPreflight, Metering, Settings, UsageSettings};
 use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
 use crate::header_map::{self, HeaderPairs};
 use crate::host::{Buffer, Host, HostError, Level, Map};
-use crate::limits::{state_key, Headroom, LimitSpec, LimitState, Limits, IDENTITY_COUNT_KEY, OVERFLOW_KEY};
+use crate::limits::{
+    state_key, Headroom, LimitError, LimitSpec, LimitState, Limits, OnContention, Reservation, IDENTITY_COUNT_KEY,
+    OVERFLOW_KEY,
+};
+use crate::request::{prompt_estimate, route_of, BodyScan, Facts, Route, MAX_GROWTH};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
 use crate::strip::UsageOnlyStripper;
-use crate::usage::{inject_include_usage, BodyKind, UsageParser, DEFAULT_MAX_CARRY};
+use crate::usage::{BodyKind, UsageParser, DEFAULT_MAX_CARRY};
 
-/// Request bodies up to this size are read to add `stream_options.include_usage`.
-const MAX_INJECT_BODY: usize = 64 * 1024;
+/// Request bodies are held whole (for an in-place rewrite) up to this size; the rest of
+/// a larger body passes as it comes, and only its tail (from the closing brace) is held.
+/// Far below Envoy's per-stream buffer limit (1 MiB by default), so holding never gets
+/// a request a 413.
+const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 /// Usage batches in flight at once per worker.
 const MAX_IN_FLIGHT: usize = 4;
 /// Compare-and-swap rounds before a shared-data update gives up.
@@ -148,9 +159,11 @@ impl Root {
 
     pub fn start(&self, host: &impl Host) -> bool {
         refresh_log_level(host);
+        // At warn: Istio runs the proxy at log level `warning`, and which build Envoy
+        // loaded is worth one line per VM start.
         log(
             host,
-            Level::Info,
+            Level::Warn,
             self.context_id,
             format_args!("tollgate filter {} (git {}) started", crate::VERSION, crate::GIT_HASH),
         );
@@ -254,12 +267,8 @@ impl Root {
     fn flush(&mut self, host: &impl Host, usage: &UsageSettings, state: &State) {
         let Ok(mut queue) = state.queue.try_borrow_mut() else { return };
         let timeout = Duration::from_millis(usage.timeout_ms);
-        let headers = [
-            (":method", "POST"),
-            (":path", usage.path.as_str()),
-            (":authority", usage.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
+        // `:method`, `:path`, `:authority`, content type, and the tracker's ingest token.
+        let headers = usage.report_headers();
         loop {
             let now_ms = now_ms(host);
             let Some((batch, handles)) = queue.next_batch(now_ms) else { break };
@@ -354,16 +363,7 @@ impl Root {
 
     /// A new HTTP context of this root.
     pub fn stream(&self, context_id: u32) -> Stream {
-        Stream {
-            context_id,
-            state: self.state.clone(),
-            event: None,
-            inject_pending: false,
-            parser: None,
-            response_done: false,
-            limit: None,
-            stripper: None,
-        }
+        Stream::new(context_id, self.state.clone())
     }
 }
 
@@ -387,20 +387,57 @@ pub struct Stream {
     state: Option<Rc<State>>,
     /// The usage event being filled in; recorded in `log`.
     event: Option<UsageEvent>,
-    /// The request body is being read to add `stream_options.include_usage`.
-    inject_pending: bool,
     parser: Option<UsageParser>,
     response_done: bool,
-    /// The limit state this request was admitted under, to charge its tokens to.
+    /// The limit state this request was admitted under, to settle its tokens with.
     limit: Option<LimitTicket>,
-    /// Set when the filter added include_usage: the usage-only event is removed again.
+    /// Set when the filter forced include_usage: the usage-only event is removed again.
     stripper: Option<UsageOnlyStripper>,
+    /// The body of a metered inference request, as it passes.
+    body: Option<Box<RequestBody>>,
+    /// What the request may cost: charged when no usage can be read.
+    estimate: Option<Estimate>,
 }
 
 struct LimitTicket {
     key: String,
     spec: LimitSpec,
     headroom: Headroom,
+    reservation: Reservation,
+    /// Admitted on its request limits; its tokens are reserved (and checked) once the
+    /// body says how many it may cost.
+    pending: bool,
+}
+
+/// The request body of a metered inference request.
+struct RequestBody {
+    route: Route,
+    /// The scanner (absent when the body is only counted, or could not be read).
+    scan: Option<BodyScan>,
+    /// `stream_options.include_usage` may be forced into it.
+    rewrite: bool,
+    /// The `content-length` sent upstream (the client's plus `MAX_GROWTH`): the body is
+    /// padded to exactly that.
+    promised: Option<u64>,
+    /// Bytes passed upstream already.
+    sent: u64,
+    /// Bytes held in the host's buffer (already fed to the scanner).
+    held: u64,
+    done: bool,
+}
+
+/// Tokens a request may cost, from its body: charged (flagged `usage_estimated`) when
+/// its usage cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Estimate {
+    prompt: u64,
+    completion: u64,
+}
+
+impl Estimate {
+    fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
 }
 
 fn new_event(headers: &HeaderPairs<'_>, ts: Duration) -> UsageEvent {
@@ -420,6 +457,7 @@ fn new_event(headers: &HeaderPairs<'_>, ts: Duration) -> UsageEvent {
         reasoning_tokens: 0,
         incomplete: false,
         usage_missing: true,
+        usage_estimated: false,
         denied: None,
     }
 }
@@ -452,17 +490,20 @@ fn update_shared_from<T>(
     None
 }
 
-/// Admits a request against its user's limit state: one shared-data read and one
-/// compare-and-swap write in the common case. A user seen for the first time is
-/// counted; beyond `max_identities` new users share one overflow state (stricter,
-/// never looser), since Envoy's shared data has no expiry or deletion.
+type Admission = Result<(Headroom, Reservation), LimitError>;
+
+/// Admits a request against its user's limit state, reserving `reserve` tokens: one
+/// shared-data read and one compare-and-swap write in the common case. A user seen for
+/// the first time is counted; beyond `max_identities` new users share one overflow
+/// state (stricter, never looser), since Envoy's shared data has no expiry or deletion.
 fn admit_shared(
     host: &impl Host,
     limits: &Limits,
     spec: &LimitSpec,
     user: &str,
     now_ms: u64,
-) -> Option<(String, Result<Headroom, crate::limits::LimitError>)> {
+    reserve: u64,
+) -> Option<(String, Admission)> {
     let mut key = state_key(user);
     let mut first = host.shared_get(&key).ok()?;
     if first.0.as_ref().is_none_or(|b| b.is_empty()) {
@@ -482,7 +523,7 @@ fn admit_shared(
     }
     let verdict = update_shared_from(host, &key, first, |bytes| {
         let mut state = LimitState::decode(bytes);
-        match state.admit(spec, now_ms) {
+        match state.admit_reserving(spec, now_ms, reserve) {
             Ok(h) => (Some(state.encode()), Ok(h)),
             Err(e) => (None, Err(e)),
         }
@@ -490,13 +531,49 @@ fn admit_shared(
     Some((key, verdict))
 }
 
-/// Streaming-capable OpenAI routes whose request may get `include_usage` added.
-fn wants_include_usage(path: &str) -> bool {
-    let p = path.split('?').next().unwrap_or("");
-    p.ends_with("/chat/completions") || p.ends_with("/completions")
+/// Reserves `tokens` in an admitted request's limit state (once its body is read).
+fn reserve_shared(host: &impl Host, key: &str, spec: &LimitSpec, tokens: u64, now_ms: u64) -> Option<Admission> {
+    update_shared(host, key, |bytes| {
+        let mut state = LimitState::decode(bytes);
+        match state.reserve(spec, now_ms, tokens) {
+            Ok(h) => (Some(state.encode()), Ok(h)),
+            Err(e) => (None, Err(e)),
+        }
+    })
+}
+
+/// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`.
+fn is_preflight(headers: &HeaderPairs<'_>) -> bool {
+    header_map::get(headers, ":method") == "OPTIONS"
+        && header_map::contains(headers, "origin")
+        && header_map::contains(headers, "access-control-request-method")
+}
+
+/// Whether a request body is JSON as the model server reads it: no content type, or a
+/// JSON one (FastAPI parses nothing else as JSON).
+fn json_body(headers: &HeaderPairs<'_>) -> bool {
+    match header_map::find(headers, "content-type") {
+        None => true,
+        Some(ct) => BodyKind::from_content_type(Some(ct)) == BodyKind::Json,
+    }
 }
 
 impl Stream {
+    /// A stream of a root context with this state (`None`: not configured).
+    pub fn new(context_id: u32, state: Option<Rc<State>>) -> Stream {
+        Stream {
+            context_id,
+            state,
+            event: None,
+            parser: None,
+            response_done: false,
+            limit: None,
+            stripper: None,
+            body: None,
+            estimate: None,
+        }
+    }
+
     fn reply(&self, host: &impl Host, reply: &LocalReply) -> Action {
         let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         if let Err(status) = host.send_response(reply.status, &headers, reply.body.as_bytes()) {
@@ -524,6 +601,17 @@ impl Stream {
         self.reply(host, reply)
     }
 
+    /// A request refused after its headers went on (its body decided): counted as a
+    /// denial, not as an authorized request, and nothing is charged.
+    fn deny_late(&mut self, host: &impl Host, reason: &str, reply: &LocalReply) -> Action {
+        let Some(state) = self.state.clone() else { return self.reply(host, reply) };
+        let path = self.event.take().map(|e| e.path).unwrap_or_default();
+        self.limit = None;
+        self.estimate = None;
+        self.stripper = None;
+        self.deny(host, &state, reason, reply, &path)
+    }
+
     pub fn request_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Action {
         let Some(state) = self.state.clone() else {
             // Not configured: refuse rather than let anything through.
@@ -537,12 +625,15 @@ impl Stream {
         let Some(headers) = raw.as_deref().and_then(header_map::parse) else {
             return self.internal_error(host, &state, "", "Cannot read request headers.");
         };
+        let path = header_map::get(&headers, ":path");
+        if state.settings.cors_preflight == CorsPreflight::Allow && is_preflight(&headers) {
+            return self.preflight(host, &state, &headers, path);
+        }
         // Held to the end of the request callback: the verdict may borrow from it. Never
         // borrowed elsewhere; refusing beats the panic `borrow_mut` would risk.
         let Ok(mut cache) = state.credentials.try_borrow_mut() else {
-            return self.internal_error(host, &state, header_map::get(&headers, ":path"), "Credential cache busy.");
+            return self.internal_error(host, &state, path, "Credential cache busy.");
         };
-        let path = header_map::get(&headers, ":path");
         // Read from the host only when something needs the time (not an API key alone).
         // A clock that cannot be read fails the request closed (an expiry check against
         // a made-up time would let expired tokens in).
@@ -554,21 +645,51 @@ impl Stream {
         }
         match verdict {
             Verdict::Allow { identity, edits } => {
+                let route = if header_map::get(&headers, ":method") == "POST" { route_of(path) } else { Route::Other };
+                let metering = state.settings.metering;
                 if let Some(limits) = &state.settings.limits {
                     if let Some(spec) = limits.spec_for(&identity) {
-                        match admit_shared(host, limits, spec, &identity.user, now().as_millis() as u64) {
-                            Some((key, Ok(headroom))) => {
-                                self.limit = Some(LimitTicket { key, spec: spec.clone(), headroom });
+                        // Tokens are reserved when the body says how many the request may
+                        // cost; without a body, at once (the default).
+                        let tokens = spec.counts_tokens() && route.is_inference();
+                        let pending = tokens && !end_of_stream;
+                        let reserve = if tokens && end_of_stream {
+                            Facts::default().completion_budget(route, metering.default_max_tokens)
+                        } else {
+                            0
+                        };
+                        let now_ms = u64::try_from(now().as_millis()).unwrap_or(u64::MAX);
+                        match admit_shared(host, limits, spec, &identity.user, now_ms, reserve) {
+                            Some((key, Ok((headroom, reservation)))) => {
+                                self.limit =
+                                    Some(LimitTicket { key, spec: spec.clone(), headroom, reservation, pending });
                             }
                             Some((_, Err(error))) => {
                                 return self.deny(host, &state, error.reason(), &LocalReply::from(&error), path);
                             }
-                            None => log(
-                                host,
-                                Level::Warn,
-                                self.context_id,
-                                format_args!("limit state unavailable; request allowed unlimited"),
-                            ),
+                            None => match limits.on_contention {
+                                OnContention::Deny => {
+                                    log(
+                                        host,
+                                        Level::Warn,
+                                        self.context_id,
+                                        format_args!("limit state unavailable; request refused (on_contention: deny)"),
+                                    );
+                                    return self.deny(
+                                        host,
+                                        &state,
+                                        "limit_unavailable",
+                                        &LocalReply::limit_unavailable(),
+                                        path,
+                                    );
+                                }
+                                OnContention::Allow => log(
+                                    host,
+                                    Level::Warn,
+                                    self.context_id,
+                                    format_args!("limit state unavailable; request allowed unlimited"),
+                                ),
+                            },
                         }
                     }
                 }
@@ -597,7 +718,7 @@ impl Stream {
                         ),
                     );
                 }
-                // The response is only looked at when something needs its usage.
+                // The request is metered when its usage is reported or its tokens limited.
                 let counts_tokens = self.limit.as_ref().is_some_and(|t| t.spec.counts_tokens());
                 if state.settings.usage.is_none() && !counts_tokens {
                     return Action::Continue;
@@ -607,27 +728,19 @@ impl Stream {
                 event.user = Some(identity.user);
                 event.groups = identity.groups;
                 self.event = Some(event);
-                let Some(usage) = &state.settings.usage else { return Action::Continue };
                 // Ask for an uncompressed answer so its usage can be read (see README).
                 if header_map::contains(&headers, "accept-encoding")
                     && host.set_header(Map::RequestHeaders, "accept-encoding", None).is_err()
                 {
                     log(host, Level::Warn, self.context_id, format_args!("cannot remove accept-encoding"));
                 }
-                let small_body = header_map::get(&headers, "content-length")
-                    .parse::<usize>()
-                    .is_ok_and(|n| n > 0 && n <= MAX_INJECT_BODY);
-                if usage.inject_include_usage
-                    && !end_of_stream
-                    && small_body
-                    && header_map::get(&headers, ":method") == "POST"
-                    && wants_include_usage(path)
-                {
-                    // Pausing here would stop the body callbacks too (the host turns
-                    // StopIteration into StopAllIteration), so the headers go on
-                    // without a length (chunked upstream) and the body is held in
-                    // `request_body` until complete.
-                    self.inject_pending = host.set_header(Map::RequestHeaders, "content-length", None).is_ok();
+                if route.is_inference() {
+                    if end_of_stream {
+                        let completion = Facts::default().completion_budget(route, metering.default_max_tokens);
+                        self.estimate = Some(Estimate { prompt: 0, completion });
+                    } else {
+                        self.start_body(host, &headers, route, counts_tokens, metering);
+                    }
                 }
                 Action::Continue
             }
@@ -636,21 +749,216 @@ impl Stream {
         }
     }
 
-    pub fn request_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Action {
-        if !self.inject_pending {
-            return Action::Continue;
+    /// A CORS preflight passed without a credential (`cors_preflight: allow`): the
+    /// identity headers a client sent are removed, none is set, and no usage event is
+    /// recorded (Envoy's `cors` filter or the upstream answers it).
+    fn preflight(&mut self, host: &impl Host, state: &State, headers: &HeaderPairs<'_>, path: &str) -> Action {
+        let settings = &state.settings;
+        let mut remove = vec![settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()];
+        if !settings.forward_credentials {
+            remove.extend(settings.sources.iter().map(|s| s.header.as_str()));
         }
-        if !end_of_stream {
-            return Action::Pause; // Envoy buffers; bounded by MAX_INJECT_BODY via content-length.
-        }
-        self.inject_pending = false;
-        let Ok(Some(body)) = host.buffer(Buffer::RequestBody, 0, body_size) else { return Action::Continue };
-        if let Some(new_body) = inject_include_usage(&body, MAX_INJECT_BODY) {
-            if host.set_buffer(Buffer::RequestBody, 0, body_size, &new_body).is_ok() {
-                self.stripper = Some(UsageOnlyStripper::default());
+        for name in remove {
+            if header_map::contains(headers, name) && host.set_header(Map::RequestHeaders, name, None).is_err() {
+                return self.internal_error(host, state, path, "Cannot edit request headers.");
             }
         }
+        log(host, Level::Info, self.context_id, format_args!("PREFLIGHT path={}", report_path(path)));
         Action::Continue
+    }
+
+    /// Sets up the reading of a metered inference request's body. On the routes whose
+    /// streams report usage only when asked, a JSON body may be rewritten: its
+    /// `content-length` (if any) goes upstream as the client's plus `MAX_GROWTH`, and
+    /// the body is padded to exactly that (see `request`).
+    fn start_body(
+        &mut self,
+        host: &impl Host,
+        headers: &HeaderPairs<'_>,
+        route: Route,
+        counts_tokens: bool,
+        metering: Metering,
+    ) {
+        let mut rewrite = metering.inject_include_usage && route.forces_usage() && json_body(headers);
+        let mut promised = None;
+        if rewrite {
+            if let Some(length) = header_map::find(headers, "content-length") {
+                match length.trim().parse::<u64>() {
+                    Ok(n) => {
+                        let promise = n.saturating_add(MAX_GROWTH as u64);
+                        if host.set_header(Map::RequestHeaders, "content-length", Some(&promise.to_string())).is_ok() {
+                            promised = Some(promise);
+                        } else {
+                            rewrite = false;
+                        }
+                    }
+                    Err(_) => rewrite = false,
+                }
+            }
+        }
+        let read = rewrite || counts_tokens;
+        self.body = Some(Box::new(RequestBody {
+            route,
+            scan: read.then(BodyScan::new),
+            rewrite,
+            promised,
+            sent: 0,
+            held: 0,
+            done: false,
+        }));
+    }
+
+    pub fn request_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(body) = self.body.as_mut() else { return Action::Continue };
+        if body.done {
+            return Action::Continue;
+        }
+        let size = body_size as u64;
+        // The buffer holds what was held back before (already scanned) and the new chunk.
+        if let Some(scan) = body.scan.as_mut() {
+            let new = size.saturating_sub(body.held);
+            if new > 0 {
+                match host.buffer(Buffer::RequestBody, body.held as usize, new as usize) {
+                    Ok(Some(bytes)) => scan.feed(&bytes),
+                    Ok(None) => {}
+                    Err(status) => {
+                        // Unread bytes: nothing is rewritten; the estimate falls back to the default.
+                        log(host, Level::Debug, self.context_id, format_args!("request body unreadable: {status:?}"));
+                        body.scan = None;
+                        body.rewrite = false;
+                    }
+                }
+            }
+        }
+        if !end_of_stream {
+            // Hold the body while it may still be rewritten in place (the start still
+            // here, under the bound), and from its closing brace on (the tail insertion).
+            let hold = body.rewrite
+                && body.scan.as_ref().is_some_and(|s| (body.sent == 0 && size < MAX_BUFFERED_BODY) || s.closed());
+            if hold {
+                body.held = size;
+                return Action::Pause;
+            }
+            body.sent = body.sent.saturating_add(size);
+            body.held = 0;
+            return Action::Continue;
+        }
+        self.finish_body(host, size, false)
+    }
+
+    /// Request trailers end the body without an end-of-stream body callback.
+    pub fn request_trailers(&mut self, host: &impl Host) -> Action {
+        let held = match self.body.as_ref() {
+            Some(body) if !body.done => body.held,
+            _ => return Action::Continue,
+        };
+        self.finish_body(host, held, true)
+    }
+
+    /// The end of the body (`size` bytes in the host's buffer): the estimate, the
+    /// admission that waited for it, and the rewrite and padding.
+    fn finish_body(&mut self, host: &impl Host, size: u64, trailers: bool) -> Action {
+        let Some(state) = self.state.clone() else { return Action::Continue };
+        let Some(body) = self.body.as_mut() else { return Action::Continue };
+        body.done = true;
+        let total = body.sent.saturating_add(size);
+        let metering = state.settings.metering;
+        let facts = body.scan.as_ref().map(BodyScan::facts).unwrap_or_default();
+        let estimate = Estimate {
+            prompt: prompt_estimate(total, metering.prompt_bytes_per_token),
+            completion: facts.completion_budget(body.route, metering.default_max_tokens),
+        };
+        self.estimate = Some(estimate);
+        let (sent, promised, rewrite) = (body.sent, body.promised, body.rewrite && facts.needs_usage());
+        let rewritten = if rewrite && !trailers {
+            match host.buffer(Buffer::RequestBody, 0, size as usize) {
+                Ok(held) => {
+                    let held = held.unwrap_or_default();
+                    body.scan.as_ref().and_then(|scan| {
+                        if sent == 0 {
+                            scan.rewrite_whole(&held)
+                        } else {
+                            scan.rewrite_tail(&held, sent as usize)
+                        }
+                    })
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        if let Some(action) = self.admit_body(host, &state, estimate) {
+            return action;
+        }
+        let edited = rewritten.is_some();
+        if promised.is_none() && !edited {
+            return Action::Continue;
+        }
+        if trailers {
+            // The length promised upstream cannot be kept: the body is not held whole.
+            return self.deny_late(host, "bad_request", &LocalReply::trailers_not_supported());
+        }
+        let out = match (rewritten, promised) {
+            (Some(mut out), Some(promise)) => {
+                let want = promise.saturating_sub(sent) as usize;
+                if out.len() > want {
+                    None
+                } else {
+                    out.resize(want, b' ');
+                    Some((out, 0, size as usize))
+                }
+            }
+            (Some(out), None) => Some((out, 0, size as usize)),
+            // Only padding: appended after what is held.
+            (None, Some(promise)) => {
+                let pad = promise.saturating_sub(total) as usize;
+                Some((vec![b' '; pad], size as usize, 0))
+            }
+            (None, None) => None,
+        };
+        let written = out.is_some_and(|(bytes, start, replace)| {
+            bytes.is_empty() || host.set_buffer(Buffer::RequestBody, start, replace, &bytes).is_ok()
+        });
+        if written {
+            if edited {
+                self.stripper = Some(UsageOnlyStripper::default());
+            }
+            return Action::Continue;
+        }
+        if promised.is_some() {
+            // The upstream was told a length this body cannot have now: fail it rather
+            // than leave the upstream waiting for bytes that never come.
+            let path = self.event.as_ref().map(|e| e.path.clone()).unwrap_or_default();
+            self.event = None;
+            self.limit = None;
+            self.estimate = None;
+            return self.internal_error(host, &state, &path, "Cannot rewrite the request body.");
+        }
+        Action::Continue
+    }
+
+    /// The token reservation that waited for the body; `Some` with the action when the
+    /// request is refused.
+    fn admit_body(&mut self, host: &impl Host, state: &State, estimate: Estimate) -> Option<Action> {
+        let ticket = self.limit.as_mut().filter(|t| t.pending)?;
+        ticket.pending = false;
+        let on_contention = state.settings.limits.as_ref().map(|l| l.on_contention).unwrap_or_default();
+        match reserve_shared(host, &ticket.key, &ticket.spec, estimate.total(), now_ms(host)) {
+            Some(Ok((headroom, reservation))) => {
+                ticket.headroom = headroom;
+                ticket.reservation = reservation;
+                None
+            }
+            Some(Err(error)) => Some(self.deny_late(host, error.reason(), &LocalReply::from(&error))),
+            None if on_contention == OnContention::Deny => {
+                log(host, Level::Warn, self.context_id, format_args!("limit state unavailable; request refused"));
+                Some(self.deny_late(host, "limit_unavailable", &LocalReply::limit_unavailable()))
+            }
+            None => {
+                log(host, Level::Warn, self.context_id, format_args!("limit state unavailable; tokens not reserved"));
+                None
+            }
+        }
     }
 
     pub fn response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Action {
@@ -718,7 +1026,9 @@ impl Stream {
         Action::Continue
     }
 
-    /// The stream ended (completed, reset or abandoned): charge and record its usage.
+    /// The stream ended (completed, reset or abandoned): settle its tokens and record
+    /// its usage. Without usage, an inference request that reached the model (a 2xx, or
+    /// no answer at all) is charged its estimate, flagged `usage_estimated`.
     pub fn log(&mut self, host: &impl Host) {
         let (Some(state), Some(mut event)) = (self.state.clone(), self.event.take()) else { return };
         let mut done = self.response_done;
@@ -732,17 +1042,30 @@ impl Stream {
         }
         // The client left (or the upstream reset) before the response ended.
         event.incomplete = !done;
+        let reached_model = event.status.is_none_or(|s| (200..300).contains(&s));
+        if let Some(estimate) = self.estimate.filter(|_| event.usage_missing && reached_model) {
+            event.set_estimate(estimate.prompt, estimate.completion);
+        }
         if let Some(ticket) = &self.limit {
-            let tokens = event.prompt_tokens.saturating_add(event.completion_tokens);
-            if tokens > 0 && ticket.spec.counts_tokens() {
+            let tokens = if ticket.spec.counts_tokens() {
+                event.prompt_tokens.saturating_add(event.completion_tokens)
+            } else {
+                0
+            };
+            if tokens > 0 || ticket.reservation.tokens > 0 {
                 let now_ms = now_ms(host);
-                let charged = update_shared(host, &ticket.key, |bytes| {
+                let settled = update_shared(host, &ticket.key, |bytes| {
                     let mut state = LimitState::decode(bytes);
-                    state.charge(&ticket.spec, tokens, now_ms);
+                    state.settle(&ticket.spec, &ticket.reservation, tokens, now_ms);
                     (Some(state.encode()), ())
                 });
-                if charged.is_none() {
-                    log(host, Level::Warn, self.context_id, format_args!("could not charge {tokens} tokens"));
+                if settled.is_none() {
+                    log(
+                        host,
+                        Level::Warn,
+                        self.context_id,
+                        format_args!("could not settle {tokens} tokens ({} reserved)", ticket.reservation.tokens),
+                    );
                 }
             }
         }
@@ -801,6 +1124,10 @@ mod tests {
         response_body: RefCell<Vec<u8>>,
         shared: RefCell<BTreeMap<String, (Vec<u8>, u32)>>,
         dispatched: RefCell<Vec<(u32, Vec<u8>)>>,
+        /// The headers of every callout, in order.
+        dispatched_headers: RefCell<Vec<Vec<(String, String)>>>,
+        /// The VM's environment variables.
+        vm_env: BTreeMap<String, String>,
         replies: RefCell<Vec<(u32, String)>>,
         logs: RefCell<Vec<String>>,
         clock: Cell<u64>,
@@ -884,13 +1211,22 @@ mod tests {
             let end = start.saturating_add(max).min(data.len());
             Ok(data.get(start..end).filter(|d| !d.is_empty()).map(<[u8]>::to_vec))
         }
-        fn set_buffer(&self, buffer: Buffer, _start: usize, _size: usize, data: &[u8]) -> HostResult<()> {
-            match buffer {
+        /// As Envoy's body buffers take edits: replace all from 0, prepend, or append.
+        fn set_buffer(&self, buffer: Buffer, start: usize, size: usize, data: &[u8]) -> HostResult<()> {
+            let body = match buffer {
                 Buffer::RequestBody => {
                     self.fails(Call::SetRequestBody)?;
-                    *self.request_body.borrow_mut() = data.to_vec();
+                    &self.request_body
                 }
-                _ => *self.response_body.borrow_mut() = data.to_vec(),
+                _ => &self.response_body,
+            };
+            let mut body = body.borrow_mut();
+            let len = body.len();
+            match (start, size) {
+                (0, 0) => body.splice(0..0, data.iter().copied()).for_each(drop),
+                (0, n) if n >= len => *body = data.to_vec(),
+                (s, _) if s >= len => body.extend_from_slice(data),
+                _ => return Err(HostError::BadArgument),
             }
             Ok(())
         }
@@ -908,8 +1244,9 @@ mod tests {
             shared.insert(key.to_string(), (value.to_vec(), current.unwrap_or(0) + 1));
             Ok(())
         }
-        fn dispatch(&self, _cluster: &str, _h: &[(&str, &str)], body: &[u8], _t: Duration) -> HostResult<u32> {
+        fn dispatch(&self, _cluster: &str, h: &[(&str, &str)], body: &[u8], _t: Duration) -> HostResult<u32> {
             self.fails(Call::Dispatch)?;
+            self.dispatched_headers.borrow_mut().push(h.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
             let mut d = self.dispatched.borrow_mut();
             let token = d.len() as u32 + 1;
             d.push((token, body.to_vec()));
@@ -923,8 +1260,8 @@ mod tests {
         fn set_tick_period(&self, _period: Duration) -> HostResult<()> {
             self.fails(Call::TickPeriod)
         }
-        fn env(&self, _name: &str) -> Option<String> {
-            None
+        fn env(&self, name: &str) -> Option<String> {
+            self.vm_env.get(name).cloned()
         }
         fn random_u64(&self) -> u64 {
             7
@@ -1086,8 +1423,8 @@ mod tests {
     }
 
     #[test]
-    fn limits_without_shared_data_let_the_request_through_and_say_so() {
-        let h = host(r#","limits":{"users":{"mittens":{"requests_per_minute":1}}}"#);
+    fn limits_without_shared_data_follow_on_contention_and_say_so() {
+        let h = host(r#","limits":{"users":{"mittens":{"requests_per_minute":1}},"on_contention":"allow"}"#);
         let root = configured(&h);
         for call in [Call::SharedGet, Call::SharedSet] {
             h.heal();
@@ -1246,6 +1583,388 @@ mod tests {
         let denied: u64 = events.iter().filter_map(|e| e["count"].as_u64()).sum();
         assert_eq!((authorized.len(), denied), (1, 1000));
         assert_eq!(authorized[0]["user"], "mittens");
+    }
+
+    /// A host with exactly this plugin configuration (the mittens key, plus `extra`).
+    fn host_config(extra: &str) -> FakeHost {
+        let digest = crate::keys::sha256_hex(KEY);
+        let h = host("");
+        let config = format!(
+            r#"{{"api_keys":{{"keys":[{{"sha256":"{digest}","user":"mittens","groups":["premium"]}}]}}{extra}}}"#
+        );
+        FakeHost { config: config.into_bytes(), ..h }
+    }
+
+    /// What reached the upstream of one request sent in body chunks, as Envoy passes them:
+    /// a paused chunk stays in the buffer the next callback sees, a continued buffer
+    /// goes upstream.
+    struct Sent {
+        action: Action,
+        reply: Option<u32>,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        stream: Stream,
+    }
+
+    fn send(root: &Root, h: &FakeHost, headers: &[(&str, &str)], chunks: &[&[u8]]) -> Sent {
+        let before = h.replies.borrow().len();
+        let original = h.request_headers.borrow().clone();
+        let mut all = original.clone();
+        all.retain(|(k, _)| k != ":path" || !headers.iter().any(|(n, _)| *n == ":path"));
+        all.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        *h.request_headers.borrow_mut() = all;
+        let mut stream = root.stream(2);
+        let action = stream.request_headers(h, chunks.is_empty());
+        let headers = h.request_headers.borrow().clone();
+        let mut body = Vec::new();
+        if action == Action::Continue {
+            h.request_body.borrow_mut().clear();
+            for (i, chunk) in chunks.iter().enumerate() {
+                h.request_body.borrow_mut().extend_from_slice(chunk);
+                let size = h.request_body.borrow().len();
+                match stream.request_body(h, size, i + 1 == chunks.len()) {
+                    Action::Continue => body.append(&mut h.request_body.borrow_mut()),
+                    Action::Pause if h.replies.borrow().len() > before => break,
+                    Action::Pause => {}
+                }
+            }
+        }
+        let reply = h.replies.borrow().get(before).map(|(status, _)| *status);
+        *h.request_headers.borrow_mut() = original;
+        Sent { action, reply, headers, body, stream }
+    }
+
+    fn header_of(headers: &[(String, String)], name: &str) -> Option<String> {
+        headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    /// The upstream gets a body whose length is the content-length it was told, JSON that
+    /// means what the client sent, with usage forced only where a stream would lack it.
+    #[test]
+    fn request_bodies_reach_the_upstream_as_promised() {
+        let big = "w ".repeat(40_000);
+        let stream_big = format!(r#"{{"messages":[{{"role":"user","content":"{big}"}}],"stream":true}}"#);
+        let plain = br#"{"model":"m","messages":[],"max_tokens":3}"#.to_vec();
+        let stream = br#"{"model":"m","stream":true}"#.to_vec();
+        let empty_opts = br#"{"stream":true,"stream_options":{}}"#.to_vec();
+        let asked = br#"{"stream":true,"stream_options":{"include_usage":true}}"#.to_vec();
+        // (name, path, content-type, send content-length, body chunks, forced usage, grows by MAX_GROWTH)
+        let cut = |b: &[u8], n: usize| -> Vec<Vec<u8>> { b.chunks(n).map(<[u8]>::to_vec).collect() };
+        let mut closing_alone = cut(&stream, 5);
+        closing_alone.push(Vec::new());
+        let cases: Vec<(&str, &str, Option<&str>, bool, Vec<Vec<u8>>, bool, bool)> = vec![
+            ("plain, length", "/v1/chat/completions", Some("application/json"), true, vec![plain.clone()], false, true),
+            ("stream, length", "/v1/chat/completions", None, true, vec![stream.clone()], true, true),
+            ("stream, chunked", "/v1/chat/completions", None, false, cut(&empty_opts, 7), true, false),
+            ("completions route", "/v1/completions", None, true, cut(&stream, 3), true, true),
+            ("big stream, length", "/v1/chat/completions", None, true, cut(stream_big.as_bytes(), 16_384), true, true),
+            (
+                "big stream, chunked",
+                "/v1/chat/completions",
+                None,
+                false,
+                cut(stream_big.as_bytes(), 9_000),
+                true,
+                false,
+            ),
+            ("brace before the end", "/v1/chat/completions", None, true, closing_alone, true, true),
+            ("asked for usage", "/v1/chat/completions", None, true, vec![asked.clone()], false, true),
+            ("embeddings untouched", "/v1/embeddings", None, true, vec![stream.clone()], false, false),
+            (
+                "not json untouched",
+                "/v1/chat/completions",
+                Some("text/plain"),
+                true,
+                vec![stream.clone()],
+                false,
+                false,
+            ),
+        ];
+        for (name, path, ctype, length, chunks, forced, grows) in cases {
+            let h = host("");
+            let root = configured(&h);
+            let original: Vec<u8> = chunks.concat();
+            let cl = original.len().to_string();
+            let mut headers = vec![(":path", path)];
+            if length {
+                headers.push(("content-length", cl.as_str()));
+            }
+            if let Some(ct) = ctype {
+                headers.push(("content-type", ct));
+            }
+            let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let sent = send(&root, &h, &headers, &refs);
+            assert_eq!((sent.action, sent.reply), (Action::Continue, None), "{name}");
+            let told = header_of(&sent.headers, "content-length");
+            if length {
+                let want = original.len() + if grows { MAX_GROWTH } else { 0 };
+                assert_eq!(told, Some(want.to_string()), "{name}: content-length");
+                assert_eq!(sent.body.len(), want, "{name}: the body has the length the upstream was told");
+            } else {
+                assert_eq!(told, None, "{name}");
+            }
+            if !forced && !grows {
+                assert_eq!(sent.body, original, "{name}: byte for byte");
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&sent.body).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let before: serde_json::Value = serde_json::from_slice(&original).unwrap();
+            assert_eq!(
+                v["stream_options"]["include_usage"] == true,
+                forced || before["stream_options"]["include_usage"] == true,
+                "{name}"
+            );
+            assert_eq!(v["messages"], before["messages"], "{name}");
+            assert_eq!(
+                sent.stream.stripper.is_some(),
+                forced,
+                "{name}: the usage-only event is removed only when forced"
+            );
+            if !forced {
+                assert_eq!(sent.body.trim_ascii_end(), original.as_slice(), "{name}: only trailing spaces added");
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_whose_promised_length_cannot_be_kept_is_refused() {
+        let stream = br#"{"model":"m","stream":true}"#;
+        let cl = stream.len().to_string();
+        // (failing call, expected reply): the length went upstream, the body must match it
+        // (an unreadable body is still padded to it, just not rewritten).
+        let cases = [(None, None), (Some(Call::SetRequestBody), Some(500)), (Some(Call::RequestBody), None)];
+        for (call, want) in cases {
+            let h = host("");
+            let root = configured(&h);
+            if let Some(call) = call {
+                h.fail(call);
+            }
+            let sent = send(&root, &h, &[("content-length", &cl)], &[stream]);
+            assert_eq!(sent.reply, want, "{call:?}");
+        }
+        // Trailers end the body without an end-of-stream callback: a promised length
+        // cannot be kept, so the request is refused (400), not left hanging upstream.
+        let h = host("");
+        h.request_headers.borrow_mut().push(("content-length".into(), cl.clone()));
+        let root = configured(&h);
+        let mut s = root.stream(2);
+        assert_eq!(s.request_headers(&h, false), Action::Continue);
+        *h.request_body.borrow_mut() = stream.to_vec();
+        assert_eq!(s.request_body(&h, stream.len(), false), Action::Pause);
+        assert_eq!(s.request_trailers(&h), Action::Pause);
+        assert_eq!(h.replies.borrow().last().map(|r| r.0), Some(400));
+    }
+
+    /// Token limits work without a `usage` section: accept-encoding still goes, usage is
+    /// still forced, tokens still charged.
+    #[test]
+    fn token_limits_need_no_usage_section() {
+        let h = host_config(r#","limits":{"users":{"mittens":{"tokens_per_minute":40}}}"#);
+        h.request_headers.borrow_mut().push(("accept-encoding".into(), "gzip".into()));
+        let root = configured(&h);
+        let body = br#"{"model":"m","stream":true,"max_tokens":7}"#;
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let mut sent = send(&root, &h, &[], &[body]);
+            statuses.push(sent.reply.unwrap_or(200));
+            if sent.reply.is_none() {
+                assert_eq!(header_of(&sent.headers, "accept-encoding"), None);
+                let v: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+                assert_eq!(v["stream_options"]["include_usage"], true);
+                sent.stream.response_headers(&h, false);
+                sent.stream.response_body(&h, h.response_body.borrow().len(), true);
+            }
+            sent.stream.log(&h);
+        }
+        // 19 tokens per request: 0, 19, 38 used < 40 admitted; 57 is not.
+        assert_eq!(statuses, [200, 200, 200, 429]);
+        assert!(h.dispatched.borrow().is_empty(), "nothing reported without usage");
+    }
+
+    /// Reserve before, settle after: streams started at once near the edge of a budget are
+    /// admitted only while the tokens used plus those reserved are under it.
+    #[test]
+    fn concurrent_streams_reserve_and_settle() {
+        let h = host(r#","limits":{"users":{"mittens":{"tokens_per_minute":100}}}"#);
+        let root = configured(&h);
+        // 40 bytes of body: a prompt estimate of 10, plus max_tokens 20: 30 reserved each.
+        let body = br#"{"stream":true,"max_tokens":20,"x":"ab"}"#;
+        assert_eq!(body.len(), 40);
+        let mut open = Vec::new();
+        let mut refused = 0;
+        for _ in 0..10 {
+            let sent = send(&root, &h, &[], &[body]);
+            match sent.reply {
+                None => open.push(sent.stream),
+                Some(429) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        // 0, 30, 60, 90 held < 100: four admitted, the rest refused until they settle.
+        assert_eq!((open.len(), refused), (4, 6));
+        let state = |h: &FakeHost| LimitState::decode(&h.shared.borrow()[&state_key("mittens")].0);
+        assert_eq!(
+            state(&h).headroom(&spec(r#"{"tokens_per_minute":100}"#), h.clock.get()).tokens.unwrap().remaining,
+            0
+        );
+        for mut s in open {
+            s.response_headers(&h, false);
+            s.response_body(&h, h.response_body.borrow().len(), true);
+            s.log(&h);
+        }
+        // Settled: 4 × 19 used, nothing reserved.
+        let left = state(&h).headroom(&spec(r#"{"tokens_per_minute":100}"#), h.clock.get()).tokens.unwrap().remaining;
+        assert_eq!(left, 100 - 4 * 19);
+    }
+
+    fn spec(json: &str) -> LimitSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    /// Without usage in the response, an inference request that reached the model is
+    /// charged its estimate, flagged; an error answer is not.
+    #[test]
+    fn missing_usage_is_charged_an_estimate() {
+        let body = br#"{"model":"m","stream":true,"max_tokens":9,"n":2}"#;
+        let prompt_estimate = (body.len() as u64).div_ceil(4);
+        // (response status, response body, estimated?, prompt, completion)
+        let cases = [
+            ("200", "{\"model\":\"m\"}", true, prompt_estimate, 18),
+            ("200", r#"{"model":"m","usage":{"prompt_tokens":12,"completion_tokens":7}}"#, false, 12, 7),
+            ("500", "{\"error\":{}}", false, 0, 0),
+            ("429", "{\"error\":{}}", false, 0, 0),
+        ];
+        for (status, response, estimated, prompt, completion) in cases {
+            let mut h = host(r#","limits":{"users":{"mittens":{"tokens_per_day":100000}}}"#);
+            h.response_headers =
+                vec![(":status".into(), status.into()), ("content-type".into(), "application/json".into())];
+            *h.response_body.borrow_mut() = response.as_bytes().to_vec();
+            let mut root = configured(&h);
+            let mut sent = send(&root, &h, &[], &[body]);
+            sent.stream.response_headers(&h, false);
+            sent.stream.response_body(&h, response.len(), true);
+            sent.stream.log(&h);
+            root.tick(&h);
+            let events = sent_events(&h);
+            let e = &events[0];
+            assert_eq!(e["usage_estimated"], estimated, "{status} {response}");
+            assert_eq!(
+                (e["prompt_tokens"].as_u64(), e["completion_tokens"].as_u64()),
+                (Some(prompt), Some(completion))
+            );
+            let used = LimitState::decode(&h.shared.borrow()[&state_key("mittens")].0)
+                .headroom(&spec(r#"{"tokens_per_day":100000}"#), h.clock.get())
+                .tokens
+                .unwrap()
+                .remaining;
+            assert_eq!(100_000 - used, prompt + completion, "{status}: charged");
+        }
+        // A client that leaves before any answer: charged its estimate too.
+        let h = host(r#","limits":{"users":{"mittens":{"tokens_per_day":100000}}}"#);
+        let mut root = configured(&h);
+        let mut sent = send(&root, &h, &[], &[body]);
+        sent.stream.log(&h);
+        root.tick(&h);
+        let e = &sent_events(&h)[0];
+        assert_eq!((e["usage_estimated"].clone(), e["incomplete"].clone()), (true.into(), true.into()));
+    }
+
+    /// `limits.on_contention`: when the limit state cannot be read or written, deny (503,
+    /// retry in a second) by default, or let the request through.
+    #[test]
+    fn unavailable_limit_state_follows_on_contention() {
+        // (policy, failing call, expected action and reply)
+        let cases = [
+            ("", Call::SharedGet, (Action::Pause, Some(503))),
+            ("", Call::SharedSet, (Action::Pause, Some(503))),
+            (r#","on_contention":"deny""#, Call::SharedSet, (Action::Pause, Some(503))),
+            (r#","on_contention":"allow""#, Call::SharedGet, (Action::Continue, None)),
+            (r#","on_contention":"allow""#, Call::SharedSet, (Action::Continue, None)),
+        ];
+        for (policy, call, want) in cases {
+            let h = host(&format!(r#","limits":{{"users":{{"mittens":{{"requests_per_minute":1}}}}{policy}}}"#));
+            let mut root = configured(&h);
+            h.fail(call);
+            assert_eq!(request(&root, &h), want, "{policy} {call:?}");
+            h.heal();
+            root.tick(&h);
+            let denied: Vec<_> = sent_events(&h).into_iter().filter(|e| !e["denied"].is_null()).collect();
+            assert_eq!(denied.len(), usize::from(want.1.is_some()), "{policy} {call:?}");
+            if let Some(e) = denied.first() {
+                assert_eq!(e["denied"], "limit_unavailable");
+            }
+        }
+        // The reservation made once the body is read follows the same policy.
+        let h = host(r#","limits":{"users":{"mittens":{"tokens_per_minute":100}}}"#);
+        let root = configured(&h);
+        let mut s = root.stream(2);
+        assert_eq!(s.request_headers(&h, false), Action::Continue);
+        h.fail(Call::SharedSet);
+        *h.request_body.borrow_mut() = br#"{"stream":false}"#.to_vec();
+        assert_eq!(s.request_body(&h, 16, true), Action::Pause);
+        assert_eq!(h.replies.borrow().last().map(|r| r.0), Some(503));
+        assert!(h.logs.borrow().iter().any(|l| l.contains("limit state unavailable")));
+    }
+
+    /// `cors_preflight: allow` passes a browser's preflight without a credential, strips
+    /// identity headers, sets none and records nothing.
+    #[test]
+    fn cors_preflights() {
+        let preflight = [("origin", "https://app.example"), ("access-control-request-method", "POST")];
+        // (setting, method, headers, expected)
+        let cases: Vec<(&str, &str, Vec<(&str, &str)>, (Action, Option<u32>))> = vec![
+            ("", "OPTIONS", preflight.to_vec(), (Action::Pause, Some(401))),
+            (r#","cors_preflight":"deny""#, "OPTIONS", preflight.to_vec(), (Action::Pause, Some(401))),
+            (r#","cors_preflight":"allow""#, "OPTIONS", preflight.to_vec(), (Action::Continue, None)),
+            (
+                r#","cors_preflight":"allow""#,
+                "OPTIONS",
+                vec![("origin", "https://app.example")],
+                (Action::Pause, Some(401)),
+            ),
+            (r#","cors_preflight":"allow""#, "GET", preflight.to_vec(), (Action::Pause, Some(401))),
+        ];
+        for (setting, method, extra, want) in cases {
+            let h = host(setting);
+            {
+                let mut headers = h.request_headers.borrow_mut();
+                headers.retain(|(k, _)| k != "authorization" && k != ":method");
+                headers.push((":method".into(), method.into()));
+                headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            }
+            let mut root = configured(&h);
+            let mut s = root.stream(2);
+            let action = s.request_headers(&h, true);
+            let reply = h.replies.borrow().last().map(|r| r.0);
+            assert_eq!((action, reply), want, "{setting} {method} {extra:?}");
+            s.log(&h);
+            if action == Action::Continue {
+                let headers = h.request_headers.borrow();
+                assert!(
+                    !headers.iter().any(|(k, _)| k.starts_with("x-tollgate-")),
+                    "identity headers stripped, none set"
+                );
+                root.tick(&h);
+                assert!(h.dispatched.borrow().is_empty(), "no usage event, no denial");
+            }
+        }
+    }
+
+    /// `usage.token_env`: every report carries the tracker's ingest token as a bearer; a
+    /// named variable that is unset refuses the config.
+    #[test]
+    fn reports_carry_the_ingest_token() {
+        let mut h = host_with(r#","token_env":"INGEST""#, "");
+        assert!(!Root::new(1).configure(&h), "unset: refused");
+        assert!(h.logs.borrow().iter().any(|l| l.contains("usage.token_env") && l.contains("INGEST")));
+        h.vm_env.insert("INGEST".into(), "t0ken".into());
+        let mut root = configured(&h);
+        request(&root, &h);
+        root.tick(&h);
+        let headers = h.dispatched_headers.borrow();
+        assert_eq!(headers.len(), 1);
+        assert!(headers[0].contains(&("authorization".to_string(), "Bearer t0ken".to_string())), "{:?}", headers[0]);
+        assert!(!h.logs.borrow().iter().any(|l| l.contains("t0ken")), "the token is never logged");
     }
 
     #[test]

@@ -73,6 +73,10 @@ impl HttpContext for Http {
         action(self.0.request_body(&Abi, body_size, end_of_stream))
     }
 
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> types::Action {
+        action(self.0.request_trailers(&Abi))
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> types::Action {
         action(self.0.response_headers(&Abi, end_of_stream))
     }

@@ -368,6 +368,11 @@ pub fn looks_like_jwt(value: &str) -> bool {
     if header.is_empty() || !b64url(header) || !b64url(payload) || !b64url(signature) {
         return false;
     }
+    // Nothing over the size limit is decoded: a token-shaped value that large is a
+    // token, and `verify` refuses it as too large before reading any of it.
+    if value.len() > MAX_TOKEN_BYTES {
+        return true;
+    }
     match URL_SAFE_LENIENT.decode(header).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) {
         Some(Value::Object(map)) => map.contains_key("alg"),
         _ => false,
@@ -853,9 +858,13 @@ mod tests {
     fn jwt_shape() {
         let good = mint(CLAIMS);
         let padded = format!("{}=.e30.sig", b64(br#"{"alg":"HS256","kid":"k1"}"#)); // 35 chars + 1 pad
+                                                                                    // Over the size limit nothing is decoded: the shape alone makes it a token, refused as too large.
+        let huge = format!("{}.e30.sig", "A".repeat(MAX_TOKEN_BYTES));
+        assert_eq!(JwtVerifier::default().verify(&huge, NOW), Err(JwtError::TooLarge));
         #[rustfmt::skip]
         let cases: &[(&str, bool)] = &[
             (&good, true),
+            (&huge, true),
             (&padded, true), // refused later with BadBase64, not taken for an API key
             ("eyJhbGciOiJub25lIn0..", true),
             ("e30.e30.sig", false),

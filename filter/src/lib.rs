@@ -19,6 +19,7 @@ pub mod identity;
 pub mod jwt;
 pub mod keys;
 pub mod limits;
+pub mod request;
 pub mod response;
 pub mod strip;
 pub mod usage;

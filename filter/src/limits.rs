@@ -11,10 +11,15 @@
 //!   the count of the window (or `burst` for the shortest window), refilled evenly.
 //!   Exceeded → 429 `rate_limit_exceeded`, type `requests`, retryable.
 //! - Token budgets (`tokens_per_minute|hour|day`) are fixed windows aligned to the
-//!   UTC clock. Tokens are known only after the response, so a request is admitted
-//!   while the window's budget is not spent and charged when its usage arrives:
-//!   the overshoot is bounded by the tokens of the requests in flight at that moment.
-//!   Exceeded → 429 `rate_limit_exceeded`, type `tokens`, retryable at the window end.
+//!   UTC clock. Tokens are known only after the response, so a request **reserves**
+//!   what it may cost when it is admitted (its `max_tokens` times its choices plus a
+//!   prompt estimate, see `request`) and **settles** when its stream ends: the
+//!   reservation is released and the real usage (or, without usage, the estimate)
+//!   charged (Kuadrant's reserve/commit). A request is admitted while the tokens used
+//!   plus those reserved by requests in flight are under the budget, so the overshoot
+//!   is bounded by one request's reservation, whatever the number of concurrent
+//!   streams. Exceeded → 429 `rate_limit_exceeded`, type `tokens`, retryable at the
+//!   window end (or in a second when only reservations in flight hold the budget).
 //! - A quota (`quota: {requests, tokens, window}`) is a fixed allotment per window;
 //!   spent → 429 `insufficient_quota` with `x-should-retry: false`.
 
@@ -134,6 +139,19 @@ impl LimitSpec {
     }
 }
 
+/// What to do when the limit state cannot be read or written: the host refuses, or
+/// every compare-and-swap round is lost to other workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnContention {
+    /// Refuse the request (503 with `retry-after: 1`): a limit that cannot be checked
+    /// is not silently lifted.
+    #[default]
+    Deny,
+    /// Let the request through unlimited, and log a warning.
+    Allow,
+}
+
 /// The raw `limits` section.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,6 +162,8 @@ pub struct LimitsConfig {
     pub users: BTreeMap<String, LimitSpec>,
     #[serde(default = "default_max_identities")]
     pub max_identities: u64,
+    #[serde(default)]
+    pub on_contention: OnContention,
 }
 
 fn default_max_identities() -> u64 {
@@ -156,6 +176,7 @@ pub struct Limits {
     pub groups: BTreeMap<String, LimitSpec>,
     pub users: BTreeMap<String, LimitSpec>,
     pub max_identities: u64,
+    pub on_contention: OnContention,
 }
 
 impl Limits {
@@ -170,7 +191,12 @@ impl Limits {
         if raw.max_identities == 0 {
             return Err(("limits.max_identities".into(), "must be a positive integer".into()));
         }
-        Ok(Limits { groups: raw.groups, users: raw.users, max_identities: raw.max_identities })
+        Ok(Limits {
+            groups: raw.groups,
+            users: raw.users,
+            max_identities: raw.max_identities,
+            on_contention: raw.on_contention,
+        })
     }
 
     /// The user's own entry, else the first of its groups (in the identity's order)
@@ -192,15 +218,24 @@ struct FixedWindow {
     start_ms: u64,
     requests: u64,
     tokens: u64,
+    /// Tokens reserved by requests in flight, released when they settle.
+    reserved: u64,
 }
 
 impl FixedWindow {
-    /// Rolls over to the window containing `now_ms` (aligned to the epoch).
+    /// Rolls over to the window containing `now_ms` (aligned to the epoch). The
+    /// reservations of requests in flight go with the old window: they settle into the
+    /// new one with their real usage.
     fn roll(&mut self, window: Window, now_ms: u64) {
         let start = now_ms - now_ms % window.millis();
         if start != self.start_ms {
-            *self = FixedWindow { start_ms: start, requests: 0, tokens: 0 };
+            *self = FixedWindow { start_ms: start, requests: 0, tokens: 0, reserved: 0 };
         }
+    }
+
+    /// Tokens counted against the limit: used plus reserved.
+    fn held(&self) -> u64 {
+        self.tokens.saturating_add(self.reserved)
     }
 
     fn reset_in(&self, window: Window, now_ms: u64) -> u64 {
@@ -216,8 +251,11 @@ pub struct LimitState {
     quota: FixedWindow,
 }
 
-const STATE_VERSION: u8 = 1;
-const STATE_LEN: usize = 1 + 4 * 17 + 4 * 24;
+/// Version 2 added the reserved tokens of each window; a version-1 state (same key,
+/// written before) is read with nothing reserved.
+const STATE_VERSION: u8 = 2;
+const STATE_LEN: usize = 1 + 4 * 17 + 4 * 32;
+const STATE_V1_LEN: usize = 1 + 4 * 17 + 4 * 24;
 
 impl LimitState {
     /// Compact fixed-size encoding for shared data.
@@ -233,15 +271,18 @@ impl LimitState {
             out.extend_from_slice(&w.start_ms.to_le_bytes());
             out.extend_from_slice(&w.requests.to_le_bytes());
             out.extend_from_slice(&w.tokens.to_le_bytes());
+            out.extend_from_slice(&w.reserved.to_le_bytes());
         }
         out
     }
 
     /// Decodes; anything unexpected (empty, other version, other size) is a fresh state.
     pub fn decode(bytes: &[u8]) -> LimitState {
-        if bytes.len() != STATE_LEN || bytes.first() != Some(&STATE_VERSION) {
-            return LimitState::default();
-        }
+        let with_reserved = match (bytes.first(), bytes.len()) {
+            (Some(&STATE_VERSION), STATE_LEN) => true,
+            (Some(&1), STATE_V1_LEN) => false,
+            _ => return LimitState::default(),
+        };
         let mut r = Reader { bytes, pos: 1 };
         let mut s = LimitState::default();
         for b in &mut s.buckets {
@@ -253,9 +294,19 @@ impl LimitState {
             w.start_ms = r.u64();
             w.requests = r.u64();
             w.tokens = r.u64();
+            w.reserved = if with_reserved { r.u64() } else { 0 };
         }
         s
     }
+}
+
+/// What a request reserved, to be released when it settles: the tokens, and the
+/// windows they were reserved in (a window that has rolled over since holds none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reservation {
+    pub tokens: u64,
+    /// Start of each token window and of the quota window at reservation time.
+    starts: [u64; 4],
 }
 
 struct Reader<'a> {
@@ -382,7 +433,7 @@ impl LimitState {
         for ((w, window), budget) in self.token_windows.iter().zip(TOKEN_WINDOWS).zip(spec.token_budgets()) {
             if let Some(limit) = budget {
                 let c =
-                    Counter { limit, remaining: limit.saturating_sub(w.tokens), reset_ms: w.reset_in(window, now_ms) };
+                    Counter { limit, remaining: limit.saturating_sub(w.held()), reset_ms: w.reset_in(window, now_ms) };
                 h.tokens = tighter(h.tokens, c);
             }
         }
@@ -393,24 +444,35 @@ impl LimitState {
                 h.requests = tighter(h.requests, c);
             }
             if let Some(limit) = q.tokens {
-                let c = Counter { limit, remaining: limit.saturating_sub(self.quota.tokens), reset_ms };
+                let c = Counter { limit, remaining: limit.saturating_sub(self.quota.held()), reset_ms };
                 h.tokens = tighter(h.tokens, c);
             }
         }
         h
     }
 
-    /// Admits one request (consuming from every request limit) or says why not.
-    /// A refused request consumes nothing.
+    /// Admits one request reserving nothing (see [`LimitState::admit_reserving`]).
     pub fn admit(&mut self, spec: &LimitSpec, now_ms: u64) -> Result<Headroom, LimitError> {
+        self.admit_reserving(spec, now_ms, 0).map(|(h, _)| h)
+    }
+
+    /// Admits one request (consuming from every request limit and reserving `reserve`
+    /// tokens) or says why not. A refused request consumes nothing.
+    pub fn admit_reserving(
+        &mut self,
+        spec: &LimitSpec,
+        now_ms: u64,
+        reserve: u64,
+    ) -> Result<(Headroom, Reservation), LimitError> {
         let before = self.headroom(spec, now_ms);
         if let Some(q) = &spec.quota {
             let reset = self.quota.reset_in(q.window, now_ms);
-            let requests_spent = q.requests.is_some_and(|l| self.quota.requests >= l);
-            let tokens_spent = q.tokens.is_some_and(|l| self.quota.tokens >= l);
-            if requests_spent || tokens_spent {
-                let kind = if requests_spent { LimitKind::Requests } else { LimitKind::Tokens };
-                return Err(LimitError::QuotaExceeded { kind, retry_after_ms: reset, headroom: before });
+            if q.requests.is_some_and(|l| self.quota.requests >= l) {
+                return Err(LimitError::QuotaExceeded {
+                    kind: LimitKind::Requests,
+                    retry_after_ms: reset,
+                    headroom: before,
+                });
             }
         }
         let rates = spec.request_rates();
@@ -431,16 +493,7 @@ impl LimitState {
                 headroom: before,
             });
         }
-        for ((w, window), budget) in self.token_windows.iter().zip(TOKEN_WINDOWS).zip(spec.token_budgets()) {
-            if budget.is_some_and(|limit| w.tokens >= limit) {
-                let retry = w.reset_in(window, now_ms).max(1);
-                return Err(LimitError::RateLimited {
-                    kind: LimitKind::Tokens,
-                    retry_after_ms: retry,
-                    headroom: before,
-                });
-            }
-        }
+        self.check_tokens(spec, now_ms, before)?;
         for (i, bucket) in self.buckets.iter_mut().enumerate() {
             if rates.get(i).copied().flatten().is_some() {
                 bucket.level -= 1.0;
@@ -449,18 +502,91 @@ impl LimitState {
         if spec.quota.is_some() {
             self.quota.requests = self.quota.requests.saturating_add(1);
         }
-        Ok(self.headroom(spec, now_ms))
+        let reservation = self.hold(spec, reserve);
+        Ok((self.headroom(spec, now_ms), reservation))
     }
 
-    /// Charges the tokens of a finished request to the budgets and quota.
-    pub fn charge(&mut self, spec: &LimitSpec, tokens: u64, now_ms: u64) {
+    /// Reserves `tokens` for a request already admitted (whose cost is known only once
+    /// its body has been read), if the token budgets are not held in full already.
+    pub fn reserve(
+        &mut self,
+        spec: &LimitSpec,
+        now_ms: u64,
+        tokens: u64,
+    ) -> Result<(Headroom, Reservation), LimitError> {
+        let before = self.headroom(spec, now_ms);
+        self.check_tokens(spec, now_ms, before)?;
+        let reservation = self.hold(spec, tokens);
+        Ok((self.headroom(spec, now_ms), reservation))
+    }
+
+    /// Refuses when a token budget or quota is held in full: by tokens used (until the
+    /// window ends; a spent quota is not retryable) or by reservations of requests in
+    /// flight (retry in a second: they settle as their streams end).
+    fn check_tokens(&self, spec: &LimitSpec, now_ms: u64, headroom: Headroom) -> Result<(), LimitError> {
+        if let Some((q, limit)) = spec.quota.as_ref().and_then(|q| q.tokens.map(|l| (q, l))) {
+            let reset = self.quota.reset_in(q.window, now_ms);
+            if self.quota.tokens >= limit {
+                return Err(LimitError::QuotaExceeded { kind: LimitKind::Tokens, retry_after_ms: reset, headroom });
+            }
+            if self.quota.held() >= limit {
+                return Err(LimitError::RateLimited { kind: LimitKind::Tokens, retry_after_ms: 1_000, headroom });
+            }
+        }
+        for ((w, window), budget) in self.token_windows.iter().zip(TOKEN_WINDOWS).zip(spec.token_budgets()) {
+            let Some(limit) = budget else { continue };
+            if w.tokens >= limit {
+                let retry = w.reset_in(window, now_ms).max(1);
+                return Err(LimitError::RateLimited { kind: LimitKind::Tokens, retry_after_ms: retry, headroom });
+            }
+            if w.held() >= limit {
+                let retry = w.reset_in(window, now_ms).clamp(1, 1_000);
+                return Err(LimitError::RateLimited { kind: LimitKind::Tokens, retry_after_ms: retry, headroom });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `tokens` to the reserved count of every token window and the token quota.
+    fn hold(&mut self, spec: &LimitSpec, tokens: u64) -> Reservation {
+        let mut r = Reservation { tokens, starts: [0; 4] };
+        if tokens == 0 || !spec.counts_tokens() {
+            return Reservation::default();
+        }
+        for (w, start) in self.token_windows.iter_mut().zip(r.starts.iter_mut()) {
+            w.reserved = w.reserved.saturating_add(tokens);
+            *start = w.start_ms;
+        }
+        if spec.quota.is_some() {
+            self.quota.reserved = self.quota.reserved.saturating_add(tokens);
+            if let Some(start) = r.starts.get_mut(3) {
+                *start = self.quota.start_ms;
+            }
+        }
+        r
+    }
+
+    /// Settles a finished request: releases its reservation (in the windows it was made
+    /// in) and charges `tokens` to the budgets and quota.
+    pub fn settle(&mut self, spec: &LimitSpec, reservation: &Reservation, tokens: u64, now_ms: u64) {
         self.refill(spec, now_ms);
+        let windows = self.token_windows.iter_mut().chain(std::iter::once(&mut self.quota));
+        for (w, start) in windows.zip(reservation.starts) {
+            if reservation.tokens > 0 && w.start_ms == start {
+                w.reserved = w.reserved.saturating_sub(reservation.tokens);
+            }
+        }
         for w in &mut self.token_windows {
             w.tokens = w.tokens.saturating_add(tokens);
         }
         if spec.quota.is_some() {
             self.quota.tokens = self.quota.tokens.saturating_add(tokens);
         }
+    }
+
+    /// Charges the tokens of a finished request that reserved nothing.
+    pub fn charge(&mut self, spec: &LimitSpec, tokens: u64, now_ms: u64) {
+        self.settle(spec, &Reservation::default(), tokens, now_ms);
     }
 }
 
@@ -581,6 +707,106 @@ mod tests {
         assert_eq!(h.tokens.map(|c| (c.limit, c.remaining)), Some((1000, 1000)));
     }
 
+    /// Reserve at admission, settle at the end: concurrent requests near the edge of a
+    /// budget are admitted only while used + reserved is under it.
+    #[test]
+    fn reservations_bound_concurrent_admissions() {
+        // (budget spec, tokens used before, reservation per request, actual per request,
+        //  requests admitted of 20 concurrent)
+        let cases = [
+            (r#"{"tokens_per_minute":100}"#, 0, 10, 10, 10),
+            (r#"{"tokens_per_minute":100}"#, 95, 10, 10, 1),
+            (r#"{"tokens_per_minute":100}"#, 0, 0, 10, 20),
+            (r#"{"tokens_per_minute":100}"#, 0, 1000, 10, 1),
+            (r#"{"quota":{"tokens":100,"window":"day"}}"#, 50, 20, 20, 3),
+            (r#"{"tokens_per_minute":100,"tokens_per_day":30}"#, 0, 10, 10, 3),
+        ];
+        for (json, used, reserve, actual, want) in cases {
+            let s = spec(json);
+            let mut st = LimitState::default();
+            st.admit(&s, T0).unwrap();
+            st.charge(&s, used, T0);
+            let mut admitted = Vec::new();
+            for i in 0..20 {
+                match st.admit(&s, T0 + 1).and_then(|_| st.reserve(&s, T0 + 1, reserve)) {
+                    Ok((_, r)) => admitted.push(r),
+                    Err(e) => {
+                        assert!(
+                            matches!(e, LimitError::RateLimited { kind: LimitKind::Tokens, .. }),
+                            "{json} #{i}: {e:?}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(admitted.len(), want, "{json} used {used} reserve {reserve}");
+            for r in &admitted {
+                st.settle(&s, r, actual, T0 + 2);
+            }
+            // Every reservation released, the real usage charged.
+            assert!(st.token_windows.iter().chain([&st.quota]).all(|w| w.reserved == 0), "{json}");
+            let total = used + actual * want as u64;
+            assert_eq!(st.token_windows[0].tokens, total, "{json}");
+        }
+    }
+
+    #[test]
+    fn held_budgets_are_retryable_spent_ones_wait_for_the_window() {
+        let s = spec(r#"{"tokens_per_minute":10,"quota":{"tokens":100,"window":"day"}}"#);
+        let mut st = LimitState::default();
+        let (h, r) = st.admit_reserving(&s, T0, 10).unwrap();
+        assert_eq!(h.tokens.map(|c| c.remaining), Some(0), "reserved counts as used in the headers");
+        match st.admit(&s, T0 + 1) {
+            Err(LimitError::RateLimited { kind: LimitKind::Tokens, retry_after_ms, .. }) => {
+                assert_eq!(retry_after_ms, 1_000)
+            }
+            other => panic!("{other:?}"),
+        }
+        st.settle(&s, &r, 3, T0 + 2);
+        let h = st.admit(&s, T0 + 3).unwrap();
+        assert_eq!(h.tokens.map(|c| c.remaining), Some(7));
+        st.charge(&s, 100, T0 + 4);
+        assert!(matches!(st.admit(&s, T0 + 5), Err(LimitError::QuotaExceeded { kind: LimitKind::Tokens, .. })));
+    }
+
+    #[test]
+    fn a_reservation_from_a_past_window_releases_nothing_in_the_new_one() {
+        let s = spec(r#"{"tokens_per_minute":100}"#);
+        let mut st = LimitState::default();
+        let (_, old) = st.admit_reserving(&s, T0, 30).unwrap();
+        let next_minute = T0 + 60_000;
+        let (_, new) = st.admit_reserving(&s, next_minute, 40).unwrap();
+        st.settle(&s, &old, 5, next_minute + 1);
+        assert_eq!((st.token_windows[0].reserved, st.token_windows[0].tokens), (40, 5));
+        st.settle(&s, &new, 6, next_minute + 2);
+        assert_eq!((st.token_windows[0].reserved, st.token_windows[0].tokens), (0, 11));
+    }
+
+    #[test]
+    fn version_1_states_are_read_with_nothing_reserved() {
+        let s = spec(r#"{"requests_per_minute":3,"tokens_per_hour":50}"#);
+        let mut st = LimitState::default();
+        st.admit(&s, T0).unwrap();
+        st.charge(&s, 7, T0);
+        // The version-1 encoding: the same fields without `reserved`.
+        let v2 = st.encode();
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&v2[1..1 + 4 * 17]);
+        for w in v2[1 + 4 * 17..].chunks(32) {
+            v1.extend_from_slice(&w[..24]);
+        }
+        assert_eq!(v1.len(), STATE_V1_LEN);
+        assert_eq!(LimitState::decode(&v1), st);
+    }
+
+    #[test]
+    fn on_contention_defaults_to_deny() {
+        let raw: LimitsConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(Limits::from_config(raw).unwrap().on_contention, OnContention::Deny);
+        let raw: LimitsConfig = serde_json::from_str(r#"{"on_contention":"allow"}"#).unwrap();
+        assert_eq!(Limits::from_config(raw).unwrap().on_contention, OnContention::Allow);
+        assert!(serde_json::from_str::<LimitsConfig>(r#"{"on_contention":"maybe"}"#).is_err());
+    }
+
     #[test]
     fn state_round_trips_and_garbage_is_fresh() {
         let s = spec(
@@ -592,7 +818,7 @@ mod tests {
         let bytes = st.encode();
         assert_eq!(bytes.len(), STATE_LEN);
         assert_eq!(LimitState::decode(&bytes), st);
-        for garbage in [&b""[..], &[2u8; STATE_LEN][..], &[1u8, 2, 3][..]] {
+        for garbage in [&b""[..], &[3u8; STATE_LEN][..], &[1u8; STATE_LEN][..], &[1u8, 2, 3][..]] {
             assert_eq!(LimitState::decode(garbage), LimitState::default());
         }
     }

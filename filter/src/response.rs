@@ -59,6 +59,39 @@ pub fn ratelimit_headers(h: &Headroom) -> Vec<(String, String)> {
     out
 }
 
+impl LocalReply {
+    /// 503 for a request whose limits could not be checked (`limits.on_contention:
+    /// deny`): the limit state is busy or unavailable; retrying in a second is safe.
+    pub fn limit_unavailable() -> LocalReply {
+        LocalReply {
+            status: 503,
+            headers: vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("retry-after".to_string(), "1".to_string()),
+            ],
+            body: openai_error_body(
+                "Your rate limits could not be checked right now. Please retry in a second.",
+                "server_error",
+                "limit_unavailable",
+            ),
+        }
+    }
+
+    /// 400 for a request with trailers whose body the filter had to rewrite or pad
+    /// (its `content-length` was already promised upstream).
+    pub fn trailers_not_supported() -> LocalReply {
+        LocalReply {
+            status: 400,
+            headers: vec![("content-type".to_string(), "application/json".to_string())],
+            body: openai_error_body(
+                "Request trailers are not supported on this route.",
+                "invalid_request_error",
+                "trailers_not_supported",
+            ),
+        }
+    }
+}
+
 impl From<&LimitError> for LocalReply {
     fn from(error: &LimitError) -> Self {
         let (message, code, retry_ms, headroom, retry) = match error {

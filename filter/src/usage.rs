@@ -16,7 +16,6 @@
 //! Usage in a stream is cumulative: later values replace earlier ones field by field,
 //! which also merges Anthropic's `message_start` (input) with `message_delta` (output).
 
-use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 /// Token counts of one response; fields the upstream did not report are 0.
@@ -132,49 +131,6 @@ impl UsageParser {
     pub fn bytes_seen(&self) -> u64 {
         self.bytes_seen
     }
-}
-
-/// For a streaming chat/completions request body (a JSON object with `"stream": true`
-/// and no `stream_options`), returns the body with `"stream_options":{"include_usage":true}`
-/// inserted right after the opening `{`, the rest byte for byte. `None` when there is
-/// nothing to change or the body is over `max_len`, not JSON, or not an object.
-/// Only for chat/completions and completions: the Responses API rejects this option.
-pub fn inject_include_usage(body: &[u8], max_len: usize) -> Option<Vec<u8>> {
-    const INSERT: &[u8] = br#""stream_options":{"include_usage":true},"#;
-    if body.len() > max_len {
-        return None;
-    }
-    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body.get(open) != Some(&b'{') {
-        return None;
-    }
-    // UTF-8 first: serde_json skips the strings of unread members without checking
-    // their UTF-8, and a body that is not UTF-8 is not JSON.
-    let text = std::str::from_utf8(body).ok()?;
-    let probe: StreamProbe = serde_json::from_str(text).ok()?;
-    if probe.stream != Some(Value::Bool(true)) || probe.stream_options {
-        return None;
-    }
-    // "stream" is a member, so the object is not empty and the added comma is valid.
-    let (head, tail) = body.split_at_checked(open.checked_add(1)?)?;
-    let mut out = Vec::with_capacity(body.len().saturating_add(INSERT.len()));
-    out.extend_from_slice(head);
-    out.extend_from_slice(INSERT);
-    out.extend_from_slice(tail);
-    Some(out)
-}
-
-#[derive(Deserialize)]
-struct StreamProbe {
-    #[serde(default)]
-    stream: Option<Value>,
-    /// True when the key is present, even as `null`, so we never add a duplicate key.
-    #[serde(default, deserialize_with = "present")]
-    stream_options: bool,
-}
-
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 /// What the scanner has found so far, across SSE events.
@@ -1059,65 +1015,5 @@ mod tests {
         p.finish();
         assert_eq!((p.usage(), p.skipped_events()), (u(1, 0, 0, 0), 0));
         assert!(p.scan.buf.capacity() <= 1024);
-    }
-
-    #[test]
-    fn inject() {
-        let cases: &[(&str, &str, usize, Option<&str>)] = &[
-            (
-                "stream true",
-                r#"{"model":"m","messages":[{"role":"user","content":"héllo"}],"stream":true}"#,
-                1024,
-                Some(
-                    r#"{"stream_options":{"include_usage":true},"model":"m","messages":[{"role":"user","content":"héllo"}],"stream":true}"#,
-                ),
-            ),
-            (
-                "whitespace kept",
-                " \n{ \"stream\" : true }\n",
-                1024,
-                Some(" \n{\"stream_options\":{\"include_usage\":true}, \"stream\" : true }\n"),
-            ),
-            (
-                "exactly max_len",
-                r#"{"stream":true}"#,
-                15,
-                Some(r#"{"stream_options":{"include_usage":true},"stream":true}"#),
-            ),
-            ("too big", r#"{"stream":true}"#, 14, None),
-            ("stream false", r#"{"model":"m","stream":false}"#, 1024, None),
-            ("no stream", r#"{"model":"m"}"#, 1024, None),
-            ("stream string", r#"{"stream":"true"}"#, 1024, None),
-            ("stream number", r#"{"stream":1}"#, 1024, None),
-            ("has stream_options", r#"{"stream":true,"stream_options":{"include_usage":false}}"#, 1024, None),
-            ("stream_options null", r#"{"stream":true,"stream_options":null}"#, 1024, None),
-            ("duplicate stream", r#"{"stream":true,"stream":true}"#, 1024, None),
-            ("array", r#"[{"stream":true}]"#, 1024, None),
-            ("array of bool", "[true]", 1024, None),
-            ("not json", "stream=true", 1024, None),
-            ("truncated", r#"{"stream":true"#, 1024, None),
-            ("trailing garbage", r#"{"stream":true} x"#, 1024, None),
-            ("empty", "", 1024, None),
-        ];
-        for &(name, body, max, want) in cases {
-            let got = inject_include_usage(body.as_bytes(), max);
-            assert_eq!(got.as_deref(), want.map(str::as_bytes), "{name}");
-            if let Some(out) = got {
-                let before: Map<String, Value> = serde_json::from_str(body).unwrap();
-                let mut after: Map<String, Value> = serde_json::from_slice(&out).unwrap();
-                assert_eq!(after.remove("stream_options"), Some(serde_json::json!({"include_usage": true})), "{name}");
-                assert_eq!(after, before, "{name}");
-            }
-        }
-        // Not UTF-8, so not JSON, also where the bad bytes are in a member serde skips
-        // (found by `make fuzz`, usage_stream).
-        let not_utf8: &[&[u8]] = &[
-            b"{\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"u\xc7ser\",\"content\":\"hi\"}]}",
-            b"{\"stream\":true,\"x\":\"\xff\"}",
-            b"{\"stream\":true,\"\xed\xa0\x80\":1}",
-        ];
-        for body in not_utf8 {
-            assert_eq!(inject_include_usage(body, 1024), None, "{}", String::from_utf8_lossy(body));
-        }
     }
 }

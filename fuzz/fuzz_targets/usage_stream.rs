@@ -5,17 +5,18 @@
 //! point (little-endian, taken mod body length + 1); the rest is the body. The body is
 //! fed whole, cut at those points, and one byte at a time: the parser reads chunks cut
 //! at any byte, so all three must find the same usage, model, [DONE] and skip count.
-//! The body also goes through `inject_include_usage`, whose output, when there is
-//! one, must be valid JSON with `stream_options.include_usage == true` and otherwise
-//! the original body byte for byte.
+//! The body also goes through the request scanner (`request::BodyScan`), fed whole and
+//! cut the same ways (the same facts and rewrite every way); a rewrite grows the body by
+//! at most `MAX_GROWTH` bytes and, when serde_json reads the original, reads as JSON
+//! with `stream_options.include_usage == true`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tollgate_filter::usage::{inject_include_usage, BodyKind, Usage, UsageParser, DEFAULT_MAX_CARRY};
+use tollgate_filter::request::{BodyScan, MAX_GROWTH};
+use tollgate_filter::usage::{BodyKind, Usage, UsageParser, DEFAULT_MAX_CARRY};
 
 const CAPS: [usize; 8] = [DEFAULT_MAX_CARRY, 0, 1, 8, 32, 64, 256, 4096];
-const INSERT: &[u8] = br#""stream_options":{"include_usage":true},"#;
 
 #[derive(Debug, PartialEq, Eq)]
 struct Seen {
@@ -69,29 +70,22 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(run(BodyKind::Other, cap, [body]).usage, None);
     let _ = BodyKind::from_content_type(Some(&String::from_utf8_lossy(&body[..body.len().min(64)])));
 
-    for max_len in [body.len(), body.len().saturating_sub(1)] {
-        let Some(out) = inject_include_usage(body, max_len) else { continue };
-        assert!(body.len() <= max_len);
-        match serde_json::from_slice::<Value>(&out) {
-            Ok(v) => {
-                assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true), "{v}");
-                assert_eq!(v["stream"], Value::Bool(true), "{v}");
-            }
-            // A lone surrogate escape ("\ud800") is valid JSON grammar (RFC 8259 8.2)
-            // that serde_json's `Value` refuses; the body was refused the same way.
-            Err(e) => {
-                let original = serde_json::from_slice::<Value>(body).err().map(|e| e.to_string());
-                assert!(
-                    e.to_string().contains("surrogate") && original.is_some_and(|o| o.contains("surrogate")),
-                    "injected body is not JSON ({e}): {:?}",
-                    String::from_utf8_lossy(&out)
-                );
-            }
+    let scan = |pieces: &[&[u8]]| {
+        let mut s = BodyScan::new();
+        for p in pieces {
+            s.feed(p);
         }
-        // Inserted right after the opening brace, the rest untouched.
-        let open = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap() + 1;
-        assert_eq!(&out[..open], &body[..open]);
-        assert_eq!(&out[open..open + INSERT.len()], INSERT);
-        assert_eq!(&out[open + INSERT.len()..], &body[open..]);
+        (s.facts(), s.rewrite_whole(body))
+    };
+    let whole_scan = scan(&[body]);
+    assert_eq!(scan(&chunks), whole_scan, "request scan, cut at {cuts:?}");
+    let bytes: Vec<&[u8]> = body.chunks(1).collect();
+    assert_eq!(scan(&bytes), whole_scan, "request scan, one byte at a time");
+    if let (_, Some(out)) = &whole_scan {
+        assert!(out.len() <= body.len() + MAX_GROWTH);
+        if serde_json::from_slice::<Value>(body).is_ok() {
+            let v: Value = serde_json::from_slice(out).expect("a rewritten JSON body is JSON");
+            assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true), "{v}");
+        }
     }
 });

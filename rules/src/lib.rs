@@ -41,8 +41,16 @@ pub const ROUTES: [&str; 6] =
     ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/v1/models"];
 
 /// Deny reasons that get their own `reason` label value; anything else is [`OTHER`].
-pub const DENY_REASONS: [&str; 5] =
-    ["missing_credential", "invalid_credential", "permission_denied", "rate_limited", "quota_exceeded"];
+/// `limit_unavailable`: the limit state could not be checked and `limits.on_contention`
+/// is `deny`.
+pub const DENY_REASONS: [&str; 6] = [
+    "missing_credential",
+    "invalid_credential",
+    "permission_denied",
+    "rate_limited",
+    "quota_exceeded",
+    "limit_unavailable",
+];
 
 /// The label value of everything outside a fixed set (routes, deny reasons) or over a
 /// cardinality cap.
@@ -75,6 +83,8 @@ pub fn deny_reason(reason: &str) -> &'static str {
         "rate_limited"
     } else if is("quota_exceeded") || is("insufficient_quota") {
         "quota_exceeded"
+    } else if is("limit_unavailable") {
+        "limit_unavailable"
     } else {
         OTHER
     }
@@ -232,6 +242,7 @@ mod tests {
             (" quota_exceeded ", "quota_exceeded"),
             ("insufficient_quota", "quota_exceeded"),
             ("\tRate_Limited\n", "rate_limited"),
+            ("limit_unavailable", "limit_unavailable"),
             ("", "other"),
             ("other", "other"),
             ("something new", "other"),

@@ -11,6 +11,8 @@ use crate::metrics::Limits;
 
 /// The environment variable that holds the usage API's bearer secret.
 pub const API_TOKEN_ENV: &str = "TRACKER_API_TOKEN";
+/// The environment variable that holds the bearer secret `POST /track` requires.
+pub const INGEST_TOKEN_ENV: &str = "TRACKER_INGEST_TOKEN";
 
 /// Tollgate usage-tracking service: takes usage events from the gateway on POST /track
 /// and exports them as Prometheus counters on GET /metrics.
@@ -23,8 +25,10 @@ pub const API_TOKEN_ENV: &str = "TRACKER_API_TOKEN";
     name = "usage-tracking",
     version,
     about,
-    after_help = "Environment only:\n  TRACKER_API_TOKEN  bearer secret of GET /v1/usage and GET /v1/usage/recent \
-                  (unset or empty: those answer 404)"
+    after_help = "Environment only:\n  TRACKER_API_TOKEN     bearer secret of GET /v1/usage and GET /v1/usage/recent \
+                  (unset or empty: those answer 404)\n  TRACKER_INGEST_TOKEN  bearer secret POST /track requires \
+                  (the gateway's usage.token_env; unset or empty: /track is open to anyone who can reach it, \
+                  and a warning is printed at start)"
 )]
 pub struct Args {
     /// Address to listen on (host:port; use 0.0.0.0:8081 in a pod).
@@ -60,6 +64,14 @@ pub struct Args {
     /// Most distinct `model` label values; later new ones are counted as model="other".
     #[arg(long, env = "TRACKER_MAX_MODELS", default_value_t = 1_000)]
     pub max_models: u32,
+
+    /// Most label combinations (user, groups, path, model) with series of their own,
+    /// over all labels (the per-label caps alone allow their product); later new
+    /// combinations are counted as user, groups and model "other" (and in
+    /// tracker_series_overflow_total). Each combination is up to ten series.
+    #[arg(long, env = "TRACKER_MAX_SERIES", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_series: u32,
 
     /// Durable SQLite ledger in this directory (created if missing; file
     /// usage.sqlite3). Every accepted event is committed and fsynced there before
@@ -112,6 +124,7 @@ impl Args {
             max_users: size(self.max_users),
             max_groups: size(self.max_groups),
             max_models: size(self.max_models),
+            max_series: size(self.max_series),
         }
     }
 
@@ -146,6 +159,11 @@ pub fn api_token_from_env() -> Option<String> {
     std::env::var(API_TOKEN_ENV).ok().filter(|t| !t.is_empty())
 }
 
+/// `/track`'s secret from [`INGEST_TOKEN_ENV`], if set and not empty.
+pub fn ingest_token_from_env() -> Option<String> {
+    std::env::var(INGEST_TOKEN_ENV).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,11 +190,14 @@ mod tests {
             "0",
             "--max-users",
             "3",
+            "--max-series",
+            "7",
         ])
         .unwrap();
         assert_eq!(args.listen, "0.0.0.0:9");
         let limits = args.limits();
         assert_eq!((limits.max_body_bytes, limits.max_batch, limits.dedup_window, limits.max_users), (2048, 5, 0, 3));
+        assert_eq!(limits.max_series, 7);
     }
 
     #[test]
@@ -212,6 +233,7 @@ mod tests {
             &["--dedup-window", "-1"],
             &["--retention-days", "0"],
             &["--compact-interval-secs", "0"],
+            &["--max-series", "0"],
             &["--data-dir", "/d", "--database-url", "postgres://h/db"],
         ] {
             let argv = std::iter::once("usage-tracking").chain(bad.iter().copied());

@@ -79,6 +79,9 @@ pub struct Usage {
     pub incomplete: bool,
     /// The upstream answered 5xx.
     pub upstream_error: bool,
+    /// The counts are the gateway's estimate (`usage_estimated`): no usage could be read
+    /// from the response, and the request was charged what it may have cost.
+    pub estimated: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -259,6 +262,7 @@ struct RawEvent<'a> {
     reasoning_tokens: Option<UInt<0, MAX_TOKENS>>,
     incomplete: Option<bool>,
     usage_missing: Option<bool>,
+    usage_estimated: Option<bool>,
     #[serde(borrow)]
     denied: Option<Cow<'a, str>>,
     /// Denied requests this event stands for (aggregated denials).
@@ -279,6 +283,7 @@ impl RawEvent<'_> {
             && self.reasoning_tokens.is_none()
             && self.incomplete.is_none()
             && self.usage_missing.is_none()
+            && self.usage_estimated.is_none()
             && self.denied.is_none()
             && self.count.is_none()
     }
@@ -326,6 +331,7 @@ impl RawEvent<'_> {
             tokens,
             incomplete: self.incomplete.unwrap_or(false),
             upstream_error: self.status.is_some_and(|s| s.0 >= 500),
+            estimated: self.usage_estimated.unwrap_or(false),
         };
         Ok(Event { id: self.id.map(Cow::into_owned), path, ts_ms, status, outcome: Outcome::Authorized(usage) })
     }
@@ -400,6 +406,7 @@ mod tests {
             tokens: Tokens { prompt, completion, cached, reasoning },
             incomplete: false,
             upstream_error: false,
+            estimated: false,
         })
     }
 

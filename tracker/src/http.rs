@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -78,9 +78,23 @@ struct TrackAnswer {
     rejected: Vec<Rejected>,
 }
 
-/// Checks the body (each event on its own), then records its good events (with a
-/// ledger: committed before the 200) and reports the bad ones.
-async fn track(State(tracker): State<Arc<Tracker>>, body: Result<Bytes, BytesRejection>) -> Response {
+/// Checks the sender (the bearer secret, when one is configured) and the body (each
+/// event on its own), then records its good events (with a ledger: committed before the
+/// 200) and reports the bad ones.
+async fn track(
+    State(tracker): State<Arc<Tracker>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Some(expected) = tracker.ingest_token_digest() {
+        if !usage_api::bearer_matches(&headers, expected) {
+            tracker.reject_unauthorized();
+            return TrackError::Unauthorized(
+                "missing or wrong bearer token: send Authorization: Bearer <the tracker's TRACKER_INGEST_TOKEN>".into(),
+            )
+            .into_response();
+        }
+    }
     let parsed = read_body(body).and_then(|body| event::parse_body(&body, tracker.limits().max_batch));
     let result = match parsed {
         Ok(parsed) => tracker.record(parsed.events).await.map(|done| (done, parsed.rejected)),

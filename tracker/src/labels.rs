@@ -41,6 +41,36 @@ impl CardinalityGuard {
     }
 }
 
+/// Caps the label combinations counted, over all labels: each new (user, groups, path,
+/// model) is a handful of new series (requests, four token types, …), and the per-label
+/// caps alone still allow their product. Beyond `max`, a new combination is counted as
+/// user, groups and model [`OTHER`] (its path stays: a fixed set), so memory stays
+/// bounded whatever labels arrive.
+#[derive(Debug)]
+pub struct SeriesGuard {
+    max: usize,
+    seen: HashSet<(String, String, &'static str, String)>,
+}
+
+impl SeriesGuard {
+    pub fn new(max: usize) -> Self {
+        SeriesGuard { max, seen: HashSet::new() }
+    }
+
+    /// Whether the combination gets its own series (seen before, or there is room).
+    pub fn admit(&mut self, user: &str, groups: &str, path: &'static str, model: &str) -> bool {
+        let key = (user.to_owned(), groups.to_owned(), path, model.to_owned());
+        if self.seen.contains(&key) {
+            return true;
+        }
+        if self.seen.len() < self.max {
+            self.seen.insert(key);
+            return true;
+        }
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +84,20 @@ mod tests {
         assert_eq!(guard.admit("a".into()), "a");
         assert_eq!(guard.admit("b".into()), "b");
         assert_eq!(guard.admit("d".into()), "other");
+    }
+
+    #[test]
+    fn series_guard_caps_combinations() {
+        let mut guard = SeriesGuard::new(2);
+        let cases = [
+            (("a", "g", "/v1/models", ""), true),
+            (("a", "g", "/v1/embeddings", "m"), true),
+            (("a", "g", "/v1/chat/completions", "m"), false),
+            (("a", "g", "/v1/models", ""), true),
+            (("b", "", "/v1/models", ""), false),
+        ];
+        for ((user, groups, path, model), want) in cases {
+            assert_eq!(guard.admit(user, groups, path, model), want, "{user} {groups} {path} {model}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use usage_tracking::cli::{api_token_from_env, Store, API_TOKEN_ENV};
+use usage_tracking::cli::{api_token_from_env, ingest_token_from_env, Store, API_TOKEN_ENV, INGEST_TOKEN_ENV};
 use usage_tracking::{serve, Args, Ledger, Tracker};
 
 #[tokio::main]
@@ -25,11 +25,13 @@ async fn main() -> anyhow::Result<()> {
         Store::Postgres(url) => Some(Arc::new(Ledger::open_postgres(&url, &replica).await?)),
     };
     let api_token = api_token_from_env();
+    let ingest_token = ingest_token_from_env();
     let tracker = match &ledger {
         None => Tracker::new(limits),
         Some(ledger) => Tracker::with_ledger(limits, Arc::clone(ledger)).await?,
     }
-    .with_api_token(api_token.as_deref());
+    .with_api_token(api_token.as_deref())
+    .with_ingest_token(ingest_token.as_deref());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -57,6 +59,14 @@ async fn main() -> anyhow::Result<()> {
             ledger.replica(),
             args.retention_days,
         ),
+    }
+    if ingest_token.is_none() {
+        println!(
+            "usage-tracking: WARNING: {INGEST_TOKEN_ENV} is not set: POST /track takes usage from anyone who can \
+             reach it; set it (and the gateway's usage.token_env) so only the gateway can report usage"
+        );
+    } else {
+        println!("usage-tracking: POST /track requires the bearer token in {INGEST_TOKEN_ENV}");
     }
     if api_token.is_none() {
         println!("usage-tracking: usage API off ({API_TOKEN_ENV} not set)");

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::dedup::DedupWindow;
 use crate::error::{Rejected, TrackError};
 use crate::event::{Event, Outcome};
-use crate::labels::{self, CardinalityGuard};
+use crate::labels::{self, CardinalityGuard, SeriesGuard, OTHER};
 use crate::ledger::{Ledger, LedgerError, SeriesKey, Totals};
 use crate::time;
 
@@ -35,6 +35,8 @@ pub struct Limits {
     pub max_users: usize,
     pub max_groups: usize,
     pub max_models: usize,
+    /// Most (user, groups, path, model) combinations with their own series.
+    pub max_series: usize,
 }
 
 impl Default for Limits {
@@ -46,6 +48,7 @@ impl Default for Limits {
             max_users: 10_000,
             max_groups: 1_000,
             max_models: 1_000,
+            max_series: 50_000,
         }
     }
 }
@@ -59,6 +62,14 @@ struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
+    user: String,
+    groups: String,
+    model: String,
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EstimatedLabels {
     user: String,
     groups: String,
     model: String,
@@ -100,6 +111,7 @@ struct State {
     users: CardinalityGuard,
     groups: CardinalityGuard,
     models: CardinalityGuard,
+    series: SeriesGuard,
 }
 
 /// The registry, its counters, and the dedup and cardinality state. One per process
@@ -110,6 +122,7 @@ pub struct Tracker {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
+    estimated: Family<EstimatedLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
     incomplete: Family<RequestLabels, Counter>,
     upstream_errors: Family<RequestLabels, Counter>,
@@ -117,11 +130,14 @@ pub struct Tracker {
     events_duplicate: Counter,
     rejected: Family<RejectedLabels, Counter>,
     ledger_errors: Family<LedgerOpLabels, Counter>,
+    series_overflow: Counter,
     state: Mutex<State>,
     /// The durable store; `None`: in memory only.
     ledger: Option<Arc<Ledger>>,
     /// SHA-256 of the usage API's bearer secret; `None`: the usage API is off (404).
     api_token: Option<[u8; 32]>,
+    /// SHA-256 of the bearer secret `/track` requires; `None`: `/track` is open.
+    ingest_token: Option<[u8; 32]>,
     /// Where counters saturate: `u64::MAX`, or with a ledger `i64::MAX`, the most the
     /// ledger stores, so a restored counter equals the one it replaces.
     cap: u64,
@@ -132,6 +148,7 @@ impl Tracker {
         let mut registry = Registry::default();
         let requests = Family::default();
         let tokens = Family::default();
+        let estimated = Family::default();
         let denied = Family::default();
         let incomplete = Family::default();
         let upstream_errors = Family::default();
@@ -141,6 +158,11 @@ impl Tracker {
         // Counter names are registered without `_total`; the encoder appends it.
         registry.register("llm_requests", "Authorized requests", requests.clone());
         registry.register("llm_tokens", "Tokens used by authorized requests, by type", tokens.clone());
+        registry.register(
+            "llm_estimated_tokens",
+            "The part of llm_tokens_total the gateway estimated (no usage in the response), by type",
+            estimated.clone(),
+        );
         registry.register("llm_denied_requests", "Requests the gateway denied, by reason", denied.clone());
         registry.register(
             "llm_incomplete_requests",
@@ -167,7 +189,7 @@ impl Tracker {
             "/track requests refused as bad input, by reason",
             rejected.clone(),
         );
-        for reason in ["bad_json", "invalid_event", "too_large"] {
+        for reason in ["bad_json", "invalid_event", "too_large", "unauthorized"] {
             rejected.get_or_create(&RejectedLabels { reason }).inc_by(0);
         }
         let ledger_errors = Family::<LedgerOpLabels, Counter>::default();
@@ -176,11 +198,18 @@ impl Tracker {
             "Failed ledger operations, by operation (a failed write answers 503 and is retried by the sender)",
             ledger_errors.clone(),
         );
+        let series_overflow = Counter::default();
+        registry.register(
+            "tracker_series_overflow",
+            "Events counted under user/groups/model \"other\" because --max-series label combinations exist",
+            series_overflow.clone(),
+        );
         Tracker {
             limits,
             registry,
             requests,
             tokens,
+            estimated,
             denied,
             incomplete,
             upstream_errors,
@@ -188,14 +217,17 @@ impl Tracker {
             events_duplicate,
             rejected,
             ledger_errors,
+            series_overflow,
             ledger: None,
             api_token: None,
+            ingest_token: None,
             cap: u64::MAX,
             state: Mutex::new(State {
                 dedup: DedupWindow::new(limits.dedup_window),
                 users: CardinalityGuard::new(limits.max_users),
                 groups: CardinalityGuard::new(limits.max_groups),
                 models: CardinalityGuard::new(limits.max_models),
+                series: SeriesGuard::new(limits.max_series),
             }),
         }
     }
@@ -222,6 +254,22 @@ impl Tracker {
     pub fn with_api_token(mut self, token: Option<&str>) -> Tracker {
         self.api_token = token.filter(|t| !t.is_empty()).map(|t| Sha256::digest(t.as_bytes()).into());
         self
+    }
+
+    /// Makes `/track` require this bearer secret (`None` or empty: `/track` stays open).
+    pub fn with_ingest_token(mut self, token: Option<&str>) -> Tracker {
+        self.ingest_token = token.filter(|t| !t.is_empty()).map(|t| Sha256::digest(t.as_bytes()).into());
+        self
+    }
+
+    /// SHA-256 of `/track`'s secret, if it needs one.
+    pub fn ingest_token_digest(&self) -> Option<&[u8; 32]> {
+        self.ingest_token.as_ref()
+    }
+
+    /// Counts a `/track` request refused for a missing or wrong bearer secret.
+    pub fn reject_unauthorized(&self) {
+        self.rejected.get_or_create(&RejectedLabels { reason: "unauthorized" }).inc();
     }
 
     pub fn ledger(&self) -> Option<&Arc<Ledger>> {
@@ -316,7 +364,8 @@ impl Tracker {
                     incomplete: u64::from(usage.incomplete),
                     upstream_errors: u64::from(usage.upstream_error),
                 };
-                self.count_usage(state, event.path, usage.user, usage.groups, usage.model, &totals);
+                let estimated = usage.estimated.then_some((usage.tokens.prompt, usage.tokens.completion));
+                self.count_usage(state, event.path, usage.user, usage.groups, usage.model, &totals, estimated);
             }
         }
     }
@@ -331,7 +380,7 @@ impl Tracker {
             let path = labels::route(&key.path);
             if key.denied.is_empty() {
                 let model = (!key.model.is_empty()).then_some(key.model);
-                self.count_usage(&mut state, path, key.user, key.groups, model, &totals);
+                self.count_usage(&mut state, path, key.user, key.groups, model, &totals, None);
             } else {
                 let reason = labels::deny_reason(&key.denied);
                 saturating_inc(&self.denied.get_or_create(&DeniedLabels { reason, path }), totals.requests, self.cap);
@@ -339,6 +388,9 @@ impl Tracker {
         }
     }
 
+    /// Counts an authorized request's totals; `estimated` is the (prompt, completion)
+    /// part of them the gateway estimated.
+    #[allow(clippy::too_many_arguments)]
     fn count_usage(
         &self,
         state: &mut State,
@@ -347,9 +399,17 @@ impl Tracker {
         groups: String,
         model: Option<String>,
         totals: &Totals,
+        estimated: Option<(u64, u64)>,
     ) {
-        let user = state.users.admit(user);
-        let groups = state.groups.admit(groups);
+        let mut user = state.users.admit(user);
+        let mut groups = state.groups.admit(groups);
+        let mut model = model.map(|m| state.models.admit(m));
+        if !state.series.admit(&user, &groups, path, model.as_deref().unwrap_or_default()) {
+            self.series_overflow.inc();
+            user = OTHER.to_owned();
+            groups = OTHER.to_owned();
+            model = model.map(|_| OTHER.to_owned());
+        }
         let labels = RequestLabels { user, groups, path };
         saturating_inc(&self.requests.get_or_create(&labels), totals.requests, self.cap);
         if totals.incomplete > 0 {
@@ -359,7 +419,17 @@ impl Tracker {
             saturating_inc(&self.upstream_errors.get_or_create(&labels), totals.upstream_errors, self.cap);
         }
         if let Some(model) = model {
-            let model = state.models.admit(model);
+            if let Some((prompt, completion)) = estimated {
+                let mut est = EstimatedLabels {
+                    user: labels.user.clone(),
+                    groups: labels.groups.clone(),
+                    model: model.clone(),
+                    r#type: "prompt",
+                };
+                saturating_inc(&self.estimated.get_or_create(&est), prompt, self.cap);
+                est.r#type = "completion";
+                saturating_inc(&self.estimated.get_or_create(&est), completion, self.cap);
+            }
             let RequestLabels { user, groups, .. } = labels;
             let mut labels = TokenLabels { user, groups, model, r#type: "prompt" };
             let by_type = [

@@ -156,9 +156,7 @@ fn authorize(tracker: &Tracker, headers: &HeaderMap, uri: &Uri) -> Result<Arc<Le
     let Some(expected) = tracker.api_token_digest() else {
         return Err(TrackError::NotFound(format!("no route for GET {}", uri.path())));
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
-    let matches = given.is_some_and(|token| bool::from(Sha256::digest(token.as_bytes()).as_slice().ct_eq(expected)));
-    if !matches {
+    if !bearer_matches(headers, expected) {
         return Err(TrackError::Unauthorized(
             "missing or wrong bearer token: send Authorization: Bearer <the tracker's TRACKER_API_TOKEN>".into(),
         ));
@@ -168,6 +166,14 @@ fn authorize(tracker: &Tracker, headers: &HeaderMap, uri: &Uri) -> Result<Arc<Le
             "the usage API needs the ledger: start the tracker with --data-dir or --database-url".into(),
         )
     })
+}
+
+/// Whether the request's `Authorization: Bearer <token>` holds the secret whose SHA-256
+/// is `expected`, compared in constant time (neither the bytes nor the length of the
+/// secret leak through timing).
+pub fn bearer_matches(headers: &HeaderMap, expected: &[u8; 32]) -> bool {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
+    given.is_some_and(|token| bool::from(Sha256::digest(token.as_bytes()).as_slice().ct_eq(expected)))
 }
 
 /// The token of an `Authorization: Bearer <token>` value (scheme case-insensitive).

@@ -20,13 +20,17 @@ struct Server {
 
 impl Server {
     async fn start(limits: Limits) -> Server {
+        Server::start_tracker(Tracker::new(limits)).await
+    }
+
+    async fn start_tracker(tracker: Tracker) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let task = tokio::spawn(serve(listener, Arc::new(Tracker::new(limits)), shutdown));
+        let task = tokio::spawn(serve(listener, Arc::new(tracker), shutdown));
         let client = reqwest::Client::builder().no_proxy().build().unwrap();
         Server { base, client, stop: Some(stop), task }
     }
@@ -128,6 +132,8 @@ async fn metrics_format_and_self_metrics_at_start() {
             ("tracker_requests_rejected_total{reason=\"bad_json\"}", "0"),
             ("tracker_requests_rejected_total{reason=\"invalid_event\"}", "0"),
             ("tracker_requests_rejected_total{reason=\"too_large\"}", "0"),
+            ("tracker_requests_rejected_total{reason=\"unauthorized\"}", "0"),
+            ("tracker_series_overflow_total", "0"),
         ],
     );
     server.stop().await;
@@ -539,5 +545,117 @@ async fn shutdown_finishes_cleanly() {
     let server = Server::default().await;
     server.track_json(&example_event("s1")).await;
     // stop() asserts that serve() returned Ok after the shutdown signal.
+    server.stop().await;
+}
+
+/// With `TRACKER_INGEST_TOKEN` set, `/track` takes usage only with `Authorization: Bearer
+/// <token>`; anything else is a 401 that counts nothing but the refusal.
+#[tokio::test]
+async fn the_ingest_token_guards_track() {
+    let server = Server::start_tracker(Tracker::new(Limits::default()).with_ingest_token(Some("gw-secret"))).await;
+    // (authorization header, status)
+    let cases: [(Option<&str>, u16); 7] = [
+        (None, 401),
+        (Some("Bearer wrong"), 401),
+        (Some("Bearer gw-secret-but-longer"), 401),
+        (Some("Basic gw-secret"), 401),
+        (Some("gw-secret"), 401),
+        (Some("Bearer gw-secret"), 200),
+        (Some("bearer  gw-secret "), 200),
+    ];
+    for (i, (auth, want)) in cases.iter().enumerate() {
+        let mut request = server
+            .client
+            .post(format!("{}/track", server.base))
+            .header("content-type", "application/json")
+            .body(example_event(&format!("t{i}")).to_string());
+        if let Some(auth) = auth {
+            request = request.header("authorization", *auth);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), *want, "{auth:?}");
+        let body: Value = response.json().await.unwrap();
+        if *want == 401 {
+            assert!(body["error"]["message"].as_str().unwrap().contains("TRACKER_INGEST_TOKEN"), "{body}");
+            assert!(!body.to_string().contains("gw-secret"), "{body}");
+        }
+    }
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[("tracker_requests_rejected_total{reason=\"unauthorized\"}", "5"), ("tracker_events_received_total", "2")],
+    );
+    server.stop().await;
+    // Without a token /track stays open.
+    let open = Server::start_tracker(Tracker::new(Limits::default()).with_ingest_token(Some(""))).await;
+    assert_eq!(open.track(example_event("o").to_string()).await.0, 200);
+    open.stop().await;
+}
+
+/// Estimated usage counts in llm_tokens_total (it was charged) and, apart, in
+/// llm_estimated_tokens_total; llm_tokens_total keeps its labels.
+#[tokio::test]
+async fn estimated_usage_is_counted_apart() {
+    let server = Server::default().await;
+    let batch = json!([
+        {"id": "e1", "user": "u", "path": "/v1/chat/completions", "model": "m", "prompt_tokens": 10, "completion_tokens": 5},
+        {"id": "e2", "user": "u", "path": "/v1/chat/completions", "prompt_tokens": 25, "completion_tokens": 100,
+         "usage_missing": true, "usage_estimated": true, "incomplete": true},
+        {"id": "e3", "user": "u", "path": "/v1/chat/completions", "model": "m", "prompt_tokens": 1, "completion_tokens": 2,
+         "usage_estimated": false},
+    ]);
+    server.track_json(&batch).await;
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[
+            (r#"llm_tokens_total{user="u",groups="",model="m",type="prompt"}"#, "11"),
+            (r#"llm_tokens_total{user="u",groups="",model="unknown",type="prompt"}"#, "25"),
+            (r#"llm_tokens_total{user="u",groups="",model="unknown",type="completion"}"#, "100"),
+            (r#"llm_estimated_tokens_total{user="u",groups="",model="unknown",type="prompt"}"#, "25"),
+            (r#"llm_estimated_tokens_total{user="u",groups="",model="unknown",type="completion"}"#, "100"),
+        ],
+    );
+    assert_eq!(series_lines(&text, "llm_estimated_tokens_total").len(), 2, "{text}");
+    let (status, _) = server.track(json!({"id": "bad", "user": "u", "usage_estimated": "yes"}).to_string()).await;
+    assert_eq!(status, 400);
+    server.stop().await;
+}
+
+/// Beyond `max_series` label combinations, new ones fold into user/groups/model "other"
+/// (each label alone under its own cap), and the overflow is counted.
+#[tokio::test]
+async fn the_series_cap_bounds_label_combinations() {
+    let server = Server::start(Limits { max_series: 3, ..Limits::default() }).await;
+    // (user, groups, path, model): 5 combinations of labels each well under its own cap.
+    let events = [
+        ("a", "g1", "/v1/models", None),
+        ("a", "g2", "/v1/models", None),
+        ("b", "g1", "/v1/chat/completions", Some("m")),
+        ("b", "g2", "/v1/chat/completions", Some("m")),
+        ("a", "g1", "/v1/models", None),
+        ("c", "g3", "/v1/embeddings", Some("m2")),
+    ];
+    let batch: Vec<Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (user, groups, path, model))| {
+            json!({"id": format!("s{i}"), "user": user, "groups": [groups], "path": path, "model": model, "prompt_tokens": 1})
+        })
+        .collect();
+    server.track_json(&Value::Array(batch)).await;
+    let text = server.metrics().await;
+    assert_series(
+        &text,
+        &[
+            (r#"llm_requests_total{user="a",groups="g1",path="/v1/models"}"#, "2"),
+            (r#"llm_requests_total{user="a",groups="g2",path="/v1/models"}"#, "1"),
+            (r#"llm_requests_total{user="b",groups="g1",path="/v1/chat/completions"}"#, "1"),
+            (r#"llm_requests_total{user="other",groups="other",path="/v1/chat/completions"}"#, "1"),
+            (r#"llm_requests_total{user="other",groups="other",path="/v1/embeddings"}"#, "1"),
+            (r#"llm_tokens_total{user="other",groups="other",model="other",type="prompt"}"#, "2"),
+            ("tracker_series_overflow_total", "2"),
+        ],
+    );
     server.stop().await;
 }

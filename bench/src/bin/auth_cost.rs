@@ -141,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                     reasoning_tokens: 0,
                     incomplete: false,
                     usage_missing: false,
+                    usage_estimated: false,
                     denied: None,
                 };
                 black_box(serde_json::to_string(black_box(&event))?);

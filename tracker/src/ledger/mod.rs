@@ -563,6 +563,7 @@ mod tests {
                     tokens: Tokens { prompt, ..Tokens::default() },
                     incomplete: false,
                     upstream_error: false,
+                    estimated: false,
                 }),
             };
             records.push(Record::from_event(&event, 0));
