@@ -160,8 +160,9 @@ pub struct Batch {
 pub enum SendOutcome {
     /// 2xx: the tracker has the events.
     Delivered,
-    /// The tracker was not reached or is overloaded (no status: refused, reset,
-    /// timeout; 502, 503, 504, 408, 429): try again later; costs no attempt.
+    /// The tracker was not reached, is overloaded or refuses the gateway's ingest
+    /// token (no status: refused, reset, timeout; 502, 503, 504, 408, 429; 401, 403 —
+    /// a token being rotated, not bad data): try again later; costs no attempt.
     Unavailable,
     /// Another 5xx: try again later; counts as an attempt of each event.
     Failed,
@@ -175,7 +176,7 @@ impl SendOutcome {
     pub fn from_status(status: Option<u32>) -> Self {
         match status {
             Some(200..=299) => SendOutcome::Delivered,
-            None | Some(408 | 429 | 502 | 503 | 504) => SendOutcome::Unavailable,
+            None | Some(401 | 403 | 408 | 429 | 502 | 503 | 504) => SendOutcome::Unavailable,
             Some(413) => SendOutcome::TooLarge,
             Some(400..=499) => SendOutcome::Rejected,
             Some(_) => SendOutcome::Failed,
@@ -781,6 +782,8 @@ mod tests {
             (Some(413), SendOutcome::TooLarge),
             (Some(400), SendOutcome::Rejected),
             (Some(404), SendOutcome::Rejected),
+            (Some(401), SendOutcome::Unavailable),
+            (Some(403), SendOutcome::Unavailable),
             (Some(100), SendOutcome::Failed),
         ];
         for (status, want) in cases {

@@ -335,7 +335,14 @@ impl Root {
             header_map::find(&headers, ":status").and_then(|s| s.trim().parse::<u32>().ok())
         };
         let outcome = SendOutcome::from_status(status);
-        if outcome != SendOutcome::Delivered {
+        if matches!(status, Some(401 | 403)) {
+            log(
+                host,
+                Level::Warn,
+                self.context_id,
+                format_args!("the tracker refuses the ingest token (status {status:?}); usage kept and resent"),
+            );
+        } else if outcome != SendOutcome::Delivered {
             log(
                 host,
                 Level::Debug,

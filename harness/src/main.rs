@@ -104,10 +104,10 @@ struct UpArgs {
     /// that streams bodies through unchanged).
     #[arg(long)]
     ext_proc: bool,
-    /// Protect the tracker's /track with a fresh ingest token (TRACKER_INGEST_TOKEN),
-    /// handed to the filter through the VM env (usage.token_env).
+    /// Leave the tracker's /track open. By default it requires a fresh ingest token
+    /// (TRACKER_INGEST_TOKEN), handed to the filter through the VM env (usage.token_env).
     #[arg(long)]
-    ingest_token: bool,
+    no_ingest_token: bool,
     /// Send usage reports through a fault-injecting proxy in this mode (healthy, refuse,
     /// reset-after-head, reset-mid-body, hang, status-NNN, huge-body, not-http, slow-accept).
     #[arg(long, value_name = "MODE")]
@@ -173,7 +173,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         fault_tracker: args.fault_tracker.is_some(),
         istio_shaped,
         ext_proc: args.ext_proc,
-        ingest_token: args.ingest_token,
+        ingest_token: !args.no_ingest_token,
         ..StackOptions::default()
     })?;
     if let (Some(mode), Some(fault)) = (args.fault_tracker, stack.fault()) {

@@ -7,6 +7,7 @@
 //!
 //! `limits` are not rendered (yet): a users file with `limits` is refused, never half-applied.
 
+use crate::stack::INGEST_TOKEN_ENV;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -380,14 +381,22 @@ pub fn render(
     if !file.allowed_groups.is_empty() {
         config.insert("authorization".into(), json!({"allowed_groups": file.allowed_groups}));
     }
+    // Only the gateways may report usage: the tracker's ingest token, which the gateway
+    // pod gets from the tracker's Secret (`usage-tracking-tokens`, not rendered here).
     config.insert(
         "usage".into(),
-        json!({"cluster": istio_cluster(&file.tracker.service, tracker_ns, file.tracker.port)}),
+        json!({"cluster": istio_cluster(&file.tracker.service, tracker_ns, file.tracker.port),
+               "token_env": INGEST_TOKEN_ENV}),
     );
+    env_names.push(INGEST_TOKEN_ENV);
     let config = Value::Object(config);
 
     // The same check Envoy's `on_configure` runs, with the env the gateway pod gets.
-    let lookup = |name: &str| if env_names.contains(&name) { vm_env.get(name).cloned() } else { None };
+    let lookup = |name: &str| match name {
+        INGEST_TOKEN_ENV => Some("set-from-the-tracker-secret".to_string()),
+        _ if env_names.contains(&name) => vm_env.get(name).cloned(),
+        _ => None,
+    };
     tollgate_filter::config::Settings::parse(config.to_string().as_bytes(), &lookup)
         .map_err(|e| anyhow::anyhow!("the filter would refuse the rendered config: {e}"))?;
 
@@ -536,7 +545,9 @@ mod tests {
         let keys = &r.plugin_config()["api_keys"]["keys"];
         assert_eq!(keys.as_array().unwrap().len(), 2);
         assert_eq!(keys[1]["sha256"], tollgate_filter::keys::sha256_hex(KEY_B));
-        assert_eq!(r.patch["spec"]["vmConfig"]["env"], json!([]));
+        // Inline keys need no env; the ingest token always comes from the tracker's Secret.
+        assert_eq!(r.patch["spec"]["vmConfig"]["env"], json!([{"name": INGEST_TOKEN_ENV, "valueFrom": "HOST"}]));
+        assert_eq!(r.plugin_config()["usage"]["token_env"], INGEST_TOKEN_ENV);
         assert_eq!(r.plugin_config()["authorization"]["allowed_groups"], json!(["premium"]));
         assert_eq!(r.plugin_config()["usage"]["cluster"], "outbound|9000||tracker.obs.svc.cluster.local");
         assert_eq!(r.secret["metadata"]["namespace"], "gw");

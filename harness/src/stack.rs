@@ -86,7 +86,7 @@ impl Default for StackOptions {
             fault_tracker: false,
             istio_shaped: false,
             ext_proc: false,
-            ingest_token: false,
+            ingest_token: true,
             wasm: None,
         }
     }
@@ -149,6 +149,15 @@ pub fn with_local_usage(config: Value) -> Value {
     with_local_usage_token(config, None)
 }
 
+/// With `token_env`, a `usage` section that names no `token_env` gets it: the stack's
+/// tracker is the only one, and it requires the token.
+fn with_token_env(mut config: Value, token_env: Option<&str>) -> Value {
+    if let (Some(env), Some(usage)) = (token_env, config.get_mut("usage").and_then(Value::as_object_mut)) {
+        usage.entry("token_env").or_insert_with(|| json!(env));
+    }
+    config
+}
+
 /// As [`with_local_usage`]; with `token_env`, the added section names the VM env
 /// variable holding the tracker's ingest token.
 pub fn with_local_usage_token(mut config: Value, token_env: Option<&str>) -> Value {
@@ -178,6 +187,7 @@ impl Stack {
         } else {
             opts.plugin_config.clone()
         };
+        let plugin_config = with_token_env(plugin_config, token_env);
         let mut vm_env = opts.vm_env.clone();
         if let Some(token) = &ingest_token {
             vm_env.insert(INGEST_TOKEN_ENV.to_string(), token.clone());
@@ -321,6 +331,7 @@ impl Stack {
         let shape = self.istio.as_ref().ok_or_else(|| anyhow!("push_plugin_config needs an istio_shaped stack"))?;
         let token_env = self.ingest_token.as_ref().map(|_| INGEST_TOKEN_ENV);
         let config = if self.local_usage { with_local_usage_token(config.clone(), token_env) } else { config.clone() };
+        let config = with_token_env(config, token_env);
         let mut pushed = self.pushed.lock().unwrap_or_else(PoisonError::into_inner);
         let version = pushed.0 + 1;
         let admin = self.admin_url.clone();

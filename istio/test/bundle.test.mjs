@@ -111,8 +111,14 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
       const wp = one(objs, "WasmPlugin", "tollgate");
       const pc = wp.spec.pluginConfig;
       const vmEnv = wp.spec.vmConfig.env.map((e) => e.name).sort();
-      const named = [pc.api_keys?.keys_env, ...(pc.jwt?.providers ?? []).map((p) => p.jwks_env)].filter(Boolean);
+      const named = [
+        pc.api_keys?.keys_env,
+        ...(pc.jwt?.providers ?? []).map((p) => p.jwks_env),
+        pc.usage?.token_env,
+      ].filter(Boolean);
       assert.deepEqual([...named].sort(), vmEnv, "vmConfig.env and the pluginConfig's *_env differ");
+      // Only the gateways may report usage (issue 13): on by default.
+      assert.equal(pc.usage.token_env, "TOLLGATE_INGEST_TOKEN");
 
       const patch = gatewayEnvPatch(variant, objs);
       const proxy = patch.spec.template.spec.containers.find((c) => c.name === "istio-proxy");
@@ -121,8 +127,10 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
         const e = proxy.env.find((x) => x.name === name);
         assert.ok(e, `the gateway's istio-proxy gets no env var ${name}`);
         const ref = e.valueFrom.secretKeyRef;
-        assert.equal(ref.name, secret.metadata.name);
-        assert.ok(ref.key in secret.stringData, `Secret has no key ${ref.key}`);
+        assert.ok(!ref.optional, `${name} is optional: a missing Secret would refuse the config`);
+        const from = one(objs, "Secret", ref.name);
+        assert.ok(ref.key in from.stringData, `Secret ${ref.name} has no key ${ref.key}`);
+        if (name !== pc.usage.token_env) assert.equal(ref.name, secret.metadata.name);
       }
       const keys = JSON.parse(secret.stringData.TOLLGATE_API_KEYS);
       assert.ok(keys.length > 0);
@@ -290,13 +298,13 @@ describe("the gateway patches (applied to the gateway the user already has)", ()
 });
 
 describe("components (enabled in the kustomization a user applies)", () => {
-  const rendered = kustomizeWithComponents(["postgresql", "ingest-token"]);
+  const rendered = kustomizeWithComponents(["postgresql"]);
   for (const [variant, objs] of Object.entries(rendered)) {
     it(`${variant}: every object still validates`, () => {
       for (const o of objs) validate(o);
     });
 
-    it(`${variant}: ingest-token hands the same secret to the tracker and the filter`, () => {
+    it(`${variant}: the ingest token still reaches the tracker and the filter from one Secret key`, () => {
       const wp = one(objs, "WasmPlugin", "tollgate");
       const name = wp.spec.pluginConfig.usage.token_env;
       assert.equal(name, "TOLLGATE_INGEST_TOKEN");
@@ -382,7 +390,6 @@ describe("the bundle's files", () => {
       "base/tracker-secret.yaml",
       "base/usage-tracking-policy.yaml",
       "base/servicemonitor.yaml",
-      "components/ingest-token/kustomization.yaml",
       "components/postgresql/kustomization.yaml",
       "components/postgresql/database-secret.yaml",
       "overlays/classic-ingress/kustomization.yaml",

@@ -90,7 +90,7 @@ fn the_bundles_plugin_config_runs_in_envoy_with_credentials_from_the_secret() {
     let cluster = config["usage"]["cluster"].as_str().unwrap().to_string();
     assert_eq!(cluster, "outbound|8080||usage-tracking.llm-d.svc.cluster.local");
     let vm_env = vm_env_as_on_the_gateway(&wp);
-    assert_eq!(vm_env.keys().collect::<Vec<_>>(), ["TOLLGATE_API_KEYS", "TOLLGATE_JWKS"]);
+    assert_eq!(vm_env.keys().collect::<Vec<_>>(), ["TOLLGATE_API_KEYS", "TOLLGATE_INGEST_TOKEN", "TOLLGATE_JWKS"]);
 
     // The example users file holds the plaintext of the example keys and JWT secret.
     let users = yaml(&istio("examples/users.yaml"));
@@ -180,7 +180,12 @@ fn a_rendered_users_file_with_inline_keys_runs_in_envoy() {
     assert_eq!(r.warnings.len(), 1, "dave is outside allowed_groups: {:?}", r.warnings);
     let config = r.plugin_config().clone();
     assert_eq!(config["usage"]["cluster"], "outbound|8080||usage-tracking.observability.svc.cluster.local");
-    assert_eq!(r.patch["spec"]["vmConfig"]["env"], json!([]), "inline keys need no env");
+    // Inline keys need no env; only the tracker's ingest token comes from the VM env.
+    assert_eq!(
+        r.patch["spec"]["vmConfig"]["env"],
+        json!([{"name": "TOLLGATE_INGEST_TOKEN", "valueFrom": "HOST"}]),
+        "inline keys need no env"
+    );
     let rendered = format!("{}{}", render::secret_yaml(&r).unwrap(), render::patch_yaml(&r).unwrap());
     assert!(!rendered.contains(&premium_key) && !rendered.contains(&free_key), "a plaintext key was written");
 

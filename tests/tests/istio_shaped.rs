@@ -49,6 +49,8 @@ fn istio_shaped_gateway_serves_the_auth_flows_with_jsonpb_config() {
         vm_env,
         local_usage: false,
         istio_shaped: true,
+        // The bytes compared below are exactly this config's (no token_env added).
+        ingest_token: false,
         label: "istio-shaped-auth".into(),
         ..StackOptions::default()
     })
@@ -122,7 +124,7 @@ fn a_request_authentication_next_to_tollgate_sees_the_token_only_when_forwarded(
     // the same gateway renders). By default Tollgate strips the credential, so jwt_authn
     // sees no token and lets the request pass; with forward_credentials it verifies the
     // same token again and passes it too. A CORS preflight is answered by the `cors`
-    // filter only once Tollgate lets it through: today it is Tollgate's 401.
+    // filter only when Tollgate lets it through (`cors_preflight: "allow"`).
     let creds = DevCredentials::generate();
     let stack = start_with(
         "istio-shaped-neighbours",
@@ -152,18 +154,37 @@ fn a_request_authentication_next_to_tollgate_sees_the_token_only_when_forwarded(
     assert_eq!(resp.status(), 200);
     assert_eq!(received_headers(&resp).get("x-api-key"), Some(&creds.api_key));
 
-    let preflight = client()
+    let preflight = || {
+        client()
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/chat/completions", stack.gateway_url))
+            .header("origin", CORS_ORIGIN)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .send()
+            .unwrap()
+    };
+    // By default a preflight is a request like any other: Tollgate answers first, 401.
+    let denied = preflight();
+    assert_eq!(denied.status(), 401, "{denied:?}");
+    assert!(!denied.headers().contains_key("access-control-allow-origin"));
+    // With cors_preflight "allow" it passes without a credential and Envoy's cors
+    // filter after Tollgate answers it.
+    let mut cors = creds.plugin_config();
+    cors["cors_preflight"] = json!("allow");
+    stack.push_plugin_config(&cors).unwrap();
+    let answered = preflight();
+    assert_eq!(answered.status(), 200, "{answered:?}");
+    assert_eq!(
+        answered.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()),
+        Some(CORS_ORIGIN),
+        "{answered:?}"
+    );
+    // And only a preflight: a plain OPTIONS without the CORS headers still needs a key.
+    let plain = client()
         .request(reqwest::Method::OPTIONS, format!("{}/v1/chat/completions", stack.gateway_url))
-        .header("origin", CORS_ORIGIN)
-        .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization,content-type")
         .send()
         .unwrap();
-    // Without a filter setting that lets preflights through, Tollgate answers first.
-    assert!(
-        preflight.status() == 401 || preflight.headers().contains_key("access-control-allow-origin"),
-        "{preflight:?}"
-    );
+    assert_eq!(plain.status(), 401);
 }
 
 #[test]
@@ -269,11 +290,8 @@ fn fail_reload_recreates_a_trapped_vm() {
     assert_eq!(chat(&stack, &[], &chat_body(1, 1, false)).status(), 401);
 }
 
-/// Issue 13 item 5: only the gateway may report usage. Ignored until the filter reads
-/// `usage.token_env` and the tracker checks `TRACKER_INGEST_TOKEN` (then flip
-/// `StackOptions::ingest_token` on by default and drop the `#[ignore]`).
+/// Issue 13 item 5: only the gateway may report usage (the harness's default).
 #[test]
-#[ignore = "needs ingest-token support in filter and tracker"]
 fn usage_reaches_the_tracker_only_with_the_ingest_token() {
     let creds = DevCredentials::generate();
     let stack = start_with(
