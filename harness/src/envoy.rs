@@ -19,8 +19,15 @@
 //!   `ext_proc` (bodies streamed both ways, `FULL_DUPLEX_STREAMED`), `cors`, the router.
 //!
 //! Besides the gateway listener there are the model cluster, the cluster the filter
-//! reports usage to, and, for differential tests, a second listener with Envoy's own
-//! `jwt_authn` instead of Tollgate.
+//! reports usage to (one endpoint per tracker replica, round robin, with passive
+//! outlier detection when there are several, as a Service's endpoints drop a dead
+//! pod), and, for differential tests, a second listener with Envoy's own `jwt_authn`
+//! instead of Tollgate.
+//!
+//! A fleet (`tollgate up --gateways N`) renders one bootstrap per gateway replica from
+//! the same plugin config, differing only in ports and, Istio-shaped, in the node id
+//! (`…-istio-<replica>`); every replica watches the same ECDS file, so one push
+//! reaches them all, as istiod pushes to every pod of a gateway.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -189,10 +196,14 @@ impl IstioShape {
 }
 
 pub struct EnvoyLayout<'a> {
+    /// Which gateway replica of the fleet this is (from 0).
+    pub replica: usize,
     pub gateway_port: u16,
     pub admin_port: u16,
     pub model_port: u16,
-    pub tracker_port: u16,
+    /// Where usage reports go: every tracker replica (or the fault proxy in front of
+    /// each), the endpoints of one round-robin cluster.
+    pub tracker_ports: &'a [u16],
     pub wasm: &'a Path,
     pub plugin_config: &'a Value,
     pub vm_env: &'a BTreeMap<String, String>,
@@ -213,14 +224,45 @@ pub(crate) fn set(v: &mut Value, key: &str, x: Value) {
 }
 
 fn cluster(name: &str, port: u16) -> Value {
+    cluster_of(name, &[port])
+}
+
+/// A static cluster with one loopback endpoint per port, round robin.
+fn cluster_of(name: &str, ports: &[u16]) -> Value {
+    let endpoints: Vec<Value> = ports
+        .iter()
+        .map(|port| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}))
+        .collect();
     json!({
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
-        ]}]}
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}
     })
+}
+
+/// The usage cluster: every tracker. With several, a tracker that refuses connections
+/// (killed, restarting) is ejected at its first failure for a few seconds, so reports
+/// go to the others instead of failing every other time; never all of them (at most
+/// half), and a refusing single tracker is left alone (nothing to fail over to, and the
+/// fault tests count what reaches it).
+fn usage_cluster(name: &str, ports: &[u16]) -> Value {
+    let mut c = cluster_of(name, ports);
+    if ports.len() > 1 {
+        set(
+            &mut c,
+            "outlier_detection",
+            json!({
+                "split_external_local_origin_errors": true,
+                "consecutive_local_origin_failure": 1,
+                "interval": "1s",
+                "base_ejection_time": "3s",
+                "max_ejection_percent": 50
+            }),
+        );
+    }
+    c
 }
 
 fn h2_cluster(name: &str, port: u16) -> Value {
@@ -393,8 +435,8 @@ fn cors_policy() -> Value {
 }
 
 pub fn bootstrap(l: &EnvoyLayout<'_>) -> Value {
-    let usage_cluster = usage_cluster_name(l.plugin_config).unwrap_or_else(|| LOCAL_USAGE_CLUSTER.to_string());
-    let mut clusters = vec![cluster("model", l.model_port), cluster(&usage_cluster, l.tracker_port)];
+    let usage_name = usage_cluster_name(l.plugin_config).unwrap_or_else(|| LOCAL_USAGE_CLUSTER.to_string());
+    let mut clusters = vec![cluster("model", l.model_port), usage_cluster(&usage_name, l.tracker_ports)];
     let gateway = match l.istio {
         None => listener("gateway", l.gateway_port, vec![static_wasm_filter(l), router()], None),
         Some(shape) => {
@@ -427,7 +469,10 @@ pub fn bootstrap(l: &EnvoyLayout<'_>) -> Value {
             &mut boot,
             "node",
             json!({
-                "id": format!("router~127.0.0.1~{ISTIO_GATEWAY}-istio-0.{ISTIO_NAMESPACE}~{ISTIO_NAMESPACE}.svc.cluster.local"),
+                "id": format!(
+                    "router~127.0.0.1~{ISTIO_GATEWAY}-istio-{}.{ISTIO_NAMESPACE}~{ISTIO_NAMESPACE}.svc.cluster.local",
+                    l.replica
+                ),
                 "cluster": format!("{ISTIO_GATEWAY}-istio.{ISTIO_NAMESPACE}")
             }),
         );
@@ -469,10 +514,11 @@ mod tests {
         let config = json!({"jwt": {"providers": [{"issuer": "dev", "jwks_env": "TOLLGATE_JWKS"}]}});
         let s = shape();
         let mut l = EnvoyLayout {
+            replica: 0,
             gateway_port: 1,
             admin_port: 2,
             model_port: 3,
-            tracker_port: 4,
+            tracker_ports: &[4],
             wasm: Path::new("/w/plugin.wasm"),
             plugin_config: &config,
             vm_env: &env,
@@ -491,6 +537,9 @@ mod tests {
         let b = bootstrap(&l);
         assert_eq!(names(&b), ["envoy.filters.http.wasm", "envoy.filters.http.router"]);
         assert!(b.get("node").is_none());
+        let usage = &b["static_resources"]["clusters"][1];
+        assert_eq!(usage["name"], LOCAL_USAGE_CLUSTER);
+        assert!(usage.get("outlier_detection").is_none(), "one tracker: nothing to fail over to");
 
         l.istio = Some(&s);
         l.ext_proc_port = Some(5);
@@ -510,9 +559,44 @@ mod tests {
             .unwrap();
         assert_eq!(jwt["providers"]["origins-0"]["issuer"], "dev");
         assert_eq!(jwt["providers"]["origins-0"]["local_jwks"]["inline_string"], "{\"keys\":[]}");
-        assert!(b["node"]["id"].as_str().unwrap().starts_with("router~"));
+        assert!(b["node"]["id"].as_str().unwrap().starts_with("router~127.0.0.1~llm-d-inference-gateway-istio-0."));
         let clusters: Vec<&str> =
             b["static_resources"]["clusters"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(clusters, ["model", LOCAL_USAGE_CLUSTER, EXT_PROC_CLUSTER]);
+    }
+
+    #[test]
+    fn a_fleet_replica_knows_every_tracker() {
+        let env = BTreeMap::new();
+        let config = json!({"usage": {"cluster": "usage"}});
+        let s = shape();
+        let l = EnvoyLayout {
+            replica: 2,
+            gateway_port: 8280,
+            admin_port: 10101,
+            model_port: 8000,
+            tracker_ports: &[8081, 8181, 8281],
+            wasm: Path::new("/w/plugin.wasm"),
+            plugin_config: &config,
+            vm_env: &env,
+            jwt_authn: None,
+            istio: Some(&s),
+            ext_proc_port: None,
+        };
+        let b = bootstrap(&l);
+        let usage = &b["static_resources"]["clusters"][1];
+        assert_eq!(usage["name"], "usage");
+        assert_eq!(usage["lb_policy"], "ROUND_ROBIN");
+        let ports: Vec<u64> = usage["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["endpoint"]["address"]["socket_address"]["port_value"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ports, [8081, 8181, 8281]);
+        assert_eq!(usage["outlier_detection"]["consecutive_local_origin_failure"], 1);
+        assert_eq!(b["admin"]["address"]["socket_address"]["port_value"], 10101);
+        assert_eq!(b["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"], 8280);
+        assert!(b["node"]["id"].as_str().unwrap().contains("-istio-2."), "{}", b["node"]);
     }
 }

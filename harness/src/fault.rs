@@ -253,7 +253,9 @@ fn quiet_port() -> u16 {
         let mut rng = rand::thread_rng();
         for _ in 0..64 {
             let port = rng.gen_range(10_000..low);
-            if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            // Free now, and not handed out to another part of a stack (a fleet has one
+            // fault tracker per tracker replica).
+            if StdListener::bind(("127.0.0.1", port)).is_ok() && crate::stack::claim_port(port) {
                 return port;
             }
         }
@@ -334,6 +336,8 @@ impl FaultTracker {
         })?;
         let port =
             ready_rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("fault tracker did not start"))??;
+        // Bound by the OS (no quiet port): no other part may get it from free_port.
+        crate::stack::claim_port(port);
         Ok(FaultTracker { port, shared, shutdown: Some(tx), thread: Some(thread) })
     }
 

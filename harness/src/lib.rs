@@ -9,6 +9,7 @@ pub mod fault;
 pub mod jsonpb;
 pub mod mock;
 pub mod paths;
+pub mod postgres;
 pub mod process;
 pub mod render;
 pub mod stack;

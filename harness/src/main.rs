@@ -77,14 +77,29 @@ enum KeyCmd {
 
 #[derive(clap::Args)]
 struct UpArgs {
+    /// Gateway replica 0's port; replica i listens on this + 100*i.
     #[arg(long, default_value_t = 8080)]
     gateway_port: u16,
+    /// Replica 0's Envoy admin port; replica i's is this + 100*i.
     #[arg(long, default_value_t = 9901)]
     admin_port: u16,
     #[arg(long, default_value_t = 8000)]
     mock_port: u16,
+    /// Tracker replica 0's port; replica j listens on this + 100*j.
     #[arg(long, default_value_t = 8081)]
     tracker_port: u16,
+    /// Gateway replicas: Envoys with the same filter and config, each reporting to every
+    /// tracker.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
+    gateways: u16,
+    /// Tracker replicas (--replica-id tracker-<j>). Several share one PostgreSQL ledger:
+    /// --database-url, else a throwaway local server started in the run directory.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
+    trackers: u16,
+    /// The trackers' PostgreSQL ledger (postgres://user:password@host:port/database).
+    /// Without it, one tracker keeps usage in memory and several get a throwaway server.
+    #[arg(long, env = "TOLLGATE_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    database_url: Option<String>,
     #[arg(long, default_value_t = 9090)]
     prometheus_port: u16,
     /// Envoy worker threads.
@@ -165,6 +180,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         mock_port: args.mock_port,
         tracker_port: args.tracker_port,
         prometheus_port: args.prometheus_port,
+        gateways: usize::from(args.gateways),
+        trackers: usize::from(args.trackers),
+        database_url: args.database_url.clone().filter(|u| !u.is_empty()),
         concurrency: args.concurrency,
         plugin_config,
         prometheus: true,
@@ -176,12 +194,17 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         ingest_token: !args.no_ingest_token,
         ..StackOptions::default()
     })?;
-    if let (Some(mode), Some(fault)) = (args.fault_tracker, stack.fault()) {
-        fault.set_mode(mode)?;
+    if let Some(mode) = args.fault_tracker {
+        for fault in stack.faults() {
+            fault.set_mode(mode)?;
+        }
     }
     let gw = &stack.gateway_url;
     println!("Tollgate is up.");
-    println!("  gateway     {gw}  (Envoy + filter, {} workers)", args.concurrency);
+    for (i, (url, admin)) in stack.gateway_urls.iter().zip(&stack.admin_urls).enumerate() {
+        let replica = if stack.gateway_urls.len() > 1 { format!(", replica {i}") } else { String::new() };
+        println!("  gateway     {url}  (Envoy + filter, {} workers{replica}; admin {admin})", args.concurrency);
+    }
     if let Some(shape) = stack.istio() {
         println!(
             "  delivery    Istio-shaped: ECDS resource {} from {}",
@@ -197,10 +220,17 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(e) = stack.ext_proc() {
         println!("  ext_proc    127.0.0.1:{} (InferencePool stand-in, bodies streamed through)", e.port);
     }
-    println!("  envoy admin {}", stack.admin_url);
     println!("  mock model  {}", stack.mock_url);
-    println!("  tracker     {}/metrics", stack.tracker_url);
-    if let Some(fault) = stack.fault() {
+    for (j, url) in stack.tracker_urls.iter().enumerate() {
+        let replica = if stack.tracker_urls.len() > 1 { format!("  (replica tracker-{j})") } else { String::new() };
+        println!("  tracker     {url}/metrics{replica}");
+    }
+    match (&stack.database_url, &args.database_url) {
+        (Some(_), Some(_)) => println!("  ledger      PostgreSQL from --database-url, shared by the trackers"),
+        (Some(url), None) => println!("  ledger      throwaway PostgreSQL {url} (stopped with the stack)"),
+        _ => println!("  ledger      none: the tracker keeps usage in memory"),
+    }
+    for fault in stack.faults() {
         println!("  usage path  Envoy -> fault proxy 127.0.0.1:{} ({}) -> tracker", fault.port, fault.mode());
     }
     if let Some(p) = &stack.prometheus_url {
@@ -222,8 +252,15 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("  curl -s -i {gw}/v1/models");
     }
     if let Some(p) = &stack.prometheus_url {
-        println!("Requests per user, in Prometheus:");
-        println!("  curl -s '{p}/api/v1/query' --data-urlencode 'query=llm_requests_total'");
+        println!("Requests per user, in Prometheus (summed over the trackers):");
+        println!("  curl -s '{p}/api/v1/query' --data-urlencode 'query=sum by (user) (llm_requests_total)'");
+    }
+    if stack.database_url.is_some() && !custom {
+        println!("Usage from the ledger (any tracker):");
+        println!(
+            "  curl -s '{}/v1/usage?user={}' -H 'Authorization: Bearer {}'",
+            stack.tracker_url, creds.user, stack.api_token
+        );
     }
     if let Some(path) = &args.plugin_config {
         println!("Edit {} and save: every change is pushed to the gateway live.", path.display());

@@ -47,9 +47,15 @@ impl Proc {
 
     /// SIGTERM to the group, then SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
+        self.stop_with(libc::SIGTERM, grace);
+    }
+
+    /// `signal` to the group (e.g. SIGINT, PostgreSQL's fast shutdown), then SIGKILL
+    /// after `grace`.
+    pub fn stop_with(&mut self, signal: i32, grace: Duration) {
         let Some(mut child) = self.child.take() else { return };
         let pgid = child.id() as i32;
-        signal_group(pgid, libc::SIGTERM);
+        signal_group(pgid, signal);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -76,6 +82,50 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(3));
+    }
+}
+
+/// A user to run a child as (PostgreSQL refuses to run as root).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// The user `name`'s ids, from `id` (so any NSS source works).
+    pub fn user(name: &str) -> anyhow::Result<RunAs> {
+        let id = |flag: &str| -> anyhow::Result<u32> {
+            let out = Command::new("id").args([flag, name]).output().context("run id")?;
+            anyhow::ensure!(out.status.success(), "no user `{name}`: {}", String::from_utf8_lossy(&out.stderr).trim());
+            String::from_utf8_lossy(&out.stdout).trim().parse().with_context(|| format!("id {flag} {name}"))
+        };
+        Ok(RunAs { uid: id("-u")?, gid: id("-g")? })
+    }
+
+    /// Whether this process runs as root (and so must switch to another user for
+    /// programs that refuse root).
+    #[allow(unsafe_code)] // geteuid(2) cannot fail.
+    pub fn is_root() -> bool {
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Makes `cmd` drop to this user between fork and exec. Register it before
+    /// [`Proc::spawn`] adds its own `pre_exec`: that one then sets the parent-death
+    /// signal after the switch (a change of credentials clears it).
+    #[allow(unsafe_code)] // setgroups/setgid/setuid between fork and exec: async-signal-safe calls only.
+    pub fn apply(self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let RunAs { uid, gid } = self;
+        unsafe {
+            cmd.pre_exec(move || {
+                let groups = [gid];
+                if libc::setgroups(1, groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
 }
 

@@ -273,3 +273,57 @@ pub fn raw_request(base_url: &str, method: &str, path: &str, headers: &[(&str, &
     }
     RawResponse { status, headers, body }
 }
+
+// ---- Fleets (`gateways`/`trackers` > 1; tests/tests/fleet.rs) ----
+
+/// A client that keeps no idle connection: every request opens a new one (as many
+/// clients behind a load balancer would, spreading over gateway replicas and workers).
+pub fn fresh_client() -> Client {
+    Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(0).build().unwrap()
+}
+
+/// POST /v1/chat/completions to one gateway replica (`base_url`) with `client`.
+pub fn chat_at(client: &Client, base_url: &str, headers: &[(&str, &str)], body: &Value) -> Response {
+    let mut req = client.post(format!("{base_url}/v1/chat/completions")).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().unwrap()
+}
+
+/// The value of `name{labels}` on one tracker replica (0 when absent; `None` when the
+/// tracker does not answer).
+pub fn tracker_value_at(tracker_url: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = client().get(format!("{tracker_url}/metrics")).send().ok()?.text().ok()?;
+    Some(metric(&text, name, labels).unwrap_or(0.0))
+}
+
+/// `name{labels}` summed over every running tracker replica of the stack (what
+/// `sum(...)` in Prometheus shows): each replica counts the events it took.
+pub fn fleet_value(stack: &Stack, name: &str, labels: &[(&str, &str)]) -> f64 {
+    stack
+        .tracker_urls
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| stack.tracker_running(*j))
+        .map(|(j, url)| {
+            tracker_value_at(url, name, labels).unwrap_or_else(|| panic!("tracker replica {j} ({url}) does not answer"))
+        })
+        .sum()
+}
+
+/// The ledger's `total` for `user` from one tracker replica's usage API
+/// (`GET /v1/usage`, bearer [`Stack::api_token`]); `None` when it does not answer 200
+/// (e.g. 404 before the user's first event).
+pub fn usage_total(stack: &Stack, tracker_url: &str, user: &str) -> Option<Value> {
+    let resp = client()
+        .get(format!("{tracker_url}/v1/usage"))
+        .query(&[("user", user)])
+        .bearer_auth(&stack.api_token)
+        .send()
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json::<Value>().ok().map(|v| v["total"].clone())
+}
