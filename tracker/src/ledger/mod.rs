@@ -8,7 +8,9 @@
 //! filter drops an event only after a 2xx. A failed write answers 503 and the filter
 //! resends the batch.
 //!
-//! Three tables, the same in both backends ([`sqlite`], [`postgres`]):
+//! Three tables, the same in both backends ([`sqlite`], [`postgres`]), each defined once
+//! in `schema.rs`, as every query is in `queries.rs`; what differs between the backends'
+//! SQL is in `sql.rs` (placeholders, types, many-row inserts, the schema version):
 //!
 //! - `usage_events`: one row per accepted event (an aggregated denial is one row whose
 //!   `requests` column holds its `count`; every other row holds 1). Its `id` is `UNIQUE`, and that index
@@ -28,6 +30,9 @@
 //! name, even when Prometheus shows `other`).
 
 pub mod postgres;
+mod queries;
+mod schema;
+mod sql;
 pub mod sqlite;
 
 use std::collections::{HashMap, HashSet};
@@ -41,9 +46,6 @@ use crate::time::{self, DAY_MS};
 /// Events moved into daily totals per compaction transaction: small enough that a
 /// compaction never holds up `/track` for long, big enough to be quick.
 pub const COMPACT_CHUNK: usize = 5_000;
-
-/// The SQL `i64::MAX`, where sums saturate.
-const SQL_MAX: &str = "9223372036854775807";
 
 /// The summed columns of `usage_totals` and `usage_daily`, in the order of [`Totals::columns`].
 pub const TOTAL_COLUMNS: [&str; 7] = [
@@ -212,66 +214,6 @@ pub fn from_sql(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-/// `SET a = <a + excluded.a, saturating>, …` for an upsert into `table`.
-fn saturating_set(table: &str) -> String {
-    TOTAL_COLUMNS
-        .iter()
-        .map(|c| {
-            format!(
-                "{c} = CASE WHEN {table}.{c} > {SQL_MAX} - excluded.{c} THEN {SQL_MAX} ELSE {table}.{c} + excluded.{c} END"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The per-bucket totals query, the same text in both backends but for the parameter
-/// syntax (`p(1)` is `?1` or `$1`): 1 bucket width, 2 user, 3 since, 4 until, 5 the
-/// start of `since`'s day. Token sums are split into high and low 32-bit halves so no
-/// intermediate sum overflows (SQLite's `SUM` fails on overflow); the halves are joined
-/// with saturation in Rust.
-fn usage_sql(p: fn(u8) -> String) -> String {
-    let split = |c: &str| format!("{c} / 4294967296 AS {c}_hi, {c} % 4294967296 AS {c}_lo");
-    let tokens = ["prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"];
-    let event_cols = tokens.map(split).join(", ");
-    let sums = tokens.map(|c| format!("CAST(SUM({c}_hi) AS BIGINT), CAST(SUM({c}_lo) AS BIGINT)")).join(", ");
-    format!(
-        "SELECT b, CAST(SUM(requests) AS BIGINT), {sums} FROM (\
-           SELECT (ts_ms / {w}) * {w} AS b, requests, {event_cols} FROM usage_events \
-             WHERE user_name = {u} AND ts_ms >= {since} AND ts_ms < {until} \
-           UNION ALL \
-           SELECT (day_ms / {w}) * {w} AS b, requests, {event_cols} FROM usage_daily \
-             WHERE user_name = {u} AND day_ms >= {day} AND day_ms < {until}\
-         ) AS x GROUP BY b ORDER BY b",
-        w = p(1),
-        u = p(2),
-        since = p(3),
-        until = p(4),
-        day = p(5),
-    )
-}
-
-/// Joins the (bucket, requests, 4 × (high, low)) row of [`usage_sql`].
-fn usage_row(bucket: i64, requests: i64, halves: [i64; 8]) -> UsageBucket {
-    let join = |hi: i64, lo: i64| {
-        let sum = u128::from(from_sql(hi)) * (1 << 32) + u128::from(from_sql(lo));
-        u64::try_from(sum).unwrap_or(u64::MAX)
-    };
-    let [ph, pl, ch, cl, kh, kl, rh, rl] = halves;
-    UsageBucket {
-        start_ms: bucket,
-        totals: Totals {
-            requests: from_sql(requests),
-            prompt: join(ph, pl),
-            completion: join(ch, cl),
-            cached: join(kh, kl),
-            reasoning: join(rh, rl),
-            incomplete: 0,
-            upstream_errors: 0,
-        },
-    }
-}
-
 /// Sums `records` by series key, in first-seen order.
 pub fn sum_by_key<'a>(records: impl IntoIterator<Item = &'a Record>) -> Vec<(SeriesKey, Totals)> {
     let mut index: HashMap<&SeriesKey, usize> = HashMap::new();
@@ -357,6 +299,25 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| LedgerError::Write(format!("ledger task failed: {e}")))?
 }
 
+/// Runs `$query`, a read of [`queries`] on the [`sql::Tx`] named `$tx`, on `$ledger`'s
+/// reader: SQLite's on a blocking thread (so `$query` may only borrow what it owns:
+/// it is moved there), PostgreSQL's on its reader connection.
+macro_rules! read {
+    ($ledger:expr, |$tx:ident| $query:expr) => {
+        match &$ledger.backend {
+            Backend::Sqlite(s) => {
+                let s = Arc::clone(s);
+                blocking(move || s.read(|$tx| sqlite::run_now($query))).await
+            }
+            Backend::Postgres(p) => {
+                let reader = p.reader_tx().await?;
+                let $tx = &reader.tx();
+                $query.await.map_err(LedgerError::Read)
+            }
+        }
+    };
+}
+
 impl Ledger {
     /// The SQLite ledger in `dir` (created if missing): `dir/usage.sqlite3`. Blocks
     /// briefly (opens and migrates the file).
@@ -417,24 +378,14 @@ impl Ledger {
     /// This replica's lifetime totals per series, in the order the series first
     /// appeared (so the cardinality guard admits the same values as before).
     pub async fn restore(&self) -> Result<Vec<(SeriesKey, Totals)>, LedgerError> {
-        match &self.backend {
-            Backend::Sqlite(s) => {
-                let (s, replica) = (Arc::clone(s), Arc::clone(&self.replica));
-                blocking(move || s.restore(&replica)).await
-            }
-            Backend::Postgres(p) => p.restore(&self.replica).await,
-        }
+        let replica = Arc::clone(&self.replica);
+        read!(self, |tx| queries::restore(tx, &replica))
     }
 
     /// Whether any event of `user` was ever recorded (by any replica).
     pub async fn knows_user(&self, user: &str) -> Result<bool, LedgerError> {
-        match &self.backend {
-            Backend::Sqlite(s) => {
-                let (s, user) = (Arc::clone(s), user.to_owned());
-                blocking(move || s.knows_user(&user)).await
-            }
-            Backend::Postgres(p) => p.knows_user(user).await,
-        }
+        let user = user.to_owned();
+        read!(self, |tx| queries::knows_user(tx, &user))
     }
 
     /// `user`'s totals per bucket of `width_ms` (aligned to UTC) for events in
@@ -449,24 +400,14 @@ impl Ledger {
         width_ms: i64,
     ) -> Result<Vec<UsageBucket>, LedgerError> {
         let range = UsageRange { since_ms, until_ms, width_ms, since_day_ms: time::floor(since_ms, DAY_MS) };
-        match &self.backend {
-            Backend::Sqlite(s) => {
-                let (s, user) = (Arc::clone(s), user.to_owned());
-                blocking(move || s.usage(&user, range)).await
-            }
-            Backend::Postgres(p) => p.usage(user, range).await,
-        }
+        let user = user.to_owned();
+        read!(self, |tx| queries::usage(tx, &user, range))
     }
 
     /// `user`'s latest `limit` events still in the ledger, newest first.
     pub async fn recent(&self, user: &str, limit: u32) -> Result<Vec<RecentEvent>, LedgerError> {
-        match &self.backend {
-            Backend::Sqlite(s) => {
-                let (s, user) = (Arc::clone(s), user.to_owned());
-                blocking(move || s.recent(&user, limit)).await
-            }
-            Backend::Postgres(p) => p.recent(user, limit).await,
-        }
+        let user = user.to_owned();
+        read!(self, |tx| queries::recent(tx, &user, limit))
     }
 
     /// Moves events older than `retention_days` whole UTC days before `now_ms` into
@@ -490,13 +431,7 @@ impl Ledger {
     /// Every event id in the ledger, oldest first (for tests and checks: reads the
     /// whole table).
     pub async fn event_ids(&self) -> Result<Vec<String>, LedgerError> {
-        match &self.backend {
-            Backend::Sqlite(s) => {
-                let s = Arc::clone(s);
-                blocking(move || s.event_ids()).await
-            }
-            Backend::Postgres(p) => p.event_ids().await,
-        }
+        read!(self, |tx| queries::event_ids(tx))
     }
 }
 
@@ -572,15 +507,5 @@ mod tests {
         let got: Vec<(&str, u64, u64, i64)> =
             sums.iter().map(|(k, t)| (k.user.as_str(), t.requests, t.prompt, t.columns()[1])).collect();
         assert_eq!(got, vec![("b", 2, u64::MAX, i64::MAX), ("a", 1, 1, 1)]);
-    }
-
-    #[test]
-    fn usage_rows_join_halves_with_saturation() {
-        let row = usage_row(7, 3, [1, 2, 0, 5, 0, 0, i64::MAX, i64::MAX]);
-        assert_eq!(row.start_ms, 7);
-        assert_eq!(row.totals.requests, 3);
-        assert_eq!(row.totals.prompt, (1 << 32) + 2);
-        assert_eq!(row.totals.completion, 5);
-        assert_eq!(row.totals.reasoning, u64::MAX);
     }
 }

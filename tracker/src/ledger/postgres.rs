@@ -16,6 +16,10 @@
 //! - Durability: `COMMIT` returns once the server has flushed its WAL (the default
 //!   `synchronous_commit = on`; keep it on for billing data).
 //!
+//! The tables and queries are the same as SQLite's, written once (`schema.rs`,
+//! `queries.rs`); this module holds the connections and runs the statements
+//! (`PgTx`), with a batch's rows sent as one array per column.
+//!
 //! [`WRITERS`] writer connections and one reader per replica, so concurrent batches are
 //! written in parallel (each in its own transaction; the server's WAL flush groups
 //! their commits); each is reconnected on its next use after a failure (the failing
@@ -24,127 +28,19 @@
 //! instead of deadlocking. No TLS: reach the server over loopback, a private network
 //! or a TLS sidecar.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Row};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Transaction};
 
-use super::{
-    saturating_set, sum_by_key, sum_daily, usage_row, usage_sql, Compacted, LedgerError, RecentEvent, Record,
-    SeriesKey, Totals, UsageBucket, UsageRange, TOTAL_COLUMNS,
-};
-use crate::event::Tokens;
-use crate::time::DAY_MS;
+use super::sql::{Dialect, Insert, OnConflict, Row, Tx, Value};
+use super::{queries, schema, LedgerError, Record};
 
 /// Writer connections per replica.
 pub const WRITERS: usize = 4;
-/// The schema version this tracker writes. 2 added `usage_events.requests` (aggregated
-/// denials); a version-1 database is migrated in place when a tracker opens it.
-const SCHEMA_VERSION: i32 = 2;
-/// From schema 1 to 2: every existing event counted one request. A constant default
-/// does not rewrite the table; run only on an older schema, because `ALTER TABLE` locks
-/// the table against the other replicas' writes.
-const MIGRATE_TO_2: &str = "ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS requests BIGINT NOT NULL DEFAULT 1";
-/// Serialises schema creation when several replicas start at once.
-const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
-
-/// The version table, created first so the version is known before anything else.
-const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS tollgate_ledger_schema (version INTEGER NOT NULL)";
-
-/// The current schema, created where missing.
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS usage_events (
-    seq               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id                TEXT UNIQUE,
-    ts_ms             BIGINT NOT NULL,
-    received_ms       BIGINT NOT NULL,
-    replica           TEXT NOT NULL,
-    user_name         TEXT NOT NULL,
-    user_groups       TEXT NOT NULL,
-    path              TEXT NOT NULL,
-    model             TEXT NOT NULL,
-    denied            TEXT NOT NULL,
-    status            INTEGER,
-    prompt_tokens     BIGINT NOT NULL,
-    completion_tokens BIGINT NOT NULL,
-    cached_tokens     BIGINT NOT NULL,
-    reasoning_tokens  BIGINT NOT NULL,
-    incomplete        BOOLEAN NOT NULL,
-    upstream_error    BOOLEAN NOT NULL,
-    requests          BIGINT NOT NULL DEFAULT 1
-);
-CREATE INDEX IF NOT EXISTS usage_events_user_ts ON usage_events (user_name, ts_ms);
-CREATE INDEX IF NOT EXISTS usage_events_ts ON usage_events (ts_ms);
-CREATE TABLE IF NOT EXISTS usage_totals (
-    replica           TEXT NOT NULL,
-    user_name         TEXT NOT NULL,
-    user_groups       TEXT NOT NULL,
-    path              TEXT NOT NULL,
-    model             TEXT NOT NULL,
-    denied            TEXT NOT NULL,
-    requests          BIGINT NOT NULL,
-    prompt_tokens     BIGINT NOT NULL,
-    completion_tokens BIGINT NOT NULL,
-    cached_tokens     BIGINT NOT NULL,
-    reasoning_tokens  BIGINT NOT NULL,
-    incomplete        BIGINT NOT NULL,
-    upstream_errors   BIGINT NOT NULL,
-    first_ms          BIGINT NOT NULL,
-    PRIMARY KEY (user_name, replica, user_groups, path, model, denied)
-);
-CREATE TABLE IF NOT EXISTS usage_daily (
-    day_ms            BIGINT NOT NULL,
-    replica           TEXT NOT NULL,
-    user_name         TEXT NOT NULL,
-    user_groups       TEXT NOT NULL,
-    path              TEXT NOT NULL,
-    model             TEXT NOT NULL,
-    denied            TEXT NOT NULL,
-    requests          BIGINT NOT NULL,
-    prompt_tokens     BIGINT NOT NULL,
-    completion_tokens BIGINT NOT NULL,
-    cached_tokens     BIGINT NOT NULL,
-    reasoning_tokens  BIGINT NOT NULL,
-    incomplete        BIGINT NOT NULL,
-    upstream_errors   BIGINT NOT NULL,
-    PRIMARY KEY (user_name, day_ms, replica, user_groups, path, model, denied)
-);
-";
-
-const INSERT_EVENTS: &str = "INSERT INTO usage_events (id, ts_ms, received_ms, replica, user_name, user_groups, \
-    path, model, denied, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, incomplete, \
-    upstream_error, requests) \
-    SELECT e.id, e.ts_ms, $2, $3, e.user_name, e.user_groups, e.path, e.model, e.denied, e.status, e.p, e.c, e.k, \
-      e.r, e.inc, e.up, e.n \
-    FROM UNNEST($1::text[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int[], \
-      $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], $15::bool[], $16::bool[], $17::bigint[]) \
-      AS e(id, ts_ms, user_name, user_groups, path, model, denied, status, p, c, k, r, inc, up, n) \
-    ON CONFLICT (id) DO NOTHING RETURNING id";
-
-fn upsert_totals_sql() -> String {
-    format!(
-        "INSERT INTO usage_totals (replica, user_name, user_groups, path, model, denied, {cols}, first_ms) \
-         SELECT $1, t.*, $14 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-           $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[]) \
-           AS t(user_name, user_groups, path, model, denied, {cols}) \
-         ON CONFLICT (user_name, replica, user_groups, path, model, denied) DO UPDATE SET {set}",
-        cols = TOTAL_COLUMNS.join(", "),
-        set = saturating_set("usage_totals")
-    )
-}
-
-fn upsert_daily_sql() -> String {
-    format!(
-        "INSERT INTO usage_daily (day_ms, replica, user_name, user_groups, path, model, denied, {cols}) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
-           $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[]) \
-         ON CONFLICT (user_name, day_ms, replica, user_groups, path, model, denied) DO UPDATE SET {set}",
-        cols = TOTAL_COLUMNS.join(", "),
-        set = saturating_set("usage_daily")
-    )
-}
 
 /// The server's message, not just "db error".
 fn describe(e: &tokio_postgres::Error) -> String {
@@ -154,35 +50,6 @@ fn describe(e: &tokio_postgres::Error) -> String {
             Some(source) => format!("{e}: {source}"),
             None => e.to_string(),
         },
-    }
-}
-
-/// Columns of a batch, one vector per column, for `UNNEST`.
-#[derive(Default)]
-struct Columns {
-    text: [Vec<String>; 5],
-    counts: [Vec<i64>; 7],
-}
-
-impl Columns {
-    fn push(&mut self, key: &SeriesKey, totals: &Totals) {
-        let [user, groups, path, model, denied] = &mut self.text;
-        user.push(key.user.clone());
-        groups.push(key.groups.clone());
-        path.push(key.path.clone());
-        model.push(key.model.clone());
-        denied.push(key.denied.clone());
-        for (column, value) in self.counts.iter_mut().zip(totals.columns()) {
-            column.push(value);
-        }
-    }
-
-    /// The parameters in column order: the five key columns, then the seven counts.
-    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(12);
-        params.extend(self.text.iter().map(|c| c as &(dyn ToSql + Sync)));
-        params.extend(self.counts.iter().map(|c| c as &(dyn ToSql + Sync)));
-        params
     }
 }
 
@@ -274,248 +141,213 @@ impl Postgres {
         tokio::sync::MutexGuard::try_map(guard, Option::as_mut).map_err(|_| "no connection".to_owned())
     }
 
-    pub async fn append(&self, records: &[Record], replica: &str, received_ms: i64) -> Result<Vec<bool>, LedgerError> {
-        let write = |e: String| LedgerError::Write(e);
-        let mut client = self.writer().await.map_err(write)?;
-        let tx = client.transaction().await.map_err(|e| write(describe(&e)))?;
-        let ids: Vec<Option<&str>> = records.iter().map(|r| r.id.as_deref()).collect();
-        let ts: Vec<i64> = records.iter().map(|r| r.ts_ms).collect();
-        let text = |f: fn(&Record) -> &str| records.iter().map(f).collect::<Vec<&str>>();
-        let (users, groups, paths) = (text(|r| &r.key.user), text(|r| &r.key.groups), text(|r| &r.key.path));
-        let (models, denied) = (text(|r| &r.key.model), text(|r| &r.key.denied));
-        let status: Vec<Option<i32>> = records.iter().map(|r| r.status.map(i32::from)).collect();
-        let count = |f: fn(&Tokens) -> u64| records.iter().map(|r| super::to_sql(f(&r.tokens))).collect::<Vec<i64>>();
-        let (prompt, completion) = (count(|t| t.prompt), count(|t| t.completion));
-        let (cached, reasoning) = (count(|t| t.cached), count(|t| t.reasoning));
-        let incomplete: Vec<bool> = records.iter().map(|r| r.incomplete).collect();
-        let upstream: Vec<bool> = records.iter().map(|r| r.upstream_error).collect();
-        let requests: Vec<i64> = records.iter().map(|r| super::to_sql(r.requests)).collect();
-        let rows = tx
-            .query(
-                INSERT_EVENTS,
-                &[
-                    &ids,
-                    &received_ms,
-                    &replica,
-                    &ts,
-                    &users,
-                    &groups,
-                    &paths,
-                    &models,
-                    &denied,
-                    &status,
-                    &prompt,
-                    &completion,
-                    &cached,
-                    &reasoning,
-                    &incomplete,
-                    &upstream,
-                    &requests,
-                ],
-            )
-            .await
-            .map_err(|e| write(describe(&e)))?;
-        let new_ids: std::collections::HashSet<String> =
-            rows.iter().filter_map(|row| row.get::<_, Option<String>>(0)).collect();
-        // A record without an id is always inserted; one with an id when it came back.
-        let inserted: Vec<bool> = records.iter().map(|r| r.id.as_ref().is_none_or(|id| new_ids.contains(id))).collect();
-        let mut columns = Columns::default();
-        let new = records.iter().zip(&inserted).filter(|(_, new)| **new).map(|(r, _)| r);
-        let mut sums = sum_by_key(new);
-        sums.sort_by(|a, b| a.0.cmp(&b.0)); // lock order: see the module docs
-        for (key, totals) in sums {
-            columns.push(&key, &totals);
-        }
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&replica];
-        params.extend(columns.params());
-        params.push(&received_ms);
-        tx.execute(&upsert_totals_sql(), &params).await.map_err(|e| write(describe(&e)))?;
-        tx.commit().await.map_err(|e| write(describe(&e)))?;
-        Ok(inserted)
+    /// Writes a batch in one transaction on a writer connection; per record, whether it was new.
+    pub(super) async fn append(
+        &self,
+        records: &[Record],
+        replica: &str,
+        received_ms: i64,
+    ) -> Result<Vec<bool>, LedgerError> {
+        self.in_transaction(async |tx| queries::append_batch(tx, records, replica, received_ms).await).await
     }
 
-    pub async fn restore(&self, replica: &str) -> Result<Vec<(SeriesKey, Totals)>, LedgerError> {
-        let sql = format!(
-            "SELECT user_name, user_groups, path, model, denied, {} FROM usage_totals WHERE replica = $1 \
-             ORDER BY first_ms, user_name, user_groups, path, model, denied",
-            TOTAL_COLUMNS.join(", ")
-        );
-        let rows = self.read(&sql, &[&replica]).await?;
-        rows.iter()
-            .map(|row| {
-                let mut values = [0i64; 7];
-                for (i, v) in values.iter_mut().enumerate() {
-                    *v = row.try_get(5 + i)?;
-                }
-                Ok((key_of(row, 0)?, Totals::from_columns(values)))
-            })
-            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-            .map_err(|e| LedgerError::Read(describe(&e)))
+    /// One compaction chunk in one transaction on a writer connection.
+    pub(super) async fn compact_chunk(&self, cutoff_ms: i64, chunk: usize) -> Result<usize, LedgerError> {
+        self.in_transaction(async |tx| queries::compact_chunk(tx, cutoff_ms, chunk).await).await
     }
 
-    pub async fn knows_user(&self, user: &str) -> Result<bool, LedgerError> {
-        let rows = self.read("SELECT EXISTS (SELECT 1 FROM usage_totals WHERE user_name = $1)", &[&user]).await?;
-        rows.first().map_or(Ok(false), |row| row.try_get(0)).map_err(|e| LedgerError::Read(describe(&e)))
-    }
-
-    pub async fn usage(&self, user: &str, range: UsageRange) -> Result<Vec<UsageBucket>, LedgerError> {
-        let UsageRange { since_ms, until_ms, width_ms, since_day_ms } = range;
-        let sql = usage_sql(|n| format!("${n}"));
-        let rows = self.read(&sql, &[&width_ms, &user, &since_ms, &until_ms, &since_day_ms]).await?;
-        rows.iter()
-            .map(|row| {
-                let mut halves = [0i64; 8];
-                for (i, v) in halves.iter_mut().enumerate() {
-                    *v = row.try_get(2 + i)?;
-                }
-                Ok(usage_row(row.try_get(0)?, row.try_get(1)?, halves))
-            })
-            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-            .map_err(|e| LedgerError::Read(describe(&e)))
-    }
-
-    pub async fn recent(&self, user: &str, limit: u32) -> Result<Vec<RecentEvent>, LedgerError> {
-        let rows = self
-            .read(
-                "SELECT id, ts_ms, user_groups, path, model, status, prompt_tokens, completion_tokens, cached_tokens, \
-                 reasoning_tokens, incomplete, replica FROM usage_events WHERE user_name = $1 \
-                 ORDER BY ts_ms DESC, seq DESC LIMIT $2",
-                &[&user, &i64::from(limit)],
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let count = |i: usize| row.try_get::<_, i64>(i).map(super::from_sql);
-                let status: Option<i32> = row.try_get(5)?;
-                Ok(RecentEvent {
-                    id: row.try_get(0)?,
-                    ts_ms: row.try_get(1)?,
-                    groups: row.try_get(2)?,
-                    path: row.try_get(3)?,
-                    model: row.try_get(4)?,
-                    status: status.and_then(|s| u16::try_from(s).ok()),
-                    tokens: Tokens {
-                        prompt: count(6)?,
-                        completion: count(7)?,
-                        cached: count(8)?,
-                        reasoning: count(9)?,
-                    },
-                    incomplete: row.try_get(10)?,
-                    replica: row.try_get(11)?,
-                })
-            })
-            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-            .map_err(|e| LedgerError::Read(describe(&e)))
-    }
-
-    pub async fn compact_chunk(&self, cutoff_ms: i64, chunk: usize) -> Result<usize, LedgerError> {
-        let write = |e: tokio_postgres::Error| LedgerError::Write(describe(&e));
+    /// Runs `write` in a transaction on a writer connection and commits.
+    async fn in_transaction<T>(
+        &self,
+        write: impl AsyncFnOnce(&PgTx<'_, Transaction<'_>>) -> Result<T, String>,
+    ) -> Result<T, LedgerError> {
+        let failed = |e: tokio_postgres::Error| LedgerError::Write(describe(&e));
         let mut client = self.writer().await.map_err(LedgerError::Write)?;
-        let tx = client.transaction().await.map_err(write)?;
-        let rows = tx
-            .query(
-                "DELETE FROM usage_events WHERE seq IN \
-                   (SELECT seq FROM usage_events WHERE ts_ms < $1 ORDER BY ts_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING ts_ms, replica, user_name, user_groups, path, model, denied, requests, prompt_tokens, \
-                   completion_tokens, cached_tokens, reasoning_tokens, incomplete, upstream_error",
-                &[&cutoff_ms, &i64::try_from(chunk).unwrap_or(i64::MAX)],
-            )
-            .await
-            .map_err(write)?;
-        let deleted = rows
-            .iter()
-            .map(|row| {
-                let ts_ms: i64 = row.try_get(0)?;
-                let flag = |i: usize| row.try_get::<_, bool>(i).map(i64::from);
-                let values = [
-                    row.try_get(7)?,
-                    row.try_get(8)?,
-                    row.try_get(9)?,
-                    row.try_get(10)?,
-                    row.try_get(11)?,
-                    flag(12)?,
-                    flag(13)?,
-                ];
-                Ok(Compacted {
-                    day_ms: crate::time::floor(ts_ms, DAY_MS),
-                    replica: row.try_get(1)?,
-                    key: key_of(row, 2)?,
-                    totals: Totals::from_columns(values),
-                })
-            })
-            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-            .map_err(write)?;
-        let n = deleted.len();
-        let daily = sum_daily(deleted);
-        if !daily.is_empty() {
-            let days: Vec<i64> = daily.iter().map(|d| d.day_ms).collect();
-            let replicas: Vec<&str> = daily.iter().map(|d| d.replica.as_str()).collect();
-            let mut columns = Columns::default();
-            for d in &daily {
-                columns.push(&d.key, &d.totals);
-            }
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&days, &replicas];
-            params.extend(columns.params());
-            tx.execute(&upsert_daily_sql(), &params).await.map_err(write)?;
-        }
-        tx.commit().await.map_err(write)?;
-        Ok(n)
+        let tx = client.transaction().await.map_err(failed)?;
+        let done = write(&PgTx(&tx)).await.map_err(LedgerError::Write)?;
+        tx.commit().await.map_err(failed)?;
+        Ok(done)
     }
 
-    pub async fn event_ids(&self) -> Result<Vec<String>, LedgerError> {
-        let rows = self.read("SELECT id FROM usage_events WHERE id IS NOT NULL ORDER BY seq", &[]).await?;
-        rows.iter()
-            .map(|row| row.try_get(0))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| LedgerError::Read(describe(&e)))
-    }
-
-    async fn read(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, LedgerError> {
-        let client = self.reader().await.map_err(LedgerError::Read)?;
-        client.query(sql, params).await.map_err(|e| LedgerError::Read(describe(&e)))
+    /// The reader connection, as a [`Tx`] for read queries.
+    pub(super) async fn reader_tx(&self) -> Result<PgReader<'_>, LedgerError> {
+        self.reader().await.map(PgReader).map_err(LedgerError::Read)
     }
 }
 
-/// The five key columns starting at `first`.
-fn key_of(row: &Row, first: usize) -> Result<SeriesKey, tokio_postgres::Error> {
-    Ok(SeriesKey {
-        user: row.try_get(first)?,
-        groups: row.try_get(first + 1)?,
-        path: row.try_get(first + 2)?,
-        model: row.try_get(first + 3)?,
-        denied: row.try_get(first + 4)?,
-    })
+/// The locked reader connection; [`PgReader::tx`] is what queries run on.
+pub(super) struct PgReader<'a>(tokio::sync::MappedMutexGuard<'a, Client>);
+
+impl PgReader<'_> {
+    pub(super) fn tx(&self) -> PgTx<'_, Client> {
+        PgTx(&self.0)
+    }
 }
 
-/// Creates the schema if missing and migrates an older one, under an advisory lock so
-/// replicas starting together do not race, in one transaction; refuses a database
-/// written by a newer tracker (before touching anything else).
+/// Creates or migrates the schema ([`schema::migrate`]) in one transaction.
 async fn migrate(client: &mut Client) -> Result<(), LedgerError> {
-    let open = |e: tokio_postgres::Error| LedgerError::Open(format!("cannot create the schema: {}", describe(&e)));
-    let tx = client.transaction().await.map_err(open)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK]).await.map_err(open)?;
-    tx.batch_execute(VERSION_TABLE).await.map_err(open)?;
-    let rows = tx.query("SELECT version FROM tollgate_ledger_schema", &[]).await.map_err(open)?;
-    let version = rows.first().map(|row| row.try_get::<_, i32>(0)).transpose().map_err(open)?;
-    if let Some(version) = version.filter(|v| *v > SCHEMA_VERSION) {
-        return Err(LedgerError::Open(format!(
-            "the ledger has schema version {version}, newer than this tracker's {SCHEMA_VERSION}"
-        )));
+    let create = |e: tokio_postgres::Error| LedgerError::Open(format!("cannot create the schema: {}", describe(&e)));
+    let tx = client.transaction().await.map_err(create)?;
+    schema::migrate(&PgTx(&tx)).await.map_err(LedgerError::Open)?;
+    tx.commit().await.map_err(create)
+}
+
+/// A connection or a transaction, as a [`Tx`].
+pub(super) struct PgTx<'c, C>(&'c C);
+
+impl<C: GenericClient + Sync> Tx for PgTx<'_, C> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
     }
-    tx.batch_execute(SCHEMA).await.map_err(open)?;
-    if version.is_some_and(|v| v < 2) {
-        tx.batch_execute(MIGRATE_TO_2).await.map_err(open)?;
+
+    async fn query(&self, sql: &str, params: &[Value<'_>]) -> Result<Vec<Row>, String> {
+        let statement = self.0.prepare(&Dialect::Postgres.sql(sql)).await.map_err(|e| describe(&e))?;
+        let params = statement
+            .params()
+            .iter()
+            .zip(params)
+            .map(|(ty, value)| Param::scalar(ty, value))
+            .collect::<Result<Vec<_>, String>>()?;
+        let rows = self.0.query(&statement, &refs(&params)).await.map_err(|e| describe(&e))?;
+        rows.iter().map(row_of).collect()
     }
-    match version {
-        None => {
-            tx.execute("INSERT INTO tollgate_ledger_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
-                .await
-                .map_err(open)?;
+
+    async fn batch(&self, sql: &str) -> Result<(), String> {
+        self.0.batch_execute(&Dialect::Postgres.sql(sql)).await.map_err(|e| describe(&e))
+    }
+
+    /// One statement for all rows: a column's values go as one array parameter.
+    async fn insert(&self, insert: &Insert, rows: &[Vec<Value<'_>>]) -> Result<Vec<bool>, String> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
         }
-        Some(v) if v < SCHEMA_VERSION => {
-            tx.execute("UPDATE tollgate_ledger_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(open)?;
+        let statement = self.0.prepare(&Dialect::Postgres.insert_sql(insert)).await.map_err(|e| describe(&e))?;
+        let column = |i: usize| {
+            rows.iter()
+                .map(|row| row.get(i).ok_or_else(|| format!("a row without column {i}")))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let params = (0..)
+            .zip(statement.params())
+            .map(|(i, ty)| Param::array(ty, column(i)?))
+            .collect::<Result<Vec<_>, String>>()?;
+        let returned = self.0.query(&statement, &refs(&params)).await.map_err(|e| describe(&e))?;
+        let OnConflict::Skip(key) = insert.on_conflict else {
+            return Ok(vec![true; rows.len()]);
+        };
+        // What went in came back (`RETURNING key`); NULL in the key never conflicts.
+        let column = insert.table.inserted().iter().position(|(name, _)| *name == key);
+        let column = column.ok_or_else(|| format!("{} has no column {key}", insert.table.name))?;
+        let mut new = HashSet::new();
+        for row in &returned {
+            new.extend(row.try_get::<_, Option<String>>(0).map_err(|e| describe(&e))?);
         }
-        Some(_) => {}
+        Ok(rows
+            .iter()
+            .map(|row| match row.get(column) {
+                Some(Value::Text(id)) => new.contains(id.as_ref()),
+                _ => true,
+            })
+            .collect())
     }
-    tx.commit().await.map_err(open)
+}
+
+/// A [`Value`] as the type PostgreSQL expects for a parameter (a column of the same
+/// values for an array parameter).
+#[derive(Debug)]
+enum Param<'v> {
+    Int8(Option<i64>),
+    Int4(Option<i32>),
+    Bool(Option<bool>),
+    Text(Option<&'v str>),
+    Int8s(Vec<Option<i64>>),
+    Int4s(Vec<Option<i32>>),
+    Bools(Vec<Option<bool>>),
+    Texts(Vec<Option<&'v str>>),
+}
+
+impl<'v> Param<'v> {
+    fn scalar(ty: &Type, value: &'v Value<'_>) -> Result<Param<'v>, String> {
+        Ok(match *ty {
+            Type::INT8 => Param::Int8(int8(value)?),
+            Type::INT4 => Param::Int4(int4(value)?),
+            Type::BOOL => Param::Bool(boolean(value)?),
+            Type::TEXT | Type::VARCHAR | Type::NAME | Type::BPCHAR => Param::Text(text(value)?),
+            _ => return Err(format!("unsupported parameter type {ty}")),
+        })
+    }
+
+    fn array(ty: &Type, values: Vec<&'v Value<'_>>) -> Result<Param<'v>, String> {
+        let values = values.into_iter();
+        Ok(match *ty {
+            Type::INT8_ARRAY => Param::Int8s(values.map(int8).collect::<Result<_, _>>()?),
+            Type::INT4_ARRAY => Param::Int4s(values.map(int4).collect::<Result<_, _>>()?),
+            Type::BOOL_ARRAY => Param::Bools(values.map(boolean).collect::<Result<_, _>>()?),
+            Type::TEXT_ARRAY => Param::Texts(values.map(text).collect::<Result<_, _>>()?),
+            _ => return Err(format!("unsupported parameter type {ty}")),
+        })
+    }
+
+    fn as_sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Param::Int8(v) => v,
+            Param::Int4(v) => v,
+            Param::Bool(v) => v,
+            Param::Text(v) => v,
+            Param::Int8s(v) => v,
+            Param::Int4s(v) => v,
+            Param::Bools(v) => v,
+            Param::Texts(v) => v,
+        }
+    }
+}
+
+fn refs<'p>(params: &'p [Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
+    params.iter().map(Param::as_sql).collect()
+}
+
+fn int8(value: &Value<'_>) -> Result<Option<i64>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Int(n) => Ok(Some(*n)),
+        Value::Bool(b) => Ok(Some(i64::from(*b))),
+        Value::Text(_) => Err("text where an integer was expected".to_owned()),
+    }
+}
+
+fn int4(value: &Value<'_>) -> Result<Option<i32>, String> {
+    int8(value)?.map(|n| i32::try_from(n).map_err(|e| format!("{n}: {e}"))).transpose()
+}
+
+fn boolean(value: &Value<'_>) -> Result<Option<bool>, String> {
+    Ok(int8(value)?.map(|n| n != 0))
+}
+
+fn text<'v>(value: &'v Value<'_>) -> Result<Option<&'v str>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Text(s) => Ok(Some(s)),
+        _ => Err("a number where text was expected".to_owned()),
+    }
+}
+
+/// A result row as [`Value`]s, by the columns' types.
+fn row_of(row: &tokio_postgres::Row) -> Result<Row, String> {
+    fn get<'r, T: tokio_postgres::types::FromSql<'r>>(
+        row: &'r tokio_postgres::Row,
+        i: usize,
+        value: impl FnOnce(T) -> Value<'static>,
+    ) -> Result<Value<'static>, String> {
+        let got: Option<T> = row.try_get(i).map_err(|e| describe(&e))?;
+        Ok(got.map_or(Value::Null, value))
+    }
+    let values = row.columns().iter().enumerate().map(|(i, column)| match *column.type_() {
+        Type::INT8 => get(row, i, Value::Int),
+        Type::INT4 => get(row, i, |n: i32| Value::Int(n.into())),
+        Type::INT2 => get(row, i, |n: i16| Value::Int(n.into())),
+        Type::BOOL => get(row, i, Value::Bool),
+        Type::TEXT | Type::VARCHAR | Type::NAME | Type::BPCHAR => get(row, i, |s: String| Value::Text(s.into())),
+        ref ty => Err(format!("column {i}: unsupported type {ty}")),
+    });
+    values.collect::<Result<_, _>>().map(Row)
 }

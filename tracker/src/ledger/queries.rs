@@ -1,0 +1,211 @@
+//! Every query of the ledger, written once for both backends against [`Tx`]. Writes run
+//! inside the transaction their backend opened; errors are the backend's message (the
+//! caller makes it a write or a read error).
+
+use super::schema::{ADD_DAILY, ADD_TOTALS, INSERT_EVENT};
+use super::sql::{Row, Tx, Value};
+use super::{
+    from_sql, sum_by_key, sum_daily, Compacted, RecentEvent, Record, SeriesKey, Totals, UsageBucket, UsageRange,
+    TOTAL_COLUMNS,
+};
+use crate::event::Tokens;
+use crate::time::{self, DAY_MS};
+
+/// One batch: its events (in [`Record`] order; a duplicate id is skipped) and the
+/// totals of the new ones, added to this replica's series. Per record, whether it was new.
+pub async fn append_batch(
+    tx: &impl Tx,
+    records: &[Record],
+    replica: &str,
+    received_ms: i64,
+) -> Result<Vec<bool>, String> {
+    let events: Vec<Vec<Value<'_>>> = records
+        .iter()
+        .map(|r| {
+            let [requests, prompt, completion, cached, reasoning, ..] = r.totals().columns();
+            let mut row = vec![r.id.as_deref().into(), r.ts_ms.into(), received_ms.into(), replica.into()];
+            row.extend(key_values(&r.key));
+            row.extend([r.status.map(i64::from).into(), prompt.into(), completion.into(), cached.into()]);
+            row.extend([reasoning.into(), r.incomplete.into(), r.upstream_error.into(), requests.into()]);
+            row
+        })
+        .collect();
+    let inserted = tx.insert(&INSERT_EVENT, &events).await?;
+    let new = records.iter().zip(&inserted).filter(|(_, new)| **new).map(|(r, _)| r);
+    let mut sums = sum_by_key(new);
+    // Key order, so two transactions touching the same series lock them in the same
+    // order and wait for each other instead of deadlocking (PostgreSQL).
+    sums.sort_by(|a, b| a.0.cmp(&b.0));
+    let totals: Vec<Vec<Value<'_>>> = sums
+        .iter()
+        .map(|(key, totals)| {
+            let mut row = vec![replica.into()];
+            row.extend(key_values(key));
+            row.extend(totals.columns().map(Value::Int));
+            row.push(received_ms.into());
+            row
+        })
+        .collect();
+    tx.insert(&ADD_TOTALS, &totals).await?;
+    Ok(inserted)
+}
+
+/// One compaction chunk: deletes up to `chunk` events older than `cutoff_ms` and adds
+/// their sums to `usage_daily`. How many were deleted.
+pub async fn compact_chunk(tx: &impl Tx, cutoff_ms: i64, chunk: usize) -> Result<usize, String> {
+    let sql = format!(
+        "DELETE FROM usage_events WHERE seq IN \
+           (SELECT seq FROM usage_events WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2{}) \
+         RETURNING ts_ms, replica, user_name, user_groups, path, model, denied, requests, prompt_tokens, \
+           completion_tokens, cached_tokens, reasoning_tokens, incomplete, upstream_error",
+        tx.dialect().skip_locked()
+    );
+    let rows = tx.query(&sql, &[cutoff_ms.into(), i64::try_from(chunk).unwrap_or(i64::MAX).into()]).await?;
+    let deleted = rows
+        .iter()
+        .map(|row| {
+            Ok(Compacted {
+                day_ms: time::floor(row.int(0)?, DAY_MS),
+                replica: row.text(1)?,
+                key: key_of(row, 2)?,
+                totals: Totals::from_columns(row.ints(7)?),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let n = deleted.len();
+    let sums = sum_daily(deleted);
+    let daily: Vec<Vec<Value<'_>>> = sums
+        .iter()
+        .map(|d| {
+            let mut row = vec![d.day_ms.into(), d.replica.as_str().into()];
+            row.extend(key_values(&d.key));
+            row.extend(d.totals.columns().map(Value::Int));
+            row
+        })
+        .collect();
+    tx.insert(&ADD_DAILY, &daily).await?;
+    Ok(n)
+}
+
+/// `replica`'s lifetime totals per series, in the order the series first appeared.
+pub async fn restore(tx: &impl Tx, replica: &str) -> Result<Vec<(SeriesKey, Totals)>, String> {
+    let sql = format!(
+        "SELECT user_name, user_groups, path, model, denied, {} FROM usage_totals WHERE replica = ?1 \
+         ORDER BY first_ms, user_name, user_groups, path, model, denied",
+        TOTAL_COLUMNS.join(", ")
+    );
+    let rows = tx.query(&sql, &[replica.into()]).await?;
+    rows.iter().map(|row| Ok((key_of(row, 0)?, Totals::from_columns(row.ints(5)?)))).collect()
+}
+
+/// Whether any replica ever recorded an event of `user`.
+pub async fn knows_user(tx: &impl Tx, user: &str) -> Result<bool, String> {
+    let rows = tx.query("SELECT 1 FROM usage_totals WHERE user_name = ?1 LIMIT 1", &[user.into()]).await?;
+    Ok(!rows.is_empty())
+}
+
+/// `user`'s totals per bucket (see [`super::Ledger::usage`]). Token sums are split into
+/// high and low 32-bit halves so no intermediate sum overflows (SQLite's `SUM` fails on
+/// overflow); the halves are joined with saturation in Rust ([`usage_row`]).
+pub async fn usage(tx: &impl Tx, user: &str, range: UsageRange) -> Result<Vec<UsageBucket>, String> {
+    let UsageRange { since_ms, until_ms, width_ms, since_day_ms } = range;
+    let split = |c: &str| format!("{c} / 4294967296 AS {c}_hi, {c} % 4294967296 AS {c}_lo");
+    let tokens = ["prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"];
+    let event_cols = tokens.map(split).join(", ");
+    let sums = tokens.map(|c| format!("CAST(SUM({c}_hi) AS BIGINT), CAST(SUM({c}_lo) AS BIGINT)")).join(", ");
+    // ?1 bucket width, ?2 user, ?3 since, ?4 until, ?5 the start of since's day.
+    let sql = format!(
+        "SELECT b, CAST(SUM(requests) AS BIGINT), {sums} FROM (\
+           SELECT (ts_ms / ?1) * ?1 AS b, requests, {event_cols} FROM usage_events \
+             WHERE user_name = ?2 AND ts_ms >= ?3 AND ts_ms < ?4 \
+           UNION ALL \
+           SELECT (day_ms / ?1) * ?1 AS b, requests, {event_cols} FROM usage_daily \
+             WHERE user_name = ?2 AND day_ms >= ?5 AND day_ms < ?4\
+         ) AS x GROUP BY b ORDER BY b"
+    );
+    let params = [width_ms.into(), user.into(), since_ms.into(), until_ms.into(), since_day_ms.into()];
+    let rows = tx.query(&sql, &params).await?;
+    rows.iter().map(|row| Ok(usage_row(row.int(0)?, row.int(1)?, row.ints(2)?))).collect()
+}
+
+/// Joins the (bucket, requests, 4 × (high, low)) row of [`usage`].
+fn usage_row(bucket: i64, requests: i64, halves: [i64; 8]) -> UsageBucket {
+    let join = |hi: i64, lo: i64| {
+        let sum = u128::from(from_sql(hi)) * (1 << 32) + u128::from(from_sql(lo));
+        u64::try_from(sum).unwrap_or(u64::MAX)
+    };
+    let [ph, pl, ch, cl, kh, kl, rh, rl] = halves;
+    UsageBucket {
+        start_ms: bucket,
+        totals: Totals {
+            requests: from_sql(requests),
+            prompt: join(ph, pl),
+            completion: join(ch, cl),
+            cached: join(kh, kl),
+            reasoning: join(rh, rl),
+            incomplete: 0,
+            upstream_errors: 0,
+        },
+    }
+}
+
+/// `user`'s latest `limit` events, newest first.
+pub async fn recent(tx: &impl Tx, user: &str, limit: u32) -> Result<Vec<RecentEvent>, String> {
+    let sql = "SELECT id, ts_ms, user_groups, path, model, status, prompt_tokens, completion_tokens, cached_tokens, \
+               reasoning_tokens, incomplete, replica FROM usage_events WHERE user_name = ?1 \
+               ORDER BY ts_ms DESC, seq DESC LIMIT ?2";
+    let rows = tx.query(sql, &[user.into(), i64::from(limit).into()]).await?;
+    rows.iter()
+        .map(|row| {
+            let [prompt, completion, cached, reasoning] = row.ints(6)?.map(from_sql);
+            Ok(RecentEvent {
+                id: row.opt_text(0)?,
+                ts_ms: row.int(1)?,
+                groups: row.text(2)?,
+                path: row.text(3)?,
+                model: row.text(4)?,
+                status: row.opt_int(5)?.and_then(|s| u16::try_from(s).ok()),
+                tokens: Tokens { prompt, completion, cached, reasoning },
+                incomplete: row.flag(10)?,
+                replica: row.text(11)?,
+            })
+        })
+        .collect()
+}
+
+/// Every event id, oldest first.
+pub async fn event_ids(tx: &impl Tx) -> Result<Vec<String>, String> {
+    let rows = tx.query("SELECT id FROM usage_events WHERE id IS NOT NULL ORDER BY seq", &[]).await?;
+    rows.iter().map(|row| row.text(0)).collect()
+}
+
+/// The five key columns, in table order.
+fn key_values(key: &SeriesKey) -> [Value<'_>; 5] {
+    [key.user.as_str(), &key.groups, &key.path, &key.model, &key.denied].map(Value::from)
+}
+
+/// The five key columns starting at `first`.
+fn key_of(row: &Row, first: usize) -> Result<SeriesKey, String> {
+    Ok(SeriesKey {
+        user: row.text(first)?,
+        groups: row.text(first + 1)?,
+        path: row.text(first + 2)?,
+        model: row.text(first + 3)?,
+        denied: row.text(first + 4)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_rows_join_halves_with_saturation() {
+        let row = usage_row(7, 3, [1, 2, 0, 5, 0, 0, i64::MAX, i64::MAX]);
+        assert_eq!(row.start_ms, 7);
+        assert_eq!(row.totals.requests, 3);
+        assert_eq!(row.totals.prompt, (1 << 32) + 2);
+        assert_eq!(row.totals.completion, 5);
+        assert_eq!(row.totals.reasoning, u64::MAX);
+    }
+}
