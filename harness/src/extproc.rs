@@ -11,15 +11,13 @@
 //! response path) did to a body must survive a processor that re-emits the body itself.
 //! It keeps what it saw of each exchange ([`ExtProcServer::exchanges`]).
 
+use crate::background::Background;
 use std::net::TcpListener as StdListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use anyhow::anyhow;
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::sync::oneshot;
 
 /// What the processor saw of one HTTP exchange (one gRPC stream).
 #[derive(Debug, Clone, Default)]
@@ -47,8 +45,7 @@ const KEEP: usize = 256;
 pub struct ExtProcServer {
     pub port: u16,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 impl ExtProcServer {
@@ -57,35 +54,19 @@ impl ExtProcServer {
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared::default());
-        let (tx, rx) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         let loop_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new().name("ext-proc".into()).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow!("ext_proc runtime: {e}")));
-                    return;
-                }
+        let (server, ()) = Background::spawn("ext-proc", move |ready, stop| async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => return ready.fail(anyhow!("ext_proc listener: {e}")),
             };
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow!("ext_proc listener: {e}")));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                tokio::select! {
-                    _ = accept_loop(listener, loop_shared) => {}
-                    _ = rx => {}
-                }
-            });
-            rt.shutdown_timeout(Duration::from_secs(1));
+            ready.ok(());
+            tokio::select! {
+                _ = accept_loop(listener, loop_shared) => {}
+                _ = stop => {}
+            }
         })?;
-        ready_rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("ext_proc server did not start"))??;
-        Ok(ExtProcServer { port, shared, shutdown: Some(tx), thread: Some(thread) })
+        Ok(ExtProcServer { port, shared, _server: server })
     }
 
     /// gRPC streams opened by Envoy (one per HTTP exchange the filter processed).
@@ -96,17 +77,6 @@ impl ExtProcServer {
     /// The exchanges whose gRPC stream has ended, oldest first (at most 256).
     pub fn exchanges(&self) -> Vec<Exchange> {
         self.shared.exchanges.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-}
-
-impl Drop for ExtProcServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

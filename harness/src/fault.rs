@@ -15,6 +15,7 @@
 //! copies the tracker should have dropped ([`FaultTracker::expected_duplicates`]). It runs in-process on
 //! its own thread and Tokio runtime (like `MockServer`) and stops when dropped.
 
+use crate::background::Background;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
@@ -22,7 +23,6 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
@@ -232,8 +232,7 @@ pub struct FaultTracker {
     /// The port it listens on (also while refusing: it binds the same port again).
     pub port: u16,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: Background,
 }
 
 impl fmt::Debug for FaultTracker {
@@ -309,36 +308,19 @@ impl FaultTracker {
             backend: SocketAddr::from(([127, 0, 0, 1], tracker_port)),
             client,
         });
-        let (tx, rx) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<u16>>();
         let loop_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new().name("fault-tracker".into()).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow!("fault tracker runtime: {e}")));
-                    return;
-                }
+        let (server, port) = Background::spawn("fault-tracker", move |ready, stop| async move {
+            let bound = listen(want).and_then(|l| Ok((l.local_addr()?.port(), l)));
+            let (port, listener) = match bound {
+                Ok(x) => x,
+                Err(e) => return ready.fail(anyhow!("bind fault tracker port {want}: {e}")),
             };
-            rt.block_on(async move {
-                let bound = listen(want).and_then(|l| Ok((l.local_addr()?.port(), l)));
-                let (port, listener) = match bound {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow!("bind fault tracker port {want}: {e}")));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(port));
-                accept_loop(listener, port, loop_shared, mode_rx, rx).await;
-            });
-            rt.shutdown_timeout(Duration::from_secs(1));
+            ready.ok(port);
+            accept_loop(listener, port, loop_shared, mode_rx, stop).await;
         })?;
-        let port =
-            ready_rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("fault tracker did not start"))??;
         // Bound by the OS (no quiet port): no other part may get it from free_port.
         crate::stack::claim_port(port);
-        Ok(FaultTracker { port, shared, shutdown: Some(tx), thread: Some(thread) })
+        Ok(FaultTracker { port, shared, _server: server })
     }
 
     /// Switches the mode; returns once it is in force (for [`FaultMode::Refuse`]: the
@@ -426,17 +408,6 @@ impl FaultTracker {
                 bail!("fault tracker saw {seen} requests in mode {mode} after {timeout:?}, wanted {n}");
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FaultTracker {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }

@@ -17,7 +17,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -787,8 +786,7 @@ fn wait_envoy(p: &mut Proc, admin_port: u16, gateway_port: u16, istio: Option<&I
 /// (Also used by `bench-run`.)
 pub struct MockServer {
     pub port: u16,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: crate::background::Background,
 }
 
 impl MockServer {
@@ -797,45 +795,18 @@ impl MockServer {
         let listener = TcpListener::bind(("127.0.0.1", port)).with_context(|| format!("bind mock port {port}"))?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
-        let thread = std::thread::Builder::new().name("mock-model".into()).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow!("mock runtime: {e}")));
-                    return;
-                }
+        let (server, ()) = crate::background::Background::spawn("mock-model", move |ready, stop| async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => return ready.fail(anyhow!("mock listener: {e}")),
             };
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow!("mock listener: {e}")));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                tokio::select! {
-                    r = crate::mock::serve(listener) => { if let Err(e) = r { eprintln!("mock model server stopped: {e}"); } }
-                    _ = rx => {}
-                }
-            });
-            rt.shutdown_timeout(Duration::from_secs(1));
+            ready.ok(());
+            tokio::select! {
+                r = crate::mock::serve(listener) => { if let Err(e) = r { eprintln!("mock model server stopped: {e}"); } }
+                _ = stop => {}
+            }
         })?;
-        ready_rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("mock server did not start"))??;
-        Ok(MockServer { port, shutdown: Some(tx), thread: Some(thread) })
-    }
-}
-
-impl Drop for MockServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(MockServer { port, _server: server })
     }
 }
 
