@@ -61,6 +61,22 @@ impl CredentialCache {
     }
 }
 
+/// The headers removed from every request let through without edits of its own:
+/// every client-sent copy of the identity headers, and the credential headers unless
+/// `forward_credentials` (one list, for allowed requests and passed CORS preflights).
+pub fn passthrough_removals(settings: &Settings) -> Vec<&str> {
+    let mut remove = Vec::with_capacity(2 + settings.sources.len());
+    remove.extend([settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()]);
+    if !settings.forward_credentials {
+        for source in &settings.sources {
+            if !remove.contains(&source.header.as_str()) {
+                remove.push(source.header.as_str());
+            }
+        }
+    }
+    remove
+}
+
 /// Decides one request. `cache` is the worker's cache of credentials that checked out;
 /// `now` (Unix seconds) is asked for only when a JWT is checked.
 pub fn decide<'a, K: AsRef<str>, V: AsRef<str>>(
@@ -69,20 +85,14 @@ pub fn decide<'a, K: AsRef<str>, V: AsRef<str>>(
     headers: &[(K, V)],
     now: impl Fn() -> u64,
 ) -> Verdict<'a> {
-    let mut remove = Vec::with_capacity(2 + settings.sources.len());
-    remove.extend([settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()]);
-    let mut edits = HeaderEdits { remove, set: Vec::new() };
     let identity = match authenticate(settings, cache, headers, now).and_then(|id| authorize(settings, id)) {
         Ok(identity) => identity,
-        Err(error) => return Verdict::Deny { error, edits },
-    };
-    if !settings.forward_credentials {
-        for source in &settings.sources {
-            if !edits.remove.contains(&source.header.as_str()) {
-                edits.remove.push(source.header.as_str());
-            }
+        Err(error) => {
+            let remove = vec![settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()];
+            return Verdict::Deny { error, edits: HeaderEdits { remove, set: Vec::new() } };
         }
-    }
+    };
+    let mut edits = HeaderEdits { remove: passthrough_removals(settings), set: Vec::new() };
     let (user, groups) = match &identity {
         Cow::Borrowed(id) => (Cow::Borrowed(id.user.as_str()), id.groups_csv()),
         Cow::Owned(id) => (Cow::Owned(id.user.clone()), Cow::Owned(id.groups_csv().into_owned())),

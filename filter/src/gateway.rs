@@ -760,12 +760,7 @@ impl Stream {
     /// identity headers a client sent are removed, none is set, and no usage event is
     /// recorded (Envoy's `cors` filter or the upstream answers it).
     fn preflight(&mut self, host: &impl Host, state: &State, headers: &HeaderPairs<'_>, path: &str) -> Action {
-        let settings = &state.settings;
-        let mut remove = vec![settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()];
-        if !settings.forward_credentials {
-            remove.extend(settings.sources.iter().map(|s| s.header.as_str()));
-        }
-        for name in remove {
+        for name in crate::auth::passthrough_removals(&state.settings) {
             if header_map::contains(headers, name) && host.set_header(Map::RequestHeaders, name, None).is_err() {
                 return self.internal_error(host, state, path, "Cannot edit request headers.");
             }

@@ -28,6 +28,8 @@
 //!
 //! Pure: bytes in, offsets and bytes out; no host, no clock.
 
+use crate::usage::KeyBuf;
+
 /// Most bytes a rewrite adds: `,"stream_options":{"include_usage":true}`.
 pub const MAX_GROWTH: usize = TAIL_MEMBER.len();
 
@@ -275,9 +277,7 @@ struct Frame {
     phase: Phase,
     /// No member yet: `}` may close the object.
     empty: bool,
-    key: [u8; KEY_RAW_MAX],
-    key_len: usize,
-    key_over: bool,
+    key: KeyBuf<KEY_RAW_MAX>,
     key_escaped: bool,
     key_start: usize,
     current: Key,
@@ -294,9 +294,7 @@ impl Frame {
         Frame {
             phase: Phase::Key,
             empty: true,
-            key: [0; KEY_RAW_MAX],
-            key_len: 0,
-            key_over: false,
+            key: KeyBuf::new(),
             key_escaped: false,
             key_start: 0,
             current: Key::Other,
@@ -308,22 +306,8 @@ impl Frame {
         }
     }
 
-    fn push_key(&mut self, bytes: &[u8]) {
-        let end = self.key_len.saturating_add(bytes.len());
-        match self.key.get_mut(self.key_len..end) {
-            Some(slot) => {
-                slot.copy_from_slice(bytes);
-                self.key_len = end;
-            }
-            None => self.key_over = true,
-        }
-    }
-
     fn decode_key(&self, top: bool) -> Key {
-        if self.key_over {
-            return Key::Other;
-        }
-        let raw = self.key.get(..self.key_len).unwrap_or_default();
+        let Some(raw) = self.key.get() else { return Key::Other };
         if !self.key_escaped {
             return Key::from_decoded(raw, top);
         }
@@ -463,8 +447,7 @@ impl BodyScan {
             Phase::Key => {
                 if b == b'"' {
                     f.phase = Phase::InKey;
-                    f.key_len = 0;
-                    f.key_over = false;
+                    f.key.clear();
                     f.key_escaped = false;
                     f.key_start = at;
                     f.esc = false;
@@ -485,16 +468,16 @@ impl BodyScan {
                 let rest = chunk.get(i..).unwrap_or_default();
                 if f.esc {
                     f.esc = false;
-                    f.push_key(rest.get(..1).unwrap_or_default());
+                    f.key.push(rest.get(..1).unwrap_or_default());
                     return i + 1;
                 }
                 let n = rest.iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(rest.len());
-                f.push_key(rest.get(..n).unwrap_or_default());
+                f.key.push(rest.get(..n).unwrap_or_default());
                 match rest.get(n) {
                     Some(b'\\') => {
                         f.esc = true;
                         f.key_escaped = true;
-                        f.push_key(b"\\");
+                        f.key.push(b"\\");
                     }
                     Some(_) => {
                         f.current = f.decode_key(!nested);

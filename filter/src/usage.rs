@@ -69,6 +69,51 @@ pub const DEFAULT_MAX_CARRY: usize = 64 * 1024;
 const MODEL_MAX: usize = 256;
 /// Longest key we match ("response").
 const KEY_MAX: usize = 8;
+
+/// An object key as a JSON scanner reads it, up to `N` bytes, in fixed memory: a longer
+/// key (or one marked with [`KeyBuf::spoil`], e.g. escaped) matches nothing. Shared by
+/// the response scanner here and the request scanner (`request`).
+#[derive(Debug, Clone)]
+pub(crate) struct KeyBuf<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+    over: bool,
+}
+
+impl<const N: usize> KeyBuf<N> {
+    pub(crate) fn new() -> Self {
+        KeyBuf { bytes: [0; N], len: 0, over: false }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+        self.over = false;
+    }
+
+    pub(crate) fn push(&mut self, more: &[u8]) {
+        let end = self.len.saturating_add(more.len());
+        match self.bytes.get_mut(self.len..end) {
+            Some(slot) => {
+                slot.copy_from_slice(more);
+                self.len = end;
+            }
+            None => self.over = true,
+        }
+    }
+
+    pub(crate) fn spoil(&mut self) {
+        self.over = true;
+    }
+
+    /// The key, or None when it was too long or spoiled.
+    pub(crate) fn get(&self) -> Option<&[u8]> {
+        if self.over {
+            None
+        } else {
+            self.bytes.get(..self.len)
+        }
+    }
+}
 /// Longest SSE field name we match (a UTF-8 BOM plus "data").
 const NAME_MAX: usize = 7;
 const DONE: &[u8; 6] = b"[DONE]";
@@ -226,9 +271,8 @@ struct Scanner {
     level: u32,
     pos: Pos,
     target: Target,
-    key: [u8; KEY_MAX],
-    /// Over `KEY_MAX` marks a key we cannot match (too long or escaped).
-    key_len: usize,
+    /// The key being read; unmatchable when too long or escaped.
+    key: KeyBuf<KEY_MAX>,
     in_str: bool,
     esc: bool,
     cap: Option<Capture>,
@@ -243,8 +287,7 @@ impl Scanner {
             level: 1,
             pos: Pos::Start,
             target: Target::Skip,
-            key: [0; KEY_MAX],
-            key_len: 0,
+            key: KeyBuf::new(),
             in_str: false,
             esc: false,
             cap: None,
@@ -258,7 +301,7 @@ impl Scanner {
         self.level = 1;
         self.pos = Pos::Start;
         self.target = Target::Skip;
-        self.key_len = 0;
+        self.key.clear();
         self.in_str = false;
         self.esc = false;
         self.cap = None;
@@ -282,7 +325,7 @@ impl Scanner {
                     match self.pos {
                         Pos::ExpectKey if at_level => {
                             self.pos = Pos::InKey;
-                            self.key_len = 0;
+                            self.key.clear();
                         }
                         Pos::ExpectValue if at_level => {
                             if self.target == Target::Model {
@@ -377,14 +420,14 @@ impl Scanner {
         let rest = input.get(i..).unwrap_or_default();
         let n = rest.iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(rest.len());
         if in_key {
-            self.push_key(rest.get(..n).unwrap_or_default());
+            self.key.push(rest.get(..n).unwrap_or_default());
         }
         let end = i.saturating_add(n);
         match input.get(end) {
             Some(b'\\') => {
                 self.esc = true;
                 if in_key {
-                    self.key_len = KEY_MAX + 1;
+                    self.key.spoil();
                 }
             }
             Some(_) => {
@@ -401,19 +444,8 @@ impl Scanner {
         end.saturating_add(1)
     }
 
-    fn push_key(&mut self, bytes: &[u8]) {
-        let end = self.key_len.saturating_add(bytes.len());
-        match self.key.get_mut(self.key_len..end) {
-            Some(slot) => {
-                slot.copy_from_slice(bytes);
-                self.key_len = end;
-            }
-            None => self.key_len = KEY_MAX + 1,
-        }
-    }
-
     fn key_target(&self, want_model: bool) -> Target {
-        match self.key.get(..self.key_len) {
+        match self.key.get() {
             Some(b"usage") => Target::Usage,
             Some(b"model") if want_model => Target::Model,
             Some(b"message" | b"response") if self.level == 1 => Target::Nest,
