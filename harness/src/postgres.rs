@@ -60,8 +60,9 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
 }
 
 impl Postgres {
-    /// Creates a cluster under `dir` (`dir/postgres/data`, log `dir/postgres.log`) and
-    /// starts it on a free port; returns once it accepts connections.
+    /// Creates a cluster (`dir/postgres/data`, or a directory of its own under the
+    /// system temp dir when it runs as the `postgres` user; logs in `dir`) and starts it
+    /// on a free port; returns once it accepts connections. Removed when dropped.
     pub fn start(dir: &Path) -> anyhow::Result<Postgres> {
         let bin = bin_dir()?;
         let run_as = if RunAs::is_root() {
@@ -72,7 +73,18 @@ impl Postgres {
         } else {
             None
         };
-        let home = dir.join("postgres");
+        // Run as `postgres`, the server must reach its directory: the run directory's
+        // parents may be closed to that user (a checkout under a 0700 `mktemp -d`), so
+        // the cluster then lives in its own directory under the system temp dir.
+        let home = match run_as {
+            Some(_) => {
+                static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::env::temp_dir().join(format!("tollgate-pg-{}-{n}", std::process::id()))
+            }
+            None => dir.join("postgres"),
+        };
+        let _ = std::fs::remove_dir_all(&home); // a leftover of an earlier process with this pid
         std::fs::create_dir_all(&home).with_context(|| format!("create {}", home.display()))?;
         {
             use std::os::unix::fs::PermissionsExt;
