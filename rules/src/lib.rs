@@ -19,6 +19,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod lease;
+
 /// Longest event id, in characters (ids are the tracker's dedup key).
 pub const MAX_ID_CHARS: usize = 128;
 
