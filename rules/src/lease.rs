@@ -149,19 +149,12 @@ pub struct Report {
 /// [`ACTIVE_INTERVALS`]) — but a waiting request's `need` is granted whole whenever
 /// `left` covers it, so the last units of a limit are never stuck in rounding.
 pub fn grant(mine: Holding, others: &[Holding], report: Report, now_ms: u64, interval_ms: u64) -> Holding {
-    let mut me = Holding {
-        granted: mine.granted,
-        used: report.used,
-        demand: report.demand,
-        seen_ms: now_ms,
-    };
+    let mut me = Holding { granted: mine.granted, used: report.used, demand: report.demand, seen_ms: now_ms };
     let consumed = others.iter().fold(me.consumed(), |sum, h| sum.saturating_add(h.consumed()));
     let left = report.limit.saturating_sub(consumed);
     let active_since = now_ms.saturating_sub(interval_ms.saturating_mul(ACTIVE_INTERVALS));
-    let total_demand = others
-        .iter()
-        .filter(|h| h.seen_ms >= active_since)
-        .fold(me.demand, |sum, h| sum.saturating_add(h.demand));
+    let total_demand =
+        others.iter().filter(|h| h.seen_ms >= active_since).fold(me.demand, |sum, h| sum.saturating_add(h.demand));
     let target = report.need.max(me.demand.saturating_mul(HORIZON_INTERVALS));
     let want = target.saturating_sub(me.unused());
     let fair = if total_demand == 0 {
@@ -234,7 +227,7 @@ mod tests {
     #[test]
     fn the_sum_never_passes_the_limit() {
         let limit = 97;
-        let mut fleet = vec![Holding::default(); 5];
+        let mut fleet = [Holding::default(); 5];
         for round in 0..200u64 {
             let i = (round * 7 % 5) as usize;
             let me = fleet[i];
