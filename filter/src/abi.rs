@@ -97,6 +97,7 @@ extern "C" {
         return_value_size: *mut usize,
     ) -> u32;
     fn proxy_done() -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
 }
 
 fn check(status: u32) -> HostResult<()> {
@@ -234,6 +235,11 @@ impl Host for Abi {
 
     fn done(&self) -> HostResult<()> {
         check(unsafe { proxy_done() })
+    }
+
+    fn resume_request(&self) -> HostResult<()> {
+        // Stream type 0: the HTTP request (proxy-wasm ABI 0.2.1).
+        check(unsafe { proxy_continue_stream(0) })
     }
 
     fn random_u64(&self) -> u64 {

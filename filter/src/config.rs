@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::credentials::{default_sources, validate_sources, CredentialSource};
 use crate::jwt::{Jwks, JwtProvider, JwtVerifier};
 use crate::keys::{ApiKeyEntry, ApiKeyStore};
-use crate::limits::{Limits, LimitsConfig};
+use crate::limits::{Limits, LimitsConfig, Scope};
 
 /// A refused configuration: which field, and why. Never carries secret values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,9 +268,14 @@ pub struct UsageSettings {
 impl UsageSettings {
     /// The headers of a usage report (the token, when configured, as a bearer).
     pub fn report_headers(&self) -> Vec<(&str, &str)> {
+        self.headers_for(&self.path)
+    }
+
+    /// The headers of a POST to the trackers at `path` (reports, lease syncs).
+    pub fn headers_for<'a>(&'a self, path: &'a str) -> Vec<(&'a str, &'a str)> {
         let mut headers = vec![
             (":method", "POST"),
-            (":path", self.path.as_str()),
+            (":path", path),
             (":authority", self.authority.as_str()),
             ("content-type", "application/json"),
         ];
@@ -455,6 +460,12 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
 
     let usage = raw.usage.map(|u| check_usage(u, env)).transpose()?;
     let metering = check_metering(raw.metering, usage.as_ref())?;
+    if limits.as_ref().is_some_and(|l| l.scope == Scope::Global) && usage.is_none() {
+        return Err(ConfigError::new(
+            "limits.scope",
+            "\"global\" needs the usage section: its cluster reaches the trackers that grant the leases",
+        ));
+    }
 
     Ok(Settings {
         sources,
@@ -685,6 +696,15 @@ mod tests {
             (r#"{"forward_credentials":"yes"}"#, "forward_credentials"),
             (r#"{"limits":{"users":{"u":{"requests_per_minute":0}}}}"#, "limits.users.u.requests_per_minute"),
             (r#"{"limits":{"groups":{"g":{"requests_per_fortnight":1}}}}"#, "limits.groups.g.requests_per_fortnight"),
+            (r#"{"limits":{"scope":"planet"}}"#, "limits.scope"),
+            (r#"{"limits":{"scope":"global"}}"#, "limits.scope"),
+            (r#"{"limits":{"sync_interval_ms":500}}"#, "limits.sync_interval_ms"),
+            (r#"{"limits":{"scope":"global","sync_interval_ms":5}}"#, "limits.sync_interval_ms"),
+            (r#"{"limits":{"scope":"global","acquire_timeout_ms":0}}"#, "limits.acquire_timeout_ms"),
+            (
+                r#"{"limits":{"scope":"global","users":{"u":{"requests_per_minute":5,"burst":9}}}}"#,
+                "limits.users.u.burst",
+            ),
             (r#"{"usage":{}}"#, "usage"),
             (r#"{"usage":{"cluster":""}}"#, "usage.cluster"),
             (r#"{"usage":{"cluster":"c","path":"track"}}"#, "usage.path"),

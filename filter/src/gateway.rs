@@ -25,9 +25,10 @@ use crate::config::{CorsPreflight, Metering, Settings, UsageSettings};
 use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
 use crate::header_map::{self, HeaderPairs};
 use crate::host::{Buffer, Host, HostError, Level, Map};
+use crate::lease::{Admission, Ask, GlobalTicket, Leases, SYNC_PATH};
 use crate::limits::{
-    state_key, Headroom, LimitError, LimitSpec, LimitState, Limits, OnContention, Reservation, IDENTITY_COUNT_KEY,
-    OVERFLOW_KEY,
+    state_key, Headroom, LimitError, LimitSpec, LimitState, Limits, OnContention, Reservation, Scope,
+    IDENTITY_COUNT_KEY, OVERFLOW_KEY,
 };
 use crate::request::{prompt_estimate, route_of, BodyScan, Facts, Route, MAX_GROWTH};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
@@ -47,6 +48,8 @@ const CAS_ATTEMPTS: usize = 16;
 const BACKOFF_MAX_MS: u64 = 10_000;
 /// Most of a tracker answer read (to count the events it refused).
 const MAX_CALL_RESPONSE_BODY: usize = 64 * 1024;
+/// Most of a lease answer read (a sync of `MAX_LEASES_PER_SYNC` windows fits).
+const MAX_LEASE_ANSWER: usize = 2 * 1024 * 1024;
 /// Cached JWTs are re-verified at least this often, whatever their `exp`.
 const TOKEN_CACHE_MAX_AGE_SECS: u64 = 300;
 
@@ -84,7 +87,11 @@ pub struct State {
     /// Usage events waiting for a root context's next tick: this plugin's queue in
     /// this VM, shared with the root contexts of later config pushes (see [`QUEUES`]).
     queue: Rc<RefCell<EventQueue>>,
+    /// Global limits: this worker's leases (see [`LEASES`]).
+    leases: Option<Rc<RefCell<Leases>>>,
 }
+
+type PerPlugin<T> = RefCell<HashMap<String, Rc<RefCell<T>>>>;
 
 thread_local! {
     /// Each plugin's (name and root id's) event queue in this VM — one VM per worker, so one
@@ -93,24 +100,48 @@ thread_local! {
     /// the queue outlives both, so what the old root held (queued events, batches in
     /// flight) and what its HTTP contexts still record reaches the tracker through the
     /// new one.
-    static QUEUES: RefCell<HashMap<String, Rc<RefCell<EventQueue>>>> = RefCell::new(HashMap::new());
+    static QUEUES: PerPlugin<EventQueue> = RefCell::new(HashMap::new());
+    /// Each plugin's leases in this VM (global limits), kept across config pushes like
+    /// the queue: what a worker was granted and used stays its own.
+    static LEASES: PerPlugin<Leases> = RefCell::new(HashMap::new());
+}
+
+/// Plugin `plugin_id`'s value in `map` (made by `make` if new), updated by `update`.
+fn per_plugin<T>(
+    map: &'static std::thread::LocalKey<PerPlugin<T>>,
+    plugin_id: &str,
+    make: impl FnOnce() -> T,
+    update: impl FnOnce(&mut T),
+) -> Rc<RefCell<T>> {
+    map.with(|values| {
+        let value = match values.try_borrow_mut() {
+            Ok(mut values) => {
+                values.entry(plugin_id.to_string()).or_insert_with(|| Rc::new(RefCell::new(make()))).clone()
+            }
+            Err(_) => Rc::new(RefCell::new(make())),
+        };
+        if let Ok(mut v) = value.try_borrow_mut() {
+            update(&mut v);
+        }
+        value
+    })
 }
 
 /// The queue of plugin `plugin_id` in this VM, with these limits, created if new.
 fn plugin_queue(plugin_id: &str, limits: QueueLimits, random: impl FnOnce() -> u64) -> Rc<RefCell<EventQueue>> {
-    QUEUES.with(|queues| {
-        let Ok(mut queues) = queues.try_borrow_mut() else {
-            return Rc::new(RefCell::new(EventQueue::new(limits, EventIds::new(random()))));
-        };
-        let queue = queues
-            .entry(plugin_id.to_string())
-            .or_insert_with(|| Rc::new(RefCell::new(EventQueue::new(limits, EventIds::new(random())))))
-            .clone();
-        if let Ok(mut q) = queue.try_borrow_mut() {
-            q.set_limits(limits);
-        }
-        queue
-    })
+    per_plugin(&QUEUES, plugin_id, || EventQueue::new(limits, EventIds::new(random())), |q| q.set_limits(limits))
+}
+
+/// The leases of plugin `plugin_id` in this VM; a new worker is a new replica to the
+/// trackers, with a random id.
+fn plugin_leases(plugin_id: &str, limits: &Limits, random: impl FnOnce() -> u64) -> Rc<RefCell<Leases>> {
+    let max_users = usize::try_from(limits.max_identities).unwrap_or(usize::MAX);
+    per_plugin(
+        &LEASES,
+        plugin_id,
+        || Leases::new(format!("gw-{:016x}", random()), limits.sync_interval_ms, max_users),
+        |l| l.set_interval(limits.sync_interval_ms, max_users),
+    )
 }
 
 impl State {
@@ -146,11 +177,27 @@ pub struct Root {
     sent: HashSet<u32>,
     /// `on_done` was called: call the host's `done` once `sent` is empty.
     finishing: bool,
+    /// Lease syncs in flight (also in `sent`).
+    syncs: HashSet<u32>,
+    /// Ticks so far, and every how many ticks usage is flushed and leases synced.
+    ticks: u64,
+    flush_every: u64,
+    sync_every: u64,
 }
 
 impl Root {
     pub fn new(context_id: u32) -> Root {
-        Root { context_id, state: None, last_stats: QueueStats::default(), sent: HashSet::new(), finishing: false }
+        Root {
+            context_id,
+            state: None,
+            last_stats: QueueStats::default(),
+            sent: HashSet::new(),
+            finishing: false,
+            syncs: HashSet::new(),
+            ticks: 0,
+            flush_every: 1,
+            sync_every: 1,
+        }
     }
 
     pub fn state(&self) -> Option<&Rc<State>> {
@@ -224,14 +271,21 @@ impl Root {
                 backoff_max_ms: 0,
             },
         };
+        let plugin_id = host.plugin_id().unwrap_or_default();
+        let global = settings.limits.as_ref().filter(|l| l.scope == Scope::Global);
+        let leases = global.map(|l| plugin_leases(&plugin_id, l, || host.random_u64()));
         if let Some(u) = &settings.usage {
-            if let Err(status) = host.set_tick_period(Duration::from_millis(u.flush_interval_ms)) {
+            // One tick for both: the shorter period, the other every so many ticks.
+            let sync_ms = global.map_or(u.flush_interval_ms, |l| l.sync_interval_ms);
+            let tick_ms = u.flush_interval_ms.min(sync_ms).max(1);
+            self.flush_every = (u.flush_interval_ms / tick_ms).max(1);
+            self.sync_every = (sync_ms / tick_ms).max(1);
+            if let Err(status) = host.set_tick_period(Duration::from_millis(tick_ms)) {
                 log(host, Level::Error, self.context_id, format_args!("cannot set the tick period: {status:?}"));
             }
         }
-        let plugin_id = host.plugin_id().unwrap_or_default();
         let queue = plugin_queue(&plugin_id, limits, || host.random_u64());
-        self.state = Some(Rc::new(State { settings, credentials: RefCell::new(cache), queue }));
+        self.state = Some(Rc::new(State { settings, credentials: RefCell::new(cache), queue, leases }));
         true
     }
 
@@ -258,8 +312,36 @@ impl Root {
     pub fn tick(&mut self, host: &impl Host) {
         refresh_log_level(host);
         let Some(state) = self.state.clone() else { return };
-        if let Some(usage) = &state.settings.usage {
+        let tick = self.ticks;
+        self.ticks = self.ticks.wrapping_add(1);
+        let Some(usage) = &state.settings.usage else { return };
+        if tick.is_multiple_of(self.sync_every) {
+            self.sync(host, usage, &state);
+        }
+        if tick.is_multiple_of(self.flush_every) {
             self.flush(host, usage, &state);
+        }
+    }
+
+    /// Reports this worker's leases to the trackers (one sync in flight at a time).
+    fn sync(&mut self, host: &impl Host, usage: &UsageSettings, state: &State) {
+        let Some(leases) = &state.leases else { return };
+        if !self.syncs.is_empty() {
+            return;
+        }
+        let Ok(mut leases) = leases.try_borrow_mut() else { return };
+        let Some(body) = leases.sync_body(now_ms(host)) else { return };
+        let headers = usage.headers_for(SYNC_PATH);
+        match host.dispatch(&usage.cluster, &headers, &body, Duration::from_millis(usage.timeout_ms)) {
+            Ok(token) => {
+                self.sent.insert(token);
+                self.syncs.insert(token);
+            }
+            Err(status) => {
+                let changed = leases.answered(None);
+                drop(leases);
+                log_reachability(host, self.context_id, changed, false, format_args!("sync not sent: {status:?}"));
+            }
         }
     }
 
@@ -317,7 +399,13 @@ impl Root {
     /// BadArgument): it is a retry, never a trap.
     pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
         self.sent.remove(&token);
-        self.record_response(host, token, num_headers, body_size);
+        if self.syncs.remove(&token) {
+            if let Some(leases) = self.state.as_ref().and_then(|s| s.leases.clone()) {
+                lease_answer(host, self.context_id, &leases, num_headers, body_size);
+            }
+        } else {
+            self.record_response(host, token, num_headers, body_size);
+        }
         if self.finishing && self.sent.is_empty() {
             if let Err(status) = host.done() {
                 log(host, Level::Error, self.context_id, format_args!("cannot finish the root context: {status:?}"));
@@ -384,6 +472,57 @@ fn refused_events(body: &[u8]) -> u64 {
     serde_json::from_slice::<Answer>(body).map_or(0, |a| a.rejected.len() as u64)
 }
 
+/// The answer of a callout: its status (None: it failed) and, on a 200, its body.
+fn call_answer(host: &impl Host, num_headers: usize, body_size: usize, max: usize) -> (Option<u32>, Option<Vec<u8>>) {
+    if num_headers == 0 {
+        return (None, None);
+    }
+    let raw = host.header_pairs(Map::CallResponseHeaders).ok();
+    let headers = raw.as_deref().and_then(header_map::parse).unwrap_or_default();
+    let status = header_map::find(&headers, ":status").and_then(|s| s.trim().parse::<u32>().ok());
+    let body = if status == Some(200) && body_size > 0 {
+        host.buffer(Buffer::CallResponseBody, 0, body_size.min(max)).ok().flatten()
+    } else {
+        None
+    };
+    (status, body)
+}
+
+/// Applies the trackers' answer to a sync or an acquire (or its failure) to `leases`.
+fn lease_answer(host: &impl Host, context_id: u32, leases: &RefCell<Leases>, num_headers: usize, body_size: usize) {
+    let (status, body) = call_answer(host, num_headers, body_size, MAX_LEASE_ANSWER);
+    let Ok(mut leases) = leases.try_borrow_mut() else { return };
+    let changed = leases.answered(body.as_deref());
+    let reachable = leases.reachable();
+    drop(leases);
+    log_reachability(host, context_id, changed, reachable, format_args!("status {status:?}"));
+}
+
+/// One line when the trackers stop or start answering lease callouts.
+fn log_reachability(
+    host: &impl Host,
+    context_id: u32,
+    changed: bool,
+    reachable: bool,
+    detail: std::fmt::Arguments<'_>,
+) {
+    if !changed {
+        return;
+    }
+    if reachable {
+        log(host, Level::Warn, context_id, format_args!("global limits: the trackers answer again; leases resume"));
+    } else {
+        log(
+            host,
+            Level::Warn,
+            context_id,
+            format_args!(
+                "global limits: the trackers cannot be reached ({detail}); admitting from the leases held, then a share of each limit"
+            ),
+        );
+    }
+}
+
 fn now_ms(host: &impl Host) -> u64 {
     u64::try_from(host.now().unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
@@ -404,10 +543,35 @@ pub struct Stream {
     body: Option<Box<RequestBody>>,
     /// What the request may cost: charged when no usage can be read.
     estimate: Option<Estimate>,
+    /// Waiting for a lease (global limits): the acquire callout and where to go on.
+    waiting: Option<Waiting>,
+    /// The request waited for a lease in its headers / its body already (once each).
+    waited_headers: bool,
+    waited_body: bool,
+    /// Body (size, end of stream) and trailers that arrived while the headers waited.
+    pending_body: Option<(usize, bool)>,
+    pending_trailers: bool,
+}
+
+/// A request paused for an acquire callout.
+struct Waiting {
+    token: u32,
+    resume: Resume,
+}
+
+/// Where a request that waited for a lease goes on: its headers are admitted again,
+/// or the end of its body.
+#[derive(Debug, Clone, Copy)]
+enum Resume {
+    Headers { end_of_stream: bool },
+    Body { size: u64, trailers: bool },
 }
 
 struct LimitTicket {
+    /// Shared-data key (local scope); empty with global scope.
     key: String,
+    /// Global scope: what the request holds of its worker's leases.
+    global: Option<GlobalTicket>,
     spec: LimitSpec,
     headroom: Headroom,
     reservation: Reservation,
@@ -497,7 +661,7 @@ fn update_shared_from<T>(
     None
 }
 
-type Admission = Result<(Headroom, Reservation), LimitError>;
+type LocalAdmission = Result<(Headroom, Reservation), LimitError>;
 
 /// Admits a request against its user's limit state, reserving `reserve` tokens: one
 /// shared-data read and one compare-and-swap write in the common case. A user seen for
@@ -510,7 +674,7 @@ fn admit_shared(
     user: &str,
     now_ms: u64,
     reserve: u64,
-) -> Option<(String, Admission)> {
+) -> Option<(String, LocalAdmission)> {
     let mut key = state_key(user);
     let mut first = host.shared_get(&key).ok()?;
     if first.0.as_ref().is_none_or(|b| b.is_empty()) {
@@ -538,8 +702,21 @@ fn admit_shared(
     Some((key, verdict))
 }
 
+/// Admits a request against its worker's leases (global scope); `None` when they are
+/// busy or hold too many users.
+fn admit_global(
+    state: &State,
+    spec: &LimitSpec,
+    user: &str,
+    ask: Ask,
+    now_ms: u64,
+    may_wait: bool,
+) -> Option<Admission> {
+    state.leases.as_ref()?.try_borrow_mut().ok()?.admit(spec, user, ask, now_ms, may_wait)
+}
+
 /// Reserves `tokens` in an admitted request's limit state (once its body is read).
-fn reserve_shared(host: &impl Host, key: &str, spec: &LimitSpec, tokens: u64, now_ms: u64) -> Option<Admission> {
+fn reserve_shared(host: &impl Host, key: &str, spec: &LimitSpec, tokens: u64, now_ms: u64) -> Option<LocalAdmission> {
     update_shared(host, key, |bytes| {
         let mut state = LimitState::decode(bytes);
         match state.reserve(spec, now_ms, tokens) {
@@ -578,6 +755,11 @@ impl Stream {
             stripper: None,
             body: None,
             estimate: None,
+            waiting: None,
+            waited_headers: false,
+            waited_body: false,
+            pending_body: None,
+            pending_trailers: false,
         }
     }
 
@@ -666,12 +848,35 @@ impl Stream {
                             0
                         };
                         let now_ms = u64::try_from(now().as_millis()).unwrap_or(u64::MAX);
-                        match admit_shared(host, limits, spec, &identity.user, now_ms, reserve) {
-                            Some((key, Ok((headroom, reservation)))) => {
-                                self.limit =
-                                    Some(LimitTicket { key, spec: spec.clone(), headroom, reservation, pending });
+                        let admission = if limits.scope == Scope::Global {
+                            let ask = Ask { request: true, tokens: (tokens && end_of_stream).then_some(reserve) };
+                            match admit_global(&state, spec, &identity.user, ask, now_ms, !self.waited_headers) {
+                                Some(Admission::Wait(body)) => {
+                                    drop(cache);
+                                    return self.wait(host, &state, body, Resume::Headers { end_of_stream });
+                                }
+                                Some(Admission::Admitted(ticket, headroom)) => {
+                                    Some((String::new(), Some(ticket), Ok((headroom, Reservation::default()))))
+                                }
+                                Some(Admission::Refused(error)) => Some((String::new(), None, Err(error))),
+                                None => None,
                             }
-                            Some((_, Err(error))) => {
+                        } else {
+                            admit_shared(host, limits, spec, &identity.user, now_ms, reserve)
+                                .map(|(key, verdict)| (key, None, verdict))
+                        };
+                        match admission {
+                            Some((key, global, Ok((headroom, reservation)))) => {
+                                self.limit = Some(LimitTicket {
+                                    key,
+                                    global,
+                                    spec: spec.clone(),
+                                    headroom,
+                                    reservation,
+                                    pending,
+                                });
+                            }
+                            Some((_, _, Err(error))) => {
                                 return self.deny(host, &state, error.reason(), &LocalReply::from(&error), path);
                             }
                             None => match limits.on_contention {
@@ -811,6 +1016,11 @@ impl Stream {
     }
 
     pub fn request_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Action {
+        if self.waiting_in_headers() {
+            // Held until the headers are admitted (a Continue here would let them go on).
+            self.pending_body = Some((body_size, end_of_stream));
+            return Action::Pause;
+        }
         let Some(body) = self.body.as_mut() else { return Action::Continue };
         if body.done {
             return Action::Continue;
@@ -850,6 +1060,10 @@ impl Stream {
 
     /// Request trailers end the body without an end-of-stream body callback.
     pub fn request_trailers(&mut self, host: &impl Host) -> Action {
+        if self.waiting_in_headers() {
+            self.pending_trailers = true;
+            return Action::Pause;
+        }
         let held = match self.body.as_ref() {
             Some(body) if !body.done => body.held,
             _ => return Action::Continue,
@@ -889,7 +1103,7 @@ impl Stream {
         } else {
             None
         };
-        if let Some(action) = self.admit_body(host, &state, estimate) {
+        if let Some(action) = self.admit_body(host, &state, estimate, Resume::Body { size, trailers }) {
             return action;
         }
         let edited = rewritten.is_some();
@@ -941,10 +1155,45 @@ impl Stream {
 
     /// The token reservation that waited for the body; `Some` with the action when the
     /// request is refused.
-    fn admit_body(&mut self, host: &impl Host, state: &State, estimate: Estimate) -> Option<Action> {
+    fn admit_body(
+        &mut self,
+        host: &impl Host,
+        state: &Rc<State>,
+        estimate: Estimate,
+        resume: Resume,
+    ) -> Option<Action> {
         let ticket = self.limit.as_mut().filter(|t| t.pending)?;
-        ticket.pending = false;
         let on_contention = state.settings.limits.as_ref().map(|l| l.on_contention).unwrap_or_default();
+        if let Some(global) = &ticket.global {
+            let (spec, user) = (ticket.spec.clone(), global.user().to_string());
+            let ask = Ask { request: false, tokens: Some(estimate.total()) };
+            return match admit_global(state, &spec, &user, ask, now_ms(host), !self.waited_body) {
+                Some(Admission::Wait(body)) => Some(self.wait(host, state, body, resume)),
+                Some(Admission::Admitted(held, headroom)) => {
+                    ticket.pending = false;
+                    ticket.global = Some(held);
+                    ticket.headroom = headroom;
+                    None
+                }
+                Some(Admission::Refused(error)) => {
+                    Some(self.deny_late(host, error.reason(), &LocalReply::from(&error)))
+                }
+                None if on_contention == OnContention::Deny => {
+                    log(
+                        host,
+                        Level::Warn,
+                        self.context_id,
+                        format_args!("too many users for the leases; request refused"),
+                    );
+                    Some(self.deny_late(host, "limit_unavailable", &LocalReply::limit_unavailable()))
+                }
+                None => {
+                    ticket.pending = false;
+                    None
+                }
+            };
+        }
+        ticket.pending = false;
         match reserve_shared(host, &ticket.key, &ticket.spec, estimate.total(), now_ms(host)) {
             Some(Ok((headroom, reservation))) => {
                 ticket.headroom = headroom;
@@ -959,6 +1208,77 @@ impl Stream {
             None => {
                 log(host, Level::Warn, self.context_id, format_args!("limit state unavailable; tokens not reserved"));
                 None
+            }
+        }
+    }
+
+    fn waiting_in_headers(&self) -> bool {
+        self.waiting.as_ref().is_some_and(|w| matches!(w.resume, Resume::Headers { .. }))
+    }
+
+    /// Pauses the request for an acquire callout carrying `body`. When it cannot be
+    /// sent (or [`crate::lease::MAX_WAITING`] requests wait already), the request is
+    /// admitted again at once without waiting: from the lease it has, or, with the
+    /// trackers unreachable, from its share of the limit.
+    fn wait(&mut self, host: &impl Host, state: &Rc<State>, body: Vec<u8>, resume: Resume) -> Action {
+        match resume {
+            Resume::Headers { .. } => self.waited_headers = true,
+            Resume::Body { .. } => self.waited_body = true,
+        }
+        let settings = &state.settings;
+        if let (Some(usage), Some(limits), Some(leases)) = (&settings.usage, &settings.limits, &state.leases) {
+            if leases.try_borrow_mut().is_ok_and(|mut l| l.start_waiting()) {
+                let timeout = Duration::from_millis(limits.acquire_timeout_ms);
+                match host.dispatch(&usage.cluster, &usage.headers_for(SYNC_PATH), &body, timeout) {
+                    Ok(token) => {
+                        self.waiting = Some(Waiting { token, resume });
+                        return Action::Pause;
+                    }
+                    Err(status) => {
+                        let changed = leases.try_borrow_mut().is_ok_and(|mut l| {
+                            l.stop_waiting();
+                            l.answered(None)
+                        });
+                        let detail = format_args!("acquire not sent: {status:?}");
+                        log_reachability(host, self.context_id, changed, false, detail);
+                    }
+                }
+            }
+        }
+        self.go_on(host, resume)
+    }
+
+    fn go_on(&mut self, host: &impl Host, resume: Resume) -> Action {
+        match resume {
+            Resume::Headers { end_of_stream } => self.request_headers(host, end_of_stream),
+            Resume::Body { size, trailers } => self.finish_body(host, size, trailers),
+        }
+    }
+
+    /// The answer to this request's acquire callout (or its failure): applied to the
+    /// leases; the request is admitted again and resumed, or refused.
+    pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
+        let Some(waiting) = self.waiting.take_if(|w| w.token == token) else { return };
+        let Some(state) = self.state.clone() else { return };
+        if let Some(leases) = &state.leases {
+            if let Ok(mut l) = leases.try_borrow_mut() {
+                l.stop_waiting();
+            }
+            lease_answer(host, self.context_id, leases, num_headers, body_size);
+        }
+        let mut action = self.go_on(host, waiting.resume);
+        if matches!(waiting.resume, Resume::Headers { .. }) && action == Action::Continue {
+            // What arrived while the headers waited, in order.
+            if let Some((size, end_of_stream)) = self.pending_body.take() {
+                action = self.request_body(host, size, end_of_stream);
+            }
+            if action == Action::Continue && std::mem::take(&mut self.pending_trailers) {
+                action = self.request_trailers(host);
+            }
+        }
+        if action == Action::Continue {
+            if let Err(status) = host.resume_request() {
+                log(host, Level::Error, self.context_id, format_args!("cannot resume the request: {status:?}"));
             }
         }
     }
@@ -1032,6 +1352,14 @@ impl Stream {
     /// its usage. Without usage, an inference request that reached the model (a 2xx, or
     /// no answer at all) is charged its estimate, flagged `usage_estimated`.
     pub fn log(&mut self, host: &impl Host) {
+        if self.waiting.take().is_some() {
+            // Gone while waiting for a lease (its callout is cancelled).
+            if let Some(leases) = self.state.as_ref().and_then(|s| s.leases.as_ref()) {
+                if let Ok(mut l) = leases.try_borrow_mut() {
+                    l.stop_waiting();
+                }
+            }
+        }
         let (Some(state), Some(mut event)) = (self.state.clone(), self.event.take()) else { return };
         let mut done = self.response_done;
         if let Some(parser) = self.parser.as_mut() {
@@ -1054,7 +1382,11 @@ impl Stream {
             } else {
                 0
             };
-            if tokens > 0 || ticket.reservation.tokens > 0 {
+            if let Some(global) = &ticket.global {
+                if let Some(Ok(mut leases)) = state.leases.as_ref().map(|l| l.try_borrow_mut()) {
+                    leases.settle(&ticket.spec, global, tokens, now_ms(host));
+                }
+            } else if tokens > 0 || ticket.reservation.tokens > 0 {
                 let now_ms = now_ms(host);
                 let settled = update_shared(host, &ticket.key, |bytes| {
                     let mut state = LimitState::decode(bytes);
@@ -1120,8 +1452,10 @@ mod tests {
         /// The request headers as the last request that went on left the filter.
         upstream: RefCell<Vec<(String, String)>>,
         response_headers: Vec<(String, String)>,
-        call_response_headers: Vec<(String, String)>,
-        call_response_body: Vec<u8>,
+        call_response_headers: RefCell<Vec<(String, String)>>,
+        call_response_body: RefCell<Vec<u8>>,
+        /// Times a paused request was resumed.
+        resumed: Cell<u32>,
         request_body: RefCell<Vec<u8>>,
         response_body: RefCell<Vec<u8>>,
         shared: RefCell<BTreeMap<String, (Vec<u8>, u32)>>,
@@ -1183,7 +1517,7 @@ mod tests {
                 Map::RequestHeaders => self.fails(Call::RequestHeaders).map(|_| pairs(&self.request_headers.borrow())),
                 Map::ResponseHeaders => self.fails(Call::ResponseHeaders).map(|_| pairs(&self.response_headers)),
                 Map::CallResponseHeaders => {
-                    self.fails(Call::CallResponseHeaders).map(|_| pairs(&self.call_response_headers))
+                    self.fails(Call::CallResponseHeaders).map(|_| pairs(&self.call_response_headers.borrow()))
                 }
             }
         }
@@ -1206,7 +1540,7 @@ mod tests {
             let (call, data) = match buffer {
                 Buffer::RequestBody => (Call::RequestBody, self.request_body.borrow().clone()),
                 Buffer::ResponseBody => (Call::ResponseBody, self.response_body.borrow().clone()),
-                Buffer::CallResponseBody => (Call::CallResponseBody, self.call_response_body.clone()),
+                Buffer::CallResponseBody => (Call::CallResponseBody, self.call_response_body.borrow().clone()),
                 Buffer::PluginConfiguration => (Call::PluginConfiguration, self.config.clone()),
             };
             self.fails(call)?;
@@ -1273,6 +1607,10 @@ mod tests {
         }
         fn done(&self) -> HostResult<()> {
             self.done_calls.set(self.done_calls.get() + 1);
+            Ok(())
+        }
+        fn resume_request(&self) -> HostResult<()> {
+            self.resumed.set(self.resumed.get() + 1);
             Ok(())
         }
     }
@@ -1465,8 +1803,8 @@ mod tests {
             (None, 1, vec![], false),
         ];
         for (call, num_headers, headers, delivered) in cases {
-            let mut h = host("");
-            h.call_response_headers = headers.clone();
+            let h = host("");
+            *h.call_response_headers.borrow_mut() = headers.clone();
             let mut root = configured(&h);
             request(&root, &h);
             root.tick(&h);
@@ -1496,8 +1834,8 @@ mod tests {
     /// and the old root finishes only when its callouts are answered.
     #[test]
     fn a_config_push_hands_queued_and_in_flight_events_to_the_new_root() {
-        let mut h = host("");
-        h.call_response_headers = vec![(":status".into(), "200".into())];
+        let h = host("");
+        *h.call_response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
         let mut old = configured(&h);
         request(&old, &h);
         old.tick(&h); // batch 1 in flight from the old root
@@ -1546,16 +1884,16 @@ mod tests {
 
     #[test]
     fn events_the_tracker_refused_by_index_are_counted_as_rejected() {
-        let mut h = host("");
-        h.call_response_headers = vec![(":status".into(), "200".into())];
-        h.call_response_body =
+        let h = host("");
+        *h.call_response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
+        *h.call_response_body.borrow_mut() =
             br#"{"accepted":1,"duplicates":0,"rejected":[{"index":1,"reason":"invalid_event","message":"m"}]}"#
                 .to_vec();
         let mut root = configured(&h);
         request(&root, &h);
         request(&root, &h);
         root.tick(&h);
-        root.call_response(&h, 1, 1, h.call_response_body.len());
+        root.call_response(&h, 1, 1, h.call_response_body.borrow().len());
         let stats = root.state().unwrap().queue_stats();
         assert_eq!((stats.delivered, stats.rejected), (1, 1));
         // An unreadable answer body: the batch still counts as delivered.
@@ -1967,6 +2305,110 @@ mod tests {
         assert_eq!(headers.len(), 1);
         assert!(headers[0].contains(&("authorization".to_string(), "Bearer t0ken".to_string())), "{:?}", headers[0]);
         assert!(!h.logs.borrow().iter().any(|l| l.contains("t0ken")), "the token is never logged");
+    }
+
+    /// The trackers' answer to the last lease callout: `granted` and `consumed` of the
+    /// window of `requests/60000/mittens`.
+    fn lease_answer(h: &FakeHost, granted: u64, consumed: u64) -> (u32, usize) {
+        let start = tollgate_rules::lease::window_start(h.clock.get(), 60_000);
+        let body = serde_json::json!({"replicas": 2, "leases": [{
+            "key": "requests/60000/mittens", "window_start_ms": start, "granted": granted, "consumed": consumed}]});
+        *h.call_response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
+        *h.call_response_body.borrow_mut() = body.to_string().into_bytes();
+        let token = h.dispatched.borrow().last().map(|(t, _)| *t).unwrap();
+        (token, h.call_response_body.borrow().len())
+    }
+
+    fn last_callout(h: &FakeHost) -> serde_json::Value {
+        serde_json::from_slice(&h.dispatched.borrow().last().unwrap().1).unwrap()
+    }
+
+    /// Global limits in one worker: a request with no lease waits for one acquire
+    /// callout (its body held meanwhile), then goes on with what was granted; the lease
+    /// admits the next one without a callout; a window the trackers say is spent is
+    /// refused (at once, once known); `on_tick` reports what was used.
+    #[test]
+    fn global_limits_wait_for_a_lease_then_admit_from_it() {
+        let h = host(r#","limits":{"scope":"global","users":{"mittens":{"requests_per_minute":3}}}"#);
+        let mut root = configured(&h);
+        let sent = h.request_headers.borrow().clone();
+        let mut s = root.stream(2);
+        assert_eq!(s.request_headers(&h, false), Action::Pause);
+        assert_eq!(s.request_body(&h, 10, true), Action::Pause, "the body waits with the headers");
+        let asked = last_callout(&h);
+        assert_eq!(asked["replica"], "gw-0000000000000007");
+        assert_eq!(asked["leases"][0]["key"], "requests/60000/mittens");
+        assert_eq!(asked["leases"][0]["need"], 1);
+        let path = h.dispatched_headers.borrow().last().unwrap().iter().find(|(k, _)| k == ":path").unwrap().1.clone();
+        assert_eq!(path, "/v1/limits/sync");
+        let (token, size) = lease_answer(&h, 2, 2);
+        s.call_response(&h, token, 1, size);
+        assert_eq!(h.resumed.get(), 1);
+        let user = h.request_headers.borrow().iter().find(|(k, _)| k == "x-tollgate-user").map(|(_, v)| v.clone());
+        assert_eq!(user.as_deref(), Some("mittens"), "admitted: the identity goes upstream");
+        s.log(&h);
+        *h.request_headers.borrow_mut() = sent;
+
+        let callouts = h.dispatched.borrow().len();
+        assert_eq!(request(&root, &h), (Action::Continue, None));
+        assert_eq!(h.dispatched.borrow().len(), callouts, "from the lease: no callout");
+
+        let mut s = root.stream(3);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        let (token, size) = lease_answer(&h, 2, 3);
+        s.call_response(&h, token, 1, size);
+        assert_eq!(h.replies.borrow().last().unwrap().0, 429);
+        assert_eq!(h.resumed.get(), 1);
+        s.log(&h);
+        let callouts = h.dispatched.borrow().len();
+        assert_eq!(request(&root, &h), (Action::Pause, Some(429)));
+        assert_eq!(h.dispatched.borrow().len(), callouts, "spent fleet-wide: no callout");
+
+        root.tick(&h);
+        let sync = h.dispatched.borrow().iter().find_map(|(_, b)| {
+            let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+            (v["leases"][0]["need"] == 0).then_some(v)
+        });
+        assert_eq!(sync.expect("a sync")["leases"][0]["used"], 2);
+    }
+
+    /// Trackers that fail (callout refused, no answer, an error status) never leave a
+    /// request hanging or unlimited: it goes on from the fallback share of the limit.
+    #[test]
+    fn global_limits_without_trackers_fall_back_to_a_share() {
+        for failure in ["dispatch", "no answer", "503"] {
+            let h = host(r#","limits":{"scope":"global","users":{"mittens":{"requests_per_minute":3}}}"#);
+            let root = configured(&h);
+            let sent = h.request_headers.borrow().clone();
+            let mut admitted = 0;
+            for i in 0..6 {
+                *h.request_headers.borrow_mut() = sent.clone();
+                let mut s = root.stream(10 + i);
+                if failure == "dispatch" {
+                    h.fail(Call::Dispatch);
+                }
+                let mut action = s.request_headers(&h, true);
+                if action == Action::Pause && h.replies.borrow().is_empty() {
+                    let (token, size) = lease_answer(&h, 0, 0);
+                    if failure == "503" {
+                        *h.call_response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
+                    }
+                    let headers = if failure == "no answer" { 0 } else { 1 };
+                    let resumed = h.resumed.get();
+                    s.call_response(&h, token, headers, size);
+                    if h.resumed.get() > resumed {
+                        action = Action::Continue;
+                    }
+                }
+                if action == Action::Continue {
+                    admitted += 1;
+                }
+                s.log(&h);
+            }
+            // No answer ever: one replica known, so the whole limit in this worker.
+            assert_eq!(admitted, 3, "{failure}");
+            assert!(h.logs.borrow().iter().any(|l| l.contains("trackers cannot be reached")), "{failure}");
+        }
     }
 
     #[test]

@@ -60,7 +60,12 @@ impl RootContext for Root {
 
 struct Http(gateway::Stream);
 
-impl Context for Http {}
+impl Context for Http {
+    /// The answer to the acquire callout of a request waiting for a lease.
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        self.0.call_response(&Abi, token_id, num_headers, body_size);
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> types::Action {

@@ -83,7 +83,8 @@ pub trait Host {
     fn shared_get(&self, key: &str) -> HostResult<(Option<Vec<u8>>, Option<u32>)>;
     /// Writes a shared-data value if its CAS token still matches (`CasMismatch` otherwise).
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<()>;
-    /// Starts an HTTP callout; the answer (or failure) comes to the root context.
+    /// Starts an HTTP callout; the answer (or failure) comes to the context that made it
+    /// (the root context, or a stream waiting for a lease).
     fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> HostResult<u32>;
     /// Answers the request from the filter (the caller then returns `Pause`).
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) -> HostResult<()>;
@@ -97,6 +98,8 @@ pub trait Host {
     fn plugin_id(&self) -> Option<String>;
     /// Tells the host that a root context which answered `on_done` with false is done.
     fn done(&self) -> HostResult<()>;
+    /// Resumes the request of the current stream, paused in its headers or body.
+    fn resume_request(&self) -> HostResult<()>;
 }
 
 /// The host's serialization of a header list (count, then sizes, then NUL-terminated

@@ -18,6 +18,7 @@ pub mod host;
 pub mod identity;
 pub mod jwt;
 pub mod keys;
+pub mod lease;
 pub mod limits;
 pub mod request;
 pub mod response;

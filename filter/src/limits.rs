@@ -152,6 +152,16 @@ pub enum OnContention {
     Allow,
 }
 
+/// Where a limit holds: per gateway (every Envoy on its own) or for the whole fleet
+/// (leases from the trackers, see `lease`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Local,
+    Global,
+}
+
 /// The raw `limits` section.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,11 +174,24 @@ pub struct LimitsConfig {
     pub max_identities: u64,
     #[serde(default)]
     pub on_contention: OnContention,
+    #[serde(default)]
+    pub scope: Scope,
+    /// Global scope: how often each worker syncs its leases with the trackers.
+    #[serde(default)]
+    pub sync_interval_ms: Option<u64>,
+    /// Global scope: how long a request waits for a lease before it is refused.
+    #[serde(default)]
+    pub acquire_timeout_ms: Option<u64>,
 }
 
 fn default_max_identities() -> u64 {
     100_000
 }
+
+/// Default of `limits.sync_interval_ms`.
+pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 1_000;
+/// Default of `limits.acquire_timeout_ms`.
+pub const DEFAULT_ACQUIRE_TIMEOUT_MS: u64 = 500;
 
 /// Checked limits.
 #[derive(Debug, Clone)]
@@ -177,6 +200,9 @@ pub struct Limits {
     pub users: BTreeMap<String, LimitSpec>,
     pub max_identities: u64,
     pub on_contention: OnContention,
+    pub scope: Scope,
+    pub sync_interval_ms: u64,
+    pub acquire_timeout_ms: u64,
 }
 
 impl Limits {
@@ -191,11 +217,44 @@ impl Limits {
         if raw.max_identities == 0 {
             return Err(("limits.max_identities".into(), "must be a positive integer".into()));
         }
+        let global = raw.scope == Scope::Global;
+        for (field, value) in
+            [("sync_interval_ms", raw.sync_interval_ms), ("acquire_timeout_ms", raw.acquire_timeout_ms)]
+        {
+            if value.is_some() && !global {
+                return Err((format!("limits.{field}"), "applies to \"scope\": \"global\" only".into()));
+            }
+        }
+        let sync_interval_ms = raw.sync_interval_ms.unwrap_or(DEFAULT_SYNC_INTERVAL_MS);
+        let (min, max) = (tollgate_rules::lease::MIN_INTERVAL_MS, tollgate_rules::lease::MAX_INTERVAL_MS);
+        if !(min..=max).contains(&sync_interval_ms) {
+            return Err(("limits.sync_interval_ms".into(), format!("must be between {min} and {max}")));
+        }
+        let acquire_timeout_ms = raw.acquire_timeout_ms.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT_MS);
+        if !(10..=10_000).contains(&acquire_timeout_ms) {
+            return Err(("limits.acquire_timeout_ms".into(), "must be between 10 and 10000".into()));
+        }
+        if global {
+            // Fixed windows fleet-wide: a bucket's burst has no meaning there.
+            let specs =
+                raw.groups.iter().map(|(n, s)| ("groups", n, s)).chain(raw.users.iter().map(|(n, s)| ("users", n, s)));
+            for (kind, name, spec) in specs {
+                if spec.burst.is_some() {
+                    return Err((
+                        format!("limits.{kind}.{name}.burst"),
+                        "has no meaning with \"scope\": \"global\" (global limits count fixed windows)".into(),
+                    ));
+                }
+            }
+        }
         Ok(Limits {
             groups: raw.groups,
             users: raw.users,
             max_identities: raw.max_identities,
             on_contention: raw.on_contention,
+            scope: raw.scope,
+            sync_interval_ms,
+            acquire_timeout_ms,
         })
     }
 
