@@ -338,7 +338,7 @@ impl Root {
                 self.syncs.insert(token);
             }
             Err(status) => {
-                let changed = leases.answered(None);
+                let changed = leases.unreachable();
                 drop(leases);
                 log_reachability(host, self.context_id, changed, false, format_args!("sync not sent: {status:?}"));
             }
@@ -488,14 +488,23 @@ fn call_answer(host: &impl Host, num_headers: usize, body_size: usize, max: usiz
     (status, body)
 }
 
-/// Applies the trackers' answer to a sync or an acquire (or its failure) to `leases`.
-fn lease_answer(host: &impl Host, context_id: u32, leases: &RefCell<Leases>, num_headers: usize, body_size: usize) {
+/// Applies the trackers' answer to a sync or an acquire (or its failure) to `leases`;
+/// whether it was an answer.
+fn lease_answer(
+    host: &impl Host,
+    context_id: u32,
+    leases: &RefCell<Leases>,
+    num_headers: usize,
+    body_size: usize,
+) -> bool {
     let (status, body) = call_answer(host, num_headers, body_size, MAX_LEASE_ANSWER);
-    let Ok(mut leases) = leases.try_borrow_mut() else { return };
+    let Ok(mut leases) = leases.try_borrow_mut() else { return false };
+    let failures = leases.failures();
     let changed = leases.answered(body.as_deref());
-    let reachable = leases.reachable();
+    let (reachable, answered) = (leases.reachable(), leases.failures() <= failures);
     drop(leases);
     log_reachability(host, context_id, changed, reachable, format_args!("status {status:?}"));
+    answered
 }
 
 /// One line when the trackers stop or start answering lease callouts.
@@ -557,6 +566,9 @@ pub struct Stream {
 struct Waiting {
     token: u32,
     resume: Resume,
+    /// The acquire, kept to try once more if the first answer fails.
+    body: Vec<u8>,
+    retried: bool,
 }
 
 /// Where a request that waited for a lease goes on: its headers are admitted again,
@@ -1231,13 +1243,13 @@ impl Stream {
                 let timeout = Duration::from_millis(limits.acquire_timeout_ms);
                 match host.dispatch(&usage.cluster, &usage.headers_for(SYNC_PATH), &body, timeout) {
                     Ok(token) => {
-                        self.waiting = Some(Waiting { token, resume });
+                        self.waiting = Some(Waiting { token, resume, body, retried: false });
                         return Action::Pause;
                     }
                     Err(status) => {
                         let changed = leases.try_borrow_mut().is_ok_and(|mut l| {
                             l.stop_waiting();
-                            l.answered(None)
+                            l.unreachable()
                         });
                         let detail = format_args!("acquire not sent: {status:?}");
                         log_reachability(host, self.context_id, changed, false, detail);
@@ -1258,13 +1270,26 @@ impl Stream {
     /// The answer to this request's acquire callout (or its failure): applied to the
     /// leases; the request is admitted again and resumed, or refused.
     pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
-        let Some(waiting) = self.waiting.take_if(|w| w.token == token) else { return };
+        let Some(mut waiting) = self.waiting.take_if(|w| w.token == token) else { return };
         let Some(state) = self.state.clone() else { return };
-        if let Some(leases) = &state.leases {
+        if let (Some(leases), Some(usage), Some(limits)) =
+            (&state.leases, &state.settings.usage, &state.settings.limits)
+        {
+            let answered = lease_answer(host, self.context_id, leases, num_headers, body_size);
+            if !answered && !waiting.retried {
+                // Once more: the cluster may pick another tracker replica.
+                let timeout = Duration::from_millis(limits.acquire_timeout_ms);
+                if let Ok(token) = host.dispatch(&usage.cluster, &usage.headers_for(SYNC_PATH), &waiting.body, timeout)
+                {
+                    waiting.token = token;
+                    waiting.retried = true;
+                    self.waiting = Some(waiting);
+                    return;
+                }
+            }
             if let Ok(mut l) = leases.try_borrow_mut() {
                 l.stop_waiting();
             }
-            lease_answer(host, self.context_id, leases, num_headers, body_size);
         }
         let mut action = self.go_on(host, waiting.resume);
         if matches!(waiting.resume, Resume::Headers { .. }) && action == Action::Continue {
@@ -2387,8 +2412,13 @@ mod tests {
                 if failure == "dispatch" {
                     h.fail(Call::Dispatch);
                 }
+                let replies = h.replies.borrow().len();
                 let mut action = s.request_headers(&h, true);
-                if action == Action::Pause && h.replies.borrow().is_empty() {
+                // The acquire and its one retry fail.
+                for _ in 0..2 {
+                    if action != Action::Pause || h.replies.borrow().len() > replies {
+                        break;
+                    }
                     let (token, size) = lease_answer(&h, 0, 0);
                     if failure == "503" {
                         *h.call_response_headers.borrow_mut() = vec![(":status".into(), "503".into())];

@@ -14,7 +14,9 @@
 //! - `sync_body` (from `on_tick`, every `limits.sync_interval_ms`) reports what each
 //!   active window used and its demand; the answer tops leases up to two intervals of
 //!   demand. A request that finds its lease short waits for one `acquire_body` callout.
-//! - Trackers unreachable (a callout failed or was refused): a worker admits up to its
+//! - Trackers unreachable ([`UNREACHABLE_AFTER`] callouts in a row failed or were
+//!   refused; an acquire is tried twice, so one dead tracker replica among several
+//!   never counts as an outage): a worker admits up to its
 //!   grant, or `ceil(limit / replicas)` per window if more (`replicas` as the trackers
 //!   last counted them; 1 before any answer). Never unlimited.
 
@@ -207,8 +209,10 @@ pub struct Leases {
     max_users: usize,
     /// Replicas the trackers counted at the last answer (0: none yet).
     replicas: u64,
-    /// The last callout to the trackers was answered.
+    /// Fewer than [`UNREACHABLE_AFTER`] callouts in a row failed.
     reachable: bool,
+    /// Callouts that failed in a row.
+    failures: u32,
     /// Requests of this worker waiting for an acquire callout.
     waiting: usize,
 }
@@ -216,6 +220,9 @@ pub struct Leases {
 /// Requests of one worker that may wait for a lease at once; beyond, a short lease
 /// refuses at once (429, retry in a second).
 pub const MAX_WAITING: usize = 64;
+
+/// Callouts to the trackers that fail in a row before they count as unreachable.
+pub const UNREACHABLE_AFTER: u32 = 2;
 
 /// Where the trackers take syncs and acquires (on the `usage` cluster).
 pub const SYNC_PATH: &str = "/v1/limits/sync";
@@ -230,6 +237,7 @@ impl Leases {
             max_users,
             replicas: 0,
             reachable: true,
+            failures: 0,
             waiting: 0,
         }
     }
@@ -254,6 +262,11 @@ impl Leases {
 
     pub fn reachable(&self) -> bool {
         self.reachable
+    }
+
+    /// Callouts to the trackers that failed in a row.
+    pub fn failures(&self) -> u32 {
+        self.failures
     }
 
     /// The user's windows for `spec`, rolled to now; the ones kept from before keep
@@ -399,15 +412,26 @@ impl Leases {
         (!leases.is_empty()).then(|| self.message(leases))
     }
 
+    /// A callout could not even be sent (the host refused it: no such cluster, …): not
+    /// a passing failure, the trackers count as unreachable at once.
+    pub fn unreachable(&mut self) -> bool {
+        let was = self.reachable;
+        self.failures = self.failures.max(UNREACHABLE_AFTER);
+        self.reachable = false;
+        was
+    }
+
     /// The trackers answered a sync or an acquire (`Some(body)` on a 200) or did not.
     /// Returns whether reachability changed (worth a log line).
     pub fn answered(&mut self, answer: Option<&[u8]>) -> bool {
         let parsed = answer.and_then(|b| serde_json::from_slice::<SyncAnswer>(b).ok());
         let was = self.reachable;
         let Some(answer) = parsed else {
-            self.reachable = false;
-            return was;
+            self.failures = self.failures.saturating_add(1);
+            self.reachable = self.failures < UNREACHABLE_AFTER;
+            return was != self.reachable;
         };
+        self.failures = 0;
         self.reachable = true;
         self.replicas = answer.replicas;
         for g in answer.leases {
@@ -614,7 +638,9 @@ mod tests {
             w.answered(Some(&t.sync(&body, T0)));
         }
         let w = &mut fleet[0];
-        assert!(w.answered(None), "reachability changed");
+        assert!(!w.answered(None), "one failure is not an outage");
+        assert!(w.reachable());
+        assert!(w.answered(None), "two in a row are");
         assert!(!w.reachable());
         let mut admitted = 0;
         for k in 0..50 {
@@ -628,7 +654,7 @@ mod tests {
         assert_eq!(admitted + 1, 5);
         // Never before any answer: the whole limit per worker, never unlimited.
         let mut lone = Leases::new("x".into(), 1_000, 100);
-        lone.answered(None);
+        assert!(lone.unreachable());
         let n = (0..50)
             .filter(|k| {
                 matches!(
