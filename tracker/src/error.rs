@@ -45,6 +45,9 @@ pub enum TrackError {
     Unauthorized(String),
     /// Usage API: a query parameter is missing, malformed or out of range.
     BadQuery(String),
+    /// `POST /v1/limits/sync`: the body is JSON but breaks the schema (the message names
+    /// the field); nothing was changed.
+    InvalidBody(String),
     /// Usage API: the ledger has never seen the user asked about.
     UnknownUser(String),
     /// The ledger failed; nothing was written, the sender should retry.
@@ -63,6 +66,7 @@ impl TrackError {
             | TrackError::MethodNotAllowed(_)
             | TrackError::Unauthorized(_)
             | TrackError::BadQuery(_)
+            | TrackError::InvalidBody(_)
             | TrackError::UnknownUser(_)
             | TrackError::Unavailable(_)
             | TrackError::Internal(_) => None,
@@ -74,7 +78,8 @@ impl TrackError {
             TrackError::BadJson(_)
             | TrackError::InvalidEvent(_)
             | TrackError::InvalidEvents(_)
-            | TrackError::BadQuery(_) => 400,
+            | TrackError::BadQuery(_)
+            | TrackError::InvalidBody(_) => 400,
             TrackError::Unauthorized(_) => 401,
             TrackError::NotFound(_) | TrackError::UnknownUser(_) => 404,
             TrackError::MethodNotAllowed(_) => 405,
@@ -112,6 +117,7 @@ impl TrackError {
             | TrackError::MethodNotAllowed(m)
             | TrackError::Unauthorized(m)
             | TrackError::BadQuery(m)
+            | TrackError::InvalidBody(m)
             | TrackError::UnknownUser(m)
             | TrackError::Unavailable(m)
             | TrackError::Internal(m) => m,

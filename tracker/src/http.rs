@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::error::{Rejected, TrackError};
 use crate::event;
+use crate::limits_sync;
 use crate::metrics::Tracker;
 use crate::usage_api;
 
@@ -31,6 +32,7 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/track", post(track))
+        .route("/v1/limits/sync", post(limits_sync::sync))
         .route("/v1/usage", get(usage_api::usage))
         .route("/v1/usage/recent", get(usage_api::recent))
         .fallback(not_found)
@@ -86,14 +88,9 @@ async fn track(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Some(expected) = tracker.ingest_token_digest() {
-        if !usage_api::bearer_matches(&headers, expected) {
-            tracker.reject_unauthorized();
-            return TrackError::Unauthorized(
-                "missing or wrong bearer token: send Authorization: Bearer <the tracker's TRACKER_INGEST_TOKEN>".into(),
-            )
-            .into_response();
-        }
+    if let Some(refused) = ingest_refusal(&tracker, &headers) {
+        tracker.reject_unauthorized();
+        return refused.into_response();
     }
     let parsed = read_body(body).and_then(|body| event::parse_body(&body, tracker.limits().max_batch));
     let result = match parsed {
@@ -113,7 +110,18 @@ async fn track(
     }
 }
 
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, TrackError> {
+/// The refusal of a request to an ingest endpoint (`/track`, `/v1/limits/sync`) without
+/// the ingest secret, when one is configured (compared in constant time); `None`: let it in.
+pub(crate) fn ingest_refusal(tracker: &Tracker, headers: &HeaderMap) -> Option<TrackError> {
+    let expected = tracker.ingest_token_digest()?;
+    (!usage_api::bearer_matches(headers, expected)).then(|| {
+        TrackError::Unauthorized(
+            "missing or wrong bearer token: send Authorization: Bearer <the tracker's TRACKER_INGEST_TOKEN>".into(),
+        )
+    })
+}
+
+pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, TrackError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             TrackError::TooLarge("request body is over the size limit".into())

@@ -9,8 +9,12 @@
 //! [`labels`] bounds every label value, [`dedup`] drops events seen before, and
 //! [`metrics`] owns the registry. With a [`ledger`] (SQLite or PostgreSQL), every batch
 //! is committed there before it is acknowledged, and the counters are restored from it
-//! on start; [`usage_api`] serves what it holds. [`http`] is the edge: routes, body
-//! limit, and the one place where errors become status codes and JSON.
+//! on start; [`usage_api`] serves what it holds. [`limits_sync`] is the trackers' side
+//! of global limits (`POST /v1/limits/sync`): it grants each gateway replica its lease
+//! of every limit window, carved from what is left in one transaction per sync, so a
+//! limit holds for the whole fleet of gateways (README, "Global limits across gateway
+//! replicas"). [`http`] is the edge: routes, body limit, and the one place where errors
+//! become status codes and JSON.
 
 pub mod cli;
 pub mod dedup;
@@ -19,6 +23,7 @@ pub mod event;
 pub mod http;
 pub mod labels;
 pub mod ledger;
+pub mod limits_sync;
 pub mod metrics;
 pub mod time;
 pub mod usage_api;

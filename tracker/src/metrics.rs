@@ -24,6 +24,7 @@ use crate::error::{Rejected, TrackError};
 use crate::event::{Event, Outcome};
 use crate::labels::{self, CardinalityGuard, SeriesGuard, OTHER};
 use crate::ledger::{Ledger, LedgerError, SeriesKey, Totals};
+use crate::limits_sync::Leases;
 use crate::time;
 
 /// The service's limits; see the README and `--help` for why each default.
@@ -92,6 +93,19 @@ struct LedgerOpLabels {
     op: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SyncLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CountedLabels {
+    counted: &'static str,
+}
+
+/// The `outcome` label values of `tracker_limit_syncs_total`.
+pub const SYNC_OUTCOMES: [&str; 4] = ["ok", "invalid", "unauthorized", "unavailable"];
+
 /// The `op` label values of `tracker_ledger_errors_total`.
 pub const LEDGER_OPS: [&str; 3] = ["write", "read", "compact"];
 
@@ -131,6 +145,10 @@ pub struct Tracker {
     rejected: Family<RejectedLabels, Counter>,
     ledger_errors: Family<LedgerOpLabels, Counter>,
     series_overflow: Counter,
+    limit_syncs: Family<SyncLabels, Counter>,
+    limit_granted: Family<CountedLabels, Counter>,
+    /// Global limits without a ledger, and when their housekeeping last ran.
+    leases: Leases,
     state: Mutex<State>,
     /// The durable store; `None`: in memory only.
     ledger: Option<Arc<Ledger>>,
@@ -204,6 +222,24 @@ impl Tracker {
             "Events counted under user/groups/model \"other\" because --max-series label combinations exist",
             series_overflow.clone(),
         );
+        let limit_syncs = Family::<SyncLabels, Counter>::default();
+        registry.register(
+            "tracker_limit_syncs",
+            "POST /v1/limits/sync requests, by outcome (ok, invalid, unauthorized, unavailable)",
+            limit_syncs.clone(),
+        );
+        for outcome in SYNC_OUTCOMES {
+            limit_syncs.get_or_create(&SyncLabels { outcome }).inc_by(0);
+        }
+        let limit_granted = Family::<CountedLabels, Counter>::default();
+        registry.register(
+            "tracker_limit_granted",
+            "Units of global limits granted to gateway replicas as leases, by what the limit counts",
+            limit_granted.clone(),
+        );
+        for counted in crate::limits_sync::counted_labels() {
+            limit_granted.get_or_create(&CountedLabels { counted }).inc_by(0);
+        }
         Tracker {
             limits,
             registry,
@@ -218,6 +254,9 @@ impl Tracker {
             rejected,
             ledger_errors,
             series_overflow,
+            limit_syncs,
+            limit_granted,
+            leases: Leases::default(),
             ledger: None,
             api_token: None,
             ingest_token: None,
@@ -270,6 +309,21 @@ impl Tracker {
     /// Counts a `/track` request refused for a missing or wrong bearer secret.
     pub fn reject_unauthorized(&self) {
         self.rejected.get_or_create(&RejectedLabels { reason: "unauthorized" }).inc();
+    }
+
+    /// Counts a `/v1/limits/sync` request (`outcome` is one of [`SYNC_OUTCOMES`]).
+    pub fn count_limit_sync(&self, outcome: &'static str) {
+        self.limit_syncs.get_or_create(&SyncLabels { outcome }).inc();
+    }
+
+    /// Counts units of a limit granted by a sync.
+    pub fn count_limit_granted(&self, counted: &'static str, units: u64) {
+        self.limit_granted.get_or_create(&CountedLabels { counted }).inc_by(units);
+    }
+
+    /// The global-limits state of this tracker (the store without a ledger).
+    pub fn leases(&self) -> &Leases {
+        &self.leases
     }
 
     pub fn ledger(&self) -> Option<&Arc<Ledger>> {

@@ -12,14 +12,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{postgres_server, TempDir};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use usage_tracking::time::{format_rfc3339, now_ms, DAY_MS, HOUR_MS};
 use usage_tracking::{serve, Ledger, Limits, Tracker};
+
+mod common;
 
 const TOKEN: &str = "s3cret-usage-token";
 
@@ -30,63 +33,6 @@ const TOKEN: &str = "s3cret-usage-token";
 enum Kind {
     Sqlite,
     Postgres,
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        let dir = std::env::temp_dir().join(format!("tollgate-ledger-{}-{name}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The URL of this process's PostgreSQL server, started on first use by `tests/pg.sh`
-/// (stopped by the script's watchdog when this process exits); `None` when PostgreSQL
-/// is not installed. Under CI (`CI=true` or `CI=1`) a missing server is a failure, not
-/// a skip: CI must prove the PostgreSQL ledger works.
-fn postgres_server() -> Option<&'static str> {
-    static SERVER: OnceLock<Option<String>> = OnceLock::new();
-    SERVER
-        .get_or_init(|| {
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pg.sh");
-            let output = Command::new("bash")
-                .arg(script)
-                .arg(std::process::id().to_string())
-                .stderr(Stdio::piped())
-                .output()
-                .expect("cannot run tests/pg.sh");
-            match output.status.code() {
-                Some(0) => Some(String::from_utf8(output.stdout).unwrap().trim().to_owned()),
-                Some(77) => {
-                    let why = String::from_utf8_lossy(&output.stderr);
-                    let ci = std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-                    assert!(
-                        !ci,
-                        "CI is set, so the PostgreSQL ledger tests must run, not skip; install the \
-                         postgresql package (`make setup`): {}",
-                        why.trim()
-                    );
-                    // Straight to stderr, past the test harness's capture, so `cargo test` shows it.
-                    let _ = writeln!(std::io::stderr(), "SKIP the PostgreSQL ledger tests: {}", why.trim());
-                    None
-                }
-                _ => panic!(
-                    "tests/pg.sh could not start PostgreSQL although it is installed:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                ),
-            }
-        })
-        .as_deref()
 }
 
 /// A fresh, empty ledger location of `kind`.
@@ -919,8 +865,9 @@ async fn counted_denials_survive_restart_and_compaction(kind: Kind) {
     server.stop().await;
 }
 
-/// A ledger written by the schema-1 tracker (no `usage_events.requests`) is migrated
-/// when opened: every old row counts 1, as it did; a ledger of a newer schema is refused.
+/// A ledger written by the schema-1 tracker (no `usage_events.requests`, no tables of
+/// global limits) is migrated when opened: every old row counts 1, as it did, and the
+/// limit tables are created; a ledger of a newer schema is refused.
 async fn schema_1_ledger_is_migrated(kind: Kind) {
     let Some(backend) = Backend::new(kind, &format!("migrate_{kind:?}")).await else { return };
     let now = now_ms();
@@ -942,13 +889,22 @@ async fn schema_1_ledger_is_migrated(kind: Kind) {
             "UPDATE tollgate_ledger_schema SET version = ",
         ),
     };
-    assert_eq!(backend.integers(version).await, [2]);
-    backend.execute(&format!("ALTER TABLE usage_events DROP COLUMN requests; {set_version}1")).await;
+    assert_eq!(backend.integers(version).await, [3]);
+    backend
+        .execute(&format!(
+            "ALTER TABLE usage_events DROP COLUMN requests; DROP TABLE limit_windows; DROP TABLE limit_holdings; \
+             DROP TABLE limit_replicas; {set_version}1"
+        ))
+        .await;
     assert_eq!(backend.integers(version).await, [1]);
 
     let ledger = backend.open("r1").await;
-    assert_eq!(backend.integers(version).await, [2]);
+    assert_eq!(backend.integers(version).await, [3]);
     assert_eq!(backend.integers("SELECT requests FROM usage_events").await, [1, 1]);
+    // Schema 3's tables of global limits are there, empty.
+    for table in ["limit_windows", "limit_holdings", "limit_replicas"] {
+        assert_eq!(backend.integers(&format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table}")).await, [0], "{table}");
+    }
     let tracker = Tracker::with_ledger(Limits::default(), Arc::clone(&ledger)).await.unwrap();
     let server = Server::start(tracker.with_api_token(Some(TOKEN))).await;
     let text = server.metrics().await;
@@ -971,12 +927,12 @@ async fn schema_1_ledger_is_migrated(kind: Kind) {
     drop(ledger);
 
     // A ledger of a newer schema than this tracker's is refused, not rewritten.
-    backend.execute(&format!("{set_version}3")).await;
+    backend.execute(&format!("{set_version}4")).await;
     let refused = match kind {
         Kind::Sqlite => Ledger::open_sqlite(&backend.dir.as_ref().unwrap().0, "r1").map(drop),
         Kind::Postgres => Ledger::open_postgres(backend.url.as_ref().unwrap(), "r1").await.map(drop),
     };
-    let message = "cannot open the ledger: the ledger has schema version 3, newer than this tracker's 2";
+    let message = "cannot open the ledger: the ledger has schema version 4, newer than this tracker's 3";
     assert_eq!(refused.map_err(|e| e.to_string()), Err(message.to_owned()));
 }
 

@@ -8,7 +8,7 @@
 //! filter drops an event only after a 2xx. A failed write answers 503 and the filter
 //! resends the batch.
 //!
-//! Three tables, the same in both backends ([`sqlite`], [`postgres`]), each defined once
+//! Three usage tables, the same in both backends ([`sqlite`], [`postgres`]), each defined once
 //! in `schema.rs`, as every query is in `queries.rs`; what differs between the backends'
 //! SQL is in `sql.rs` (placeholders, types, many-row inserts, the schema version):
 //!
@@ -23,6 +23,18 @@
 //!   its own rows, in O(series) rather than O(events).
 //! - `usage_daily`: what compaction leaves of events older than the retention: per-day
 //!   sums by the same key, so `/v1/usage` totals stay exact after the raw events go.
+//!
+//! Three more hold the state of global limits (`POST /v1/limits/sync`,
+//! [`crate::limits_sync`]), shared by all tracker replicas on one PostgreSQL:
+//!
+//! - `limit_windows`: one row per limit window; a sync locks its windows' rows (in key
+//!   order) before it reads and grants, so two trackers never grant from the same
+//!   "left" at once.
+//! - `limit_holdings`: per window and gateway replica, what it was granted, used and
+//!   demanded, when it last synced and with which `seq`.
+//! - `limit_replicas`: when each gateway replica last synced.
+//!
+//! Rows of windows that ended more than a day ago are deleted (at most once a minute).
 //!
 //! Counts are stored as signed 64-bit integers (both backends' widest integer); sums
 //! saturate at `i64::MAX` rather than fail, as the in-memory counters saturate.
@@ -41,6 +53,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::event::{Event, Outcome, Tokens};
+use crate::limits_sync::{LimitSync, Synced};
 use crate::time::{self, DAY_MS};
 
 /// Events moved into daily totals per compaction transaction: small enough that a
@@ -425,6 +438,25 @@ impl Ledger {
             if n < COMPACT_CHUNK {
                 return Ok(moved);
             }
+        }
+    }
+
+    /// Applies a checked `POST /v1/limits/sync` in one transaction (committed when this
+    /// returns Ok; rolled back on error, changing nothing): see [`crate::limits_sync`].
+    pub async fn sync_limits(&self, sync: Arc<LimitSync>, now_ms: u64) -> Result<Synced, LedgerError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.write(move |tx| sqlite::run_now(queries::sync_limits(tx, &sync, now_ms))).await,
+            Backend::Postgres(p) => p.in_transaction(async |tx| queries::sync_limits(tx, &sync, now_ms).await).await,
+        }
+    }
+
+    /// Deletes global-limit holdings of windows that ended before `cutoff_ms`, and
+    /// replicas not seen since (one transaction).
+    pub async fn forget_limits(&self, cutoff_ms: u64) -> Result<(), LedgerError> {
+        let cutoff = to_sql(cutoff_ms);
+        match &self.backend {
+            Backend::Sqlite(s) => s.write(move |tx| sqlite::run_now(queries::forget_limits(tx, cutoff))).await,
+            Backend::Postgres(p) => p.in_transaction(async |tx| queries::forget_limits(tx, cutoff).await).await,
         }
     }
 

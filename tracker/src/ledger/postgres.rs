@@ -157,7 +157,7 @@ impl Postgres {
     }
 
     /// Runs `write` in a transaction on a writer connection and commits.
-    async fn in_transaction<T>(
+    pub(super) async fn in_transaction<T>(
         &self,
         write: impl AsyncFnOnce(&PgTx<'_, Transaction<'_>>) -> Result<T, String>,
     ) -> Result<T, LedgerError> {

@@ -2,14 +2,23 @@
 //! inside the transaction their backend opened; errors are the backend's message (the
 //! caller makes it a write or a read error).
 
-use super::schema::{ADD_DAILY, ADD_TOTALS, INSERT_EVENT};
+use std::collections::HashMap;
+
+use tollgate_rules::lease::Holding;
+
+use super::schema::{ADD_DAILY, ADD_TOTALS, INSERT_EVENT, LOCK_WINDOW, PUT_HOLDING, PUT_REPLICA};
 use super::sql::{Row, Tx, Value};
 use super::{
-    from_sql, sum_by_key, sum_daily, Compacted, RecentEvent, Record, SeriesKey, Totals, UsageBucket, UsageRange,
-    TOTAL_COLUMNS,
+    from_sql, sum_by_key, sum_daily, to_sql, Compacted, RecentEvent, Record, SeriesKey, Totals, UsageBucket,
+    UsageRange, TOTAL_COLUMNS,
 };
 use crate::event::Tokens;
+use crate::limits_sync::{self, LimitSync, Step, Stored, Synced};
 use crate::time::{self, DAY_MS};
+
+/// Limit keys per `IN (…)` list when reading holdings (well under both backends' limit
+/// on parameters per statement).
+const KEYS_PER_QUERY: usize = 1_000;
 
 /// One batch: its events (in [`Record`] order; a duplicate id is skipped) and the
 /// totals of the new ones, added to this replica's series. Per record, whether it was new.
@@ -85,6 +94,80 @@ pub async fn compact_chunk(tx: &impl Tx, cutoff_ms: i64, chunk: usize) -> Result
         .collect();
     tx.insert(&ADD_DAILY, &daily).await?;
     Ok(n)
+}
+
+/// One `POST /v1/limits/sync`, inside the transaction its backend opened: locks every
+/// window of the sync (in key order, so concurrent syncs wait rather than deadlock;
+/// a no-op lock in SQLite, whose write transaction already excludes every other
+/// writer), reads all replicas' holdings of them, applies [`limits_sync::step`] to each,
+/// writes the new holdings and the replica's last-seen time, and counts the replicas
+/// seen lately.
+pub async fn sync_limits(tx: &impl Tx, sync: &LimitSync, now_ms: u64) -> Result<Synced, String> {
+    let order = sync.lock_order();
+    let windows: Vec<Vec<Value<'_>>> = order
+        .iter()
+        .map(|(_, l)| vec![l.key.as_str().into(), to_sql(l.window_start_ms).into(), to_sql(l.window_end_ms()).into()])
+        .collect();
+    tx.insert(&LOCK_WINDOW, &windows).await?;
+
+    let mut keys: Vec<&str> = order.iter().map(|(_, l)| l.key.as_str()).collect();
+    keys.dedup(); // sorted: equal keys are neighbours
+    let mut stored: HashMap<(String, u64), Vec<Stored>> = HashMap::new();
+    for chunk in keys.chunks(KEYS_PER_QUERY) {
+        let list: Vec<String> = (1..=chunk.len()).map(|i| format!("?{i}")).collect();
+        let sql = format!(
+            "SELECT limit_key, window_start_ms, replica, granted, used, demand, seen_ms, seq FROM limit_holdings \
+             WHERE limit_key IN ({})",
+            list.join(", ")
+        );
+        let params: Vec<Value<'_>> = chunk.iter().map(|key| Value::from(*key)).collect();
+        for row in tx.query(&sql, &params).await? {
+            let window = (row.text(0)?, from_sql(row.int(1)?));
+            let [granted, used, demand, seen_ms, seq] = row.ints(3)?.map(from_sql);
+            let holding = Holding { granted, used, demand, seen_ms };
+            stored.entry(window).or_default().push(Stored { replica: row.text(2)?, holding, seq });
+        }
+    }
+
+    let mut steps: Vec<(usize, Step)> = Vec::with_capacity(order.len());
+    let mut holdings: Vec<Vec<Value<'_>>> = Vec::with_capacity(order.len());
+    for (i, lease) in &order {
+        let rows = stored.get(&(lease.key.clone(), lease.window_start_ms)).map_or(&[][..], Vec::as_slice);
+        let step = limits_sync::step(rows, &sync.replica, sync.seq, lease, now_ms, sync.interval_ms);
+        let h = step.holding;
+        holdings.push(vec![
+            lease.key.as_str().into(),
+            to_sql(lease.window_start_ms).into(),
+            sync.replica.as_str().into(),
+            to_sql(lease.window_end_ms()).into(),
+            to_sql(h.granted).into(),
+            to_sql(h.used).into(),
+            to_sql(h.demand).into(),
+            to_sql(h.seen_ms).into(),
+            to_sql(step.seq).into(),
+        ]);
+        steps.push((*i, step));
+    }
+    tx.insert(&PUT_HOLDING, &holdings).await?;
+    tx.insert(&PUT_REPLICA, &[vec![sync.replica.as_str().into(), to_sql(now_ms).into()]]).await?;
+    let since = to_sql(sync.replicas_since(now_ms));
+    let rows = tx.query("SELECT COUNT(*) FROM limit_replicas WHERE seen_ms >= ?1", &[since.into()]).await?;
+    let replicas = rows.first().map(|row| row.int(0)).transpose()?.map_or(0, from_sql);
+    steps.sort_by_key(|(i, _)| *i);
+    Ok(Synced { replicas, steps: steps.into_iter().map(|(_, step)| step).collect() })
+}
+
+/// Housekeeping of global limits: deletes the windows and holdings of windows that
+/// ended before `cutoff_ms`, and replicas not seen since.
+pub async fn forget_limits(tx: &impl Tx, cutoff_ms: i64) -> Result<(), String> {
+    for sql in [
+        "DELETE FROM limit_windows WHERE window_end_ms < ?1",
+        "DELETE FROM limit_holdings WHERE window_end_ms < ?1",
+        "DELETE FROM limit_replicas WHERE seen_ms < ?1",
+    ] {
+        tx.query(sql, &[cutoff_ms.into()]).await?;
+    }
+    Ok(())
 }
 
 /// `replica`'s lifetime totals per series, in the order the series first appeared.

@@ -5,9 +5,11 @@ use super::sql::{Column, Insert, OnConflict, Table, Tx};
 use super::TOTAL_COLUMNS;
 
 /// The schema version this tracker writes. 1: the first. 2: `usage_events.requests`
-/// (aggregated denials). A ledger of an older version is migrated in place when opened;
-/// one of a newer version is refused.
-pub const SCHEMA_VERSION: i64 = 2;
+/// (aggregated denials). 3: the global-limit tables `limit_windows`, `limit_holdings`
+/// and `limit_replicas` (`POST /v1/limits/sync`). A ledger of an older version is
+/// migrated in place when opened (added columns by [`ADDED_COLUMNS`], added tables by
+/// `CREATE TABLE IF NOT EXISTS`); one of a newer version is refused.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// What each version added to the one before, as (version, table, column); the
 /// column's definition is the table's. From 1 to 2: every existing event counted one
@@ -78,8 +80,49 @@ pub static DAILY: Table = Table {
     indexes: &[],
 };
 
+/// One row per limit window any replica synced: what a sync locks (its row lock,
+/// taken by [`LOCK_WINDOW`]) before it reads and grants from the window, so two tracker
+/// replicas never grant from the same "left" at once.
+pub static LIMIT_WINDOWS: Table = Table {
+    name: "limit_windows",
+    columns: &[&[
+        ("limit_key", "TEXT NOT NULL"),
+        ("window_start_ms", "{INT} NOT NULL"),
+        ("window_end_ms", "{INT} NOT NULL"),
+    ]],
+    key: &["limit_key", "window_start_ms"],
+    indexes: &[("limit_windows_end", "window_end_ms")],
+};
+
+/// Each gateway replica's holding of a limit window (`tollgate_rules::lease::Holding`)
+/// and the latest sequence number it synced it with.
+pub static LIMIT_HOLDINGS: Table = Table {
+    name: "limit_holdings",
+    columns: &[&[
+        ("limit_key", "TEXT NOT NULL"),
+        ("window_start_ms", "{INT} NOT NULL"),
+        ("replica", "TEXT NOT NULL"),
+        ("window_end_ms", "{INT} NOT NULL"),
+        ("granted", "{INT} NOT NULL"),
+        ("used", "{INT} NOT NULL"),
+        ("demand", "{INT} NOT NULL"),
+        ("seen_ms", "{INT} NOT NULL"),
+        ("seq", "{INT} NOT NULL"),
+    ]],
+    key: &["limit_key", "window_start_ms", "replica"],
+    indexes: &[("limit_holdings_end", "window_end_ms")],
+};
+
+/// When each gateway replica last synced (the `replicas` of a sync's answer).
+pub static LIMIT_REPLICAS: Table = Table {
+    name: "limit_replicas",
+    columns: &[&[("replica", "TEXT NOT NULL"), ("seen_ms", "{INT} NOT NULL")]],
+    key: &["replica"],
+    indexes: &[],
+};
+
 /// Every table, in creation order.
-const TABLES: [&Table; 3] = [&EVENTS, &TOTALS, &DAILY];
+const TABLES: [&Table; 6] = [&EVENTS, &TOTALS, &DAILY, &LIMIT_WINDOWS, &LIMIT_HOLDINGS, &LIMIT_REPLICAS];
 
 /// An event: skipped when its id is in the ledger already (a duplicate).
 pub const INSERT_EVENT: Insert = Insert { table: &EVENTS, on_conflict: OnConflict::Skip("id") };
@@ -87,6 +130,16 @@ pub const INSERT_EVENT: Insert = Insert { table: &EVENTS, on_conflict: OnConflic
 pub const ADD_TOTALS: Insert = Insert { table: &TOTALS, on_conflict: OnConflict::Add(&TOTAL_COLUMNS) };
 /// A day's sums added to what compaction left of that day before.
 pub const ADD_DAILY: Insert = Insert { table: &DAILY, on_conflict: OnConflict::Add(&TOTAL_COLUMNS) };
+/// Locks a limit window until the transaction ends, creating its row if new. Rows go
+/// in (key, window start) order, so concurrent syncs lock in the same order.
+pub const LOCK_WINDOW: Insert = Insert { table: &LIMIT_WINDOWS, on_conflict: OnConflict::Update(&["window_end_ms"]) };
+/// A replica's new holding of a window (computed under the window's lock).
+pub const PUT_HOLDING: Insert = Insert {
+    table: &LIMIT_HOLDINGS,
+    on_conflict: OnConflict::Update(&["window_end_ms", "granted", "used", "demand", "seen_ms", "seq"]),
+};
+/// When a replica last synced.
+pub const PUT_REPLICA: Insert = Insert { table: &LIMIT_REPLICAS, on_conflict: OnConflict::Update(&["seen_ms"]) };
 
 /// Creates the schema where missing and migrates an older one, inside the transaction
 /// the backend opened (so a crash mid-migration leaves the ledger as it was); refuses a

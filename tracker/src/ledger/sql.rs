@@ -12,6 +12,7 @@
 //! | many rows ([`Tx::insert`]) | one prepared `INSERT … VALUES`, run per row | one `INSERT … SELECT * FROM UNNEST(…)` of arrays, `RETURNING` what went in |
 //! | schema version | `PRAGMA user_version` | table `tollgate_ledger_schema`, under an advisory lock |
 //! | taking rows to delete | plain (one writer) | `FOR UPDATE SKIP LOCKED` (replicas compact at once) |
+//! | locking a limit window | nothing to do (`BEGIN IMMEDIATE` holds the only write lock) | the row lock of `INSERT … ON CONFLICT DO UPDATE` ([`OnConflict::Update`]), same statement |
 //! | running it | rusqlite: blocking, on the writer thread or a blocking thread | tokio-postgres: async |
 //!
 //! The last row is bridged by [`Tx`]: queries are `async fn`s over it; the SQLite
@@ -94,6 +95,10 @@ impl Dialect {
                         )
                     })
                     .collect();
+                format!("ON CONFLICT ({}) DO UPDATE SET {}", table.key.join(", "), set.join(", "))
+            }
+            OnConflict::Update(replaced) => {
+                let set: Vec<String> = replaced.iter().map(|c| format!("{c} = excluded.{c}")).collect();
                 format!("ON CONFLICT ({}) DO UPDATE SET {}", table.key.join(", "), set.join(", "))
             }
         };
@@ -205,6 +210,10 @@ pub enum OnConflict {
     /// Adds these columns to the stored row's, saturating at `i64::MAX` (the table's
     /// primary key conflicts); the rest of the stored row stays.
     Add(&'static [&'static str]),
+    /// Overwrites these columns of the stored row with the new row's (the table's
+    /// primary key conflicts). In PostgreSQL this locks the row until the transaction
+    /// ends, whether it was inserted or updated: how a limit window is locked.
+    Update(&'static [&'static str]),
 }
 
 /// Rows into every column of `table` but the generated one, in the table's order.
@@ -352,6 +361,12 @@ mod tests {
             Dialect::Sqlite.insert_sql(&add),
             "INSERT INTO t (k, n, f) VALUES (?1, ?2, ?3) ON CONFLICT (k) DO UPDATE SET n = CASE WHEN t.n > \
              9223372036854775807 - excluded.n THEN 9223372036854775807 ELSE t.n + excluded.n END"
+        );
+        let update = Insert { table: &T, on_conflict: OnConflict::Update(&["n", "f"]) };
+        assert_eq!(
+            Dialect::Postgres.insert_sql(&update),
+            "INSERT INTO t (k, n, f) SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BOOLEAN[]) \
+             ON CONFLICT (k) DO UPDATE SET n = excluded.n, f = excluded.f"
         );
     }
 

@@ -57,6 +57,8 @@ enum Job {
         chunk: usize,
         reply: oneshot::Sender<Result<usize, LedgerError>>,
     },
+    /// Any other write, in a transaction of its own (it answers through its own channel).
+    Write(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
 #[derive(Debug)]
@@ -132,6 +134,19 @@ impl Sqlite {
         answer.await.map_err(|_| LedgerError::Write("the ledger writer thread stopped mid-write".into()))?
     }
 
+    /// Queues `write` (a query of [`queries`] run with [`run_now`]) for the writer, which
+    /// runs it in an immediate transaction of its own, and waits until it has committed.
+    pub(super) async fn write<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&SqliteTx<'_>) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Write(Box::new(move |conn| {
+            let _ = reply.send(in_transaction(conn, write));
+        })))?;
+        answer.await.map_err(|_| LedgerError::Write("the ledger writer thread stopped mid-write".into()))?
+    }
+
     /// Runs a read query on the reader connection (a blocking call: run it on a
     /// blocking thread), e.g. `sqlite.read(|tx| run_now(queries::restore(tx, replica)))`.
     pub(super) fn read<T>(&self, query: impl FnOnce(&SqliteTx<'_>) -> Result<T, String>) -> Result<T, LedgerError> {
@@ -158,6 +173,7 @@ fn write_forever(mut conn: Connection, queue: &mpsc::Receiver<Job>) {
                         in_transaction(&mut conn, |tx| run_now(queries::compact_chunk(tx, cutoff_ms, chunk)));
                     let _ = reply.send(compacted);
                 }
+                Job::Write(write) => write(&mut conn),
             }
             if events < MAX_GROUP_EVENTS {
                 next = queue.try_recv().ok();
