@@ -177,8 +177,8 @@ pub struct Root {
     sent: HashSet<u32>,
     /// `on_done` was called: call the host's `done` once `sent` is empty.
     finishing: bool,
-    /// Lease syncs in flight (also in `sent`).
-    syncs: HashSet<u32>,
+    /// Lease syncs in flight (also in `sent`), with their sequence numbers.
+    syncs: HashMap<u32, u64>,
     /// Ticks so far, and every how many ticks usage is flushed and leases synced.
     ticks: u64,
     flush_every: u64,
@@ -193,7 +193,7 @@ impl Root {
             last_stats: QueueStats::default(),
             sent: HashSet::new(),
             finishing: false,
-            syncs: HashSet::new(),
+            syncs: HashMap::new(),
             ticks: 0,
             flush_every: 1,
             sync_every: 1,
@@ -331,11 +331,12 @@ impl Root {
         }
         let Ok(mut leases) = leases.try_borrow_mut() else { return };
         let Some(body) = leases.sync_body(now_ms(host)) else { return };
+        let seq = leases.last_seq();
         let headers = usage.headers_for(SYNC_PATH);
         match host.dispatch(&usage.cluster, &headers, &body, Duration::from_millis(usage.timeout_ms)) {
             Ok(token) => {
                 self.sent.insert(token);
-                self.syncs.insert(token);
+                self.syncs.insert(token, seq);
             }
             Err(status) => {
                 let changed = leases.unreachable();
@@ -399,9 +400,9 @@ impl Root {
     /// BadArgument): it is a retry, never a trap.
     pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
         self.sent.remove(&token);
-        if self.syncs.remove(&token) {
+        if let Some(seq) = self.syncs.remove(&token) {
             if let Some(leases) = self.state.as_ref().and_then(|s| s.leases.clone()) {
-                lease_answer(host, self.context_id, &leases, num_headers, body_size);
+                lease_answer(host, self.context_id, &leases, seq, (num_headers, body_size));
             }
         } else {
             self.record_response(host, token, num_headers, body_size);
@@ -494,13 +495,13 @@ fn lease_answer(
     host: &impl Host,
     context_id: u32,
     leases: &RefCell<Leases>,
-    num_headers: usize,
-    body_size: usize,
+    seq: u64,
+    (num_headers, body_size): (usize, usize),
 ) -> bool {
     let (status, body) = call_answer(host, num_headers, body_size, MAX_LEASE_ANSWER);
     let Ok(mut leases) = leases.try_borrow_mut() else { return false };
     let failures = leases.failures();
-    let changed = leases.answered(body.as_deref());
+    let changed = leases.answered(body.as_deref(), seq);
     let (reachable, answered) = (leases.reachable(), leases.failures() <= failures);
     drop(leases);
     log_reachability(host, context_id, changed, reachable, format_args!("status {status:?}"));
@@ -566,8 +567,10 @@ pub struct Stream {
 struct Waiting {
     token: u32,
     resume: Resume,
-    /// The acquire, kept to try once more if the first answer fails.
+    /// The acquire and its sequence number, kept to try once more if the first
+    /// answer fails.
     body: Vec<u8>,
+    seq: u64,
     retried: bool,
 }
 
@@ -1239,11 +1242,12 @@ impl Stream {
         }
         let settings = &state.settings;
         if let (Some(usage), Some(limits), Some(leases)) = (&settings.usage, &settings.limits, &state.leases) {
-            if leases.try_borrow_mut().is_ok_and(|mut l| l.start_waiting()) {
+            let started = leases.try_borrow_mut().ok().and_then(|mut l| l.start_waiting().then(|| l.last_seq()));
+            if let Some(seq) = started {
                 let timeout = Duration::from_millis(limits.acquire_timeout_ms);
                 match host.dispatch(&usage.cluster, &usage.headers_for(SYNC_PATH), &body, timeout) {
                     Ok(token) => {
-                        self.waiting = Some(Waiting { token, resume, body, retried: false });
+                        self.waiting = Some(Waiting { token, resume, body, seq, retried: false });
                         return Action::Pause;
                     }
                     Err(status) => {
@@ -1275,7 +1279,7 @@ impl Stream {
         if let (Some(leases), Some(usage), Some(limits)) =
             (&state.leases, &state.settings.usage, &state.settings.limits)
         {
-            let answered = lease_answer(host, self.context_id, leases, num_headers, body_size);
+            let answered = lease_answer(host, self.context_id, leases, waiting.seq, (num_headers, body_size));
             if !answered && !waiting.retried {
                 // Once more: the cluster may pick another tracker replica.
                 let timeout = Duration::from_millis(limits.acquire_timeout_ms);

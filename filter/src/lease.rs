@@ -40,13 +40,23 @@ struct Entry {
     used: u64,
     /// Tokens reserved by requests in flight.
     reserved: u64,
-    /// Fleet-wide consumption as of the last answer.
+    /// Fleet-wide, as of the last answer: what the grants and uses take from the
+    /// limit (at the limit: nothing left to grant), and what was used.
     consumed: u64,
+    fleet_used: u64,
+    /// What this worker last reported used (its part of `fleet_used`).
+    reported: u64,
     /// Admitted or wanted since the last sync, and in the interval before.
     demand: u64,
     last_demand: u64,
     /// Changed since the last sync.
     dirty: bool,
+    /// A request was refused while part of the grant was unused (too small for it):
+    /// the next sync gives that part back.
+    starved: bool,
+    /// The message that last gave part of the grant back: grants in answers to older
+    /// messages are out of date (the trackers lowered them since).
+    floor_seq: u64,
 }
 
 impl Entry {
@@ -60,9 +70,13 @@ impl Entry {
             used: 0,
             reserved: 0,
             consumed: 0,
+            fleet_used: 0,
+            reported: 0,
             demand: 0,
             last_demand: 0,
             dirty: false,
+            starved: false,
+            floor_seq: 0,
         }
     }
 
@@ -82,6 +96,27 @@ impl Entry {
         self.used.saturating_add(self.reserved)
     }
 
+    /// Used fleet-wide: the last answer's, with what this worker used since its report.
+    fn fleet_used(&self) -> u64 {
+        self.fleet_used.saturating_sub(self.reported).saturating_add(self.held())
+    }
+
+    fn unused(&self) -> u64 {
+        self.granted.saturating_sub(self.held())
+    }
+
+    /// Gives back what of the grant this worker will not use: beyond two intervals of
+    /// its demand, or all that is unused after it starved. The grant kept, if any went.
+    fn give_back(&mut self) -> Option<u64> {
+        let keep =
+            if self.starved { 0 } else { self.demand.max(self.last_demand).saturating_mul(rules::HORIZON_INTERVALS) };
+        self.starved = false;
+        (self.unused() > keep).then(|| {
+            self.granted = self.held().saturating_add(keep);
+            self.granted
+        })
+    }
+
     fn reset_ms(&self, now_ms: u64) -> u64 {
         self.window_start.saturating_add(self.window_ms).saturating_sub(now_ms)
     }
@@ -94,14 +129,14 @@ impl Entry {
     }
 
     fn counter(&self, now_ms: u64) -> Counter {
-        let unused = self.granted.saturating_sub(self.held());
         let remaining =
-            self.limit.saturating_sub(self.consumed.max(self.held())).saturating_add(unused).min(self.limit);
+            self.limit.saturating_sub(self.consumed.max(self.held())).saturating_add(self.unused()).min(self.limit);
         Counter { limit: self.limit, remaining, reset_ms: self.reset_ms(now_ms) }
     }
 
-    fn report(&self, key_user: &str, need: u64) -> serde_json::Value {
-        serde_json::json!({
+    fn report(&mut self, key_user: &str, need: u64, kept: Option<u64>) -> serde_json::Value {
+        self.reported = self.held();
+        let mut report = serde_json::json!({
             "key": rules::limit_key(self.counted, self.window_ms, key_user),
             "window_start_ms": self.window_start,
             "window_ms": self.window_ms,
@@ -109,7 +144,11 @@ impl Entry {
             "used": self.held(),
             "demand": self.demand.max(self.last_demand),
             "need": need,
-        })
+        });
+        if let (Some(kept), Some(map)) = (kept, report.as_object_mut()) {
+            map.insert("kept".into(), kept.into());
+        }
+        report
     }
 }
 
@@ -197,6 +236,8 @@ struct Granted {
     window_start_ms: u64,
     granted: u64,
     consumed: u64,
+    #[serde(default)]
+    used: u64,
 }
 
 /// The leases of one worker (one replica to the trackers).
@@ -320,11 +361,15 @@ impl Leases {
             if e.held().saturating_add(amount) <= allowance {
                 continue;
             }
-            // Spent fleet-wide: nothing more can be granted in this window.
-            let spent = e.consumed >= e.limit && e.granted <= e.held();
-            if reachable && may_wait && !spent {
+            // Nothing left to grant (as of the last answer): no callout. Spent: used up.
+            let exhausted = e.consumed >= e.limit;
+            let spent = e.fleet_used() >= e.limit;
+            if reachable && may_wait && !exhausted {
                 needs.push((i, e.held().saturating_add(amount).saturating_sub(e.granted)));
                 continue;
+            }
+            if e.unused() > 0 {
+                e.starved = true;
             }
             let retry_after_ms =
                 if spent || !reachable { e.reset_ms(now_ms).max(1) } else { e.reset_ms(now_ms).clamp(1, 1_000) };
@@ -343,7 +388,7 @@ impl Leases {
         }
         if !needs.is_empty() {
             let leases: Vec<serde_json::Value> =
-                needs.iter().filter_map(|&(i, need)| entries.get(i).map(|e| e.report(user, need))).collect();
+                needs.iter().filter_map(|&(i, need)| entries.get_mut(i).map(|e| e.report(user, need, None))).collect();
             return Some(Admission::Wait(self.message(leases)));
         }
         let mut ticket = GlobalTicket { user: user.to_string(), tokens: 0, starts: Vec::new() };
@@ -387,13 +432,15 @@ impl Leases {
         .into_bytes()
     }
 
-    /// The periodic sync: every window that changed or had demand since the last one
-    /// (at most `MAX_LEASES_PER_SYNC`); `None` when there is nothing to say. Users whose
-    /// windows all ended with nothing in flight are forgotten.
+    /// The periodic sync: every window that changed, had demand since the last one or
+    /// gives part of its grant back (at most `MAX_LEASES_PER_SYNC`); `None` when there
+    /// is nothing to say. Users whose windows all ended with nothing in flight are
+    /// forgotten.
     pub fn sync_body(&mut self, now_ms: u64) -> Option<Vec<u8>> {
         self.users.retain(|_, entries| {
             entries.iter().any(|e| e.reserved > 0 || rules::window_start(now_ms, e.window_ms) == e.window_start)
         });
+        let seq = self.seq + 1;
         let mut leases = Vec::new();
         for (user, entries) in &mut self.users {
             for e in entries.iter_mut() {
@@ -401,8 +448,12 @@ impl Leases {
                     break;
                 }
                 e.roll(now_ms);
-                if e.dirty || e.demand > 0 || e.last_demand > 0 {
-                    leases.push(e.report(user, 0));
+                let kept = e.give_back();
+                if kept.is_some() {
+                    e.floor_seq = seq;
+                }
+                if e.dirty || e.demand > 0 || e.last_demand > 0 || kept.is_some() {
+                    leases.push(e.report(user, 0, kept));
                     e.last_demand = e.demand;
                     e.demand = 0;
                     e.dirty = false;
@@ -410,6 +461,11 @@ impl Leases {
             }
         }
         (!leases.is_empty()).then(|| self.message(leases))
+    }
+
+    /// The sequence number of the last message built.
+    pub fn last_seq(&self) -> u64 {
+        self.seq
     }
 
     /// A callout could not even be sent (the host refused it: no such cluster, …): not
@@ -421,9 +477,9 @@ impl Leases {
         was
     }
 
-    /// The trackers answered a sync or an acquire (`Some(body)` on a 200) or did not.
-    /// Returns whether reachability changed (worth a log line).
-    pub fn answered(&mut self, answer: Option<&[u8]>) -> bool {
+    /// The trackers answered message `seq` (a sync or an acquire; `Some(body)` on a 200)
+    /// or did not. Returns whether reachability changed (worth a log line).
+    pub fn answered(&mut self, answer: Option<&[u8]>, seq: u64) -> bool {
         let parsed = answer.and_then(|b| serde_json::from_slice::<SyncAnswer>(b).ok());
         let was = self.reachable;
         let Some(answer) = parsed else {
@@ -444,8 +500,11 @@ impl Leases {
             if let Some(e) = entries.iter_mut().find(|e| {
                 e.counted.as_str() == counted && e.window_ms == window_ms && e.window_start == g.window_start_ms
             }) {
-                e.granted = e.granted.max(g.granted);
+                if seq >= e.floor_seq {
+                    e.granted = e.granted.max(g.granted);
+                }
                 e.consumed = g.consumed;
+                e.fleet_used = g.used;
             }
         }
         !was
@@ -501,10 +560,12 @@ mod tests {
     struct Trackers {
         holdings: BTreeMap<(String, u64), BTreeMap<String, Holding>>,
         replicas: BTreeMap<String, u64>,
+        last_body: Vec<u8>,
     }
 
     impl Trackers {
         fn sync(&mut self, body: &[u8], now_ms: u64) -> Vec<u8> {
+            self.last_body = body.to_vec();
             let v: serde_json::Value = serde_json::from_slice(body).unwrap();
             let replica = v["replica"].as_str().unwrap().to_string();
             self.replicas.insert(replica.clone(), now_ms);
@@ -521,11 +582,14 @@ mod tests {
                     used: l["used"].as_u64().unwrap(),
                     demand: l["demand"].as_u64().unwrap(),
                     need: l["need"].as_u64().unwrap(),
+                    kept: l["kept"].as_u64(),
                 };
                 let new = rules::grant(mine, &others, report, now_ms, 1_000);
                 window.insert(replica.clone(), new);
                 let consumed: u64 = window.values().map(Holding::consumed).sum();
-                out.push(serde_json::json!({"key": key, "window_start_ms": start, "granted": new.granted, "consumed": consumed}));
+                let used: u64 = window.values().map(|h| h.used).sum();
+                out.push(serde_json::json!({"key": key, "window_start_ms": start, "granted": new.granted,
+                    "consumed": consumed, "used": used}));
             }
             serde_json::json!({"replicas": self.replicas.len(), "leases": out}).to_string().into_bytes()
         }
@@ -540,7 +604,7 @@ mod tests {
                 Admission::Refused(e) => return Err(e),
                 Admission::Wait(body) => {
                     let answer = t.sync(&body, now);
-                    w.answered(Some(&answer));
+                    w.answered(Some(&answer), w.last_seq());
                     may_wait = false;
                 }
             }
@@ -563,7 +627,7 @@ mod tests {
                 for w in &mut fleet {
                     if let Some(body) = w.sync_body(now) {
                         let answer = t.sync(&body, now);
-                        w.answered(Some(&answer));
+                        w.answered(Some(&answer), w.last_seq());
                     }
                 }
             }
@@ -578,7 +642,7 @@ mod tests {
             admit(&mut w, &mut t, &s, Ask { request: true, tokens: None }, T0 + k).unwrap();
         }
         let body = w.sync_body(T0 + 1_000).unwrap();
-        w.answered(Some(&t.sync(&body, T0 + 1_000)));
+        w.answered(Some(&t.sync(&body, T0 + 1_000)), w.last_seq());
         for k in 0..10 {
             let got = w.admit(&s, "alice", Ask { request: true, tokens: None }, T0 + 1_001 + k, true).unwrap();
             assert!(matches!(got, Admission::Admitted(..)), "request {k}: {got:?}");
@@ -635,12 +699,12 @@ mod tests {
         }
         for w in &mut fleet {
             let body = w.sync_body(T0).unwrap();
-            w.answered(Some(&t.sync(&body, T0)));
+            w.answered(Some(&t.sync(&body, T0)), w.last_seq());
         }
         let w = &mut fleet[0];
-        assert!(!w.answered(None), "one failure is not an outage");
+        assert!(!w.answered(None, 0), "one failure is not an outage");
         assert!(w.reachable());
-        assert!(w.answered(None), "two in a row are");
+        assert!(w.answered(None, 0), "two in a row are");
         assert!(!w.reachable());
         let mut admitted = 0;
         for k in 0..50 {
@@ -664,6 +728,40 @@ mod tests {
             })
             .count();
         assert_eq!(n, 20);
+    }
+
+    /// A grant a worker does not use goes back to the trackers: after its demand stops
+    /// (two intervals later), or at once when it was too small for a request.
+    #[test]
+    fn unused_grants_go_back_for_other_workers() {
+        let s = spec(r#"{"tokens_per_minute":40}"#);
+        let mut t = Trackers::default();
+        let (mut a, mut b) = (Leases::new("a".into(), 1_000, 10), Leases::new("b".into(), 1_000, 10));
+        let ask = |n| Ask { request: true, tokens: Some(n) };
+        let sync = |w: &mut Leases, t: &mut Trackers, now| {
+            if let Some(body) = w.sync_body(now) {
+                w.answered(Some(&t.sync(&body, now)), w.last_seq());
+            }
+        };
+        let first = admit(&mut a, &mut t, &s, ask(20), T0).unwrap();
+        a.settle(&s, &first, 5, T0);
+        assert!(admit(&mut b, &mut t, &s, ask(20), T0).is_err(), "a holds the whole budget");
+        for k in 1..=3 {
+            sync(&mut a, &mut t, T0 + k * 1_000);
+        }
+        sync(&mut b, &mut t, T0 + 3_000);
+        assert!(admit(&mut b, &mut t, &s, ask(20), T0 + 3_001).is_ok(), "a gave back what it did not use");
+
+        // Starved: 15 left in its lease, 20 asked. It gives the 15 back at the next sync.
+        let mut t = Trackers::default();
+        let (mut a, mut b) = (Leases::new("a".into(), 1_000, 10), Leases::new("b".into(), 1_000, 10));
+        let first = admit(&mut a, &mut t, &s, ask(20), T0).unwrap();
+        a.settle(&s, &first, 25, T0);
+        assert!(admit(&mut a, &mut t, &s, ask(20), T0).is_err());
+        sync(&mut a, &mut t, T0 + 1_000);
+        let sent: serde_json::Value = serde_json::from_slice(&t.last_body).unwrap();
+        assert_eq!(sent["leases"][0]["kept"], 25, "{sent}");
+        assert!(admit(&mut b, &mut t, &s, ask(15), T0 + 1_001).is_ok());
     }
 
     #[test]

@@ -138,10 +138,14 @@ pub struct Report {
     pub demand: u64,
     /// Needed now, beyond what is left of its grant, for a request waiting on it.
     pub need: u64,
+    /// The grant the replica keeps, having given back the rest (a grant it cannot use:
+    /// beyond its demand, or too small for its next request). Never below `used`.
+    pub kept: Option<u64>,
 }
 
 /// The new holding of a replica after its report: its `used` and `demand` taken from
-/// the report, and its grant raised by what it may have of what is left.
+/// the report, its grant lowered to what it `kept` (if it gave some back: then only a
+/// waiting `need` raises it again), else raised by what it may have of what is left.
 ///
 /// `left = limit − Σ consumed` (all replicas, this one with its new `used`). The
 /// replica is topped up to `max(need, demand × HORIZON_INTERVALS)` unused, at most its
@@ -149,13 +153,22 @@ pub struct Report {
 /// [`ACTIVE_INTERVALS`]) — but a waiting request's `need` is granted whole whenever
 /// `left` covers it, so the last units of a limit are never stuck in rounding.
 pub fn grant(mine: Holding, others: &[Holding], report: Report, now_ms: u64, interval_ms: u64) -> Holding {
-    let mut me = Holding { granted: mine.granted, used: report.used, demand: report.demand, seen_ms: now_ms };
+    let granted = match report.kept {
+        Some(kept) => mine.granted.min(kept.max(report.used)),
+        None => mine.granted,
+    };
+    let mut me = Holding { granted, used: report.used, demand: report.demand, seen_ms: now_ms };
     let consumed = others.iter().fold(me.consumed(), |sum, h| sum.saturating_add(h.consumed()));
     let left = report.limit.saturating_sub(consumed);
     let active_since = now_ms.saturating_sub(interval_ms.saturating_mul(ACTIVE_INTERVALS));
     let total_demand =
         others.iter().filter(|h| h.seen_ms >= active_since).fold(me.demand, |sum, h| sum.saturating_add(h.demand));
-    let target = report.need.max(me.demand.saturating_mul(HORIZON_INTERVALS));
+    // A replica giving back is not topped up in the same sync (what it gave back would
+    // come straight back to it): only a waiting need counts then.
+    let target = match report.kept {
+        Some(_) => report.need,
+        None => report.need.max(me.demand.saturating_mul(HORIZON_INTERVALS)),
+    };
     let want = target.saturating_sub(me.unused());
     let fair = if total_demand == 0 {
         left
@@ -205,7 +218,8 @@ mod tests {
     /// Table: (mine, others, report) → new grant.
     #[test]
     fn grants() {
-        let r = |limit, used, demand, need| Report { limit, used, demand, need };
+        let r = |limit, used, demand, need| Report { limit, used, demand, need, kept: None };
+        let back = |limit, used, demand, kept| Report { limit, used, demand, need: 0, kept: Some(kept) };
         for (name, mine, others, report, granted) in [
             ("alone, far from the limit: two intervals of demand", holding(0, 0, 0), vec![], r(100, 0, 5, 0), 10),
             ("unused grant counts towards the target", holding(10, 4, 5), vec![], r(100, 4, 5, 0), 14),
@@ -215,6 +229,10 @@ mod tests {
             ("nothing left: nothing", holding(5, 5, 5), vec![holding(95, 95, 5)], r(100, 5, 5, 1), 5),
             ("over-use by fallback counts", holding(0, 0, 0), vec![holding(10, 99, 1)], r(100, 0, 5, 0), 1),
             ("idle replica gets nothing new", holding(3, 1, 0), vec![], r(100, 1, 0, 0), 3),
+            ("what is given back goes", holding(30, 10, 0), vec![], back(100, 10, 0, 12), 12),
+            ("never below what was used", holding(30, 10, 0), vec![], back(100, 10, 0, 4), 10),
+            ("never above what was granted", holding(30, 10, 0), vec![], back(100, 10, 0, 50), 30),
+            ("given back: not topped up at once", holding(30, 10, 5), vec![], back(100, 10, 5, 10), 10),
         ] {
             let got = grant(mine, &others, report, 10_000, 1_000);
             assert_eq!(got.granted, granted, "{name}");
@@ -233,7 +251,8 @@ mod tests {
             let me = fleet[i];
             let others: Vec<Holding> = fleet.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, h)| *h).collect();
             let used = me.granted; // everything granted was used
-            let report = Report { limit, used, demand: 3 + round % 4, need: round % 2 };
+            let kept = (round % 3 == 0).then_some(used);
+            let report = Report { limit, used, demand: 3 + round % 4, need: round % 2, kept };
             fleet[i] = grant(me, &others, report, 10_000 + round, 1_000);
             let total: u64 = fleet.iter().map(Holding::consumed).sum();
             assert!(total <= limit, "round {round}: {total} > {limit}");

@@ -327,3 +327,16 @@ pub fn usage_total(stack: &Stack, tracker_url: &str, user: &str) -> Option<Value
     }
     resp.json::<Value>().ok().map(|v| v["total"].clone())
 }
+
+/// No PostgreSQL server binaries: skip, saying so, except in CI (as the tracker's
+/// ledger tests do).
+pub fn postgres_missing() -> bool {
+    match harness::postgres::bin_dir() {
+        Ok(_) => false,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => panic!("{e:#}"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e:#}");
+            true
+        }
+    }
+}

@@ -27,19 +27,6 @@ const SECOND_PHASE: usize = 60;
 /// Requests of the second phase sent before the kill.
 const KILL_AFTER: usize = 20;
 
-/// No PostgreSQL server binaries: skip, saying so, except in CI (as the tracker's
-/// ledger tests do).
-fn postgres_missing() -> bool {
-    match harness::postgres::bin_dir() {
-        Ok(_) => false,
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => panic!("{e:#}"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e:#}");
-            true
-        }
-    }
-}
-
 /// Sends `n` authorized chat completions from `THREADS` threads, request `k` (counted
 /// over the whole test by `next`) to gateway `k % gateways`, each on a new connection;
 /// every one must be served (200). `answered(m)` runs on the sending thread when the

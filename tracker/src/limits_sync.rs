@@ -85,11 +85,14 @@ pub struct Lease {
     pub used: u64,
     pub demand: u64,
     pub need: u64,
+    /// The grant the replica keeps, having given the rest back (absent: keeps it all).
+    #[serde(default)]
+    pub kept: Option<u64>,
 }
 
 impl Lease {
     pub fn report(&self) -> Report {
-        Report { limit: self.limit, used: self.used, demand: self.demand, need: self.need }
+        Report { limit: self.limit, used: self.used, demand: self.demand, need: self.need, kept: self.kept }
     }
 
     pub fn window_end_ms(&self) -> u64 {
@@ -122,7 +125,8 @@ impl Lease {
         if !(1..=MAX_TOKENS).contains(&self.limit) {
             return Err(("limit", format!("must be 1 to {MAX_TOKENS}")));
         }
-        for (field, value) in [("used", self.used), ("demand", self.demand), ("need", self.need)] {
+        let kept = self.kept.unwrap_or(0);
+        for (field, value) in [("used", self.used), ("demand", self.demand), ("need", self.need), ("kept", kept)] {
             if value > MAX_TOKENS {
                 return Err((field, format!("must be at most {MAX_TOKENS}")));
             }
@@ -219,6 +223,8 @@ pub struct Step {
     pub added: u64,
     /// Σ over all replicas of what they take from the limit, after the update.
     pub consumed: u64,
+    /// Σ over all replicas of what they used (tokens: with reservations in flight).
+    pub used: u64,
 }
 
 /// The one per-window rule of both stores: from all replicas' holdings of a window (as
@@ -226,30 +232,36 @@ pub struct Step {
 ///
 /// A report with the stored `seq` is a resend: it gets the stored holding again and
 /// nothing more. A report of an older `seq` (a stale, reordered sync) keeps the stored
-/// `used` and `demand` (its `need` still counts); `used` never goes down either way (it
-/// is cumulative per window). The grant is [`lease::grant`]'s.
+/// `used`, `demand` and grant (its `need` still counts). A newer one is the truth:
+/// `used` may go down (token reservations released with less used) and a grant given
+/// back (`kept`) goes. The grant is [`lease::grant`]'s.
 pub fn step(stored: &[Stored], replica: &str, seq: u64, lease: &Lease, now_ms: u64, interval_ms: u64) -> Step {
     let mine = stored.iter().find(|s| s.replica == replica);
     let (held, stored_seq) = mine.map_or((Holding::default(), 0), |s| (s.holding, s.seq));
     let others: Vec<Holding> = stored.iter().filter(|s| s.replica != replica).map(|s| s.holding).collect();
     let consumed_by_others = others.iter().fold(0u64, |sum, h| sum.saturating_add(h.consumed()));
+    let used_by_others = others.iter().fold(0u64, |sum, h| sum.saturating_add(h.used));
     if mine.is_some() && seq == stored_seq {
         // A resend (its answer was lost): the same answer, nothing granted twice. (Run
         // through `grant` again, a report whose `used` came before its first grant
         // would be topped up a second time.)
         let holding = Holding { seen_ms: now_ms, ..held };
         let consumed = holding.consumed().saturating_add(consumed_by_others);
-        return Step { holding, seq, added: 0, consumed };
+        let used = holding.used.saturating_add(used_by_others);
+        return Step { holding, seq, added: 0, consumed, used };
     }
     let mut report = lease.report();
     if mine.is_some() && seq < stored_seq {
+        // Stale: what it says of its use and its grant is older than what is stored.
         report.used = held.used;
         report.demand = held.demand;
+        report.kept = None;
     }
-    report.used = report.used.max(held.used);
     let holding = lease::grant(held, &others, report, now_ms, interval_ms);
     let consumed = holding.consumed().saturating_add(consumed_by_others);
-    Step { holding, seq: seq.max(stored_seq), added: holding.granted.saturating_sub(held.granted), consumed }
+    let used = holding.used.saturating_add(used_by_others);
+    let added = holding.granted.saturating_sub(held.granted);
+    Step { holding, seq: seq.max(stored_seq), added, consumed, used }
 }
 
 /// What a sync did: the replicas seen lately, and per lease (in body order) its step.
@@ -274,6 +286,8 @@ pub struct LeaseAnswer {
     pub granted: u64,
     /// What all replicas take from the limit in the window.
     pub consumed: u64,
+    /// What all replicas used in the window (as last reported).
+    pub used: u64,
 }
 
 /// One window in memory.
@@ -402,6 +416,7 @@ async fn apply(tracker: Arc<Tracker>, sync: Arc<LimitSync>) -> Result<SyncAnswer
             window_start_ms: lease.window_start_ms,
             granted: step.holding.granted,
             consumed: step.consumed,
+            used: step.used,
         });
     }
     Ok(SyncAnswer { replicas: synced.replicas, leases })
@@ -548,7 +563,16 @@ mod tests {
     }
 
     fn lease(limit: u64, used: u64, demand: u64, need: u64) -> Lease {
-        Lease { key: "requests/60000/alice".into(), window_start_ms: 0, window_ms: 60_000, limit, used, demand, need }
+        Lease {
+            key: "requests/60000/alice".into(),
+            window_start_ms: 0,
+            window_ms: 60_000,
+            limit,
+            used,
+            demand,
+            need,
+            kept: None,
+        }
     }
 
     fn stored(replica: &str, granted: u64, used: u64, demand: u64, seq: u64) -> Stored {
@@ -582,7 +606,27 @@ mod tests {
                 lease(100, 2, 50, 0),
                 (18, 8, 7, 8, 18),
             ),
-            ("used never goes down", vec![stored("me", 10, 8, 5, 7)], 8, lease(100, 2, 5, 0), (18, 8, 8, 8, 18)),
+            (
+                "a newer report's used is the truth (reservations released)",
+                vec![stored("me", 10, 8, 5, 7)],
+                8,
+                lease(100, 2, 5, 0),
+                (12, 2, 8, 2, 12),
+            ),
+            (
+                "a grant given back goes",
+                vec![stored("me", 30, 10, 0, 3)],
+                4,
+                Lease { kept: Some(12), ..lease(100, 10, 0, 0) },
+                (12, 10, 4, 0, 12),
+            ),
+            (
+                "a stale report gives nothing back",
+                vec![stored("me", 30, 10, 0, 5)],
+                4,
+                Lease { kept: Some(12), ..lease(100, 10, 0, 0) },
+                (30, 10, 5, 0, 30),
+            ),
             (
                 "others count in consumed",
                 vec![stored("other", 30, 40, 1, 3), stored("me", 0, 0, 0, 1)],

@@ -240,8 +240,8 @@ async fn far_from_the_limit_gets_twice_the_demand(kind: Kind) {
     assert_eq!(
         answer,
         json!({"replicas": 1, "leases": [
-            {"key": tokens.0, "window_start_ms": tokens.1, "granted": 600, "consumed": 600},
-            {"key": alice.0, "window_start_ms": alice.1, "granted": 14, "consumed": 14},
+            {"key": tokens.0, "window_start_ms": tokens.1, "granted": 600, "consumed": 600, "used": 500},
+            {"key": alice.0, "window_start_ms": alice.1, "granted": 14, "consumed": 14, "used": 0},
         ]})
     );
     let text = server.metrics().await;
