@@ -177,8 +177,9 @@ pub struct Root {
     sent: HashSet<u32>,
     /// `on_done` was called: call the host's `done` once `sent` is empty.
     finishing: bool,
-    /// Lease syncs in flight (also in `sent`), with their sequence numbers.
-    syncs: HashMap<u32, u64>,
+    /// Lease syncs in flight (also in `sent`): their sequence numbers, and their bodies
+    /// until they were retried once.
+    syncs: HashMap<u32, (u64, Option<Vec<u8>>)>,
     /// Ticks so far, and every how many ticks usage is flushed and leases synced.
     ticks: u64,
     flush_every: u64,
@@ -336,10 +337,10 @@ impl Root {
         match host.dispatch(&usage.cluster, &headers, &body, Duration::from_millis(usage.timeout_ms)) {
             Ok(token) => {
                 self.sent.insert(token);
-                self.syncs.insert(token, seq);
+                self.syncs.insert(token, (seq, Some(body)));
             }
             Err(status) => {
-                let changed = leases.unreachable();
+                let changed = leases.unreachable(now_ms(host));
                 drop(leases);
                 log_reachability(host, self.context_id, changed, false, format_args!("sync not sent: {status:?}"));
             }
@@ -377,6 +378,23 @@ impl Root {
         self.log_losses(host, stats);
     }
 
+    /// The answer to a sync; a failed one is sent once more (the cluster may pick
+    /// another tracker replica) before it counts as a failure.
+    fn sync_answer(&mut self, host: &impl Host, seq: u64, body: Option<Vec<u8>>, answer: (usize, usize)) {
+        let Some(state) = self.state.clone() else { return };
+        let (Some(leases), Some(usage)) = (&state.leases, &state.settings.usage) else { return };
+        let (status, reply) = call_answer(host, answer.0, answer.1, MAX_LEASE_ANSWER);
+        if let (None, Some(body)) = (&reply, body) {
+            let timeout = Duration::from_millis(usage.timeout_ms);
+            if let Ok(token) = host.dispatch(&usage.cluster, &usage.headers_for(SYNC_PATH), &body, timeout) {
+                self.sent.insert(token);
+                self.syncs.insert(token, (seq, None));
+                return;
+            }
+        }
+        lease_answer(host, self.context_id, leases, seq, (status, reply.as_deref()));
+    }
+
     fn log_losses(&mut self, host: &impl Host, stats: QueueStats) {
         let last = self.last_stats;
         if (stats.dropped_overflow, stats.dropped_attempts, stats.rejected, stats.denials_lost)
@@ -400,10 +418,8 @@ impl Root {
     /// BadArgument): it is a retry, never a trap.
     pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
         self.sent.remove(&token);
-        if let Some(seq) = self.syncs.remove(&token) {
-            if let Some(leases) = self.state.as_ref().and_then(|s| s.leases.clone()) {
-                lease_answer(host, self.context_id, &leases, seq, (num_headers, body_size));
-            }
+        if let Some((seq, body)) = self.syncs.remove(&token) {
+            self.sync_answer(host, seq, body, (num_headers, body_size));
         } else {
             self.record_response(host, token, num_headers, body_size);
         }
@@ -489,23 +505,21 @@ fn call_answer(host: &impl Host, num_headers: usize, body_size: usize, max: usiz
     (status, body)
 }
 
-/// Applies the trackers' answer to a sync or an acquire (or its failure) to `leases`;
-/// whether it was an answer.
+/// Applies the trackers' answer to message `seq` (a sync or an acquire), or its final
+/// failure (`body` None, after its one retry), to `leases`.
 fn lease_answer(
     host: &impl Host,
     context_id: u32,
     leases: &RefCell<Leases>,
     seq: u64,
-    (num_headers, body_size): (usize, usize),
-) -> bool {
-    let (status, body) = call_answer(host, num_headers, body_size, MAX_LEASE_ANSWER);
-    let Ok(mut leases) = leases.try_borrow_mut() else { return false };
-    let failures = leases.failures();
-    let changed = leases.answered(body.as_deref(), seq);
-    let (reachable, answered) = (leases.reachable(), leases.failures() <= failures);
+    (status, body): (Option<u32>, Option<&[u8]>),
+) {
+    let now_ms = now_ms(host);
+    let Ok(mut leases) = leases.try_borrow_mut() else { return };
+    let changed = leases.answered(body, seq, now_ms);
+    let reachable = leases.reachable();
     drop(leases);
     log_reachability(host, context_id, changed, reachable, format_args!("status {status:?}"));
-    answered
 }
 
 /// One line when the trackers stop or start answering lease callouts.
@@ -1251,9 +1265,10 @@ impl Stream {
                         return Action::Pause;
                     }
                     Err(status) => {
+                        let now_ms = now_ms(host);
                         let changed = leases.try_borrow_mut().is_ok_and(|mut l| {
                             l.stop_waiting();
-                            l.unreachable()
+                            l.unreachable(now_ms)
                         });
                         let detail = format_args!("acquire not sent: {status:?}");
                         log_reachability(host, self.context_id, changed, false, detail);
@@ -1279,9 +1294,10 @@ impl Stream {
         if let (Some(leases), Some(usage), Some(limits)) =
             (&state.leases, &state.settings.usage, &state.settings.limits)
         {
-            let answered = lease_answer(host, self.context_id, leases, waiting.seq, (num_headers, body_size));
-            if !answered && !waiting.retried {
-                // Once more: the cluster may pick another tracker replica.
+            let (status, reply) = call_answer(host, num_headers, body_size, MAX_LEASE_ANSWER);
+            if reply.is_none() && !waiting.retried {
+                // Once more (the cluster may pick another tracker replica) before the
+                // failure counts.
                 let timeout = Duration::from_millis(limits.acquire_timeout_ms);
                 if let Ok(token) = host.dispatch(&usage.cluster, &usage.headers_for(SYNC_PATH), &waiting.body, timeout)
                 {
@@ -1291,6 +1307,7 @@ impl Stream {
                     return;
                 }
             }
+            lease_answer(host, self.context_id, leases, waiting.seq, (status, reply.as_deref()));
             if let Ok(mut l) = leases.try_borrow_mut() {
                 l.stop_waiting();
             }
@@ -2399,6 +2416,33 @@ mod tests {
             (v["leases"][0]["need"] == 0).then_some(v)
         });
         assert_eq!(sync.expect("a sync")["leases"][0]["used"], 2);
+
+        // A sync that fails is sent once more, the same. Failing for two intervals, the
+        // trackers count as unreachable.
+        let last_sync = |h: &FakeHost| {
+            h.dispatched.borrow().iter().rev().find(|(_, b)| b.starts_with(br#"{"interval_ms""#)).cloned().unwrap()
+        };
+        let (token, body) = last_sync(&h);
+        root.call_response(&h, token, 0, 0);
+        let (again, resent) = last_sync(&h);
+        assert_eq!((again != token, resent == body), (true, true));
+        let unreachable = |h: &FakeHost| h.logs.borrow().iter().any(|l| l.contains("cannot be reached"));
+        root.call_response(&h, again, 0, 0);
+        assert!(!unreachable(&h), "within the grace");
+        h.clock.set(h.clock.get() + 2_000);
+        assert_eq!(request(&root, &h), (Action::Pause, Some(429)), "a spent window");
+        // Ticks at the flush interval; a sync every so many.
+        let syncs =
+            |h: &FakeHost| h.dispatched.borrow().iter().filter(|(_, b)| b.starts_with(br#"{"interval_ms""#)).count();
+        let before = syncs(&h);
+        while syncs(&h) == before {
+            root.tick(&h);
+        }
+        for _ in 0..2 {
+            let (token, _) = last_sync(&h);
+            root.call_response(&h, token, 0, 0);
+        }
+        assert!(unreachable(&h), "two intervals later");
     }
 
     /// Trackers that fail (callout refused, no answer, an error status) never leave a
@@ -2411,6 +2455,8 @@ mod tests {
             let sent = h.request_headers.borrow().clone();
             let mut admitted = 0;
             for i in 0..6 {
+                // A second apart: the trackers count as unreachable after two intervals.
+                h.clock.set(h.clock.get() + 1_000);
                 *h.request_headers.borrow_mut() = sent.clone();
                 let mut s = root.stream(10 + i);
                 if failure == "dispatch" {

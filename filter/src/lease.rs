@@ -14,11 +14,13 @@
 //! - `sync_body` (from `on_tick`, every `limits.sync_interval_ms`) reports what each
 //!   active window used and its demand; the answer tops leases up to two intervals of
 //!   demand. A request that finds its lease short waits for one `acquire_body` callout.
-//! - Trackers unreachable ([`UNREACHABLE_AFTER`] callouts in a row failed or were
-//!   refused; an acquire is tried twice, so one dead tracker replica among several
-//!   never counts as an outage): a worker admits up to its
-//!   grant, or `ceil(limit / replicas)` per window if more (`replicas` as the trackers
-//!   last counted them; 1 before any answer). Never unlimited.
+//! - Trackers unreachable (every sync and acquire failed for [`GRACE_INTERVALS`] sync
+//!   intervals; each is sent once more when it fails, so one dead tracker replica
+//!   among several, ejected by the cluster meanwhile, is not an outage): a worker
+//!   admits up to its grant, or `ceil(limit / replicas)` per window if more (`replicas`
+//!   as the trackers last counted them; 1 before any answer), until an answer comes
+//!   again. Never unlimited. During the grace, a short lease refuses (429, retry in a
+//!   second): never more than the limit.
 
 use std::collections::HashMap;
 
@@ -250,10 +252,10 @@ pub struct Leases {
     max_users: usize,
     /// Replicas the trackers counted at the last answer (0: none yet).
     replicas: u64,
-    /// Fewer than [`UNREACHABLE_AFTER`] callouts in a row failed.
+    /// The trackers answered within the grace.
     reachable: bool,
-    /// Callouts that failed in a row.
-    failures: u32,
+    /// Since when every exchange with the trackers failed.
+    failing_since: Option<u64>,
     /// Requests of this worker waiting for an acquire callout.
     waiting: usize,
 }
@@ -262,8 +264,8 @@ pub struct Leases {
 /// refuses at once (429, retry in a second).
 pub const MAX_WAITING: usize = 64;
 
-/// Callouts to the trackers that fail in a row before they count as unreachable.
-pub const UNREACHABLE_AFTER: u32 = 2;
+/// Sync intervals of failed exchanges before the trackers count as unreachable.
+pub const GRACE_INTERVALS: u64 = 2;
 
 /// Where the trackers take syncs and acquires (on the `usage` cluster).
 pub const SYNC_PATH: &str = "/v1/limits/sync";
@@ -278,7 +280,7 @@ impl Leases {
             max_users,
             replicas: 0,
             reachable: true,
-            failures: 0,
+            failing_since: None,
             waiting: 0,
         }
     }
@@ -303,11 +305,6 @@ impl Leases {
 
     pub fn reachable(&self) -> bool {
         self.reachable
-    }
-
-    /// Callouts to the trackers that failed in a row.
-    pub fn failures(&self) -> u32 {
-        self.failures
     }
 
     /// The user's windows for `spec`, rolled to now; the ones kept from before keep
@@ -470,24 +467,24 @@ impl Leases {
 
     /// A callout could not even be sent (the host refused it: no such cluster, …): not
     /// a passing failure, the trackers count as unreachable at once.
-    pub fn unreachable(&mut self) -> bool {
-        let was = self.reachable;
-        self.failures = self.failures.max(UNREACHABLE_AFTER);
-        self.reachable = false;
-        was
+    pub fn unreachable(&mut self, now_ms: u64) -> bool {
+        self.failing_since.get_or_insert(now_ms);
+        std::mem::replace(&mut self.reachable, false)
     }
 
     /// The trackers answered message `seq` (a sync or an acquire; `Some(body)` on a 200)
-    /// or did not. Returns whether reachability changed (worth a log line).
-    pub fn answered(&mut self, answer: Option<&[u8]>, seq: u64) -> bool {
+    /// or did not (after its retry). Returns whether reachability changed (worth a log
+    /// line).
+    pub fn answered(&mut self, answer: Option<&[u8]>, seq: u64, now_ms: u64) -> bool {
         let parsed = answer.and_then(|b| serde_json::from_slice::<SyncAnswer>(b).ok());
         let was = self.reachable;
         let Some(answer) = parsed else {
-            self.failures = self.failures.saturating_add(1);
-            self.reachable = self.failures < UNREACHABLE_AFTER;
+            let since = *self.failing_since.get_or_insert(now_ms);
+            let grace = self.interval_ms.saturating_mul(GRACE_INTERVALS);
+            self.reachable = self.reachable && now_ms.saturating_sub(since) < grace;
             return was != self.reachable;
         };
-        self.failures = 0;
+        self.failing_since = None;
         self.reachable = true;
         self.replicas = answer.replicas;
         for g in answer.leases {
@@ -604,7 +601,7 @@ mod tests {
                 Admission::Refused(e) => return Err(e),
                 Admission::Wait(body) => {
                     let answer = t.sync(&body, now);
-                    w.answered(Some(&answer), w.last_seq());
+                    w.answered(Some(&answer), w.last_seq(), 0);
                     may_wait = false;
                 }
             }
@@ -627,7 +624,7 @@ mod tests {
                 for w in &mut fleet {
                     if let Some(body) = w.sync_body(now) {
                         let answer = t.sync(&body, now);
-                        w.answered(Some(&answer), w.last_seq());
+                        w.answered(Some(&answer), w.last_seq(), 0);
                     }
                 }
             }
@@ -642,7 +639,7 @@ mod tests {
             admit(&mut w, &mut t, &s, Ask { request: true, tokens: None }, T0 + k).unwrap();
         }
         let body = w.sync_body(T0 + 1_000).unwrap();
-        w.answered(Some(&t.sync(&body, T0 + 1_000)), w.last_seq());
+        w.answered(Some(&t.sync(&body, T0 + 1_000)), w.last_seq(), 0);
         for k in 0..10 {
             let got = w.admit(&s, "alice", Ask { request: true, tokens: None }, T0 + 1_001 + k, true).unwrap();
             assert!(matches!(got, Admission::Admitted(..)), "request {k}: {got:?}");
@@ -699,12 +696,12 @@ mod tests {
         }
         for w in &mut fleet {
             let body = w.sync_body(T0).unwrap();
-            w.answered(Some(&t.sync(&body, T0)), w.last_seq());
+            w.answered(Some(&t.sync(&body, T0)), w.last_seq(), 0);
         }
         let w = &mut fleet[0];
-        assert!(!w.answered(None, 0), "one failure is not an outage");
-        assert!(w.reachable());
-        assert!(w.answered(None, 0), "two in a row are");
+        assert!(!w.answered(None, 0, T0), "a failure: the grace starts");
+        assert!(!w.answered(None, 0, T0 + 1_999), "still within the grace");
+        assert!(w.answered(None, 0, T0 + 2_000), "failing for two intervals: unreachable");
         assert!(!w.reachable());
         let mut admitted = 0;
         for k in 0..50 {
@@ -718,7 +715,7 @@ mod tests {
         assert_eq!(admitted + 1, 5);
         // Never before any answer: the whole limit per worker, never unlimited.
         let mut lone = Leases::new("x".into(), 1_000, 100);
-        assert!(lone.unreachable());
+        assert!(lone.unreachable(T0));
         let n = (0..50)
             .filter(|k| {
                 matches!(
@@ -740,7 +737,7 @@ mod tests {
         let ask = |n| Ask { request: true, tokens: Some(n) };
         let sync = |w: &mut Leases, t: &mut Trackers, now| {
             if let Some(body) = w.sync_body(now) {
-                w.answered(Some(&t.sync(&body, now)), w.last_seq());
+                w.answered(Some(&t.sync(&body, now)), w.last_seq(), now);
             }
         };
         let first = admit(&mut a, &mut t, &s, ask(20), T0).unwrap();

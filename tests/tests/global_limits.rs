@@ -32,7 +32,11 @@ struct Keys {
     limited: String,
     premium: String,
     budget: String,
+    outage: String,
 }
+
+/// The limit of the user of the outage phase.
+const OUTAGE_PER_HOUR: u64 = 8;
 
 /// The next request gets into the same hour as one 2 minutes later: waits out the
 /// end of an hour otherwise.
@@ -114,17 +118,26 @@ fn a_fleet_holds_global_limits() {
     if postgres_missing() {
         return;
     }
-    let keys = Keys { limited: dev::new_api_key(), premium: dev::new_api_key(), budget: dev::new_api_key() };
+    let keys = Keys {
+        limited: dev::new_api_key(),
+        premium: dev::new_api_key(),
+        budget: dev::new_api_key(),
+        outage: dev::new_api_key(),
+    };
     let config = json!({
         "api_keys": {"keys": [
             dev::key_entry(&keys.limited, "lim", &["free".to_string()]),
             dev::key_entry(&keys.premium, "prem", &["premium".to_string()]),
             dev::key_entry(&keys.budget, "budget", &["metered".to_string()]),
+            dev::key_entry(&keys.outage, "outage", &["metered".to_string()]),
         ]},
         "limits": {
             "scope": "global",
             "groups": {"free": {"requests_per_hour": REQUESTS_PER_HOUR}},
-            "users": {"budget": {"tokens_per_hour": TOKEN_BUDGET}}
+            "users": {
+                "budget": {"tokens_per_hour": TOKEN_BUDGET},
+                "outage": {"requests_per_hour": OUTAGE_PER_HOUR}
+            }
         }
     });
     let stack = Stack::start(StackOptions {
@@ -156,6 +169,13 @@ fn a_fleet_holds_global_limits() {
     let refused: Vec<&Value> = limited.iter().filter(|(s, _)| *s == 429).map(|(_, v)| v).collect();
     eprintln!("requests_per_hour {REQUESTS_PER_HOUR}: admitted {admitted} of 100 across 2 gateways x 2 workers");
     assert_eq!(admitted + refused.len() as u64, 100, "only 200s and 429s: {limited:?}");
+    if admitted != REQUESTS_PER_HOUR {
+        for i in 0..2 {
+            for l in stack.envoy_log_at(i).lines().filter(|l| l.contains("global limits")) {
+                eprintln!("gateway-{i}: {l}");
+            }
+        }
+    }
     assert_eq!(admitted, REQUESTS_PER_HOUR, "the fleet admits the limit, once");
     assert_eq!(refused[0]["error"]["code"], "rate_limit_exceeded", "{}", refused[0]);
     assert!(premium.iter().all(|(status, _)| *status == 200), "premium is unlimited: {premium:?}");
@@ -190,4 +210,24 @@ fn a_fleet_holds_global_limits() {
         "{} tokens of the budget left unused, more than a request's {reservation}",
         TOKEN_BUDGET - tokens
     );
+
+    // Outage: every tracker down. For two sync intervals (the grace: a dead replica
+    // among live ones is ejected meanwhile) a short lease refuses; then a user the
+    // trackers never granted anything is admitted from the fallback share,
+    // ceil(limit / replicas) per worker, with the 4 workers the trackers counted: never
+    // unlimited, here never beyond the limit.
+    stack.kill_tracker_at(0);
+    let outage = clients(&stack, &keys.outage, &chat_body(3, 4, false), Duration::from_secs(5));
+    let admitted = outage.iter().filter(|(status, _)| *status == 200).count() as u64;
+    eprintln!("trackers down, requests_per_hour {OUTAGE_PER_HOUR}: admitted {admitted} of {}", outage.len());
+    assert!((1..=OUTAGE_PER_HOUR).contains(&admitted), "admitted {admitted} with the trackers down");
+    assert!(outage.iter().all(|(s, _)| *s == 200 || *s == 429), "{outage:?}");
+    let logs = || (0..stack.gateway_urls.len()).map(|i| stack.envoy_log_at(i)).collect::<String>();
+    assert!(logs().contains("trackers cannot be reached"), "the outage is logged");
+    // Back: the leases resume (said in the log) at the next sync.
+    stack.restart_tracker_at(0).unwrap();
+    eventually(Duration::from_secs(15), "the gateways see the trackers again", || {
+        hammer(&stack, &keys.outage, &chat_body(3, 4, false), 4, &|_| {});
+        logs().contains("the trackers answer again").then_some(())
+    });
 }
