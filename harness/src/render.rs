@@ -5,7 +5,9 @@
 //! own config parser (the code Envoy runs in `on_configure`), with the environment the
 //! gateway pod gets from the Secret, before anything is written.
 //!
-//! `limits` are not rendered (yet): a users file with `limits` is refused, never half-applied.
+//! `limits` go into the `pluginConfig` as they are written (the filter's `limits`
+//! section, README "Limits"; `scope: global` for limits across the gateway's replicas),
+//! checked by the same parser.
 
 use crate::stack::INGEST_TOKEN_ENV;
 use std::collections::{BTreeMap, HashSet};
@@ -77,9 +79,9 @@ pub struct UsersFile {
     pub users: Vec<User>,
     #[serde(default)]
     pub jwt: Option<Jwt>,
-    /// Refused with an explanation; see [`render`].
+    /// The filter's `limits` section, as it is.
     #[serde(default)]
-    pub limits: Option<serde_norway::Value>,
+    pub limits: Option<serde_json::Value>,
 }
 
 fn default_namespace() -> String {
@@ -287,12 +289,6 @@ pub fn render(
     env: &dyn Fn(&str) -> Option<String>,
     image: &Image,
 ) -> anyhow::Result<Rendered> {
-    if file.limits.is_some() {
-        bail!(
-            "limits: `tollgate render` does not write limits (yet); remove `limits` from the users file \
-             (see istio/README.md)"
-        );
-    }
     check_dns_label("namespace", &file.namespace)?;
     check_dns_label("secret", &file.secret)?;
     check_dns_label("tracker.service", &file.tracker.service)?;
@@ -380,6 +376,9 @@ pub fn render(
     }
     if !file.allowed_groups.is_empty() {
         config.insert("authorization".into(), json!({"allowed_groups": file.allowed_groups}));
+    }
+    if let Some(limits) = &file.limits {
+        config.insert("limits".into(), limits.clone());
     }
     // Only the gateways may report usage: the tracker's ingest token, which the gateway
     // pod gets from the tracker's Secret (`usage-tracking-tokens`, not rendered here).
@@ -570,11 +569,26 @@ mod tests {
         assert!(format!("{e:#}").contains("K is not set"), "{e:#}");
     }
 
+    /// `limits` reach the pluginConfig as written (global ones need the `usage` section
+    /// render always writes).
+    #[test]
+    fn limits_are_rendered_as_written() {
+        let r = go(&format!(
+            "users: [{{user: a, groups: [free], keys: [{{key: {KEY_A}}}]}}]\n\
+             limits: {{scope: global, groups: {{free: {{requests_per_hour: 100, tokens_per_day: 200000}}}}}}\n"
+        ))
+        .unwrap();
+        let limits = &r.plugin_config()["limits"];
+        assert_eq!(limits["scope"], "global");
+        assert_eq!(limits["groups"]["free"], json!({"requests_per_hour": 100, "tokens_per_day": 200000}));
+    }
+
     #[test]
     fn refusals_name_the_field() {
         let one = |extra: &str| format!("users: [{{user: a, keys: [{{key: {KEY_A}}}]}}]\n{extra}");
         for (yaml, want) in [
-            (one("limits: {groups: {free: {requests_per_minute: 5}}}"), "limits"),
+            (one("limits: {groups: {free: {requests_per_minute: 0}}}"), "limits.groups.free.requests_per_minute"),
+            (one("limits: {scope: global, users: {a: {requests_per_minute: 5, burst: 9}}}"), "limits.users.a.burst"),
             (one("bogus: 1"), "unknown field `bogus`"),
             (one("key_storage: env"), "unknown variant"),
             ("users: []".to_string(), "nothing could authenticate"),

@@ -225,11 +225,11 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
       const track = ap.spec.rules.filter((r) => r.to.some((t) => t.operation.paths.includes("/track")));
       assert.equal(track.length, 1, "one rule for /track");
       assert.deepEqual(track[0].from, [{ source: { principals: [gateway.principal] } }]);
-      assert.deepEqual(track[0].to, [{ operation: { methods: ["POST"], paths: ["/track"] } }]);
+      assert.deepEqual(track[0].to, [{ operation: { methods: ["POST"], paths: ["/track", "/v1/limits/sync"] } }]);
       for (const r of ap.spec.rules.filter((x) => x !== track[0])) {
         for (const t of r.to) {
           assert.deepEqual(t.operation.methods, ["GET"], "only reads for everyone else");
-          for (const p of t.operation.paths) assert.ok(!p.startsWith("/track"), p);
+          for (const p of t.operation.paths) assert.ok(!p.startsWith("/track") && !p.startsWith("/v1/limits"), p);
         }
       }
       const np = one(objs, "NetworkPolicy", "usage-tracking");
