@@ -62,7 +62,7 @@ test-istio: wasm
 	node --test istio/test/
 
 # Side-by-side benchmarks (BENCHMARKS.md): Tollgate vs no filter, jwt_authn, ext_authz,
-# Lua, in one Envoy. Reports only (never part of `make test`); about 15 minutes.
+# Lua, in one Envoy, plus global limits on a fleet. Reports only (never part of `make test`); about 17 minutes.
 # Longer or narrower runs: make bench BENCH_ARGS="--rounds 5 --duration 5" (see --help).
 bench: setup wasm
 	@bash bench/build-noop-wasm.sh

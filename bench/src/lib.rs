@@ -12,7 +12,10 @@
 //! - [`load`]: runs `wrk` and `h2load` and parses what they print.
 //! - [`sys`]: CPU time and memory of a process, machine facts.
 //! - [`stats`]: medians and percentiles.
+//! - [`fleet`]: global limits on a harness fleet (overshoot) and a keep-alive
+//!   HTTP/1.1 client for the lease-wait latency.
 
+pub mod fleet;
 pub mod load;
 pub mod lua;
 pub mod stats;

@@ -45,10 +45,17 @@ pub enum Kind {
     TollgateKeyAlt,
     /// (e2) As (e) with the `--alt-wasm` build.
     TollgateMeteredAlt,
+    /// (i) Tollgate, API key, with a `requests_per_minute` limit far beyond the load
+    /// (never reached) counted per Envoy (`"scope": "local"`, the shared-data bucket),
+    /// and `usage` to the local tracker: the baseline of (j).
+    TollgateLimitsLocal,
+    /// (j) As (i) with `"scope": "global"`: each worker admits from a lease the tracker
+    /// grants over `POST /v1/limits/sync` (issue 15).
+    TollgateLimitsGlobal,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::NoFilter,
         Kind::JwtAuthn,
         Kind::JwtAuthnCached,
@@ -63,6 +70,8 @@ impl Kind {
         Kind::TollgateJwtAlt,
         Kind::TollgateKeyAlt,
         Kind::TollgateMeteredAlt,
+        Kind::TollgateLimitsLocal,
+        Kind::TollgateLimitsGlobal,
     ];
 
     pub fn id(self) -> &'static str {
@@ -81,6 +90,8 @@ impl Kind {
             Kind::TollgateJwtAlt => "c2",
             Kind::TollgateKeyAlt => "d2",
             Kind::TollgateMeteredAlt => "e2",
+            Kind::TollgateLimitsLocal => "i",
+            Kind::TollgateLimitsGlobal => "j",
         }
     }
 
@@ -101,6 +112,8 @@ impl Kind {
             Kind::TollgateJwtAlt => "tollgate_jwt_alt",
             Kind::TollgateKeyAlt => "tollgate_key_alt",
             Kind::TollgateMeteredAlt => "tollgate_metered_alt",
+            Kind::TollgateLimitsLocal => "tollgate_limits_local",
+            Kind::TollgateLimitsGlobal => "tollgate_limits_global",
         }
     }
 
@@ -120,6 +133,8 @@ impl Kind {
             Kind::TollgateJwtAlt => "Tollgate (JWT), --alt-wasm build",
             Kind::TollgateKeyAlt => "Tollgate (API key), --alt-wasm build",
             Kind::TollgateMeteredAlt => "Tollgate + limits + metering (API key), --alt-wasm build",
+            Kind::TollgateLimitsLocal => "Tollgate + limit never reached, scope local (API key)",
+            Kind::TollgateLimitsGlobal => "Tollgate + limit never reached, scope global (API key)",
         }
     }
 
@@ -229,14 +244,51 @@ pub fn tollgate_config(creds: &Creds, metered: bool) -> Value {
                     "tokens_per_minute": 1_000_000_000_000u64
                 }}}),
             );
-            obj.insert(
-                "usage".into(),
-                json!({"cluster": TRACKER_CLUSTER, "authority": "usage-tracking", "path": "/track",
-                       "flush_interval_ms": 500, "timeout_ms": 1000}),
-            );
+            obj.insert("usage".into(), usage_section());
         }
     }
     config
+}
+
+/// The `usage` section of the metered variants: reports to the local tracker, whose
+/// cluster also carries the lease syncs of global limits.
+fn usage_section() -> Value {
+    json!({"cluster": TRACKER_CLUSTER, "authority": "usage-tracking", "path": "/track",
+           "flush_interval_ms": 500, "timeout_ms": 1000})
+}
+
+/// A request limit no run comes near, whatever its window (10¹² a minute is about
+/// 1.7e10 requests a second).
+pub const NEVER_REACHED: u64 = 1_000_000_000_000;
+
+/// (i)/(j): API keys and the JWT provider as (c)/(d), a `requests_per_minute` limit
+/// for the group that no run reaches, `"scope"` local or global, and `usage` to the
+/// local tracker in both (global scope needs the section: its cluster reaches the
+/// tracker that grants the leases; local has it too, so the two differ in scope only).
+pub fn limits_config(creds: &Creds, global: bool) -> Value {
+    json!({
+        "api_keys": {"keys": creds.key_entries},
+        "jwt": {"providers": [{"issuer": "dev", "jwks": creds.jwks}]},
+        "limits": {
+            "scope": if global { "global" } else { "local" },
+            "groups": {GROUP: {"requests_per_minute": NEVER_REACHED}}
+        },
+        "usage": usage_section()
+    })
+}
+
+/// The lease-wait measurement's listeners: `keys` (each its own user of group
+/// `lease`), every user limited to `requests_per_day` far beyond the run, scope local
+/// or global, `usage` to the local tracker.
+pub fn lease_wait_config(keys: &[Value], global: bool) -> Value {
+    json!({
+        "api_keys": {"keys": keys},
+        "limits": {
+            "scope": if global { "global" } else { "local" },
+            "groups": {"lease": {"requests_per_day": NEVER_REACHED}}
+        },
+        "usage": usage_section()
+    })
 }
 
 fn jwt_authn_filter(creds: &Creds, cached: bool) -> Value {
@@ -339,22 +391,26 @@ fn auth_filters(kind: Kind, creds: &Creds, l: &Layout<'_>) -> Vec<Value> {
             .map(|w| wasm_filter_named(w, &tollgate_config(creds, true), "tollgate-alt-metered"))
             .into_iter()
             .collect(),
+        Kind::TollgateLimitsLocal => vec![wasm_filter_named(wasm, &limits_config(creds, false), "tollgate-local")],
+        Kind::TollgateLimitsGlobal => vec![wasm_filter_named(wasm, &limits_config(creds, true), "tollgate-global")],
     }
 }
 
 fn listener(kind: Kind, port: u16, l: &Layout<'_>) -> Value {
-    let creds = l.creds;
-    let mut filters = auth_filters(kind, creds, l);
+    named_listener(kind.slug(), port, auth_filters(kind, l.creds, l))
+}
+
+fn named_listener(name: &str, port: u16, mut filters: Vec<Value>) -> Value {
     filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
     json!({
-        "name": kind.slug(),
+        "name": name,
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": kind.slug(),
+                "stat_prefix": name,
                 "codec_type": "AUTO",
                 "route_config": {"name": "local", "virtual_hosts": [{
                     "name": "all", "domains": ["*"],
@@ -406,10 +462,19 @@ pub struct Layout<'a> {
     pub creds: &'a Creds,
     /// One listener per variant.
     pub listeners: &'a [(Kind, u16)],
+    /// More listeners running Tollgate: (name, port, plugin config).
+    pub extra: &'a [(String, u16, Value)],
 }
 
 pub fn bootstrap(l: &Layout<'_>) -> Value {
-    let listeners: Vec<Value> = l.listeners.iter().map(|&(k, port)| listener(k, port, l)).collect();
+    let listeners: Vec<Value> = l
+        .listeners
+        .iter()
+        .map(|&(k, port)| listener(k, port, l))
+        .chain(l.extra.iter().map(|(name, port, config)| {
+            named_listener(name, *port, vec![wasm_filter_named(l.wasm, config, &format!("tollgate-{name}"))])
+        }))
+        .collect();
     json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": l.admin_port}}},
         "static_resources": {

@@ -7,7 +7,10 @@
 //! Steps: start the mock model server (in process), the usage tracker and the auth
 //! service; for each `--concurrency` start Envoy with one listener per variant, check
 //! every listener answers as it should, run each pass (tool × upstream × load) round
-//! by round; stream a 1 MB SSE response through (a), (d) and (e); then memory: Envoy
+//! by round; stream a 1 MB SSE response through (a), (d) and (e); with (j), global
+//! limits: the tracker's syncs over the passes, the latency of a request that waits for
+//! a lease (`--lease-users`), and after the rest a fleet's overshoot of a limit
+//! (`--overshoot-gateways`, [`tollgate_bench::fleet`]); then memory: Envoy
 //! without a filter vs with Tollgate, and RSS growth over `--leak-requests` requests;
 //! then the native benches (`sse-throughput`, `auth-cost`, callgrind). Writes
 //! `bench/results/<stamp>.md` (and `.csv` with every run) and prints the Markdown.
@@ -25,10 +28,11 @@ use clap::Parser;
 use harness::process::Proc;
 use harness::stack::MockServer;
 use serde_json::json;
+use tollgate_bench::fleet::{self, Conn, Overshoot};
 use tollgate_bench::load::{self, LoadResult, Request, Shape, Tool};
-use tollgate_bench::stats::{median, min_max};
+use tollgate_bench::stats::{median, min_max, percentile_sorted};
 use tollgate_bench::sys;
-use tollgate_bench::variants::{bootstrap, Creds, Kind, Layout};
+use tollgate_bench::variants::{bootstrap, lease_wait_config, Creds, Kind, Layout};
 
 #[derive(Parser, Clone)]
 #[command(about = "Tollgate vs no filter vs jwt_authn vs ext_authz vs Lua, in one Envoy")]
@@ -81,6 +85,19 @@ struct Args {
     /// (e.g. another opt-level, or the previous commit): A/B in one run.
     #[arg(long)]
     alt_wasm: Option<PathBuf>,
+    /// Global limits, lease wait: users per listener (each first request waits for an
+    /// acquire callout, the next comes from the lease); with (j) only; 0 skips.
+    #[arg(long, default_value_t = 400)]
+    lease_users: usize,
+    /// Global limits, overshoot: fleet sizes (gateway Envoys) to hammer, global and
+    /// local scope each; with (j) only; needs PostgreSQL; `0` skips.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    overshoot_gateways: Vec<usize>,
+    /// Overshoot: requests sent at once, and the user's requests_per_hour.
+    #[arg(long, default_value_t = 300)]
+    overshoot_requests: usize,
+    #[arg(long, default_value_t = 50)]
+    overshoot_limit: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -136,6 +153,8 @@ struct Run {
     load: LoadResult,
     envoy_cpu_us: f64,
     side_cpu_us: f64,
+    /// (j): `tracker_limit_syncs_total{outcome="ok"}` during the measured part.
+    tracker_syncs: Option<f64>,
 }
 
 /// Everything the report needs.
@@ -150,6 +169,32 @@ struct Results {
     callgrind: Vec<(String, f64, f64)>,
     callgrind_top: Vec<(String, String)>,
     notes: Vec<String>,
+    global: GlobalResults,
+}
+
+/// Global limits (issue 15): how (j) got its admissions, the lease wait, the overshoot.
+#[derive(Default)]
+struct GlobalResults {
+    /// `tracker_limit_syncs_total{outcome="ok"}` after the passes (syncs and acquires
+    /// of (j)'s workers), and lines of the Envoy logs saying the trackers were away.
+    pass_syncs_ok: Option<f64>,
+    unreachable_logs: usize,
+    lease_wait: Option<LeaseWait>,
+    overshoot: Vec<Overshoot>,
+    overshoot_note: Option<String>,
+}
+
+/// Latencies (seconds) of the first and second request of fresh users, on a global
+/// and a local listener of one Envoy (--concurrency 1).
+struct LeaseWait {
+    users: usize,
+    global_first: Vec<f64>,
+    global_second: Vec<f64>,
+    local_first: Vec<f64>,
+    local_second: Vec<f64>,
+    /// Tracker syncs (acquires and periodic) while the users were measured, and for how long.
+    syncs: f64,
+    seconds: f64,
 }
 
 struct Tools {
@@ -279,6 +324,21 @@ fn start_envoy(
     dir: &Path,
     label: &str,
 ) -> anyhow::Result<Envoy> {
+    start_envoy_extra(t, b, creds, kinds, concurrency, dir, label, &[])
+}
+
+/// As [`start_envoy`], with more Tollgate listeners: (name, port, plugin config).
+#[allow(clippy::too_many_arguments)]
+fn start_envoy_extra(
+    t: &Tools,
+    b: &Backends,
+    creds: &Creds,
+    kinds: &[Kind],
+    concurrency: u32,
+    dir: &Path,
+    label: &str,
+    extra: &[(String, u16, serde_json::Value)],
+) -> anyhow::Result<Envoy> {
     let admin_port = free_port()?;
     let mut ports = BTreeMap::new();
     for &k in kinds {
@@ -295,6 +355,7 @@ fn start_envoy(
         alt_wasm: t.alt_wasm.as_deref(),
         creds,
         listeners: &listeners,
+        extra,
     });
     let cfg_path = dir.join(format!("envoy-{label}.json"));
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&config)?)?;
@@ -307,7 +368,7 @@ fn start_envoy(
     let mut proc = Proc::spawn("envoy", cmd, &dir.join(format!("envoy-{label}.log")))?;
     let client = http_client()?;
     let ready = format!("http://127.0.0.1:{admin_port}/ready");
-    let all_ports: Vec<u16> = ports.values().copied().collect();
+    let all_ports: Vec<u16> = ports.values().copied().chain(extra.iter().map(|e| e.1)).collect();
     wait_until(&mut proc, Duration::from_secs(60), || {
         client.get(&ready).send().is_ok_and(|r| r.status().is_success()) && all_ports.iter().all(|&p| port_open(p))
     })
@@ -361,18 +422,23 @@ fn measure(
     work: &Path,
     envoy_pid: u32,
     side_pid: Option<u32>,
-) -> anyhow::Result<(LoadResult, f64, f64)> {
+    probe: Option<&dyn Fn() -> anyhow::Result<f64>>,
+) -> anyhow::Result<(LoadResult, f64, f64, Option<f64>)> {
     if warmup > 0 {
         let w = Shape { seconds: warmup, ..pass.shape };
         load::run(&w, req, work).context("warm-up")?;
     }
+    // The probe (a counter of another process) is read outside the CPU windows.
+    let p0 = probe.map(|p| p()).transpose()?;
     let e0 = sys::cpu_ns(envoy_pid)?;
     let s0 = side_pid.map(sys::cpu_ns).transpose()?.unwrap_or(0);
     let r = load::run(&pass.shape, req, work)?;
     let e1 = sys::cpu_ns(envoy_pid)?;
     let s1 = side_pid.map(sys::cpu_ns).transpose()?.unwrap_or(0);
+    let p1 = probe.map(|p| p()).transpose()?;
     let n = r.requests.max(1) as f64;
-    Ok((r, e1.saturating_sub(e0) as f64 / 1000.0 / n, s1.saturating_sub(s0) as f64 / 1000.0 / n))
+    let probed = p0.zip(p1).map(|(a, b)| b - a);
+    Ok((r, e1.saturating_sub(e0) as f64 / 1000.0 / n, s1.saturating_sub(s0) as f64 / 1000.0 / n, probed))
 }
 
 fn run_passes(
@@ -384,6 +450,8 @@ fn run_passes(
     dir: &Path,
     res: &mut Results,
 ) -> anyhow::Result<()> {
+    let tracker = format!("http://127.0.0.1:{}", b.tracker_port);
+    let syncs = || fleet::tracker_metric(&tracker, "tracker_limit_syncs_total", &[("outcome", "ok")]);
     for &c in &args.concurrency {
         let envoy = start_envoy(t, b, creds, kinds, c, dir, &format!("all-c{c}"))?;
         sanity_check(&envoy, creds, kinds)?;
@@ -397,13 +465,20 @@ fn run_passes(
                     let req = request(&envoy, creds, kind, pass.upstream)?;
                     let side = match kind {
                         Kind::ExtAuthz => b.authz.pid(),
-                        Kind::TollgateMetered | Kind::TollgateMeteredAlt => b.tracker.pid(),
+                        Kind::TollgateMetered
+                        | Kind::TollgateMeteredAlt
+                        | Kind::TollgateLimitsLocal
+                        | Kind::TollgateLimitsGlobal => b.tracker.pid(),
                         _ => None,
                     };
-                    let (load, cpu, side_cpu) = measure(&pass, args.warmup, &req, dir, envoy_pid, side)
-                        .with_context(|| format!("{} on {}", pass.name, kind.label()))?;
+                    // (j): the tracker's syncs and acquires during the measured part.
+                    let probe =
+                        (kind == Kind::TollgateLimitsGlobal).then_some(&syncs as &dyn Fn() -> anyhow::Result<f64>);
+                    let (load, cpu, side_cpu, tracker_syncs) =
+                        measure(&pass, args.warmup, &req, dir, envoy_pid, side, probe)
+                            .with_context(|| format!("{} on {}", pass.name, kind.label()))?;
                     eprintln!(
-                        "[{}] round {} {:<42} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  envoy {:.1} µs/req{}",
+                        "[{}] round {} {:<42} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  envoy {:.1} µs/req{}{}",
                         pass.name,
                         round + 1,
                         kind.label(),
@@ -411,7 +486,8 @@ fn run_passes(
                         load.p50_ms,
                         load.p99_ms,
                         cpu,
-                        if load.bad > 0 { format!("  ({} bad)", load.bad) } else { String::new() }
+                        if load.bad > 0 { format!("  ({} bad)", load.bad) } else { String::new() },
+                        tracker_syncs.map_or(String::new(), |n| format!("  ({n:.0} tracker syncs)"))
                     );
                     res.runs.push(Run {
                         pass: pass.name.clone(),
@@ -425,6 +501,7 @@ fn run_passes(
                         load,
                         envoy_cpu_us: cpu,
                         side_cpu_us: side_cpu,
+                        tracker_syncs,
                     });
                 }
             }
@@ -527,6 +604,138 @@ fn streaming(
     }
     eprintln!("[stream] {tokens} tokens, ~{} bytes per response", tokens as usize * per_token);
     Ok(out)
+}
+
+/// Global limits: the latency of a request that waits for a lease. One Envoy
+/// (`--concurrency 1`: one worker, one replica to the tracker) with two listeners, one
+/// with `"scope": "global"` and one with `"scope": "local"`, each with `users` fresh
+/// users (own API key, a per-user `requests_per_day` far beyond the run). Per user, on
+/// one keep-alive connection, two `GET`s back to back: on the global listener the
+/// first finds no lease and waits for one acquire callout (the tracker grants twice
+/// the demand, so the second is admitted from the lease); on the local listener both
+/// go through the shared-data bucket. The users alternate between the listeners. The
+/// local pair shows what else differs between a first and a second request (a new key
+/// hashed once, a new limit state).
+fn lease_wait(args: &Args, t: &Tools, b: &Backends, creds: &Creds, dir: &Path) -> anyhow::Result<LeaseWait> {
+    let n = args.lease_users;
+    let users = |prefix: &str| {
+        (0..=n)
+            .map(|i| {
+                let key = harness::dev::new_api_key();
+                let entry = harness::dev::key_entry(&key, &format!("{prefix}{i}"), &["lease".to_string()]);
+                (key, entry)
+            })
+            .unzip::<String, serde_json::Value, Vec<_>, Vec<_>>()
+    };
+    let (g_keys, g_entries) = users("g");
+    let (l_keys, l_entries) = users("l");
+    let (g_port, l_port) = (free_port()?, free_port()?);
+    let extra = vec![
+        ("lease_global".to_string(), g_port, lease_wait_config(&g_entries, true)),
+        ("lease_local".to_string(), l_port, lease_wait_config(&l_entries, false)),
+    ];
+    let envoy = start_envoy_extra(t, b, creds, &[], 1, dir, "lease-wait", &extra)?;
+    let tracker = format!("http://127.0.0.1:{}", b.tracker_port);
+    let syncs = || fleet::tracker_metric(&tracker, "tracker_limit_syncs_total", &[("outcome", "ok")]);
+    let mut g = Conn::open(g_port)?;
+    let mut l = Conn::open(l_port)?;
+    // Warm-up with the last user of each listener (not measured): the first callout
+    // opens the connection to the tracker.
+    let (Some(g_warm), Some(l_warm)) = (g_keys.get(n), l_keys.get(n)) else { bail!("no warm-up user") };
+    for _ in 0..20 {
+        for (conn, key) in [(&mut g, g_warm), (&mut l, l_warm)] {
+            let (status, _) = conn.get("/bench", key)?;
+            if status != 200 {
+                bail!("lease wait warm-up: {status}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut out = LeaseWait {
+        users: n,
+        global_first: Vec::with_capacity(n),
+        global_second: Vec::with_capacity(n),
+        local_first: Vec::with_capacity(n),
+        local_second: Vec::with_capacity(n),
+        syncs: 0.0,
+        seconds: 0.0,
+    };
+    let s0 = syncs()?;
+    let t0 = Instant::now();
+    for i in 0..n {
+        for step in 0..2 {
+            let global = (i + step) % 2 == 0;
+            let (conn, keys) = if global { (&mut g, &g_keys) } else { (&mut l, &l_keys) };
+            let key = keys.get(i).context("key")?;
+            let (s1, first) = conn.get("/bench", key)?;
+            let (s2, second) = conn.get("/bench", key)?;
+            if s1 != 200 || s2 != 200 {
+                bail!("lease wait: user {i} ({}) got {s1}, {s2}", if global { "global" } else { "local" });
+            }
+            if global {
+                out.global_first.push(first);
+                out.global_second.push(second);
+            } else {
+                out.local_first.push(first);
+                out.local_second.push(second);
+            }
+        }
+        // Requests one after the other, not a flood: a few per millisecond at most.
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    out.seconds = t0.elapsed().as_secs_f64();
+    out.syncs = syncs()? - s0;
+    let med = |v: &[f64]| median(v) * 1e6;
+    eprintln!(
+        "[lease wait] {n} users: global first {:.0} µs, second {:.0} µs; local first {:.0} µs, second {:.0} µs (medians); {} tracker syncs in {:.1} s",
+        med(&out.global_first),
+        med(&out.global_second),
+        med(&out.local_first),
+        med(&out.local_second),
+        out.syncs,
+        out.seconds
+    );
+    drop(envoy);
+    Ok(out)
+}
+
+/// Lines of the Envoy logs of the passes saying the trackers could not be reached.
+fn unreachable_lines(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("envoy-all-"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|text| text.lines().filter(|l| l.contains("trackers cannot be reached")).count())
+        .sum()
+}
+
+/// Global limits on a fleet: `admitted − limit` for each size, global and local scope.
+fn overshoot(args: &Args, res: &mut Results) {
+    let sizes: Vec<usize> = args.overshoot_gateways.iter().copied().filter(|&n| n > 0).collect();
+    if sizes.is_empty() {
+        return;
+    }
+    if let Err(e) = harness::postgres::bin_dir() {
+        let msg = format!("overshoot skipped: {e:#}");
+        eprintln!("bench-run: {msg}");
+        res.global.overshoot_note = Some(msg);
+        return;
+    }
+    for n in sizes {
+        for global in [true, false] {
+            match fleet::overshoot(n, global, args.overshoot_requests, args.overshoot_limit) {
+                Ok(r) => res.global.overshoot.push(r),
+                Err(e) => {
+                    let msg =
+                        format!("overshoot, {n} gateways, scope {}: {e:#}", if global { "global" } else { "local" });
+                    eprintln!("bench-run: {msg}");
+                    res.notes.push(msg);
+                }
+            }
+        }
+    }
 }
 
 fn admin_memory(admin_port: u16) -> String {
@@ -817,7 +1026,7 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the ext_authz service (f) or the usage tracker (e), outside Envoy. Every request carries an `authorization` header (the JWT for b, b', c; the API key otherwise, unused by a and h).\n"
+        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the ext_authz service (f) or the usage tracker (e, i, j), outside Envoy. Every request carries an `authorization` header (the JWT for b, b', c; the API key otherwise, unused by a and h).\n"
     );
     let mut pass_names: Vec<(String, String)> = Vec::new();
     for r in &res.runs {
@@ -833,7 +1042,14 @@ fn report(
         for &k in kinds {
             let Some(a) = aggregate(&res.runs, pass, k, args.rounds) else { continue };
             let added = base.as_ref().map_or(f64::NAN, |b| (a.p50 - b.p50) * 1000.0);
-            let side = if matches!(k, Kind::ExtAuthz | Kind::TollgateMetered | Kind::TollgateMeteredAlt) {
+            let side = if matches!(
+                k,
+                Kind::ExtAuthz
+                    | Kind::TollgateMetered
+                    | Kind::TollgateMeteredAlt
+                    | Kind::TollgateLimitsLocal
+                    | Kind::TollgateLimitsGlobal
+            ) {
                 format!("{:.1}", a.side)
             } else {
                 String::new()
@@ -860,6 +1076,7 @@ fn report(
         }
         let _ = writeln!(md);
     }
+    global_report(&mut md, args, kinds, res, &pass_names);
     if !res.streaming.is_empty() {
         let _ = writeln!(
             md,
@@ -942,14 +1159,155 @@ fn report(
     md
 }
 
+/// Median over rounds of `f(run of a) ` − `f(run of b)` in the same round.
+fn per_round_diff(runs: &[Run], pass: &str, a: Kind, b: Kind, rounds: u32, f: impl Fn(&Run) -> f64) -> f64 {
+    let of = |k: Kind, round: u32| runs.iter().find(|r| r.pass == pass && r.kind == k && r.round == round).map(&f);
+    let diffs: Vec<f64> = (0..rounds).filter_map(|round| Some(of(a, round)? - of(b, round)?)).collect();
+    median(&diffs)
+}
+
+fn us(seconds: &[f64], p: f64) -> f64 {
+    let mut v: Vec<f64> = seconds.iter().map(|s| s * 1e6).collect();
+    v.sort_by(f64::total_cmp);
+    percentile_sorted(&v, p)
+}
+
+/// The section on global limits (issue 15): (j) vs (i), the lease wait, the overshoot.
+fn global_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, pass_names: &[(String, String)]) {
+    let (local, global) = (Kind::TollgateLimitsLocal, Kind::TollgateLimitsGlobal);
+    if !kinds.contains(&global) {
+        return;
+    }
+    let _ = writeln!(md, "## Global limits (issue 15)\n");
+    if kinds.contains(&local) {
+        let _ = writeln!(
+            md,
+            "(i) and (j): API key, the group limited to `requests_per_minute: {}` (never reached) and `usage` to the local tracker; they differ in `limits.scope` only: (i) local (the shared-data token bucket, one compare-and-swap per request), (j) global (a per-worker lease from `POST /v1/limits/sync`). **+** = median over rounds of (variant − (a)) in the same round; **(j)−(i)** = median over rounds of the difference in the same round; **(j)/(i)** = ratio of the added medians; **p99** = median over rounds; **(j) syncs** = the tracker's `tracker_limit_syncs_total{{outcome=\"ok\"}}` over one measured run of (j) (periodic syncs, about one a second per worker, and acquires of requests that found their lease short), median over rounds, and (j)'s requests per sync.\n",
+            tollgate_bench::variants::NEVER_REACHED
+        );
+        let _ = writeln!(md, "| pass | +CPU µs (i) local | +CPU µs (j) global | CPU (j)−(i) µs | +CPU (j)/(i) | +p50 µs (i) | +p50 µs (j) | +p50 (j)/(i) | ×a (i) | ×a (j) | p99 ms (i) / (j) | (j) syncs per run | (j) requests per sync | tracker CPU µs (i) / (j) | non-2xx (i) / (j) |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (pass, _) in pass_names {
+            let (Some(i), Some(j)) =
+                (aggregate(&res.runs, pass, local, args.rounds), aggregate(&res.runs, pass, global, args.rounds))
+            else {
+                continue;
+            };
+            let Some(a) = aggregate(&res.runs, pass, Kind::NoFilter, args.rounds) else { continue };
+            let cpu_diff = per_round_diff(&res.runs, pass, global, local, args.rounds, |r| r.envoy_cpu_us);
+            let (p50_i, p50_j) = ((i.p50 - a.p50) * 1000.0, (j.p50 - a.p50) * 1000.0);
+            let j_runs: Vec<&Run> = res.runs.iter().filter(|r| r.pass == *pass && r.kind == global).collect();
+            let syncs = median(&j_runs.iter().filter_map(|r| r.tracker_syncs).collect::<Vec<_>>());
+            let per_sync = median(
+                &j_runs
+                    .iter()
+                    .filter_map(|r| Some(r.load.requests as f64 / r.tracker_syncs?.max(1.0)))
+                    .collect::<Vec<_>>(),
+            );
+            let _ = writeln!(
+                md,
+                "| {pass} | {:+.1} | {:+.1} | {cpu_diff:+.1} | {} | {p50_i:+.0} | {p50_j:+.0} | {} | {} | {} | {:.2} / {:.2} | {syncs:.0} | {per_sync:.0} | {:.1} / {:.1} | {} / {} |",
+                i.cpu_vs_a,
+                j.cpu_vs_a,
+                fmt_ratio(j.cpu_vs_a / i.cpu_vs_a),
+                fmt_ratio(p50_j / p50_i),
+                fmt_ratio(i.vs_a),
+                fmt_ratio(j.vs_a),
+                i.p99,
+                j.p99,
+                i.side,
+                j.side,
+                i.bad,
+                j.bad
+            );
+        }
+        let _ = writeln!(md);
+    }
+    let bad: u64 = res.runs.iter().filter(|r| r.kind == global).map(|r| r.load.bad).sum();
+    let served: u64 = res.runs.iter().filter(|r| r.kind == global).map(|r| r.load.requests).sum();
+    let _ = writeln!(
+        md,
+        "(j) admitted from leases: {served} measured requests, {bad} not 2xx; the tracker answered `tracker_limit_syncs_total{{outcome=\"ok\"}}` = {} syncs and acquires of (j)'s workers over the passes; lines \"trackers cannot be reached\" in the Envoy logs: {}.\n",
+        res.global.pass_syncs_ok.map_or("?".to_string(), |v| format!("{v:.0}")),
+        res.global.unreachable_logs
+    );
+    if let Some(w) = &res.global.lease_wait {
+        let _ = writeln!(
+            md,
+            "### Waiting for a lease\n\nEnvoy --concurrency 1, {} fresh users per listener (own API key, a per-user `requests_per_day` never reached), one keep-alive HTTP/1.1 connection per listener, per user two `GET`s back to back (direct response), users alternating between the listeners. Global: the first request of a user finds no lease and waits for one acquire callout to the tracker (loopback, in memory); the grant covers two requests, so the second is admitted from the lease. Local: the same pair through the shared-data bucket, for what else a first request costs (its key hashed once, a new limit state). Latency from the request written to the response read, µs.\n",
+            w.users
+        );
+        let _ = writeln!(md, "| listener | first p50 | first p99 | second p50 | second p99 | first − second (p50) |\n|---|---:|---:|---:|---:|---:|");
+        for (name, first, second) in [
+            ("scope global (first waits for the lease)", &w.global_first, &w.global_second),
+            ("scope local", &w.local_first, &w.local_second),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} |",
+                us(first, 50.0),
+                us(first, 99.0),
+                us(second, 50.0),
+                us(second, 99.0),
+                us(first, 50.0) - us(second, 50.0)
+            );
+        }
+        let wait = (us(&w.global_first, 50.0) - us(&w.global_second, 50.0))
+            - (us(&w.local_first, 50.0) - us(&w.local_second, 50.0));
+        // One periodic sync per second (the default interval) besides the acquires.
+        let one_acquire_each = w.syncs <= w.users as f64 + w.seconds.ceil() + 1.0;
+        let _ = writeln!(
+            md,
+            "\nThe wait for a lease alone (global first − second, less local first − second, medians): **{wait:+.0} µs**. Tracker syncs (acquires and periodic syncs) while measuring: {:.0} in {:.1} s for {} users: {}.\n",
+            w.syncs,
+            w.seconds,
+            w.users,
+            if one_acquire_each {
+                "at most one acquire per user (plus about one periodic sync a second), so the second requests were admitted from the lease"
+            } else {
+                "more than one acquire per user: some second requests waited as well"
+            }
+        );
+    }
+    if !res.global.overshoot.is_empty() || res.global.overshoot_note.is_some() {
+        let _ = writeln!(
+            md,
+            "### Overshoot on a fleet\n\nharness fleet: N gateway Envoys (2 workers each, so 2N replicas to the trackers), 2 tracker replicas on one PostgreSQL; one user with `requests_per_hour: {}`; {} `POST /v1/chat/completions` released at once (one thread each, new connection each, round robin over the gateways).\n",
+            args.overshoot_limit, args.overshoot_requests
+        );
+        if let Some(note) = &res.global.overshoot_note {
+            let _ = writeln!(md, "{note}\n");
+        }
+        if !res.global.overshoot.is_empty() {
+            let _ = writeln!(md, "| gateways × workers | scope | admitted | admitted − limit | 429 | other | seconds | tracker syncs ok |\n|---|---|---:|---:|---:|---:|---:|---:|");
+            for r in &res.global.overshoot {
+                let _ = writeln!(
+                    md,
+                    "| {} × 2 | {} | {} of {} | **{:+}** | {} | {} | {:.2} | {:.0} |",
+                    r.gateways,
+                    if r.global { "global" } else { "local" },
+                    r.admitted,
+                    r.sent,
+                    r.over(),
+                    r.refused,
+                    r.other,
+                    r.seconds,
+                    r.syncs_ok
+                );
+            }
+            let _ = writeln!(md);
+        }
+    }
+}
+
 fn csv(res: &Results) -> String {
     let mut s = String::from(
-        "pass,variant,round,requests,seconds,rps,p50_ms,p90_ms,p99_ms,bad,envoy_cpu_us_per_req,side_cpu_us_per_req\n",
+        "pass,variant,round,requests,seconds,rps,p50_ms,p90_ms,p99_ms,bad,envoy_cpu_us_per_req,side_cpu_us_per_req,tracker_syncs\n",
     );
     for r in &res.runs {
         let _ = writeln!(
             s,
-            "{},{},{},{},{:.3},{:.1},{:.4},{:.4},{:.4},{},{:.2},{:.2}",
+            "{},{},{},{},{:.3},{:.1},{:.4},{:.4},{:.4},{},{:.2},{:.2},{}",
             r.pass,
             r.kind.slug(),
             r.round + 1,
@@ -961,7 +1319,8 @@ fn csv(res: &Results) -> String {
             r.load.p99_ms,
             r.load.bad,
             r.envoy_cpu_us,
-            r.side_cpu_us
+            r.side_cpu_us,
+            r.tracker_syncs.map_or(String::new(), |n| format!("{n:.0}"))
         );
     }
     s
@@ -996,6 +1355,10 @@ fn main() -> anyhow::Result<()> {
     };
     let mut t = tools()?;
     t.alt_wasm = args.alt_wasm.clone();
+    // The overshoot fleet (harness::stack) runs the tracker this run runs (release).
+    if std::env::var_os("TOLLGATE_TRACKER_BIN").is_none() {
+        std::env::set_var("TOLLGATE_TRACKER_BIN", &t.tracker);
+    }
     let mut kinds = kinds;
     match &args.alt_wasm {
         Some(p) if !p.exists() => bail!("--alt-wasm {}: no such file", p.display()),
@@ -1025,10 +1388,26 @@ fn main() -> anyhow::Result<()> {
     let backends = start_backends(&t, &dir, &creds)?;
     let mut res = Results::default();
     run_passes(&args, &t, &backends, &creds, &kinds, &dir, &mut res)?;
+    if kinds.contains(&Kind::TollgateLimitsGlobal) {
+        let tracker = format!("http://127.0.0.1:{}", backends.tracker_port);
+        res.global.pass_syncs_ok =
+            fleet::tracker_metric(&tracker, "tracker_limit_syncs_total", &[("outcome", "ok")]).ok();
+        res.global.unreachable_logs = unreachable_lines(&dir);
+        eprintln!(
+            "bench-run: (j) global: tracker_limit_syncs_total{{outcome=\"ok\"}} = {:?} after the passes; {} log lines of unreachable trackers",
+            res.global.pass_syncs_ok, res.global.unreachable_logs
+        );
+        if args.lease_users > 0 {
+            res.global.lease_wait = Some(lease_wait(&args, &t, &backends, &creds, &dir)?);
+        }
+    }
     if args.leak_requests > 0 {
         memory_and_leak(&args, &t, &backends, &creds, &dir, &mut res)?;
     }
     drop(backends);
+    if kinds.contains(&Kind::TollgateLimitsGlobal) {
+        overshoot(&args, &mut res);
+    }
     if !args.no_native {
         native(&t, &dir, &mut res)?;
     }
