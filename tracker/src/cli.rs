@@ -1,7 +1,7 @@
 //! Command line. Every option also reads an environment variable, so the Kubernetes
-//! Deployment can set them without changing the container's arguments. The usage API's
-//! secret is an environment variable only (`TRACKER_API_TOKEN`), so it never shows in
-//! `ps`.
+//! Deployment can set them without changing the container's arguments. The secrets are
+//! environment variables only (`TRACKER_API_TOKEN`, `TRACKER_INGEST_TOKEN`,
+//! `TRACKER_ADMIN_TOKEN`), so they never show in `ps`.
 
 use std::path::PathBuf;
 
@@ -13,6 +13,8 @@ use crate::metrics::Limits;
 pub const API_TOKEN_ENV: &str = "TRACKER_API_TOKEN";
 /// The environment variable that holds the bearer secret `POST /track` requires.
 pub const INGEST_TOKEN_ENV: &str = "TRACKER_INGEST_TOKEN";
+/// The environment variable that holds the keys API's (`/v1/keys`) bearer secret.
+pub const ADMIN_TOKEN_ENV: &str = "TRACKER_ADMIN_TOKEN";
 
 /// Tollgate usage-tracking service: takes usage events from the gateway on POST /track
 /// and exports them as Prometheus counters on GET /metrics.
@@ -28,7 +30,9 @@ pub const INGEST_TOKEN_ENV: &str = "TRACKER_INGEST_TOKEN";
     after_help = "Environment only:\n  TRACKER_API_TOKEN     bearer secret of GET /v1/usage and GET /v1/usage/recent \
                   (unset or empty: those answer 404)\n  TRACKER_INGEST_TOKEN  bearer secret POST /track requires \
                   (the gateway's usage.token_env; unset or empty: /track is open to anyone who can reach it, \
-                  and a warning is printed at start)"
+                  and a warning is printed at start; it also guards POST /v1/limits/sync, POST /v1/keys/resolve \
+                  and GET /v1/keys/changes)\n  TRACKER_ADMIN_TOKEN   bearer secret of the keys API: POST /v1/keys, \
+                  GET /v1/keys, DELETE /v1/keys/{id} (unset or empty: those answer 404; needs a ledger)"
 )]
 pub struct Args {
     /// Address to listen on (host:port; use 0.0.0.0:8081 in a pod).
@@ -157,6 +161,11 @@ impl Args {
 /// The usage API's secret from [`API_TOKEN_ENV`], if set and not empty.
 pub fn api_token_from_env() -> Option<String> {
     std::env::var(API_TOKEN_ENV).ok().filter(|t| !t.is_empty())
+}
+
+/// The keys API's secret from [`ADMIN_TOKEN_ENV`], if set and not empty.
+pub fn admin_token_from_env() -> Option<String> {
+    std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty())
 }
 
 /// `/track`'s secret from [`INGEST_TOKEN_ENV`], if set and not empty.

@@ -10,13 +10,16 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::error::Category;
 use tokio::net::TcpListener;
 
 use crate::error::{Rejected, TrackError};
 use crate::event;
+use crate::keys_api;
 use crate::limits_sync;
 use crate::metrics::Tracker;
 use crate::usage_api;
@@ -33,6 +36,10 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/metrics", get(metrics))
         .route("/track", post(track))
         .route("/v1/limits/sync", post(limits_sync::sync))
+        .route("/v1/keys", post(keys_api::create).get(keys_api::list))
+        .route("/v1/keys/resolve", post(keys_api::resolve))
+        .route("/v1/keys/changes", get(keys_api::changes))
+        .route("/v1/keys/{id}", delete(keys_api::revoke))
         .route("/v1/usage", get(usage_api::usage))
         .route("/v1/usage/recent", get(usage_api::recent))
         .fallback(not_found)
@@ -110,7 +117,8 @@ async fn track(
     }
 }
 
-/// The refusal of a request to an ingest endpoint (`/track`, `/v1/limits/sync`) without
+/// The refusal of a request to a gateway endpoint (`/track`, `/v1/limits/sync`,
+/// `/v1/keys/resolve`, `/v1/keys/changes`) without
 /// the ingest secret, when one is configured (compared in constant time); `None`: let it in.
 pub(crate) fn ingest_refusal(tracker: &Tracker, headers: &HeaderMap) -> Option<TrackError> {
     let expected = tracker.ingest_token_digest()?;
@@ -129,6 +137,32 @@ pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Tr
             TrackError::BadJson(format!("could not read the request body: {}", rejection.body_text()))
         }
     })
+}
+
+/// Parses a whole JSON body of an endpoint that refuses bad bodies whole (the limits
+/// sync, the keys API): a syntax error is `BadJson` ("body is not valid JSON: …"); a
+/// JSON value of the wrong shape is `InvalidBody` naming the field (`leases[1].need: …`,
+/// `body: missing field …` for the top level), without the byte position.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, TrackError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let not_json = |e: serde_json::Error| TrackError::BadJson(format!("body is not valid JSON: {e}"));
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        match inner.classify() {
+            Category::Data => {
+                // The field path says where; the byte position adds nothing.
+                let text = inner.to_string();
+                let position = format!(" at line {} column {}", inner.line(), inner.column());
+                let message = text.strip_suffix(&position).unwrap_or(&text);
+                let field = if path == "." { "body" } else { &path };
+                TrackError::InvalidBody(format!("{field}: {message}"))
+            }
+            Category::Syntax | Category::Eof | Category::Io => not_json(inner),
+        }
+    })?;
+    de.end().map_err(not_json)?;
+    Ok(value)
 }
 
 async fn not_found(method: Method, uri: Uri) -> TrackError {

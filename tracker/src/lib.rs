@@ -13,14 +13,18 @@
 //! of global limits (`POST /v1/limits/sync`): it grants each gateway replica its lease
 //! of every limit window, carved from what is left in one transaction per sync, so a
 //! limit holds for the whole fleet of gateways (README, "Global limits across gateway
-//! replicas"). [`http`] is the edge: routes, body limit, and the one place where errors
-//! become status codes and JSON.
+//! replicas"). [`keys_api`] is managed API keys (issue 16): admins create and revoke
+//! keys (`/v1/keys`, stored as their SHA-256 in the ledger), the gateways resolve the
+//! keys they do not know by digest (`POST /v1/keys/resolve`, then cache them) and learn
+//! of revoked and expired ones from `GET /v1/keys/changes`. [`http`] is the edge:
+//! routes, body limit, and the one place where errors become status codes and JSON.
 
 pub mod cli;
 pub mod dedup;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod keys_api;
 pub mod labels;
 pub mod ledger;
 pub mod limits_sync;

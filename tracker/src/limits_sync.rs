@@ -38,7 +38,6 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::error::Category;
 use tollgate_rules::lease::{
     self, Counted, Holding, Report, MAX_INTERVAL_MS, MAX_LEASES_PER_SYNC, MIN_INTERVAL_MS, REPLICA_INTERVALS,
     WINDOWS_MS,
@@ -181,24 +180,7 @@ impl LimitSync {
 
 /// Parses and checks a sync body; the error names the field.
 pub fn parse(body: &[u8]) -> Result<LimitSync, TrackError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let not_json = |e: serde_json::Error| TrackError::BadJson(format!("body is not valid JSON: {e}"));
-    let sync: LimitSync = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        match inner.classify() {
-            Category::Data => {
-                // The field path says where; the byte position adds nothing.
-                let text = inner.to_string();
-                let position = format!(" at line {} column {}", inner.line(), inner.column());
-                let message = text.strip_suffix(&position).unwrap_or(&text);
-                let field = if path == "." { "body" } else { &path };
-                TrackError::InvalidBody(format!("{field}: {message}"))
-            }
-            Category::Syntax | Category::Eof | Category::Io => not_json(inner),
-        }
-    })?;
-    de.end().map_err(not_json)?;
+    let sync: LimitSync = http::parse_json(body)?;
     sync.check().map_err(TrackError::InvalidBody)?;
     Ok(sync)
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use usage_tracking::cli::{api_token_from_env, ingest_token_from_env, Store, API_TOKEN_ENV, INGEST_TOKEN_ENV};
+use usage_tracking::cli::{
+    admin_token_from_env, api_token_from_env, ingest_token_from_env, Store, ADMIN_TOKEN_ENV, API_TOKEN_ENV,
+    INGEST_TOKEN_ENV,
+};
 use usage_tracking::{serve, Args, Ledger, Tracker};
 
 #[tokio::main]
@@ -26,12 +29,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let api_token = api_token_from_env();
     let ingest_token = ingest_token_from_env();
+    let admin_token = admin_token_from_env();
     let tracker = match &ledger {
         None => Tracker::new(limits),
         Some(ledger) => Tracker::with_ledger(limits, Arc::clone(ledger)).await?,
     }
     .with_api_token(api_token.as_deref())
-    .with_ingest_token(ingest_token.as_deref());
+    .with_ingest_token(ingest_token.as_deref())
+    .with_admin_token(admin_token.as_deref());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -74,6 +79,13 @@ async fn main() -> anyhow::Result<()> {
         println!("usage-tracking: usage API off (it needs the ledger)");
     } else {
         println!("usage-tracking: usage API on: GET /v1/usage, GET /v1/usage/recent");
+    }
+    if admin_token.is_none() {
+        println!("usage-tracking: keys API off ({ADMIN_TOKEN_ENV} not set)");
+    } else if ledger.is_none() {
+        println!("usage-tracking: keys API off (it needs the ledger)");
+    } else {
+        println!("usage-tracking: keys API on: POST /v1/keys, GET /v1/keys, DELETE /v1/keys/{{id}}");
     }
     let tracker = Arc::new(tracker);
     if let Some(ledger) = ledger {

@@ -99,12 +99,21 @@ struct SyncLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResolveLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CountedLabels {
     counted: &'static str,
 }
 
 /// The `outcome` label values of `tracker_limit_syncs_total`.
 pub const SYNC_OUTCOMES: [&str; 4] = ["ok", "invalid", "unauthorized", "unavailable"];
+
+/// The `outcome` label values of `tracker_key_resolves_total`: `unknown` is also a
+/// revoked or expired key (they get the same answer).
+pub const RESOLVE_OUTCOMES: [&str; 2] = ["found", "unknown"];
 
 /// The `op` label values of `tracker_ledger_errors_total`.
 pub const LEDGER_OPS: [&str; 3] = ["write", "read", "compact"];
@@ -147,6 +156,9 @@ pub struct Tracker {
     series_overflow: Counter,
     limit_syncs: Family<SyncLabels, Counter>,
     limit_granted: Family<CountedLabels, Counter>,
+    keys_created: Counter,
+    keys_revoked: Counter,
+    key_resolves: Family<ResolveLabels, Counter>,
     /// Global limits without a ledger, and when their housekeeping last ran.
     leases: Leases,
     state: Mutex<State>,
@@ -156,6 +168,8 @@ pub struct Tracker {
     api_token: Option<[u8; 32]>,
     /// SHA-256 of the bearer secret `/track` requires; `None`: `/track` is open.
     ingest_token: Option<[u8; 32]>,
+    /// SHA-256 of the keys API's bearer secret; `None`: the keys API is off (404).
+    admin_token: Option<[u8; 32]>,
     /// Where counters saturate: `u64::MAX`, or with a ledger `i64::MAX`, the most the
     /// ledger stores, so a restored counter equals the one it replaces.
     cap: u64,
@@ -240,6 +254,23 @@ impl Tracker {
         for counted in crate::limits_sync::counted_labels() {
             limit_granted.get_or_create(&CountedLabels { counted }).inc_by(0);
         }
+        let keys_created = Counter::default();
+        registry.register("tracker_keys_created", "Managed API keys created (POST /v1/keys)", keys_created.clone());
+        let keys_revoked = Counter::default();
+        registry.register(
+            "tracker_keys_revoked",
+            "Managed API keys revoked (DELETE /v1/keys/{id}; revoking a revoked key again does not count)",
+            keys_revoked.clone(),
+        );
+        let key_resolves = Family::<ResolveLabels, Counter>::default();
+        registry.register(
+            "tracker_key_resolves",
+            "POST /v1/keys/resolve answers, by outcome (found; unknown, revoked or expired)",
+            key_resolves.clone(),
+        );
+        for outcome in RESOLVE_OUTCOMES {
+            key_resolves.get_or_create(&ResolveLabels { outcome }).inc_by(0);
+        }
         Tracker {
             limits,
             registry,
@@ -256,10 +287,14 @@ impl Tracker {
             series_overflow,
             limit_syncs,
             limit_granted,
+            keys_created,
+            keys_revoked,
+            key_resolves,
             leases: Leases::default(),
             ledger: None,
             api_token: None,
             ingest_token: None,
+            admin_token: None,
             cap: u64::MAX,
             state: Mutex::new(State {
                 dedup: DedupWindow::new(limits.dedup_window),
@@ -299,6 +334,32 @@ impl Tracker {
     pub fn with_ingest_token(mut self, token: Option<&str>) -> Tracker {
         self.ingest_token = token.filter(|t| !t.is_empty()).map(|t| Sha256::digest(t.as_bytes()).into());
         self
+    }
+
+    /// Turns the keys API (`/v1/keys`) on with this bearer secret (`None` or empty: off).
+    pub fn with_admin_token(mut self, token: Option<&str>) -> Tracker {
+        self.admin_token = token.filter(|t| !t.is_empty()).map(|t| Sha256::digest(t.as_bytes()).into());
+        self
+    }
+
+    /// SHA-256 of the keys API's secret, if it is on.
+    pub fn admin_token_digest(&self) -> Option<&[u8; 32]> {
+        self.admin_token.as_ref()
+    }
+
+    /// Counts a managed API key created.
+    pub fn count_key_created(&self) {
+        self.keys_created.inc();
+    }
+
+    /// Counts a managed API key revoked (the first time only).
+    pub fn count_key_revoked(&self) {
+        self.keys_revoked.inc();
+    }
+
+    /// Counts a key resolve (`outcome` is one of [`RESOLVE_OUTCOMES`]).
+    pub fn count_key_resolve(&self, outcome: &'static str) {
+        self.key_resolves.get_or_create(&ResolveLabels { outcome }).inc();
     }
 
     /// SHA-256 of `/track`'s secret, if it needs one.

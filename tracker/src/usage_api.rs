@@ -197,11 +197,11 @@ fn read_failed(tracker: &Tracker, error: &LedgerError) -> TrackError {
     TrackError::Unavailable(error.to_string())
 }
 
-/// Query parameters, checked against the names an endpoint takes.
-struct Params(Vec<(String, String)>);
+/// Query parameters, checked against the names an endpoint takes (also the keys API's).
+pub(crate) struct Params(Vec<(String, String)>);
 
 impl Params {
-    fn parse(query: Option<&str>, allowed: &[&str]) -> Result<Params, TrackError> {
+    pub(crate) fn parse(query: Option<&str>, allowed: &[&str]) -> Result<Params, TrackError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
             .map_err(|e| TrackError::BadQuery(format!("query string: {e}")))?;
         for (name, _) in &pairs {
@@ -216,7 +216,7 @@ impl Params {
     }
 
     /// The value of `name`, if given once; given twice is an error (which one counts?).
-    fn get(&self, name: &str) -> Result<Option<&str>, TrackError> {
+    pub(crate) fn get(&self, name: &str) -> Result<Option<&str>, TrackError> {
         let mut values = self.0.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str());
         match (values.next(), values.next()) {
             (first, None) => Ok(first),

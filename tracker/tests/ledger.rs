@@ -866,8 +866,8 @@ async fn counted_denials_survive_restart_and_compaction(kind: Kind) {
 }
 
 /// A ledger written by the schema-1 tracker (no `usage_events.requests`, no tables of
-/// global limits) is migrated when opened: every old row counts 1, as it did, and the
-/// limit tables are created; a ledger of a newer schema is refused.
+/// global limits or API keys) is migrated when opened: every old row counts 1, as it
+/// did, and the limit and key tables are created; a ledger of a newer schema is refused.
 async fn schema_1_ledger_is_migrated(kind: Kind) {
     let Some(backend) = Backend::new(kind, &format!("migrate_{kind:?}")).await else { return };
     let now = now_ms();
@@ -889,20 +889,20 @@ async fn schema_1_ledger_is_migrated(kind: Kind) {
             "UPDATE tollgate_ledger_schema SET version = ",
         ),
     };
-    assert_eq!(backend.integers(version).await, [3]);
+    assert_eq!(backend.integers(version).await, [4]);
     backend
         .execute(&format!(
             "ALTER TABLE usage_events DROP COLUMN requests; DROP TABLE limit_windows; DROP TABLE limit_holdings; \
-             DROP TABLE limit_replicas; {set_version}1"
+             DROP TABLE limit_replicas; DROP TABLE api_keys; {set_version}1"
         ))
         .await;
     assert_eq!(backend.integers(version).await, [1]);
 
     let ledger = backend.open("r1").await;
-    assert_eq!(backend.integers(version).await, [3]);
+    assert_eq!(backend.integers(version).await, [4]);
     assert_eq!(backend.integers("SELECT requests FROM usage_events").await, [1, 1]);
-    // Schema 3's tables of global limits are there, empty.
-    for table in ["limit_windows", "limit_holdings", "limit_replicas"] {
+    // Schema 3's tables of global limits and schema 4's of API keys are there, empty.
+    for table in ["limit_windows", "limit_holdings", "limit_replicas", "api_keys"] {
         assert_eq!(backend.integers(&format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table}")).await, [0], "{table}");
     }
     let tracker = Tracker::with_ledger(Limits::default(), Arc::clone(&ledger)).await.unwrap();
@@ -927,12 +927,12 @@ async fn schema_1_ledger_is_migrated(kind: Kind) {
     drop(ledger);
 
     // A ledger of a newer schema than this tracker's is refused, not rewritten.
-    backend.execute(&format!("{set_version}4")).await;
+    backend.execute(&format!("{set_version}5")).await;
     let refused = match kind {
         Kind::Sqlite => Ledger::open_sqlite(&backend.dir.as_ref().unwrap().0, "r1").map(drop),
         Kind::Postgres => Ledger::open_postgres(backend.url.as_ref().unwrap(), "r1").await.map(drop),
     };
-    let message = "cannot open the ledger: the ledger has schema version 4, newer than this tracker's 3";
+    let message = "cannot open the ledger: the ledger has schema version 5, newer than this tracker's 4";
     assert_eq!(refused.map_err(|e| e.to_string()), Err(message.to_owned()));
 }
 

@@ -36,6 +36,12 @@
 //!
 //! Rows of windows that ended more than a day ago are deleted (at most once a minute).
 //!
+//! One more holds managed API keys ([`crate::keys_api`], schema version 4):
+//!
+//! - `api_keys`: one row per key ever created, with the SHA-256 of the key (never the
+//!   key), its user, groups, name and times; revoking sets `revoked_at_ms` and keeps
+//!   the row, so the changes feed can tell the gateways.
+//!
 //! Counts are stored as signed 64-bit integers (both backends' widest integer); sums
 //! saturate at `i64::MAX` rather than fail, as the in-memory counters saturate.
 //! Values are the normalised label values before the cardinality guard (the real user
@@ -288,6 +294,42 @@ pub struct RecentEvent {
     pub replica: String,
 }
 
+/// A managed API key as the ledger stores it: never the key, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// `key_` + 16 hex characters.
+    pub id: String,
+    /// Lowercase hex SHA-256 of the key.
+    pub sha256: String,
+    pub user: String,
+    /// Sorted, de-duplicated and joined with `,` (as events store groups); empty: none.
+    pub groups: String,
+    pub name: Option<String>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+    pub last_used_at_ms: Option<i64>,
+}
+
+/// What `DELETE /v1/keys/{id}` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// Revoked now.
+    Now,
+    /// It was revoked before (its `revoked_at_ms` stays).
+    Already,
+    /// No key has this id.
+    Unknown,
+}
+
+/// What the changes feed reports: digests of keys revoked or expired, with the time of
+/// the change (ms), oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    pub sha256: String,
+    pub at_ms: i64,
+}
+
 /// The storage behind a [`Ledger`].
 #[derive(Debug)]
 enum Backend {
@@ -458,6 +500,57 @@ impl Ledger {
             Backend::Sqlite(s) => s.write(move |tx| sqlite::run_now(queries::forget_limits(tx, cutoff))).await,
             Backend::Postgres(p) => p.in_transaction(async |tx| queries::forget_limits(tx, cutoff).await).await,
         }
+    }
+
+    /// Stores a new managed API key (one transaction). Fails, writing nothing, if its id
+    /// or digest is taken.
+    pub async fn create_key(&self, key: ApiKey) -> Result<(), LedgerError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.write(move |tx| sqlite::run_now(queries::create_key(tx, &key))).await,
+            Backend::Postgres(p) => p.in_transaction(async |tx| queries::create_key(tx, &key).await).await,
+        }
+    }
+
+    /// Keys, newest first: `user`'s, or everyone's; at most `limit`.
+    pub async fn list_keys(&self, user: Option<&str>, limit: u32) -> Result<Vec<ApiKey>, LedgerError> {
+        let user = user.map(str::to_owned);
+        read!(self, |tx| queries::list_keys(tx, user.as_deref(), limit))
+    }
+
+    /// The key with this digest (lowercase hex SHA-256), revoked or expired or not.
+    pub async fn find_key(&self, sha256: &str) -> Result<Option<ApiKey>, LedgerError> {
+        let sha256 = sha256.to_owned();
+        read!(self, |tx| queries::find_key(tx, &sha256))
+    }
+
+    /// Sets a key's `last_used_at_ms`.
+    pub async fn touch_key(&self, id: &str, now_ms: i64) -> Result<(), LedgerError> {
+        let id = id.to_owned();
+        match &self.backend {
+            Backend::Sqlite(s) => s.write(move |tx| sqlite::run_now(queries::touch_key(tx, &id, now_ms))).await,
+            Backend::Postgres(p) => p.in_transaction(async |tx| queries::touch_key(tx, &id, now_ms).await).await,
+        }
+    }
+
+    /// Revokes a key (one transaction) at the clock's time inside it, so the time is as
+    /// close to the commit as it can be; a key revoked before keeps its first time.
+    pub async fn revoke_key(&self, id: &str) -> Result<Revoked, LedgerError> {
+        let id = id.to_owned();
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                s.write(move |tx| sqlite::run_now(queries::revoke_key(tx, &id, time::now_ms()))).await
+            }
+            Backend::Postgres(p) => {
+                p.in_transaction(async |tx| queries::revoke_key(tx, &id, time::now_ms()).await).await
+            }
+        }
+    }
+
+    /// Up to `limit` changes after `since_ms`, oldest first: keys revoked after it, and
+    /// keys whose expiry passed in (`since_ms`, `now_ms`] (unless they were revoked
+    /// before that). A key may appear twice (revoked, and expired later).
+    pub async fn key_changes(&self, since_ms: i64, now_ms: i64, limit: u32) -> Result<Vec<KeyChange>, LedgerError> {
+        read!(self, |tx| queries::key_changes(tx, since_ms, now_ms, limit))
     }
 
     /// Every event id in the ledger, oldest first (for tests and checks: reads the

@@ -9,8 +9,8 @@ use tollgate_rules::lease::Holding;
 use super::schema::{ADD_DAILY, ADD_TOTALS, INSERT_EVENT, LOCK_WINDOW, PUT_HOLDING, PUT_REPLICA};
 use super::sql::{Row, Tx, Value};
 use super::{
-    from_sql, sum_by_key, sum_daily, to_sql, Compacted, RecentEvent, Record, SeriesKey, Totals, UsageBucket,
-    UsageRange, TOTAL_COLUMNS,
+    from_sql, sum_by_key, sum_daily, to_sql, ApiKey, Compacted, KeyChange, RecentEvent, Record, Revoked, SeriesKey,
+    Totals, UsageBucket, UsageRange, TOTAL_COLUMNS,
 };
 use crate::event::Tokens;
 use crate::limits_sync::{self, LimitSync, Step, Stored, Synced};
@@ -254,6 +254,97 @@ pub async fn recent(tx: &impl Tx, user: &str, limit: u32) -> Result<Vec<RecentEv
             })
         })
         .collect()
+}
+
+/// The columns of `api_keys` that [`api_key`] reads, in its order.
+const KEY_COLUMNS: &str =
+    "id, sha256, user_name, user_groups, name, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms";
+
+/// Inserts a new key (fails on a taken id or digest).
+pub async fn create_key(tx: &impl Tx, key: &ApiKey) -> Result<(), String> {
+    let sql = format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)");
+    let params = [
+        key.id.as_str().into(),
+        key.sha256.as_str().into(),
+        key.user.as_str().into(),
+        key.groups.as_str().into(),
+        key.name.as_deref().into(),
+        key.created_at_ms.into(),
+        key.expires_at_ms.into(),
+        key.revoked_at_ms.into(),
+        key.last_used_at_ms.into(),
+    ];
+    tx.query(&sql, &params).await.map(drop)
+}
+
+/// `user`'s keys (or all), newest first, at most `limit`.
+pub async fn list_keys(tx: &impl Tx, user: Option<&str>, limit: u32) -> Result<Vec<ApiKey>, String> {
+    let order = "ORDER BY created_at_ms DESC, id DESC";
+    let rows = match user {
+        Some(user) => {
+            let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE user_name = ?1 {order} LIMIT ?2");
+            tx.query(&sql, &[user.into(), i64::from(limit).into()]).await?
+        }
+        None => {
+            let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys {order} LIMIT ?1");
+            tx.query(&sql, &[i64::from(limit).into()]).await?
+        }
+    };
+    rows.iter().map(api_key).collect()
+}
+
+/// The key with digest `sha256`, if any.
+pub async fn find_key(tx: &impl Tx, sha256: &str) -> Result<Option<ApiKey>, String> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE sha256 = ?1");
+    tx.query(&sql, &[sha256.into()]).await?.first().map(api_key).transpose()
+}
+
+/// Sets `last_used_at_ms` (never back: a replica with a slower clock leaves it).
+pub async fn touch_key(tx: &impl Tx, id: &str, now_ms: i64) -> Result<(), String> {
+    let sql = "UPDATE api_keys SET last_used_at_ms = ?2 \
+               WHERE id = ?1 AND (last_used_at_ms IS NULL OR last_used_at_ms < ?2)";
+    tx.query(sql, &[id.into(), now_ms.into()]).await.map(drop)
+}
+
+/// Revokes a key at `now_ms` unless it was revoked before. In PostgreSQL a concurrent
+/// revoke of the same key waits for the row lock and then finds it revoked, so exactly
+/// one of them says [`Revoked::Now`].
+pub async fn revoke_key(tx: &impl Tx, id: &str, now_ms: i64) -> Result<Revoked, String> {
+    let sql = "UPDATE api_keys SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL RETURNING id";
+    if !tx.query(sql, &[id.into(), now_ms.into()]).await?.is_empty() {
+        return Ok(Revoked::Now);
+    }
+    let found = tx.query("SELECT 1 FROM api_keys WHERE id = ?1", &[id.into()]).await?;
+    Ok(if found.is_empty() { Revoked::Unknown } else { Revoked::Already })
+}
+
+/// Keys revoked after `since_ms`, and keys whose expiry passed in (`since_ms`,
+/// `now_ms`] that were not revoked before it (that was reported then), oldest first,
+/// at most `limit` (each half served by its index).
+pub async fn key_changes(tx: &impl Tx, since_ms: i64, now_ms: i64, limit: u32) -> Result<Vec<KeyChange>, String> {
+    let sql = "SELECT sha256, t FROM (\
+                 SELECT sha256, revoked_at_ms AS t FROM api_keys WHERE revoked_at_ms > ?1 \
+                 UNION ALL \
+                 SELECT sha256, expires_at_ms AS t FROM api_keys WHERE expires_at_ms > ?1 AND expires_at_ms <= ?2 \
+                   AND (revoked_at_ms IS NULL OR revoked_at_ms > expires_at_ms)\
+               ) AS c ORDER BY t, sha256 LIMIT ?3";
+    let rows = tx.query(sql, &[since_ms.into(), now_ms.into(), i64::from(limit).into()]).await?;
+    rows.iter().map(|row| Ok(KeyChange { sha256: row.text(0)?, at_ms: row.int(1)? })).collect()
+}
+
+/// A row of [`KEY_COLUMNS`].
+fn api_key(row: &Row) -> Result<ApiKey, String> {
+    Ok(ApiKey {
+        id: row.text(0)?,
+        sha256: row.text(1)?,
+        user: row.text(2)?,
+        groups: row.text(3)?,
+        name: row.opt_text(4)?,
+        created_at_ms: row.int(5)?,
+        expires_at_ms: row.opt_int(6)?,
+        revoked_at_ms: row.opt_int(7)?,
+        last_used_at_ms: row.opt_int(8)?,
+    })
 }
 
 /// Every event id, oldest first.

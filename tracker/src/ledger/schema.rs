@@ -6,10 +6,11 @@ use super::TOTAL_COLUMNS;
 
 /// The schema version this tracker writes. 1: the first. 2: `usage_events.requests`
 /// (aggregated denials). 3: the global-limit tables `limit_windows`, `limit_holdings`
-/// and `limit_replicas` (`POST /v1/limits/sync`). A ledger of an older version is
-/// migrated in place when opened (added columns by [`ADDED_COLUMNS`], added tables by
-/// `CREATE TABLE IF NOT EXISTS`); one of a newer version is refused.
-pub const SCHEMA_VERSION: i64 = 3;
+/// and `limit_replicas` (`POST /v1/limits/sync`). 4: `api_keys`, managed API keys
+/// (`/v1/keys`). A ledger of an older version is migrated in place when opened (added
+/// columns by [`ADDED_COLUMNS`], added tables by `CREATE TABLE IF NOT EXISTS`); one of a
+/// newer version is refused.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// What each version added to the one before, as (version, table, column); the
 /// column's definition is the table's. From 1 to 2: every existing event counted one
@@ -121,8 +122,33 @@ pub static LIMIT_REPLICAS: Table = Table {
     indexes: &[],
 };
 
+/// Managed API keys ([`crate::keys_api`]): never the key, only its SHA-256 (lowercase
+/// hex); `user_groups` as the events store groups (sorted, comma-joined). Revoking sets
+/// `revoked_at_ms` and keeps the row. Indexes: a user's keys newest first (the
+/// listing), and the two times the changes feed asks for.
+pub static API_KEYS: Table = Table {
+    name: "api_keys",
+    columns: &[&[
+        ("id", "TEXT NOT NULL PRIMARY KEY"),
+        ("sha256", "TEXT NOT NULL UNIQUE"),
+        ("user_name", "TEXT NOT NULL"),
+        ("user_groups", "TEXT NOT NULL"),
+        ("name", "TEXT"),
+        ("created_at_ms", "{INT} NOT NULL"),
+        ("expires_at_ms", "{INT}"),
+        ("revoked_at_ms", "{INT}"),
+        ("last_used_at_ms", "{INT}"),
+    ]],
+    key: &[],
+    indexes: &[
+        ("api_keys_user_created", "user_name, created_at_ms"),
+        ("api_keys_revoked", "revoked_at_ms"),
+        ("api_keys_expires", "expires_at_ms"),
+    ],
+};
+
 /// Every table, in creation order.
-const TABLES: [&Table; 6] = [&EVENTS, &TOTALS, &DAILY, &LIMIT_WINDOWS, &LIMIT_HOLDINGS, &LIMIT_REPLICAS];
+const TABLES: [&Table; 7] = [&EVENTS, &TOTALS, &DAILY, &LIMIT_WINDOWS, &LIMIT_HOLDINGS, &LIMIT_REPLICAS, &API_KEYS];
 
 /// An event: skipped when its id is in the ledger already (a duplicate).
 pub const INSERT_EVENT: Insert = Insert { table: &EVENTS, on_conflict: OnConflict::Skip("id") };
@@ -213,5 +239,22 @@ mod tests {
         ));
         assert_eq!(EVENTS.column("requests"), Some("{INT} NOT NULL DEFAULT 1"));
         assert_eq!(SUMS.iter().map(|(name, _)| *name).collect::<Vec<_>>(), TOTAL_COLUMNS);
+    }
+
+    #[test]
+    fn api_keys_table() {
+        let sql = Dialect::Postgres.sql(&API_KEYS.create_sql());
+        assert!(sql.starts_with(
+            "CREATE TABLE IF NOT EXISTS api_keys (\n    \
+             id                TEXT NOT NULL PRIMARY KEY,\n    \
+             sha256            TEXT NOT NULL UNIQUE,\n"
+        ));
+        assert!(sql.ends_with(
+            "    last_used_at_ms   BIGINT\n);\n\
+             CREATE INDEX IF NOT EXISTS api_keys_user_created ON api_keys (user_name, created_at_ms);\n\
+             CREATE INDEX IF NOT EXISTS api_keys_revoked ON api_keys (revoked_at_ms);\n\
+             CREATE INDEX IF NOT EXISTS api_keys_expires ON api_keys (expires_at_ms);\n"
+        ));
+        assert!(TABLES.iter().any(|t| t.name == "api_keys"));
     }
 }
