@@ -98,6 +98,7 @@ extern "C" {
     ) -> u32;
     fn proxy_done() -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
 }
 
 fn check(status: u32) -> HostResult<()> {
@@ -240,6 +241,10 @@ impl Host for Abi {
     fn resume_request(&self) -> HostResult<()> {
         // Stream type 0: the HTTP request (proxy-wasm ABI 0.2.1).
         check(unsafe { proxy_continue_stream(0) })
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> HostResult<()> {
+        check(unsafe { proxy_set_effective_context(context_id) })
     }
 
     fn random_u64(&self) -> u64 {

@@ -11,6 +11,7 @@ use crate::credentials::{classify, find_credential_value, Credential};
 use crate::identity::Identity;
 use crate::jwt::{JwtError, TokenCache};
 use crate::keys::KeyCache;
+use crate::remote_keys::{KnownKey, RemoteMemo};
 
 /// Why a request was not let through. Mapped to a status and an OpenAI-style error
 /// body in `response`; `reason()` is the stable name used in logs and usage events.
@@ -43,8 +44,34 @@ pub struct HeaderEdits<'a> {
 /// so an allowed request allocates nothing for it; only a freshly verified JWT owns one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict<'a> {
-    Allow { identity: Cow<'a, Identity>, edits: HeaderEdits<'a> },
-    Deny { error: AuthError, edits: HeaderEdits<'a> },
+    Allow {
+        identity: Cow<'a, Identity>,
+        edits: HeaderEdits<'a>,
+    },
+    Deny {
+        error: AuthError,
+        edits: HeaderEdits<'a>,
+    },
+    /// An API key the static list does not hold and the key service's cache does not
+    /// answer for: the request waits for a lookup of this digest (`api_keys.remote`).
+    Lookup {
+        digest: [u8; 32],
+    },
+}
+
+/// What the shared cache of the key service says of a digest (`remote_keys::classify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteKey {
+    /// Known (fresh, or stale while the service is down), resolved at this time (s).
+    Known(KnownKey, u64),
+    /// Unknown, revoked or expired.
+    Invalid,
+    Lookup,
+}
+
+enum Authn<'a> {
+    Identity(Cow<'a, Identity>),
+    Lookup([u8; 32]),
 }
 
 /// The worker's caches of credentials that checked out: verified JWTs and API keys.
@@ -53,11 +80,17 @@ pub enum Verdict<'a> {
 pub struct CredentialCache {
     pub tokens: TokenCache,
     pub keys: KeyCache,
+    /// Keys the key service resolved, used lately on this worker.
+    pub remote: RemoteMemo,
 }
 
 impl CredentialCache {
     pub fn new(entries: usize, token_max_age_secs: u64) -> Self {
-        Self { tokens: TokenCache::new(entries, token_max_age_secs), keys: KeyCache::new(entries) }
+        Self {
+            tokens: TokenCache::new(entries, token_max_age_secs),
+            keys: KeyCache::new(entries),
+            remote: RemoteMemo::new(entries),
+        }
     }
 }
 
@@ -78,14 +111,32 @@ pub fn passthrough_removals(settings: &Settings) -> Vec<&str> {
 }
 
 /// Decides one request. `cache` is the worker's cache of credentials that checked out;
-/// `now` (Unix seconds) is asked for only when a JWT is checked.
+/// `now` (Unix seconds) is asked for only when a JWT or a managed key is checked.
+/// Managed keys (`api_keys.remote`) are refused here: see [`decide_with`].
 pub fn decide<'a, K: AsRef<str>, V: AsRef<str>>(
     settings: &'a Settings,
     cache: &'a mut CredentialCache,
     headers: &[(K, V)],
     now: impl Fn() -> u64,
 ) -> Verdict<'a> {
-    let identity = match authenticate(settings, cache, headers, now).and_then(|id| authorize(settings, id)) {
+    decide_with(settings, cache, headers, now, &mut |_| RemoteKey::Invalid)
+}
+
+/// As [`decide`]; `remote` reads the key service's shared cache for the digest of a key
+/// the static list does not hold (`api_keys.remote`).
+pub fn decide_with<'a, K: AsRef<str>, V: AsRef<str>>(
+    settings: &'a Settings,
+    cache: &'a mut CredentialCache,
+    headers: &[(K, V)],
+    now: impl Fn() -> u64,
+    remote: &mut dyn FnMut(&[u8; 32]) -> RemoteKey,
+) -> Verdict<'a> {
+    let authenticated = match authenticate(settings, cache, headers, now, remote) {
+        Ok(Authn::Lookup(digest)) => return Verdict::Lookup { digest },
+        Ok(Authn::Identity(identity)) => Ok(identity),
+        Err(e) => Err(e),
+    };
+    let identity = match authenticated.and_then(|id| authorize(settings, id)) {
         Ok(identity) => identity,
         Err(error) => {
             let remove = vec![settings.identity_headers.user.as_str(), settings.identity_headers.groups.as_str()];
@@ -107,7 +158,8 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
     cache: &'a mut CredentialCache,
     headers: &[(K, V)],
     now: impl Fn() -> u64,
-) -> Result<Cow<'a, Identity>, AuthError> {
+    remote: &mut dyn FnMut(&[u8; 32]) -> RemoteKey,
+) -> Result<Authn<'a>, AuthError> {
     let Some(value) = find_credential_value(headers, &settings.sources) else {
         return Err(AuthError::MissingCredential);
     };
@@ -115,7 +167,11 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
     // and only a value with exactly two dots can be one.
     if value.bytes().filter(|&b| b == b'.').count() == 2 {
         if let Some(slot) = cache.tokens.find(value, now()) {
-            return cache.tokens.identity(slot).map(Cow::Borrowed).ok_or(AuthError::InvalidToken(JwtError::Malformed));
+            return cache
+                .tokens
+                .identity(slot)
+                .map(|id| Authn::Identity(Cow::Borrowed(id)))
+                .ok_or(AuthError::InvalidToken(JwtError::Malformed));
         }
     }
     match classify(value) {
@@ -123,7 +179,28 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
             if key.is_empty() {
                 return Err(AuthError::InvalidApiKey);
             }
-            settings.keys.lookup_cached(key, &mut cache.keys).map(Cow::Borrowed).ok_or(AuthError::InvalidApiKey)
+            if let Some(identity) = settings.keys.lookup_cached(key, &mut cache.keys) {
+                return Ok(Authn::Identity(Cow::Borrowed(identity)));
+            }
+            let Some(service) = &settings.remote_keys else { return Err(AuthError::InvalidApiKey) };
+            let digest = cache.keys.digest(key);
+            let now = now();
+            if cache.remote.get(&digest, now, service.ttl_seconds).is_some() {
+                let identity = cache.remote.get(&digest, now, service.ttl_seconds).ok_or(AuthError::InvalidApiKey)?;
+                return Ok(Authn::Identity(Cow::Borrowed(identity)));
+            }
+            match remote(&digest) {
+                RemoteKey::Known(known, resolved_at) => {
+                    cache.keys.remember(key, digest);
+                    let identity = match cache.remote.insert(digest, &known, resolved_at) {
+                        Some(identity) => Cow::Borrowed(identity),
+                        None => Cow::Owned(known.identity()),
+                    };
+                    Ok(Authn::Identity(identity))
+                }
+                RemoteKey::Invalid => Err(AuthError::InvalidApiKey),
+                RemoteKey::Lookup => Ok(Authn::Lookup(digest)),
+            }
         }
         Credential::Jwt(token) => {
             if settings.jwt.is_empty() {
@@ -132,7 +209,7 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
             let now = now();
             let verified = settings.jwt.verify(token, now).map_err(AuthError::InvalidToken)?;
             cache.tokens.insert(token, &verified, now);
-            Ok(Cow::Owned(verified.identity))
+            Ok(Authn::Identity(Cow::Owned(verified.identity)))
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::credentials::{default_sources, validate_sources, CredentialSource};
 use crate::jwt::{Jwks, JwtProvider, JwtVerifier};
 use crate::keys::{ApiKeyEntry, ApiKeyStore};
 use crate::limits::{Limits, LimitsConfig, Scope};
+use crate::remote_keys::RemoteKeys;
 
 /// A refused configuration: which field, and why. Never carries secret values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +113,68 @@ struct RawApiKeys {
     keys: Vec<ApiKeyEntry>,
     #[serde(default)]
     keys_env: Option<String>,
+    #[serde(default)]
+    remote: Option<RawRemoteKeys>,
+}
+
+/// `api_keys.remote`: managed keys resolved from the tracker (see `remote_keys`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemoteKeys {
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default = "default_resolve_path")]
+    path: String,
+    #[serde(default = "default_changes_path")]
+    changes_path: String,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_key_ttl")]
+    ttl_seconds: u64,
+    #[serde(default = "default_negative_ttl")]
+    negative_ttl_seconds: u64,
+    #[serde(default = "default_max_stale")]
+    max_stale_seconds: u64,
+    #[serde(default = "default_key_slots")]
+    max_entries: u64,
+    #[serde(default = "default_lookups_in_flight")]
+    max_in_flight: usize,
+    #[serde(default = "default_lookups_per_second")]
+    max_lookups_per_second: u64,
+    #[serde(default = "default_changes_interval")]
+    changes_interval_seconds: u64,
+    #[serde(default)]
+    token_env: Option<String>,
+}
+
+fn default_resolve_path() -> String {
+    "/v1/keys/resolve".into()
+}
+fn default_changes_path() -> String {
+    "/v1/keys/changes".into()
+}
+fn default_key_ttl() -> u64 {
+    60
+}
+fn default_negative_ttl() -> u64 {
+    10
+}
+fn default_max_stale() -> u64 {
+    600
+}
+fn default_key_slots() -> u64 {
+    10_000
+}
+fn default_lookups_in_flight() -> usize {
+    16
+}
+fn default_lookups_per_second() -> u64 {
+    20
+}
+fn default_changes_interval() -> u64 {
+    5
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,6 +375,8 @@ pub struct Settings {
     pub usage: Option<UsageSettings>,
     pub metering: Metering,
     pub cors_preflight: CorsPreflight,
+    /// Managed keys resolved from the key service (`api_keys.remote`).
+    pub remote_keys: Option<RemoteKeys>,
 }
 
 impl Settings {
@@ -395,6 +460,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         Some(list) => validate_sources(&list).map_err(|m| ConfigError::new("api_keys", m))?,
         None => default_sources(),
     };
+    let remote = api_keys.remote;
     let mut entries = api_keys.keys;
     let inline_count = entries.len();
     if let Some(var) = api_keys.keys_env.as_deref() {
@@ -460,6 +526,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
 
     let usage = raw.usage.map(|u| check_usage(u, env)).transpose()?;
     let metering = check_metering(raw.metering, usage.as_ref())?;
+    let remote_keys = remote.map(|r| check_remote_keys(r, usage.as_ref(), env)).transpose()?;
     if limits.as_ref().is_some_and(|l| l.scope == Scope::Global) && usage.is_none() {
         return Err(ConfigError::new(
             "limits.scope",
@@ -479,7 +546,81 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         usage,
         metering,
         cors_preflight: raw.cors_preflight,
+        remote_keys,
     })
+}
+
+fn check_remote_keys(
+    r: RawRemoteKeys,
+    usage: Option<&UsageSettings>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RemoteKeys, ConfigError> {
+    let fail = |f: &str, m: &str| Err(ConfigError::new(format!("api_keys.remote.{f}"), m.to_string()));
+    let Some(cluster) = r.cluster.or_else(|| usage.map(|u| u.cluster.clone())) else {
+        return fail("cluster", "is required without a usage section (whose cluster it defaults to)");
+    };
+    if cluster.trim().is_empty() {
+        return fail("cluster", "must name the Envoy cluster of the key service");
+    }
+    let authority = r.authority.or_else(|| usage.map(|u| u.authority.clone())).unwrap_or_else(default_authority);
+    for (field, path) in [("path", &r.path), ("changes_path", &r.changes_path)] {
+        if !path.starts_with('/') {
+            return fail(field, "must start with '/'");
+        }
+    }
+    let ranges: [(&str, u64, u64, u64); 7] = [
+        ("timeout_ms", r.timeout_ms, 1, 60_000),
+        ("ttl_seconds", r.ttl_seconds, 1, 86_400),
+        ("negative_ttl_seconds", r.negative_ttl_seconds, 0, 86_400),
+        ("max_stale_seconds", r.max_stale_seconds, 0, 604_800),
+        ("max_entries", r.max_entries, 1, 1_000_000),
+        ("max_lookups_per_second", r.max_lookups_per_second, 1, 100_000),
+        ("changes_interval_seconds", r.changes_interval_seconds, 1, 3_600),
+    ];
+    for (field, value, min, max) in ranges {
+        if !(min..=max).contains(&value) {
+            return Err(ConfigError::new(
+                format!("api_keys.remote.{field}"),
+                format!("must be between {min} and {max}"),
+            ));
+        }
+    }
+    if !(1..=10_000).contains(&r.max_in_flight) {
+        return fail("max_in_flight", "must be between 1 and 10000");
+    }
+    let authorization = match r.token_env.as_deref() {
+        Some(var) => Some(bearer(env, var, "api_keys.remote.token_env")?),
+        None => usage.and_then(|u| u.authorization.clone()),
+    };
+    Ok(RemoteKeys {
+        cluster,
+        authority,
+        path: r.path,
+        changes_path: r.changes_path,
+        timeout_ms: r.timeout_ms,
+        ttl_seconds: r.ttl_seconds,
+        negative_ttl_seconds: r.negative_ttl_seconds,
+        max_stale_seconds: r.max_stale_seconds,
+        max_entries: r.max_entries,
+        max_in_flight: r.max_in_flight,
+        max_lookups_per_second: r.max_lookups_per_second,
+        changes_interval_seconds: r.changes_interval_seconds,
+        authorization,
+    })
+}
+
+/// `Bearer <token>` from the environment variable `var` (field `field` names it).
+fn bearer(env: &dyn Fn(&str) -> Option<String>, var: &str, field: &str) -> Result<String, ConfigError> {
+    let token = read_env(env, var, field)?;
+    let token = token.trim();
+    // It goes into a header value: printable ASCII only (never echoed).
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            field,
+            format!("environment variable {var} must hold a token of printable ASCII without spaces"),
+        ));
+    }
+    Ok(format!("Bearer {token}"))
 }
 
 fn check_metering(m: RawMetering, usage: Option<&UsageSettings>) -> Result<Metering, ConfigError> {
@@ -589,21 +730,7 @@ fn check_usage(u: RawUsage, env: &dyn Fn(&str) -> Option<String>) -> Result<Usag
     if !(1..=1000).contains(&u.max_attempts) {
         return fail("max_attempts", "must be between 1 and 1000");
     }
-    let authorization = match u.token_env.as_deref() {
-        None => None,
-        Some(var) => {
-            let token = read_env(env, var, "usage.token_env")?;
-            let token = token.trim();
-            // It goes into a header value: printable ASCII only (never echoed).
-            if !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ConfigError::new(
-                    "usage.token_env",
-                    format!("environment variable {var} must hold a token of printable ASCII without spaces"),
-                ));
-            }
-            Some(format!("Bearer {token}"))
-        }
-    };
+    let authorization = u.token_env.as_deref().map(|var| bearer(env, var, "usage.token_env")).transpose()?;
     Ok(UsageSettings {
         cluster: u.cluster,
         authority: u.authority,
@@ -683,6 +810,12 @@ mod tests {
             (r#"{"api_keys":{"keys":[{"sha256":"abc","user":"u"}]}}"#, "api_keys.keys[0].sha256"),
             (r#"{"api_keys":{"keys":[{"sha256":1,"user":"u"}]}}"#, "api_keys.keys[0].sha256"),
             (r#"{"api_keys":{"keys_env":"NOPE"}}"#, "api_keys.keys_env"),
+            (r#"{"api_keys":{"remote":{}}}"#, "api_keys.remote.cluster"),
+            (r#"{"api_keys":{"remote":{"cluster":"c","ttl_seconds":0}}}"#, "api_keys.remote.ttl_seconds"),
+            (r#"{"api_keys":{"remote":{"cluster":"c","path":"resolve"}}}"#, "api_keys.remote.path"),
+            (r#"{"api_keys":{"remote":{"cluster":"c","max_in_flight":0}}}"#, "api_keys.remote.max_in_flight"),
+            (r#"{"api_keys":{"remote":{"cluster":"c","token_env":"NOPE"}}}"#, "api_keys.remote.token_env"),
+            (r#"{"api_keys":{"remote":{"cluster":"c","ttl":5}}}"#, "api_keys.remote.ttl"),
             (r#"{"jwt":{"providers":[{"issuer":"dev"}]}}"#, "jwt.providers[0].jwks"),
             (r#"{"jwt":{"providers":[{"issuer":"dev","jwks":"{}"}]}}"#, "jwt.providers[0].jwks"),
             (r#"{"jwt":{"providers":[{"issuer":"","jwks":"{}"}]}}"#, "jwt.providers[0].issuer"),

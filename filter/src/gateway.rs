@@ -20,7 +20,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::auth::{decide, CredentialCache, Verdict};
+use crate::auth::{decide_with, CredentialCache, RemoteKey, Verdict};
 use crate::config::{CorsPreflight, Metering, Settings, UsageSettings};
 use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
 use crate::header_map::{self, HeaderPairs};
@@ -30,6 +30,7 @@ use crate::limits::{
     state_key, Headroom, LimitError, LimitSpec, LimitState, Limits, OnContention, Reservation, Scope,
     IDENTITY_COUNT_KEY, OVERFLOW_KEY,
 };
+use crate::remote_keys::{self, CachedKey, KeyLookups, Start};
 use crate::request::{prompt_estimate, route_of, BodyScan, Facts, Route, MAX_GROWTH};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
 use crate::strip::UsageOnlyStripper;
@@ -48,15 +49,21 @@ const CAS_ATTEMPTS: usize = 16;
 const BACKOFF_MAX_MS: u64 = 10_000;
 /// Most of a tracker answer read (to count the events it refused).
 const MAX_CALL_RESPONSE_BODY: usize = 64 * 1024;
+/// Most of a key service answer read.
+const MAX_KEY_ANSWER: usize = 16 * 1024;
+/// Most of a changes answer read (10 000 digests).
+const MAX_CHANGES_ANSWER: usize = 1 << 20;
 /// Most of a lease answer read (a sync of `MAX_LEASES_PER_SYNC` windows fits).
 const MAX_LEASE_ANSWER: usize = 2 * 1024 * 1024;
 /// Cached JWTs are re-verified at least this often, whatever their `exp`.
 const TOKEN_CACHE_MAX_AGE_SECS: u64 = 300;
 
-/// What the host should do with the stream after a callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the host should do with the stream after a callback (`Pause` by default: the
+/// safe answer for a request nothing could decide).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Action {
     Continue,
+    #[default]
     Pause,
 }
 
@@ -89,6 +96,8 @@ pub struct State {
     queue: Rc<RefCell<EventQueue>>,
     /// Global limits: this worker's leases (see [`LEASES`]).
     leases: Option<Rc<RefCell<Leases>>>,
+    /// Managed keys: this worker's lookups in flight and their bounds.
+    lookups: RefCell<KeyLookups>,
 }
 
 type PerPlugin<T> = RefCell<HashMap<String, Rc<RefCell<T>>>>;
@@ -184,6 +193,9 @@ pub struct Root {
     ticks: u64,
     flush_every: u64,
     sync_every: u64,
+    changes_every: u64,
+    /// The poll of the key service's changes in flight (also in `sent`).
+    changes: Option<u32>,
 }
 
 impl Root {
@@ -198,6 +210,8 @@ impl Root {
             ticks: 0,
             flush_every: 1,
             sync_every: 1,
+            changes_every: 1,
+            changes: None,
         }
     }
 
@@ -275,18 +289,21 @@ impl Root {
         let plugin_id = host.plugin_id().unwrap_or_default();
         let global = settings.limits.as_ref().filter(|l| l.scope == Scope::Global);
         let leases = global.map(|l| plugin_leases(&plugin_id, l, || host.random_u64()));
-        if let Some(u) = &settings.usage {
-            // One tick for both: the shorter period, the other every so many ticks.
-            let sync_ms = global.map_or(u.flush_interval_ms, |l| l.sync_interval_ms);
-            let tick_ms = u.flush_interval_ms.min(sync_ms).max(1);
-            self.flush_every = (u.flush_interval_ms / tick_ms).max(1);
-            self.sync_every = (sync_ms / tick_ms).max(1);
-            if let Err(status) = host.set_tick_period(Duration::from_millis(tick_ms)) {
+        // One tick for all periodic work: the shortest period, the others every so many ticks.
+        let flush_ms = settings.usage.as_ref().map(|u| u.flush_interval_ms);
+        let sync_ms = global.map(|l| l.sync_interval_ms);
+        let changes_ms = settings.remote_keys.as_ref().map(|r| r.changes_interval_seconds * 1000);
+        if let Some(tick_ms) = [flush_ms, sync_ms, changes_ms].into_iter().flatten().min() {
+            let every = |period: Option<u64>| (period.unwrap_or(tick_ms) / tick_ms.max(1)).max(1);
+            (self.flush_every, self.sync_every, self.changes_every) =
+                (every(flush_ms), every(sync_ms), every(changes_ms));
+            if let Err(status) = host.set_tick_period(Duration::from_millis(tick_ms.max(1))) {
                 log(host, Level::Error, self.context_id, format_args!("cannot set the tick period: {status:?}"));
             }
         }
         let queue = plugin_queue(&plugin_id, limits, || host.random_u64());
-        self.state = Some(Rc::new(State { settings, credentials: RefCell::new(cache), queue, leases }));
+        let lookups = RefCell::new(KeyLookups::default());
+        self.state = Some(Rc::new(State { settings, credentials: RefCell::new(cache), queue, leases, lookups }));
         true
     }
 
@@ -315,12 +332,67 @@ impl Root {
         let Some(state) = self.state.clone() else { return };
         let tick = self.ticks;
         self.ticks = self.ticks.wrapping_add(1);
+        if tick.is_multiple_of(self.changes_every) {
+            self.poll_key_changes(host, &state);
+        }
         let Some(usage) = &state.settings.usage else { return };
         if tick.is_multiple_of(self.sync_every) {
             self.sync(host, usage, &state);
         }
         if tick.is_multiple_of(self.flush_every) {
             self.flush(host, usage, &state);
+        }
+    }
+
+    /// Asks the key service which keys were revoked (or expired) since the last poll,
+    /// so they stop on this worker before their cache entries age out.
+    fn poll_key_changes(&mut self, host: &impl Host, state: &State) {
+        let Some(service) = &state.settings.remote_keys else { return };
+        if self.changes.is_some() {
+            return;
+        }
+        let now = now_ms(host);
+        let since = state.lookups.try_borrow().ok().and_then(|l| l.changes_since_ms);
+        // The first poll looks back one ttl: entries cached before this root started.
+        let since = since.unwrap_or_else(|| now.saturating_sub(service.ttl_seconds * 1000));
+        let path = format!("{}?since={since}", service.changes_path);
+        let headers = service.headers("GET", &path);
+        if let Ok(token) = host.dispatch(&service.cluster, &headers, &[], Duration::from_millis(service.timeout_ms)) {
+            self.sent.insert(token);
+            self.changes = Some(token);
+        }
+    }
+
+    /// The revoked digests: a negative entry in their cache slots, out of this worker's
+    /// memo. A failed poll is asked again from the same point.
+    fn key_changes(&mut self, host: &impl Host, answer: (usize, usize)) {
+        let Some(state) = self.state.clone() else { return };
+        let Some(service) = &state.settings.remote_keys else { return };
+        let (status, body) = call_answer(host, answer.0, answer.1, MAX_CHANGES_ANSWER);
+        let Some(changes) = body.and_then(|b| serde_json::from_slice::<remote_keys::Changes>(&b).ok()) else {
+            log(host, Level::Debug, self.context_id, format_args!("key changes not read (status {status:?})"));
+            return;
+        };
+        let now_s = now_ms(host) / 1000;
+        for hex_digest in &changes.revoked {
+            let mut digest = [0u8; 32];
+            if hex::decode_to_slice(hex_digest, &mut digest).is_err() {
+                continue;
+            }
+            let slot = CachedKey { digest: hex::encode(digest), cached_s: now_s, key: None };
+            if let Some(bytes) = slot.encode() {
+                let _ = host.shared_set(&remote_keys::slot_key(&digest, service.max_entries), &bytes, None);
+            }
+            if let Ok(mut cache) = state.credentials.try_borrow_mut() {
+                cache.remote.remove(&digest);
+            }
+        }
+        if let Ok(mut lookups) = state.lookups.try_borrow_mut() {
+            // A second of overlap: a revocation committed as the answer was formed.
+            lookups.changes_since_ms = Some(changes.now.saturating_sub(1_000));
+        }
+        if !changes.revoked.is_empty() {
+            log(host, Level::Info, self.context_id, format_args!("{} managed keys revoked", changes.revoked.len()));
         }
     }
 
@@ -420,6 +492,9 @@ impl Root {
         self.sent.remove(&token);
         if let Some((seq, body)) = self.syncs.remove(&token) {
             self.sync_answer(host, seq, body, (num_headers, body_size));
+        } else if self.changes == Some(token) {
+            self.changes = None;
+            self.key_changes(host, (num_headers, body_size));
         } else {
             self.record_response(host, token, num_headers, body_size);
         }
@@ -572,6 +647,8 @@ pub struct Stream {
     /// The request waited for a lease in its headers / its body already (once each).
     waited_headers: bool,
     waited_body: bool,
+    /// Its API key was looked up already (a second miss is a 503).
+    looked_up: bool,
     /// Body (size, end of stream) and trailers that arrived while the headers waited.
     pending_body: Option<(usize, bool)>,
     pending_trailers: bool,
@@ -586,6 +663,18 @@ struct Waiting {
     body: Vec<u8>,
     seq: u64,
     retried: bool,
+    /// A key lookup (managed keys) rather than a lease: the digest. `token` 0: another
+    /// request of this worker sent the lookup.
+    key: Option<[u8; 32]>,
+}
+
+/// Requests to wake after a key lookup ended in another stream (see `glue`): they
+/// wait for the same digest. `done`: the lookup was answered (or failed); else its
+/// owner went away and they are refused (retryable).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Wake {
+    pub contexts: Vec<u32>,
+    pub done: bool,
 }
 
 /// Where a request that waited for a lease goes on: its headers are admitted again,
@@ -731,6 +820,22 @@ fn admit_shared(
     Some((key, verdict))
 }
 
+/// What the shared cache of the key service says of `digest` (see `remote_keys`).
+fn remote_cached(host: &impl Host, state: &State, digest: &[u8; 32], now_s: u64) -> RemoteKey {
+    let Some(service) = &state.settings.remote_keys else { return RemoteKey::Invalid };
+    let down = state.lookups.try_borrow().is_ok_and(|l| l.down);
+    let slot = host
+        .shared_get(&remote_keys::slot_key(digest, service.max_entries))
+        .ok()
+        .and_then(|(bytes, _)| bytes)
+        .and_then(|bytes| CachedKey::decode(&bytes));
+    match remote_keys::classify(slot, &hex::encode(digest), now_s, service, down) {
+        remote_keys::Cached::Valid(key, at) => RemoteKey::Known(key, at),
+        remote_keys::Cached::Invalid => RemoteKey::Invalid,
+        remote_keys::Cached::Lookup(_) => RemoteKey::Lookup,
+    }
+}
+
 /// Admits a request against its worker's leases (global scope); `None` when they are
 /// busy or hold too many users.
 fn admit_global(
@@ -787,6 +892,7 @@ impl Stream {
             waiting: None,
             waited_headers: false,
             waited_body: false,
+            looked_up: false,
             pending_body: None,
             pending_trailers: false,
         }
@@ -857,7 +963,8 @@ impl Stream {
         // a made-up time would let expired tokens in).
         let clock: OnceCell<Option<Duration>> = OnceCell::new();
         let now = || clock.get_or_init(|| host.now().ok()).unwrap_or_default();
-        let verdict = decide(&state.settings, &mut cache, &headers, || now().as_secs());
+        let mut remote = |digest: &[u8; 32]| remote_cached(host, &state, digest, now().as_secs());
+        let verdict = decide_with(&state.settings, &mut cache, &headers, || now().as_secs(), &mut remote);
         if clock.get().is_some_and(Option::is_none) {
             return self.internal_error(host, &state, path, "Cannot read the clock.");
         }
@@ -987,7 +1094,122 @@ impl Stream {
             }
             // A denied request never reaches the upstream: no header needs editing.
             Verdict::Deny { error, .. } => self.deny(host, &state, error.reason(), &LocalReply::from(&error), path),
+            Verdict::Lookup { digest } => {
+                drop(cache);
+                self.key_lookup(host, &state, digest, end_of_stream, path)
+            }
         }
+    }
+
+    /// Waits for a lookup of `digest` by the key service: this request sends it, or
+    /// joins the one of this worker under way; beyond the bounds, or when it was looked
+    /// up already without an answer, a 503 `key_service_unavailable`.
+    fn key_lookup(
+        &mut self,
+        host: &impl Host,
+        state: &Rc<State>,
+        digest: [u8; 32],
+        end_of_stream: bool,
+        path: &str,
+    ) -> Action {
+        let unavailable = |s: &mut Stream| {
+            s.deny(host, state, "key_service_unavailable", &LocalReply::key_service_unavailable(), path)
+        };
+        let Some(service) = &state.settings.remote_keys else { return unavailable(self) };
+        if self.looked_up {
+            return unavailable(self);
+        }
+        let Ok(mut lookups) = state.lookups.try_borrow_mut() else { return unavailable(self) };
+        let resume = Resume::Headers { end_of_stream };
+        let waiting = |token| Waiting { token, resume, body: Vec::new(), seq: 0, retried: false, key: Some(digest) };
+        match lookups.start(digest, self.context_id, now_ms(host), service) {
+            Start::Join => {
+                self.waiting = Some(waiting(0));
+                Action::Pause
+            }
+            Start::Dispatch => {
+                let body = format!(r#"{{"sha256":"{}"}}"#, hex::encode(digest));
+                let headers = service.headers("POST", &service.path);
+                let timeout = Duration::from_millis(service.timeout_ms);
+                match host.dispatch(&service.cluster, &headers, body.as_bytes(), timeout) {
+                    Ok(token) => {
+                        self.waiting = Some(waiting(token));
+                        Action::Pause
+                    }
+                    Err(status) => {
+                        lookups.finish(&digest);
+                        lookups.down = true;
+                        drop(lookups);
+                        log(host, Level::Warn, self.context_id, format_args!("key lookup not sent: {status:?}"));
+                        unavailable(self)
+                    }
+                }
+            }
+            Start::Refused => {
+                let refused = lookups.refused;
+                drop(lookups);
+                if refused.is_power_of_two() {
+                    log(
+                        host,
+                        Level::Warn,
+                        self.context_id,
+                        format_args!("key lookups refused by their bounds so far: {refused}"),
+                    );
+                }
+                unavailable(self)
+            }
+        }
+    }
+
+    /// The key service's answer for the lookup this request sent: cached (shared data
+    /// for all workers, and this worker's memo), then this request goes on; the others
+    /// that waited for it are returned, to be woken in their own contexts.
+    fn key_answer(&mut self, host: &impl Host, waiting: Waiting, digest: [u8; 32], answer: (usize, usize)) -> Wake {
+        let Some(state) = self.state.clone() else { return Wake::default() };
+        let Some(service) = &state.settings.remote_keys else { return Wake::default() };
+        let (status, body) = call_answer(host, answer.0, answer.1, MAX_KEY_ANSWER);
+        let resolved = remote_keys::parse_resolve(status, body.as_deref());
+        let now_s = now_ms(host) / 1000;
+        if let Some(known) = &resolved {
+            let slot = CachedKey { digest: hex::encode(digest), cached_s: now_s, key: known.clone() };
+            if let Some(bytes) = slot.encode() {
+                let _ = host.shared_set(&remote_keys::slot_key(&digest, service.max_entries), &bytes, None);
+            }
+            if let (Some(key), Ok(mut cache)) = (known, state.credentials.try_borrow_mut()) {
+                cache.remote.insert(digest, key, now_s);
+            }
+        } else {
+            log(host, Level::Warn, self.context_id, format_args!("key service unavailable (status {status:?})"));
+        }
+        let mut contexts = match state.lookups.try_borrow_mut() {
+            Ok(mut lookups) => {
+                lookups.down = resolved.is_none();
+                lookups.finish(&digest)
+            }
+            Err(_) => Vec::new(),
+        };
+        contexts.retain(|c| *c != self.context_id);
+        self.looked_up = true;
+        self.after_wait(host, waiting.resume);
+        Wake { contexts, done: true }
+    }
+
+    /// Woken after a key lookup it waited for ended in another request (`done`), or
+    /// was abandoned by the request that sent it (then refused: retryable). Its lease
+    /// waits are over too: a callout sent from another context's callback would be
+    /// answered to that one.
+    pub fn key_ready(&mut self, host: &impl Host, done: bool) {
+        let Some(waiting) = self.waiting.take_if(|w| w.key.is_some()) else { return };
+        self.looked_up = true;
+        self.waited_headers = true;
+        self.waited_body = true;
+        if !done {
+            let Some(state) = self.state.clone() else { return };
+            let reply = LocalReply::key_service_unavailable();
+            self.deny(host, &state, "key_service_unavailable", &reply, "");
+            return;
+        }
+        self.after_wait(host, waiting.resume);
     }
 
     /// A CORS preflight passed without a credential (`cors_preflight: allow`): the
@@ -1261,7 +1483,7 @@ impl Stream {
                 let timeout = Duration::from_millis(limits.acquire_timeout_ms);
                 match host.dispatch(&usage.cluster, &usage.headers_for(SYNC_PATH), &body, timeout) {
                     Ok(token) => {
-                        self.waiting = Some(Waiting { token, resume, body, seq, retried: false });
+                        self.waiting = Some(Waiting { token, resume, body, seq, retried: false, key: None });
                         return Action::Pause;
                     }
                     Err(status) => {
@@ -1288,9 +1510,14 @@ impl Stream {
 
     /// The answer to this request's acquire callout (or its failure): applied to the
     /// leases; the request is admitted again and resumed, or refused.
-    pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
-        let Some(mut waiting) = self.waiting.take_if(|w| w.token == token) else { return };
-        let Some(state) = self.state.clone() else { return };
+    pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) -> Wake {
+        let Some(mut waiting) = self.waiting.take_if(|w| w.token == token && token != 0) else {
+            return Wake::default();
+        };
+        if let Some(digest) = waiting.key {
+            return self.key_answer(host, waiting, digest, (num_headers, body_size));
+        }
+        let Some(state) = self.state.clone() else { return Wake::default() };
         if let (Some(leases), Some(usage), Some(limits)) =
             (&state.leases, &state.settings.usage, &state.settings.limits)
         {
@@ -1304,7 +1531,7 @@ impl Stream {
                     waiting.token = token;
                     waiting.retried = true;
                     self.waiting = Some(waiting);
-                    return;
+                    return Wake::default();
                 }
             }
             lease_answer(host, self.context_id, leases, waiting.seq, (status, reply.as_deref()));
@@ -1312,8 +1539,14 @@ impl Stream {
                 l.stop_waiting();
             }
         }
-        let mut action = self.go_on(host, waiting.resume);
-        if matches!(waiting.resume, Resume::Headers { .. }) && action == Action::Continue {
+        self.after_wait(host, waiting.resume);
+        Wake::default()
+    }
+
+    /// A request that waited goes on: admitted again (and resumed) or refused.
+    fn after_wait(&mut self, host: &impl Host, resume: Resume) {
+        let mut action = self.go_on(host, resume);
+        if matches!(resume, Resume::Headers { .. }) && action == Action::Continue {
             // What arrived while the headers waited, in order.
             if let Some((size, end_of_stream)) = self.pending_body.take() {
                 action = self.request_body(host, size, end_of_stream);
@@ -1397,15 +1630,28 @@ impl Stream {
     /// The stream ended (completed, reset or abandoned): settle its tokens and record
     /// its usage. Without usage, an inference request that reached the model (a 2xx, or
     /// no answer at all) is charged its estimate, flagged `usage_estimated`.
-    pub fn log(&mut self, host: &impl Host) {
-        if self.waiting.take().is_some() {
-            // Gone while waiting for a lease (its callout is cancelled).
-            if let Some(leases) = self.state.as_ref().and_then(|s| s.leases.as_ref()) {
-                if let Ok(mut l) = leases.try_borrow_mut() {
-                    l.stop_waiting();
+    pub fn log(&mut self, host: &impl Host) -> Wake {
+        let mut wake = Wake::default();
+        if let (Some(waiting), Some(state)) = (self.waiting.take(), self.state.as_ref()) {
+            // Gone while waiting (its callout, if any, is cancelled).
+            match waiting.key {
+                Some(digest) => {
+                    if let Ok(mut lookups) = state.lookups.try_borrow_mut() {
+                        wake.contexts = lookups.leave(&digest, self.context_id);
+                    }
+                }
+                None => {
+                    if let Some(Ok(mut l)) = state.leases.as_ref().map(|l| l.try_borrow_mut()) {
+                        l.stop_waiting();
+                    }
                 }
             }
         }
+        self.log_event(host);
+        wake
+    }
+
+    fn log_event(&mut self, host: &impl Host) {
         let (Some(state), Some(mut event)) = (self.state.clone(), self.event.take()) else { return };
         let mut done = self.response_done;
         if let Some(parser) = self.parser.as_mut() {
@@ -1657,6 +1903,9 @@ mod tests {
         }
         fn resume_request(&self) -> HostResult<()> {
             self.resumed.set(self.resumed.get() + 1);
+            Ok(())
+        }
+        fn set_effective_context(&self, _context_id: u32) -> HostResult<()> {
             Ok(())
         }
     }
@@ -2489,6 +2738,151 @@ mod tests {
             assert_eq!(admitted, 3, "{failure}");
             assert!(h.logs.borrow().iter().any(|l| l.contains("trackers cannot be reached")), "{failure}");
         }
+    }
+
+    /// A host whose config resolves unknown keys remotely (`api_keys.remote`), the
+    /// request carrying `key`.
+    fn remote_host(remote: &str, key: &str) -> FakeHost {
+        let h = host("");
+        let config = String::from_utf8(h.config.clone()).unwrap();
+        let config =
+            config.replacen(r#""api_keys":{"keys""#, &format!(r#""api_keys":{{"remote":{{{remote}}},"keys""#), 1);
+        let h = FakeHost { config: config.into_bytes(), ..h };
+        set_key(&h, key);
+        h
+    }
+
+    fn set_key(h: &FakeHost, key: &str) {
+        for (k, v) in h.request_headers.borrow_mut().iter_mut() {
+            if k == "authorization" {
+                *v = format!("Bearer {key}");
+            }
+        }
+    }
+
+    /// The key service answers the last callout with `status` and `body`.
+    fn key_answer(h: &FakeHost, status: u32, body: &str) -> (u32, usize, usize) {
+        *h.call_response_headers.borrow_mut() = vec![(":status".into(), status.to_string())];
+        *h.call_response_body.borrow_mut() = body.as_bytes().to_vec();
+        let token = h.dispatched.borrow().last().map(|(t, _)| *t).unwrap();
+        (token, 1, body.len())
+    }
+
+    fn upstream_user(h: &FakeHost) -> Option<String> {
+        h.request_headers.borrow().iter().find(|(k, _)| k == "x-tollgate-user").map(|(_, v)| v.clone())
+    }
+
+    const ANN: &str = r#"{"id":"key_1","user":"ann","groups":["free"],"expires_at":null}"#;
+
+    /// Managed keys in one worker: an unknown key waits for one lookup (a second request
+    /// for it joins, and is woken), the answer is cached (no second lookup), a 404 is a
+    /// 401 cached as negative, the bounds refuse with a 503, and the changes feed revokes.
+    #[test]
+    fn managed_keys_are_looked_up_once_and_cached() {
+        let h = remote_host(r#""max_in_flight":1"#, "tgk_ann");
+        let mut root = configured(&h);
+        let sent = h.request_headers.borrow().clone();
+        let (mut first, mut second) = (root.stream(2), root.stream(3));
+        assert_eq!(first.request_headers(&h, true), Action::Pause);
+        let asked: serde_json::Value = serde_json::from_slice(&h.dispatched.borrow().last().unwrap().1).unwrap();
+        assert_eq!(asked["sha256"], crate::keys::sha256_hex("tgk_ann"));
+        let path = |h: &FakeHost| {
+            h.dispatched_headers.borrow().last().unwrap().iter().find(|(k, _)| k == ":path").unwrap().1.clone()
+        };
+        assert_eq!(path(&h), "/v1/keys/resolve");
+        let lookups = h.dispatched.borrow().len();
+        assert_eq!(second.request_headers(&h, true), Action::Pause, "joins the lookup under way");
+        assert_eq!(h.dispatched.borrow().len(), lookups);
+        let (token, headers, size) = key_answer(&h, 200, ANN);
+        let wake = first.call_response(&h, token, headers, size);
+        assert_eq!(wake, Wake { contexts: vec![3], done: true });
+        assert_eq!((h.resumed.get(), upstream_user(&h).as_deref()), (1, Some("ann")));
+        *h.request_headers.borrow_mut() = sent.clone();
+        second.key_ready(&h, true);
+        assert_eq!(h.resumed.get(), 2, "the joiner goes on with the same answer");
+        *h.request_headers.borrow_mut() = sent.clone();
+        assert_eq!(request(&root, &h), (Action::Continue, None), "cached: no lookup");
+        assert_eq!(h.dispatched.borrow().len(), lookups);
+
+        // Unknown: 401, then 401 again from the negative cache.
+        set_key(&h, "tgk_nobody");
+        let mut s = root.stream(4);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        let (token, headers, size) = key_answer(&h, 404, r#"{"error":{}}"#);
+        s.call_response(&h, token, headers, size);
+        assert_eq!(h.replies.borrow().last().unwrap().0, 401);
+        let lookups = h.dispatched.borrow().len();
+        set_key(&h, "tgk_nobody");
+        assert_eq!(request(&root, &h).1, Some(401));
+        assert_eq!(h.dispatched.borrow().len(), lookups, "negative answer cached");
+
+        // Bounds: one lookup in flight at a time; another key meanwhile is a 503.
+        set_key(&h, "tgk_one");
+        let mut s = root.stream(5);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        set_key(&h, "tgk_two");
+        assert_eq!(request(&root, &h).1, Some(503));
+        let reply = h.replies.borrow().last().unwrap().1.clone();
+        assert!(reply.contains("key_service_unavailable") && !reply.contains("Incorrect"), "{reply}");
+        s.log(&h);
+
+        // The changes feed revokes ann's key: 401 at once, no lookup.
+        h.clock.set(h.clock.get() + 5_000);
+        let poll = |h: &FakeHost| {
+            let headers = h.dispatched_headers.borrow();
+            let at = headers
+                .iter()
+                .position(|c| c.iter().any(|(k, v)| k == ":path" && v.starts_with("/v1/keys/changes?since=")));
+            at.map(|i| h.dispatched.borrow()[i].0)
+        };
+        root.tick(&h);
+        let token = poll(&h).expect("the first tick polls the changes");
+        let revoked = format!(r#"{{"now":1,"revoked":["{}"],"more":false}}"#, crate::keys::sha256_hex("tgk_ann"));
+        let (_, headers, size) = key_answer(&h, 200, &revoked);
+        root.call_response(&h, token, headers, size);
+        *h.request_headers.borrow_mut() = sent;
+        let lookups = h.dispatched.borrow().len();
+        assert_eq!(request(&root, &h).1, Some(401), "revoked");
+        assert_eq!(h.dispatched.borrow().len(), lookups);
+    }
+
+    /// The key service down: a key resolved before keeps working (up to
+    /// max_stale_seconds); an unknown one gets the 503, never a 401; an expired key
+    /// stops at its expiry without a lookup.
+    #[test]
+    fn managed_keys_survive_the_key_service_and_expire() {
+        let h = remote_host(r#""ttl_seconds":60"#, "tgk_ann");
+        let root = configured(&h);
+        let sent = h.request_headers.borrow().clone();
+        let soon = h.clock.get() / 1000 + 120;
+        let mut s = root.stream(2);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        let (token, headers, size) = key_answer(&h, 200, &ANN.replace("null", &soon.to_string()));
+        s.call_response(&h, token, headers, size);
+        assert_eq!(h.resumed.get(), 1);
+
+        // Past the ttl, the service fails: served from the stale entry.
+        h.clock.set(h.clock.get() + 61_000);
+        *h.request_headers.borrow_mut() = sent.clone();
+        let mut s = root.stream(3);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        let (token, headers, size) = key_answer(&h, 503, "");
+        s.call_response(&h, token, headers, size);
+        assert_eq!(h.resumed.get(), 2, "a known key keeps working while the service is down");
+        *h.request_headers.borrow_mut() = sent.clone();
+        set_key(&h, "tgk_new");
+        let mut s = root.stream(4);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        let (token, _, _) = key_answer(&h, 503, "");
+        s.call_response(&h, token, 0, 0);
+        assert_eq!(h.replies.borrow().last().unwrap().0, 503, "unknown key, service down: fail closed");
+
+        // Expired: 401 with no lookup.
+        h.clock.set(soon * 1000);
+        *h.request_headers.borrow_mut() = sent;
+        let lookups = h.dispatched.borrow().len();
+        assert_eq!(request(&root, &h).1, Some(401));
+        assert_eq!(h.dispatched.borrow().len(), lookups);
     }
 
     #[test]

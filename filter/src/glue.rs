@@ -5,8 +5,13 @@
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{self, ContextType, LogLevel};
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use crate::abi::Abi;
-use crate::gateway::{self, Action};
+use crate::gateway::{self, Action, Wake};
+use crate::host::Host;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
@@ -54,16 +59,72 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http(self.0.stream(context_id))))
+        Some(Box::new(Http::new(context_id, self.0.stream(context_id))))
     }
 }
 
-struct Http(gateway::Stream);
+thread_local! {
+    /// The streams of this VM by context id, so a stream whose key lookup was answered
+    /// can wake the others that waited for the same key (see `wake`).
+    static STREAMS: RefCell<HashMap<u32, Rc<RefCell<gateway::Stream>>>> = RefCell::new(HashMap::new());
+}
+
+/// Wakes the streams `wake` names, each in its own context, then returns to `current`.
+fn wake(wake: Wake, current: u32) {
+    if wake.contexts.is_empty() {
+        return;
+    }
+    for id in wake.contexts {
+        let stream = STREAMS.with(|s| s.try_borrow().ok().and_then(|s| s.get(&id).cloned()));
+        if let Some(stream) = stream {
+            if Abi.set_effective_context(id).is_ok() {
+                if let Ok(mut stream) = stream.try_borrow_mut() {
+                    stream.key_ready(&Abi, wake.done);
+                }
+            }
+        }
+    }
+    let _ = Abi.set_effective_context(current);
+}
+
+struct Http {
+    id: u32,
+    stream: Rc<RefCell<gateway::Stream>>,
+}
+
+impl Http {
+    fn new(id: u32, stream: gateway::Stream) -> Http {
+        let stream = Rc::new(RefCell::new(stream));
+        STREAMS.with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                s.insert(id, stream.clone());
+            }
+        });
+        Http { id, stream }
+    }
+
+    /// The stream, borrowed for one callback (never borrowed across callbacks; a busy
+    /// stream means a callback re-entered, which the host does not do).
+    fn with<T: Default>(&self, f: impl FnOnce(&mut gateway::Stream) -> T) -> T {
+        self.stream.try_borrow_mut().map(|mut s| f(&mut s)).unwrap_or_default()
+    }
+}
+
+impl Drop for Http {
+    fn drop(&mut self) {
+        STREAMS.with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                s.remove(&self.id);
+            }
+        });
+    }
+}
 
 impl Context for Http {
-    /// The answer to the acquire callout of a request waiting for a lease.
+    /// The answer to a callout of this request: an acquire (a lease) or a key lookup.
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        self.0.call_response(&Abi, token_id, num_headers, body_size);
+        let woken = self.with(|s| s.call_response(&Abi, token_id, num_headers, body_size));
+        wake(woken, self.id);
     }
 }
 
@@ -71,27 +132,28 @@ impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> types::Action {
         #[cfg(feature = "test-trap")]
         test_trap();
-        action(self.0.request_headers(&Abi, end_of_stream))
+        action(self.with(|s| s.request_headers(&Abi, end_of_stream)))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> types::Action {
-        action(self.0.request_body(&Abi, body_size, end_of_stream))
+        action(self.with(|s| s.request_body(&Abi, body_size, end_of_stream)))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> types::Action {
-        action(self.0.request_trailers(&Abi))
+        action(self.with(|s| s.request_trailers(&Abi)))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> types::Action {
-        action(self.0.response_headers(&Abi, end_of_stream))
+        action(self.with(|s| s.response_headers(&Abi, end_of_stream)))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> types::Action {
-        action(self.0.response_body(&Abi, body_size, end_of_stream))
+        action(self.with(|s| s.response_body(&Abi, body_size, end_of_stream)))
     }
 
     fn on_log(&mut self) {
-        self.0.log(&Abi);
+        let woken = self.with(|s| s.log(&Abi));
+        wake(woken, self.id);
     }
 }
 

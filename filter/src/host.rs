@@ -100,6 +100,8 @@ pub trait Host {
     fn done(&self) -> HostResult<()>;
     /// Resumes the request of the current stream, paused in its headers or body.
     fn resume_request(&self) -> HostResult<()>;
+    /// Makes later host calls act on context `context_id` (another stream of this VM).
+    fn set_effective_context(&self, context_id: u32) -> HostResult<()>;
 }
 
 /// The host's serialization of a header list (count, then sizes, then NUL-terminated

@@ -130,6 +130,24 @@ impl KeyCache {
         Self { capacity, hasher: RandomState::new(), by_hash: HashMap::new() }
     }
 
+    /// The digest of a key: remembered for a key that checked out before, else computed.
+    pub fn digest(&self, presented_key: &str) -> [u8; 32] {
+        let slot = self.hasher.hash_one(presented_key);
+        match self.by_hash.get(&slot) {
+            Some((key, digest)) if crate::ct::eq(key.as_bytes(), presented_key.as_bytes()) => *digest,
+            _ => Sha256::digest(presented_key.as_bytes()).into(),
+        }
+    }
+
+    /// Remembers a key that checked out elsewhere (the key service), as `lookup_cached`
+    /// does for configured ones.
+    pub fn remember(&mut self, presented_key: &str, digest: [u8; 32]) {
+        let slot = self.hasher.hash_one(presented_key);
+        if self.by_hash.len() < self.capacity || self.by_hash.contains_key(&slot) {
+            self.by_hash.insert(slot, (presented_key.into(), digest));
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.by_hash.len()
     }

@@ -20,6 +20,7 @@ pub mod jwt;
 pub mod keys;
 pub mod lease;
 pub mod limits;
+pub mod remote_keys;
 pub mod request;
 pub mod response;
 pub mod strip;

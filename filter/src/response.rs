@@ -77,6 +77,24 @@ impl LocalReply {
         }
     }
 
+    /// 503 for an API key that could not be checked: the key service is unavailable or
+    /// too many lookups are under way (`api_keys.remote`). Fail closed, and say nothing
+    /// of whether the key is right.
+    pub fn key_service_unavailable() -> LocalReply {
+        LocalReply {
+            status: 503,
+            headers: vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("retry-after".to_string(), "1".to_string()),
+            ],
+            body: openai_error_body(
+                "Your API key could not be checked right now. Please retry in a second.",
+                "server_error",
+                "key_service_unavailable",
+            ),
+        }
+    }
+
     /// 400 for a request with trailers whose body the filter had to rewrite or pad
     /// (its `content-length` was already promised upstream).
     pub fn trailers_not_supported() -> LocalReply {

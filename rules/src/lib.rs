@@ -44,14 +44,16 @@ pub const ROUTES: [&str; 6] =
 
 /// Deny reasons that get their own `reason` label value; anything else is [`OTHER`].
 /// `limit_unavailable`: the limit state could not be checked and `limits.on_contention`
-/// is `deny`.
-pub const DENY_REASONS: [&str; 6] = [
+/// is `deny`. `key_service_unavailable`: a managed API key could not be resolved (the
+/// key service failed, or the per-worker bounds on lookups refused one).
+pub const DENY_REASONS: [&str; 7] = [
     "missing_credential",
     "invalid_credential",
     "permission_denied",
     "rate_limited",
     "quota_exceeded",
     "limit_unavailable",
+    "key_service_unavailable",
 ];
 
 /// The label value of everything outside a fixed set (routes, deny reasons) or over a
