@@ -147,11 +147,12 @@ pub struct Report {
 /// the report, its grant lowered to what it `kept` (if it gave some back: then only a
 /// waiting `need` raises it again), else raised by what it may have of what is left.
 ///
-/// `left = limit − Σ consumed` (all replicas, this one with its new `used`). The
-/// replica is topped up to `max(need, demand × HORIZON_INTERVALS)` unused, at most its
-/// fair part of `left` (`⌈left × demand / Σ demand⌉` of the replicas active within
-/// [`ACTIVE_INTERVALS`]) — but a waiting request's `need` is granted whole whenever
-/// `left` covers it, so the last units of a limit are never stuck in rounding.
+/// `left = limit − Σ consumed` (all replicas, this one with its new `used`). Far from
+/// the limit (`left` covers the demand of the replicas active within
+/// [`ACTIVE_INTERVALS`] over [`HORIZON_INTERVALS`]) the replica is topped up to
+/// `demand × HORIZON_INTERVALS` unused; near it, nothing is handed out ahead. A waiting
+/// request's `need` (beyond the replica's unused grant) is granted whole whenever
+/// `left` covers it, so the last units of a limit go to requests that can use them.
 pub fn grant(mine: Holding, others: &[Holding], report: Report, now_ms: u64, interval_ms: u64) -> Holding {
     let granted = match report.kept {
         Some(kept) => mine.granted.min(kept.max(report.used)),
@@ -163,20 +164,18 @@ pub fn grant(mine: Holding, others: &[Holding], report: Report, now_ms: u64, int
     let active_since = now_ms.saturating_sub(interval_ms.saturating_mul(ACTIVE_INTERVALS));
     let total_demand =
         others.iter().filter(|h| h.seen_ms >= active_since).fold(me.demand, |sum, h| sum.saturating_add(h.demand));
-    // A replica giving back is not topped up in the same sync (what it gave back would
-    // come straight back to it): only a waiting need counts then.
-    let target = match report.kept {
-        Some(_) => report.need,
-        None => report.need.max(me.demand.saturating_mul(HORIZON_INTERVALS)),
-    };
-    let want = target.saturating_sub(me.unused());
-    let fair = if total_demand == 0 {
-        left
+    // Near the limit (what is left would not cover the fleet's demand over the horizon)
+    // shares of it would be too small to use, and strand: only a waiting need is
+    // granted, whole. A replica giving back is not topped up in the same sync either
+    // (what it gave back would come straight back to it).
+    let near = left < total_demand.saturating_mul(HORIZON_INTERVALS);
+    let topped_up = if near || report.kept.is_some() {
+        0
     } else {
-        (u128::from(left) * u128::from(me.demand)).div_ceil(u128::from(total_demand)) as u64
+        me.demand.saturating_mul(HORIZON_INTERVALS).saturating_sub(me.unused())
     };
     let whole_need = if report.need <= left { report.need } else { 0 };
-    let extra = want.min(fair.max(whole_need)).min(left);
+    let extra = whole_need.max(topped_up).min(left);
     me.granted = me.granted.saturating_add(extra);
     me
 }
@@ -223,11 +222,13 @@ mod tests {
         for (name, mine, others, report, granted) in [
             ("alone, far from the limit: two intervals of demand", holding(0, 0, 0), vec![], r(100, 0, 5, 0), 10),
             ("unused grant counts towards the target", holding(10, 4, 5), vec![], r(100, 4, 5, 0), 14),
-            ("never more than what is left", holding(0, 0, 0), vec![holding(95, 90, 5)], r(100, 0, 50, 0), 5),
-            ("split by demand", holding(0, 0, 0), vec![holding(0, 0, 30)], r(40, 0, 10, 0), 10),
+            ("near the limit: nothing ahead", holding(0, 0, 0), vec![holding(95, 90, 5)], r(100, 0, 50, 0), 0),
+            ("far: two intervals, others' demand aside", holding(0, 0, 0), vec![holding(0, 0, 30)], r(100, 0, 10, 0), 20),
+            ("a need beyond the unused grant, whole", holding(10, 4, 1), vec![], r(100, 4, 1, 30), 40),
             ("a waiting need is granted whole if left", holding(0, 0, 0), vec![holding(0, 0, 100)], r(40, 0, 1, 1), 1),
             ("nothing left: nothing", holding(5, 5, 5), vec![holding(95, 95, 5)], r(100, 5, 5, 1), 5),
-            ("over-use by fallback counts", holding(0, 0, 0), vec![holding(10, 99, 1)], r(100, 0, 5, 0), 1),
+            ("over-use by fallback counts", holding(0, 0, 0), vec![holding(10, 99, 1)], r(100, 0, 0, 1), 1),
+            ("over-use leaves less", holding(0, 0, 0), vec![holding(10, 99, 1)], r(100, 0, 0, 2), 0),
             ("idle replica gets nothing new", holding(3, 1, 0), vec![], r(100, 1, 0, 0), 3),
             ("what is given back goes", holding(30, 10, 0), vec![], back(100, 10, 0, 12), 12),
             ("never below what was used", holding(30, 10, 0), vec![], back(100, 10, 0, 4), 10),

@@ -89,6 +89,8 @@ pub fn deny_reason(reason: &str) -> &'static str {
         "quota_exceeded"
     } else if is("limit_unavailable") {
         "limit_unavailable"
+    } else if is("key_service_unavailable") {
+        "key_service_unavailable"
     } else {
         OTHER
     }

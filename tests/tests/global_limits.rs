@@ -33,6 +33,7 @@ struct Keys {
     premium: String,
     budget: String,
     outage: String,
+    streams: String,
 }
 
 /// The limit of the user of the outage phase.
@@ -123,6 +124,7 @@ fn a_fleet_holds_global_limits() {
         premium: dev::new_api_key(),
         budget: dev::new_api_key(),
         outage: dev::new_api_key(),
+        streams: dev::new_api_key(),
     };
     let config = json!({
         "api_keys": {"keys": [
@@ -130,13 +132,15 @@ fn a_fleet_holds_global_limits() {
             dev::key_entry(&keys.premium, "prem", &["premium".to_string()]),
             dev::key_entry(&keys.budget, "budget", &["metered".to_string()]),
             dev::key_entry(&keys.outage, "outage", &["metered".to_string()]),
+            dev::key_entry(&keys.streams, "streams", &["metered".to_string()]),
         ]},
         "limits": {
             "scope": "global",
             "groups": {"free": {"requests_per_hour": REQUESTS_PER_HOUR}},
             "users": {
                 "budget": {"tokens_per_hour": TOKEN_BUDGET},
-                "outage": {"requests_per_hour": OUTAGE_PER_HOUR}
+                "outage": {"requests_per_hour": OUTAGE_PER_HOUR},
+                "streams": {"tokens_per_hour": 100_000}
             }
         }
     });
@@ -210,6 +214,26 @@ fn a_fleet_holds_global_limits() {
         "{} tokens of the budget left unused, more than a request's {reservation}",
         TOKEN_BUDGET - tokens
     );
+
+    // A stream that does not ask for usage waits for its token lease in its body, which
+    // is rewritten (include_usage forced) after the wait: the client sees no usage
+    // chunk, and the tracker counts the real usage (3 + 4 tokens), not an estimate.
+    for gateway in &stack.gateway_urls {
+        let resp = chat_at(
+            &fresh_client(),
+            gateway,
+            &[("authorization", &format!("Bearer {}", keys.streams))],
+            &chat_body(3, 4, true),
+        );
+        assert_eq!(resp.status().as_u16(), 200);
+        let text = resp.text().unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n") && !text.contains("\"usage\":{"), "{text}");
+    }
+    let total = eventually(Duration::from_secs(20), "the streams in the ledger", || {
+        let total = usage_total(&stack, &stack.tracker_urls[0], "streams")?;
+        (total["requests"].as_u64() == Some(2)).then_some(total)
+    });
+    assert_eq!((total["prompt_tokens"].as_u64(), total["completion_tokens"].as_u64()), (Some(6), Some(8)), "{total}");
 
     // Outage: every tracker down. For two sync intervals (the grace: a dead replica
     // among live ones is ejected meanwhile) a short lease refuses; then a user the

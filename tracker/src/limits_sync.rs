@@ -610,10 +610,10 @@ mod tests {
                 (30, 10, 5, 0, 30),
             ),
             (
-                "others count in consumed",
+                "others count in consumed (near the limit: only a need)",
                 vec![stored("other", 30, 40, 1, 3), stored("me", 0, 0, 0, 1)],
                 2,
-                lease(50, 0, 20, 0),
+                lease(50, 0, 20, 10),
                 (10, 0, 2, 10, 50),
             ),
             (
