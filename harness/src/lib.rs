@@ -8,6 +8,7 @@ pub mod envoy;
 pub mod extproc;
 pub mod fault;
 pub mod jsonpb;
+pub mod keys;
 pub mod mock;
 pub mod paths;
 pub mod postgres;

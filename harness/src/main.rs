@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
 use harness::devconfig::DevCredentials;
 use harness::fault::FaultMode;
+use harness::keys::{self, NewKey};
 use harness::stack::{Stack, StackOptions};
 use harness::{dev, mock};
 
@@ -63,6 +64,17 @@ enum Cmd {
     Render(harness::render::RenderArgs),
 }
 
+/// The local stack's tracker port (`tollgate up --tracker-port`'s default).
+const DEFAULT_TRACKER_PORT: u16 = 8081;
+/// The local stack's tracker, the default of `tollgate key … --tracker`.
+const DEFAULT_TRACKER_URL: &str = "http://127.0.0.1:8081";
+/// `tollgate up --gateway-port`'s default.
+const DEFAULT_GATEWAY_PORT: u16 = 8080;
+/// The local stack's gateway (`tollgate up --gateway-port`'s default).
+const DEFAULT_GATEWAY_URL: &str = "http://127.0.0.1:8080";
+/// The variable holding the tracker's admin secret, as the tracker names it.
+const ADMIN_TOKEN_ENV: &str = "TRACKER_ADMIN_TOKEN";
+
 #[derive(Subcommand)]
 enum KeyCmd {
     /// Generate a fresh 256-bit key and print its config entry (only the digest is stored).
@@ -73,12 +85,85 @@ enum KeyCmd {
         #[arg(long, default_value = "")]
         groups: String,
     },
+    /// Create a managed key in the tracker (its admin secret in $TRACKER_ADMIN_TOKEN); the
+    /// key is printed once. Gateways with api_keys.remote accept it at once.
+    Create {
+        #[command(flatten)]
+        tracker: TrackerArgs,
+        #[arg(long)]
+        user: String,
+        /// Comma-separated groups.
+        #[arg(long, default_value = "")]
+        groups: String,
+        /// A name for people (e.g. "ci bot").
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime: 30d, 12h, 15m, 3600s (default: no expiry).
+        #[arg(long, value_name = "DURATION", value_parser = keys::parse_expires_in)]
+        expires_in: Option<u64>,
+        /// The gateway the printed curl line goes to.
+        #[arg(long, default_value = DEFAULT_GATEWAY_URL, value_name = "URL")]
+        gateway: String,
+        /// Print the tracker's answer as JSON (the key included).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List managed keys, newest first (never the keys themselves).
+    List {
+        #[command(flatten)]
+        tracker: TrackerArgs,
+        /// Only this user's keys.
+        #[arg(long)]
+        user: Option<String>,
+        /// Print the tracker's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a managed key by its id: gateways refuse it within their
+    /// api_keys.remote.changes_interval_seconds (at most ttl_seconds).
+    Revoke {
+        #[command(flatten)]
+        tracker: TrackerArgs,
+        /// The key's id (`key_…`, from `key create` or `key list`).
+        id: String,
+    },
+}
+
+/// Where the keys API is, and its secret.
+#[derive(clap::Args)]
+struct TrackerArgs {
+    /// The tracker's base URL (default: the local stack's, `tollgate up`).
+    #[arg(long, default_value = DEFAULT_TRACKER_URL, value_name = "URL")]
+    tracker: String,
+    /// The environment variable holding the tracker's admin secret (TRACKER_ADMIN_TOKEN).
+    #[arg(long, default_value = ADMIN_TOKEN_ENV, value_name = "NAME")]
+    admin_token_env: String,
+}
+
+impl TrackerArgs {
+    fn admin_token(&self) -> anyhow::Result<String> {
+        let name = &self.admin_token_env;
+        std::env::var(name).ok().filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+            anyhow!(
+                "set {name} to the tracker's admin secret (TRACKER_ADMIN_TOKEN; `tollgate up` prints the local one)"
+            )
+        })
+    }
+
+    /// ` --tracker URL` when not the default, for printed commands.
+    fn flag(&self) -> String {
+        if self.tracker == DEFAULT_TRACKER_URL {
+            String::new()
+        } else {
+            format!(" --tracker {}", self.tracker)
+        }
+    }
 }
 
 #[derive(clap::Args)]
 struct UpArgs {
     /// Gateway replica 0's port; replica i listens on this + 100*i.
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = DEFAULT_GATEWAY_PORT)]
     gateway_port: u16,
     /// Replica 0's Envoy admin port; replica i's is this + 100*i.
     #[arg(long, default_value_t = 9901)]
@@ -86,7 +171,7 @@ struct UpArgs {
     #[arg(long, default_value_t = 8000)]
     mock_port: u16,
     /// Tracker replica 0's port; replica j listens on this + 100*j.
-    #[arg(long, default_value_t = 8081)]
+    #[arg(long, default_value_t = DEFAULT_TRACKER_PORT)]
     tracker_port: u16,
     /// Gateway replicas: Envoys with the same filter and config, each reporting to every
     /// tracker.
@@ -127,7 +212,14 @@ struct UpArgs {
     /// reset-after-head, reset-mid-body, hang, status-NNN, huge-body, not-http, slow-accept).
     #[arg(long, value_name = "MODE")]
     fault_tracker: Option<FaultMode>,
+    /// Leave managed keys out of the generated dev config (no api_keys.remote): the
+    /// gateway then accepts only the static dev key. The tracker's keys API stays on.
+    #[arg(long)]
+    no_managed_keys: bool,
 }
+
+/// How often `tollgate up`'s gateway polls the tracker for revoked keys.
+const DEV_CHANGES_INTERVAL_SECONDS: u64 = 5;
 
 fn split_groups(s: &str) -> Vec<String> {
     s.split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_string).collect()
@@ -153,6 +245,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!("Give the key to {user}; put only the entry into api_keys.keys (or the keys_env Secret).");
             Ok(())
         }
+        Cmd::Key { command } => key(command),
         Cmd::Jwt { secret, kid, iss, sub, groups, ttl, aud } => {
             let ttl = if ttl == "none" { None } else { Some(dev::parse_ttl(&ttl)?) };
             let claims = dev::claims(&iss, &sub, &split_groups(&groups), ttl, aud.as_deref());
@@ -167,12 +260,94 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `tollgate key create/list/revoke` (`key new` is handled in `main`).
+fn key(command: KeyCmd) -> anyhow::Result<()> {
+    match command {
+        KeyCmd::New { .. } => Err(anyhow!("key new is handled in main")),
+        KeyCmd::Create { tracker, user, groups, name, expires_in, gateway, json } => {
+            let token = tracker.admin_token()?;
+            let expires_at = expires_in.map(|secs| keys::expires_at(keys::now_secs(), secs)).transpose()?;
+            let new = NewKey { user, groups: split_groups(&groups), name, expires_at };
+            let created = keys::create_key(&tracker.tracker, &token, &new)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&created)?);
+                return Ok(());
+            }
+            println!("key:     {}", created.key);
+            println!("id:      {}", created.id);
+            println!(
+                "user:    {} (groups: {})",
+                created.user,
+                if created.groups.is_empty() { "none".to_string() } else { created.groups.join(",") }
+            );
+            if let Some(name) = &created.name {
+                println!("name:    {name}");
+            }
+            println!("expires: {}", created.expires_at.map_or_else(|| "never".to_string(), keys::format_time));
+            let gw = gateway.trim_end_matches('/');
+            eprintln!();
+            eprintln!(
+                "Shown once: the tracker keeps only its SHA-256. Give it to {}; a gateway with \
+                 api_keys.remote accepts it at once:",
+                created.user
+            );
+            eprintln!("  curl -s {gw}/v1/models -H 'Authorization: Bearer {}'", created.key);
+            eprintln!("Revoke it: tollgate key revoke{} {}", tracker.flag(), created.id);
+            Ok(())
+        }
+        KeyCmd::List { tracker, user, json } => {
+            let token = tracker.admin_token()?;
+            let listed = keys::list_keys(&tracker.tracker, &token, user.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "keys": listed }))?);
+            } else if listed.is_empty() {
+                eprintln!("no keys{}", user.map(|u| format!(" for user {u}")).unwrap_or_default());
+            } else {
+                let rows: Vec<[String; 8]> = listed.iter().map(keys::list_row).collect();
+                println!("{}", keys::table(&keys::LIST_HEADER, &rows));
+            }
+            Ok(())
+        }
+        KeyCmd::Revoke { tracker, id } => {
+            let token = tracker.admin_token()?;
+            keys::revoke_key(&tracker.tracker, &token, &id)?;
+            println!("revoked {id}");
+            eprintln!(
+                "Gateways refuse it within their api_keys.remote.changes_interval_seconds (at most ttl_seconds)."
+            );
+            Ok(())
+        }
+    }
+}
+
+/// How this binary is invoked from the current directory (`./target/debug/tollgate`
+/// under `make run`), for printed commands.
+fn self_command() -> String {
+    let exe = std::env::current_exe().ok();
+    let cwd = std::env::current_dir().ok();
+    match (exe, cwd) {
+        (Some(exe), Some(cwd)) => match exe.strip_prefix(&cwd) {
+            Ok(rel) => format!("./{}", rel.display()),
+            Err(_) => exe.display().to_string(),
+        },
+        _ => "tollgate".to_string(),
+    }
+}
+
 fn up(args: UpArgs) -> anyhow::Result<()> {
     let creds = DevCredentials::generate();
     let (plugin_config, custom) = match &args.plugin_config {
         Some(path) => (harness::stack::read_plugin_config(path)?, true),
-        None => (creds.plugin_config(), false),
+        None if args.no_managed_keys => (creds.plugin_config(), false),
+        None => (
+            harness::devconfig::with_remote_keys(
+                creds.plugin_config(),
+                serde_json::json!({"changes_interval_seconds": DEV_CHANGES_INTERVAL_SECONDS}),
+            ),
+            false,
+        ),
     };
+    let managed_keys = plugin_config.pointer("/api_keys/remote").is_some();
     let istio_shaped = args.istio_shaped || args.plugin_config.is_some() || args.ext_proc;
     let stack = Stack::start(StackOptions {
         gateway_port: args.gateway_port,
@@ -183,6 +358,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         gateways: usize::from(args.gateways),
         trackers: usize::from(args.trackers),
         database_url: args.database_url.clone().filter(|u| !u.is_empty()),
+        ledger: true,
         concurrency: args.concurrency,
         plugin_config,
         prometheus: true,
@@ -225,9 +401,12 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         let replica = if stack.tracker_urls.len() > 1 { format!("  (replica tracker-{j})") } else { String::new() };
         println!("  tracker     {url}/metrics{replica}");
     }
-    match (&stack.database_url, &args.database_url) {
-        (Some(_), Some(_)) => println!("  ledger      PostgreSQL from --database-url, shared by the trackers"),
-        (Some(url), None) => println!("  ledger      throwaway PostgreSQL {url} (stopped with the stack)"),
+    match (&stack.database_url, &args.database_url, &stack.ledger_dir) {
+        (Some(_), Some(_), _) => println!("  ledger      PostgreSQL from --database-url, shared by the trackers"),
+        (Some(url), None, _) => println!("  ledger      throwaway PostgreSQL {url} (stopped with the stack)"),
+        (None, _, Some(dir)) => {
+            println!("  ledger      SQLite in {} (usage and managed keys, for this run)", dir.display())
+        }
         _ => println!("  ledger      none: the tracker keeps usage in memory"),
     }
     for fault in stack.faults() {
@@ -255,11 +434,39 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("Requests per user, in Prometheus (summed over the trackers):");
         println!("  curl -s '{p}/api/v1/query' --data-urlencode 'query=sum by (user) (llm_requests_total)'");
     }
-    if stack.database_url.is_some() && !custom {
+    if (stack.database_url.is_some() || stack.ledger_dir.is_some()) && !custom {
         println!("Usage from the ledger (any tracker):");
         println!(
             "  curl -s '{}/v1/usage?user={}' -H 'Authorization: Bearer {}'",
             stack.tracker_url, creds.user, stack.api_token
+        );
+    }
+    let admin = format!("TRACKER_ADMIN_TOKEN={} {}", stack.admin_token, self_command());
+    let tracker_flag = if stack.tracker_url == DEFAULT_TRACKER_URL {
+        String::new()
+    } else {
+        format!(" --tracker {}", stack.tracker_url)
+    };
+    if managed_keys {
+        println!(
+            "Managed keys: create one (printed once, works at once), use it as above, revoke it \
+             (401 within {}):",
+            if custom {
+                "the config's api_keys.remote.changes_interval_seconds".to_string()
+            } else {
+                format!("{DEV_CHANGES_INTERVAL_SECONDS} s")
+            }
+        );
+        let gateway_flag = if gw == DEFAULT_GATEWAY_URL { String::new() } else { format!(" --gateway {gw}") };
+        println!("  {admin} key create{tracker_flag} --user alice --groups free{gateway_flag}");
+        println!("  {admin} key revoke{tracker_flag} <id>");
+        println!("  {admin} key list{tracker_flag}");
+    } else {
+        println!(
+            "Keys API (admin secret TRACKER_ADMIN_TOKEN={}); the gateway does not resolve managed keys \
+             (no api_keys.remote{}).",
+            stack.admin_token,
+            if custom { " in the file" } else { ": --no-managed-keys" }
         );
     }
     if let Some(path) = &args.plugin_config {
@@ -296,4 +503,68 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     eprintln!("stopping…");
     drop(stack);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use clap::CommandFactory;
+
+    fn key_cmd(args: &[&str]) -> KeyCmd {
+        let argv: Vec<&str> = ["tollgate", "key"].iter().chain(args).copied().collect();
+        match Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}")).command {
+            Cmd::Key { command } => command,
+            _ => panic!("not a key command"),
+        }
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+        assert_eq!(DEFAULT_TRACKER_URL, format!("http://127.0.0.1:{DEFAULT_TRACKER_PORT}"));
+        assert_eq!(DEFAULT_GATEWAY_URL, format!("http://127.0.0.1:{DEFAULT_GATEWAY_PORT}"));
+    }
+
+    #[test]
+    fn key_commands_parse() {
+        match key_cmd(&["create", "--user", "alice", "--groups", "free,beta", "--expires-in", "30d"]) {
+            KeyCmd::Create { tracker, user, groups, name, expires_in, json, .. } => {
+                assert_eq!(
+                    (tracker.tracker.as_str(), tracker.admin_token_env.as_str()),
+                    (DEFAULT_TRACKER_URL, ADMIN_TOKEN_ENV)
+                );
+                assert_eq!((user.as_str(), split_groups(&groups)), ("alice", vec!["free".to_string(), "beta".into()]));
+                assert_eq!((name, expires_in, json), (None, Some(2_592_000), false));
+                assert_eq!(tracker.flag(), "");
+            }
+            _ => panic!("not create"),
+        }
+        match key_cmd(&["list", "--tracker", "http://t:9", "--admin-token-env", "MY_TOKEN", "--json"]) {
+            KeyCmd::List { tracker, user, json } => {
+                assert_eq!((tracker.tracker.as_str(), tracker.admin_token_env.as_str()), ("http://t:9", "MY_TOKEN"));
+                assert_eq!((user, json), (None, true));
+                assert_eq!(tracker.flag(), " --tracker http://t:9");
+            }
+            _ => panic!("not list"),
+        }
+        match key_cmd(&["revoke", "key_0123"]) {
+            KeyCmd::Revoke { id, .. } => assert_eq!(id, "key_0123"),
+            _ => panic!("not revoke"),
+        }
+        assert!(matches!(key_cmd(&["new", "--user", "a"]), KeyCmd::New { .. }));
+        for bad in [&["create", "--user", "a", "--expires-in", "1y"][..], &["create"], &["revoke"]] {
+            let argv: Vec<&str> = ["tollgate", "key"].iter().chain(bad).copied().collect();
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_admin_secret_comes_from_the_named_variable() {
+        let args = |env: &str| TrackerArgs { tracker: DEFAULT_TRACKER_URL.into(), admin_token_env: env.into() };
+        let e = args("TOLLGATE_TEST_SURELY_UNSET_VARIABLE").admin_token().unwrap_err().to_string();
+        assert!(e.contains("set TOLLGATE_TEST_SURELY_UNSET_VARIABLE"), "{e}");
+        // PATH is set in any test environment.
+        assert!(args("PATH").admin_token().is_ok());
+    }
 }

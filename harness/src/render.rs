@@ -8,6 +8,10 @@
 //! `limits` go into the `pluginConfig` as they are written (the filter's `limits`
 //! section, README "Limits"; `scope: global` for limits across the gateway's replicas),
 //! checked by the same parser.
+//!
+//! `managed_keys: true` adds `api_keys.remote` (`{}`: every default): keys created at run
+//! time with `tollgate key create` are resolved from the tracker the `usage` section
+//! names, with the same ingest token (`../shared/design.md` §10).
 
 use crate::stack::INGEST_TOKEN_ENV;
 use std::collections::{BTreeMap, HashSet};
@@ -82,6 +86,10 @@ pub struct UsersFile {
     /// The filter's `limits` section, as it is.
     #[serde(default)]
     pub limits: Option<serde_json::Value>,
+    /// Also accept managed keys (`tollgate key create`), resolved from the tracker:
+    /// `api_keys.remote` with its defaults (the usage cluster and token).
+    #[serde(default)]
+    pub managed_keys: bool,
 }
 
 fn default_namespace() -> String {
@@ -300,8 +308,8 @@ pub fn render(
     for g in &file.allowed_groups {
         check_name("allowed_groups: group", g)?;
     }
-    if file.users.is_empty() && file.jwt.is_none() {
-        bail!("no users and no jwt: nothing could authenticate, every request would get 401");
+    if file.users.is_empty() && file.jwt.is_none() && !file.managed_keys {
+        bail!("no users, no jwt and no managed_keys: nothing could authenticate, every request would get 401");
     }
 
     let mut warnings = Vec::new();
@@ -345,15 +353,24 @@ pub fn render(
 
     let mut config = serde_json::Map::new();
     let mut env_names = Vec::new();
+    let mut api_keys = serde_json::Map::new();
     if !entries.is_empty() {
-        let api_keys = match file.key_storage {
+        match file.key_storage {
             KeyStorage::Secret => {
                 env_names.push(KEYS_ENV);
-                json!({"keys_env": KEYS_ENV})
+                api_keys.insert("keys_env".into(), json!(KEYS_ENV));
             }
-            KeyStorage::Inline => json!({"keys": entries}),
-        };
-        config.insert("api_keys".into(), api_keys);
+            KeyStorage::Inline => {
+                api_keys.insert("keys".into(), json!(entries));
+            }
+        }
+    }
+    if file.managed_keys {
+        // The cluster and the token default to the usage section's (below).
+        api_keys.insert("remote".into(), json!({}));
+    }
+    if !api_keys.is_empty() {
+        config.insert("api_keys".into(), Value::Object(api_keys));
     }
     if let Some(jwt) = &file.jwt {
         env_names.push(JWKS_ENV);
@@ -479,12 +496,13 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<()> {
             let users = file.users.len();
             let keys: usize = file.users.iter().map(|u| u.keys.len()).sum();
             eprintln!(
-                "{users} users, {keys} keys ({}), jwt: {}",
+                "{users} users, {keys} keys ({}), jwt: {}, managed keys: {}",
                 match file.key_storage {
                     KeyStorage::Secret => "in the Secret: restart the gateway pods after a change",
                     KeyStorage::Inline => "inline in pluginConfig: pushed live by Istio",
                 },
                 file.jwt.as_ref().map_or("none", |j| j.issuer.as_str()),
+                if file.managed_keys { "resolved from the tracker" } else { "off" },
             );
         }
         None => print!("{secret}---\n{patch}"),
@@ -581,6 +599,30 @@ mod tests {
         let limits = &r.plugin_config()["limits"];
         assert_eq!(limits["scope"], "global");
         assert_eq!(limits["groups"]["free"], json!({"requests_per_hour": 100, "tokens_per_day": 200000}));
+    }
+
+    #[test]
+    fn managed_keys_add_api_keys_remote_with_the_usage_defaults() {
+        let users = format!("users: [{{user: a, groups: [free], keys: [{{key: {KEY_A}}}]}}]\n");
+        let off = go(&users).unwrap();
+        assert_eq!(off.plugin_config()["api_keys"], json!({"keys_env": KEYS_ENV}), "off by default");
+        let on = go(&format!("{users}managed_keys: true\n")).unwrap();
+        assert_eq!(on.plugin_config()["api_keys"], json!({"keys_env": KEYS_ENV, "remote": {}}));
+        // Cluster and token: the usage section's (the filter's defaults), nothing new in the env.
+        assert_eq!(on.plugin_config()["usage"], off.plugin_config()["usage"]);
+        assert_eq!(on.patch["spec"]["vmConfig"], off.patch["spec"]["vmConfig"]);
+        assert_eq!(on.secret, off.secret);
+        let inline = go(&format!("{users}key_storage: inline\nmanaged_keys: true\n")).unwrap();
+        assert_eq!(inline.plugin_config()["api_keys"]["remote"], json!({}));
+        assert_eq!(inline.plugin_config()["api_keys"]["keys"].as_array().unwrap().len(), 1);
+        assert!(go(&format!("{users}managed_keys: false\n")).unwrap().plugin_config()["api_keys"]
+            .get("remote")
+            .is_none());
+        // Managed keys alone can authenticate: no users, no jwt.
+        let alone = go("managed_keys: true\n").unwrap();
+        assert_eq!(alone.plugin_config()["api_keys"], json!({"remote": {}}));
+        assert_eq!(alone.patch["spec"]["vmConfig"]["env"], json!([{"name": INGEST_TOKEN_ENV, "valueFrom": "HOST"}]));
+        assert!(err("managed_keys: yes please\n").contains("managed_keys"));
     }
 
     #[test]

@@ -9,8 +9,11 @@
 //! `tracker_port + 100*j`, each with its own `--replica-id tracker-<j>`) that share one
 //! PostgreSQL ledger: [`StackOptions::database_url`], or a throwaway server the stack
 //! starts in its run directory ([`crate::postgres`]) when there are several trackers
-//! and no URL. Every gateway reports to every tracker (one round-robin cluster);
-//! Prometheus scrapes every tracker. With port 0 every part gets its own free port.
+//! and no URL. A lone tracker keeps usage in memory unless [`StackOptions::ledger`]
+//! gives it a SQLite ledger in the run directory. Every tracker gets a fresh admin
+//! secret for the keys API ([`Stack::admin_token`]). Every gateway reports to every
+//! tracker (one round-robin cluster); Prometheus scrapes every tracker. With port 0
+//! every part gets its own free port.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -47,8 +50,14 @@ pub struct StackOptions {
     /// (`database_url`, else a throwaway local server the stack starts and stops).
     pub trackers: usize,
     /// The trackers' PostgreSQL ledger (`TRACKER_DATABASE_URL`). `None`: a lone
-    /// tracker keeps usage in memory; several get a throwaway local server.
+    /// tracker keeps usage in memory (unless `ledger`); several get a throwaway local
+    /// server.
     pub database_url: Option<String>,
+    /// Give a lone tracker without `database_url` a SQLite ledger in the run directory
+    /// (`TRACKER_DATA_DIR`, see [`Stack::ledger_dir`]), so the keys API and the usage API
+    /// answer. Default false: the tracker keeps usage in memory. Several trackers, or a
+    /// `database_url`, have a (PostgreSQL) ledger anyway.
+    pub ledger: bool,
     /// Envoy worker threads (one Wasm VM each).
     pub concurrency: u32,
     /// The filter's configuration (the WasmPlugin `pluginConfig`).
@@ -100,6 +109,7 @@ impl Default for StackOptions {
             gateways: 1,
             trackers: 1,
             database_url: None,
+            ledger: false,
             concurrency: 2,
             plugin_config: json!({}),
             vm_env: BTreeMap::new(),
@@ -141,10 +151,18 @@ pub struct Stack {
     /// The ingest token `/track` requires, when started with `ingest_token`.
     pub ingest_token: Option<String>,
     /// The bearer secret of the trackers' usage API (`GET /v1/usage`; their
-    /// `TRACKER_API_TOKEN`). The API answers only with a ledger (`database_url`).
+    /// `TRACKER_API_TOKEN`). The API answers only with a ledger (`database_url`, or
+    /// [`StackOptions::ledger`]).
     pub api_token: String,
+    /// The bearer secret of the trackers' keys API (`POST`/`GET /v1/keys`,
+    /// `DELETE /v1/keys/{id}`; their `TRACKER_ADMIN_TOKEN`), fresh per stack. The API
+    /// answers only with a ledger ([`StackOptions::ledger`] or `database_url`).
+    pub admin_token: String,
     /// The PostgreSQL ledger the trackers share, if any (given, or the stack's own).
     pub database_url: Option<String>,
+    /// The lone tracker's SQLite ledger directory (`TRACKER_DATA_DIR`), with
+    /// [`StackOptions::ledger`] and no PostgreSQL.
+    pub ledger_dir: Option<PathBuf>,
     trackers_setup: TrackerSetup,
     local_usage: bool,
     istio: Option<IstioShape>,
@@ -169,7 +187,10 @@ struct TrackerSetup {
     ports: Vec<u16>,
     ingest_token: Option<String>,
     api_token: String,
+    admin_token: String,
     database_url: Option<String>,
+    /// SQLite ledger directory (only with one tracker and no `database_url`).
+    data_dir: Option<PathBuf>,
 }
 
 impl TrackerSetup {
@@ -231,6 +252,13 @@ fn replica_name(part: &str, i: usize) -> String {
     } else {
         format!("{part}-{i}")
     }
+}
+
+/// Where a lone tracker keeps its SQLite ledger: `<run dir>/ledger` with
+/// [`StackOptions::ledger`], one tracker and no `database_url`; otherwise none (memory
+/// only, or the PostgreSQL ledger several trackers share).
+fn sqlite_ledger_dir(opts: &StackOptions, run_dir: &std::path::Path) -> Option<PathBuf> {
+    (opts.ledger && opts.trackers == 1 && opts.database_url.is_none()).then(|| run_dir.join("ledger"))
 }
 
 /// The plugin config with a `usage` section for the local tracker added when absent.
@@ -321,7 +349,9 @@ impl Stack {
             ports: tracker_ports,
             ingest_token: ingest_token.clone(),
             api_token: crate::dev::new_secret(),
+            admin_token: crate::dev::new_secret(),
             database_url: database_url.clone(),
+            data_dir: sqlite_ledger_dir(&opts, &dir),
         };
 
         // One after the other: the first creates the ledger's tables. A port picked free
@@ -433,7 +463,9 @@ impl Stack {
             plugin_config,
             ingest_token,
             api_token: setup.api_token.clone(),
+            admin_token: setup.admin_token.clone(),
             database_url,
+            ledger_dir: setup.data_dir.clone(),
             trackers_setup: setup,
             local_usage: opts.local_usage,
             istio,
@@ -700,19 +732,28 @@ fn ecds_stats(admin_url: &str, shape: &IstioShape) -> anyhow::Result<EcdsStats> 
     Ok(s)
 }
 
-fn start_tracker(dir: &std::path::Path, j: usize, port: u16, setup: &TrackerSetup) -> anyhow::Result<Proc> {
-    let mut cmd = Command::new(paths::tracker_bin()?);
+/// Tracker replica `j`'s arguments and environment (secrets only in the environment).
+fn configure_tracker(cmd: &mut Command, j: usize, port: u16, setup: &TrackerSetup) {
     cmd.args(["--listen", &format!("127.0.0.1:{port}")]).args(["--replica-id", &format!("tracker-{j}")]);
     if let Some(token) = &setup.ingest_token {
         cmd.env("TRACKER_INGEST_TOKEN", token);
     }
     cmd.env("TRACKER_API_TOKEN", &setup.api_token);
+    cmd.env("TRACKER_ADMIN_TOKEN", &setup.admin_token);
     // The environment, not a flag: the URL may hold a password (and `ps` shows flags).
     match &setup.database_url {
         Some(url) => cmd.env("TRACKER_DATABASE_URL", url),
         None => cmd.env_remove("TRACKER_DATABASE_URL"),
     };
-    cmd.env_remove("TRACKER_DATA_DIR");
+    match &setup.data_dir {
+        Some(d) if setup.database_url.is_none() => cmd.env("TRACKER_DATA_DIR", d),
+        _ => cmd.env_remove("TRACKER_DATA_DIR"),
+    };
+}
+
+fn start_tracker(dir: &std::path::Path, j: usize, port: u16, setup: &TrackerSetup) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(paths::tracker_bin()?);
+    configure_tracker(&mut cmd, j, port, setup);
     let name = replica_name("tracker", j);
     let mut p = Proc::spawn(&replica_name("usage-tracking", j), cmd, &dir.join(format!("{name}.log")))?;
     let url = format!("http://127.0.0.1:{port}/healthz");
@@ -828,6 +869,60 @@ mod tests {
             assert!(!claim_port(port), "{port} was handed out already");
         }
         assert_eq!((replica_name("envoy", 0), replica_name("envoy", 3)), ("envoy".to_string(), "envoy-3".to_string()));
+    }
+
+    #[test]
+    fn a_sqlite_ledger_only_when_asked_for_one_tracker_without_postgres() {
+        assert!(!StackOptions::default().ledger, "tests rely on the in-memory tracker by default");
+        let run = std::path::Path::new("/runs/x");
+        let pg = Some("postgres://h/db".to_string());
+        for (ledger, trackers, database_url, want) in [
+            (false, 1, None, None),
+            (true, 1, None, Some(run.join("ledger"))),
+            (true, 1, pg.clone(), None),
+            (true, 2, None, None),
+            (false, 2, pg, None),
+        ] {
+            let opts = StackOptions { ledger, trackers, database_url: database_url.clone(), ..StackOptions::default() };
+            assert_eq!(sqlite_ledger_dir(&opts, run), want, "ledger {ledger}, trackers {trackers}, {database_url:?}");
+        }
+    }
+
+    #[test]
+    fn every_tracker_gets_the_admin_secret_and_its_ledger_through_the_environment() {
+        let env_of = |setup: &TrackerSetup| {
+            let mut cmd = Command::new("true");
+            configure_tracker(&mut cmd, 1, 9999, setup);
+            let env: BTreeMap<String, Option<String>> = cmd
+                .get_envs()
+                .map(|(k, v)| (k.to_string_lossy().into_owned(), v.map(|v| v.to_string_lossy().into_owned())))
+                .collect();
+            let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+            (env, args)
+        };
+        let mut setup = TrackerSetup {
+            dir: PathBuf::from("/runs/x"),
+            ports: vec![9999],
+            ingest_token: None,
+            api_token: "api".into(),
+            admin_token: "admin".into(),
+            database_url: None,
+            data_dir: Some(PathBuf::from("/runs/x/ledger")),
+        };
+        let (env, args) = env_of(&setup);
+        assert_eq!(env["TRACKER_ADMIN_TOKEN"].as_deref(), Some("admin"));
+        assert_eq!(env["TRACKER_API_TOKEN"].as_deref(), Some("api"));
+        assert_eq!(env["TRACKER_DATA_DIR"].as_deref(), Some("/runs/x/ledger"));
+        assert_eq!(env["TRACKER_DATABASE_URL"], None, "removed");
+        assert!(!args.iter().any(|a| a.contains("admin")), "secrets only in the environment: {args:?}");
+        assert_eq!(args, ["--listen", "127.0.0.1:9999", "--replica-id", "tracker-1"]);
+
+        setup.data_dir = None;
+        setup.database_url = Some("postgres://h/db".into());
+        let (env, _) = env_of(&setup);
+        assert_eq!(env["TRACKER_DATA_DIR"], None, "removed: not with --database-url");
+        assert_eq!(env["TRACKER_DATABASE_URL"].as_deref(), Some("postgres://h/db"));
+        assert_eq!(env["TRACKER_ADMIN_TOKEN"].as_deref(), Some("admin"));
     }
 
     #[test]

@@ -197,6 +197,12 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
       assert.equal(ref.name, tokens.metadata.name);
       assert.ok(ref.key in tokens.stringData);
       assert.ok("TRACKER_INGEST_TOKEN" in tokens.stringData);
+      // The keys API's admin secret (tollgate key create/list/revoke), from the same Secret.
+      const admin = env.TRACKER_ADMIN_TOKEN.valueFrom.secretKeyRef;
+      assert.deepEqual(admin, { name: tokens.metadata.name, key: "TRACKER_ADMIN_TOKEN" });
+      assert.ok(admin.key in tokens.stringData);
+      const secrets = ["TRACKER_API_TOKEN", "TRACKER_INGEST_TOKEN", "TRACKER_ADMIN_TOKEN"].map((k) => tokens.stringData[k]);
+      assert.equal(new Set(secrets).size, 3, "the three secrets differ");
       assert.equal(sts.spec.serviceName, one(objs, "Service", "usage-tracking").metadata.name);
     });
 
@@ -222,15 +228,64 @@ for (const [variant, dir] of Object.entries(VARIANTS)) {
       const ap = one(objs, "AuthorizationPolicy", "usage-tracking");
       assert.ok(matches(ap.spec.selector.matchLabels));
       assert.equal(ap.spec.action, "ALLOW");
+      // The gateway-only rule holds exactly the gateway's endpoints: usage reports, the
+      // leases of global limits, and managed keys (resolve by digest, the revocations).
       const track = ap.spec.rules.filter((r) => r.to.some((t) => t.operation.paths.includes("/track")));
       assert.equal(track.length, 1, "one rule for /track");
       assert.deepEqual(track[0].from, [{ source: { principals: [gateway.principal] } }]);
-      assert.deepEqual(track[0].to, [{ operation: { methods: ["POST"], paths: ["/track", "/v1/limits/sync"] } }]);
-      for (const r of ap.spec.rules.filter((x) => x !== track[0])) {
+      assert.deepEqual(track[0].to, [
+        { operation: { methods: ["POST"], paths: ["/track", "/v1/limits/sync", "/v1/keys/resolve"] } },
+        { operation: { methods: ["GET"], paths: ["/v1/keys/changes"] } },
+      ]);
+      assert.equal(track[0].when, undefined);
+      // Istio's path match: exact, or one `*` as a prefix or suffix wildcard.
+      const pathMatches = (pattern, path) =>
+        pattern === "*" ||
+        pattern === path ||
+        (pattern.endsWith("*") && path.startsWith(pattern.slice(0, -1))) ||
+        (pattern.startsWith("*") && path.endsWith(pattern.slice(1)));
+      const opens = (op, method, path) =>
+        (op.methods ?? [method]).includes(method) &&
+        (op.paths ?? ["*"]).some((p) => pathMatches(p, path)) &&
+        !(op.notPaths ?? []).some((p) => pathMatches(p, path)) &&
+        !(op.notMethods ?? []).includes(method);
+      const gatewayOnly = ["/track", "/v1/limits/sync", "/v1/limits/x", "/v1/keys/resolve", "/v1/keys/changes"];
+      const others = ap.spec.rules.filter((x) => x !== track[0]);
+      for (const r of others) {
+        assert.equal(r.from, undefined, "the other rules are for anyone in the mesh");
         for (const t of r.to) {
-          assert.deepEqual(t.operation.methods, ["GET"], "only reads for everyone else");
-          for (const p of t.operation.paths) assert.ok(!p.startsWith("/track") && !p.startsWith("/v1/limits"), p);
+          for (const method of ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]) {
+            for (const path of gatewayOnly) {
+              assert.ok(!opens(t.operation, method, path), `${method} ${path} opened to anyone: ${JSON.stringify(t)}`);
+            }
+          }
+          // Writes only on the keys API (guarded by TRACKER_ADMIN_TOKEN); reads otherwise.
+          const writes = t.operation.methods.filter((m) => m !== "GET");
+          if (writes.length > 0) {
+            for (const p of t.operation.paths) assert.ok(["/v1/keys", "/v1/keys/*"].includes(p), `${writes} ${p}`);
+          }
         }
+      }
+      // The keys API (POST, GET /v1/keys; DELETE /v1/keys/{id}) from anyone in the mesh.
+      const anyone = (method, path) => others.some((r) => r.to.some((t) => opens(t.operation, method, path)));
+      for (const [method, path] of [
+        ["POST", "/v1/keys"],
+        ["GET", "/v1/keys"],
+        ["DELETE", "/v1/keys/key_3f2a9c01d4e5b6a7"],
+        ["GET", "/v1/usage"],
+        ["GET", "/v1/usage/recent"],
+        ["GET", "/metrics"],
+        ["GET", "/healthz"],
+      ]) {
+        assert.ok(anyone(method, path), `${method} ${path} is not open to the mesh`);
+      }
+      for (const [method, path] of [
+        ["DELETE", "/v1/keys"],
+        ["POST", "/v1/keys/key_1"],
+        ["GET", "/v1/keys/key_1"],
+        ["POST", "/v1/usage"],
+      ]) {
+        assert.ok(!anyone(method, path), `${method} ${path} is open to the mesh`);
       }
       const np = one(objs, "NetworkPolicy", "usage-tracking");
       assert.ok(matches(np.spec.podSelector.matchLabels));
