@@ -52,10 +52,15 @@ pub enum Kind {
     /// (j) As (i) with `"scope": "global"`: each worker admits from a lease the tracker
     /// grants over `POST /v1/limits/sync` (issue 15).
     TollgateLimitsGlobal,
+    /// (k) As (d), but the key the load sends is a managed key (issue 16): not in the
+    /// static list, created through the tracker's keys API before the passes and
+    /// resolved by the filter with `api_keys.remote` (one callout, then the worker's
+    /// memo until `ttl_seconds`).
+    TollgateKeyManaged,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::NoFilter,
         Kind::JwtAuthn,
         Kind::JwtAuthnCached,
@@ -72,6 +77,7 @@ impl Kind {
         Kind::TollgateMeteredAlt,
         Kind::TollgateLimitsLocal,
         Kind::TollgateLimitsGlobal,
+        Kind::TollgateKeyManaged,
     ];
 
     pub fn id(self) -> &'static str {
@@ -92,6 +98,7 @@ impl Kind {
             Kind::TollgateMeteredAlt => "e2",
             Kind::TollgateLimitsLocal => "i",
             Kind::TollgateLimitsGlobal => "j",
+            Kind::TollgateKeyManaged => "k",
         }
     }
 
@@ -114,6 +121,7 @@ impl Kind {
             Kind::TollgateMeteredAlt => "tollgate_metered_alt",
             Kind::TollgateLimitsLocal => "tollgate_limits_local",
             Kind::TollgateLimitsGlobal => "tollgate_limits_global",
+            Kind::TollgateKeyManaged => "tollgate_key_managed",
         }
     }
 
@@ -135,6 +143,7 @@ impl Kind {
             Kind::TollgateMeteredAlt => "Tollgate + limits + metering (API key), --alt-wasm build",
             Kind::TollgateLimitsLocal => "Tollgate + limit never reached, scope local (API key)",
             Kind::TollgateLimitsGlobal => "Tollgate + limit never reached, scope global (API key)",
+            Kind::TollgateKeyManaged => "Tollgate (managed API key, resolved once, then cached)",
         }
     }
 
@@ -171,6 +180,9 @@ pub struct Creds {
     pub api_key: String,
     pub jwt: String,
     pub jwks: String,
+    /// (k): a managed key (in none of the static lists), created in the tracker by
+    /// `bench-run` once the tracker runs.
+    pub managed_key: Option<String>,
 }
 
 pub const GROUP: &str = "bench";
@@ -193,13 +205,16 @@ impl Creds {
         // A day of validity: enough for any run, and jwt_authn's cache honours exp.
         let claims = harness::dev::claims("dev", "jwt-user", &[GROUP.to_string()], Some(86_400), None);
         let jwt = harness::dev::mint_jwt(secret.as_bytes(), Some("dev-key"), &claims)?;
-        Ok(Creds { key_entries, api_key, jwt, jwks })
+        Ok(Creds { key_entries, api_key, jwt, jwks, managed_key: None })
     }
 
     /// The `authorization` header value this variant's requests carry.
     pub fn authorization(&self, kind: Kind) -> String {
         if kind.sends_jwt() {
             format!("Bearer {}", self.jwt)
+        } else if kind == Kind::TollgateKeyManaged {
+            // No managed key yet: a key nobody knows, so the sanity check fails loudly.
+            format!("Bearer {}", self.managed_key.as_deref().unwrap_or("tg-managed-key-not-created"))
         } else {
             format!("Bearer {}", self.api_key)
         }
@@ -289,6 +304,38 @@ pub fn lease_wait_config(keys: &[Value], global: bool) -> Value {
         },
         "usage": usage_section()
     })
+}
+
+/// `api_keys.remote` to the local tracker (its keys API, `POST /v1/keys/resolve`), the
+/// filter's defaults otherwise (`ttl_seconds` 60, `max_lookups_per_second` 20, …) except
+/// `more`, merged in.
+pub fn remote_section(more: Value) -> Value {
+    let mut remote = json!({"cluster": TRACKER_CLUSTER, "authority": "usage-tracking"});
+    if let (Some(obj), Value::Object(more)) = (remote.as_object_mut(), more) {
+        obj.extend(more);
+    }
+    remote
+}
+
+/// (k): (d)'s config (the 100 static keys, the JWT provider; no limits, no usage) plus
+/// `api_keys.remote` to the local tracker with the filter's defaults.
+pub fn managed_config(creds: &Creds) -> Value {
+    let mut config = tollgate_config(creds, false);
+    if let Some(api_keys) = config.get_mut("api_keys").and_then(Value::as_object_mut) {
+        api_keys.insert("remote".into(), remote_section(json!({})));
+    }
+    config
+}
+
+/// The key-wait measurement's listeners: managed (no static key; `api_keys.remote`
+/// with `max_lookups_per_second` raised so the fresh keys, a few per millisecond, are
+/// not refused by the per-worker bound) or static (`keys` in the list).
+pub fn key_wait_config(keys: &[Value], managed: bool) -> Value {
+    if managed {
+        json!({"api_keys": {"keys": [], "remote": remote_section(json!({"max_lookups_per_second": 1000}))}})
+    } else {
+        json!({"api_keys": {"keys": keys}})
+    }
 }
 
 fn jwt_authn_filter(creds: &Creds, cached: bool) -> Value {
@@ -393,6 +440,7 @@ fn auth_filters(kind: Kind, creds: &Creds, l: &Layout<'_>) -> Vec<Value> {
             .collect(),
         Kind::TollgateLimitsLocal => vec![wasm_filter_named(wasm, &limits_config(creds, false), "tollgate-local")],
         Kind::TollgateLimitsGlobal => vec![wasm_filter_named(wasm, &limits_config(creds, true), "tollgate-global")],
+        Kind::TollgateKeyManaged => vec![wasm_filter_named(wasm, &managed_config(creds), "tollgate-managed")],
     }
 }
 
@@ -486,4 +534,28 @@ pub fn bootstrap(l: &Layout<'_>) -> Value {
             ]
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn managed_variant_resolves_a_key_outside_the_static_list() {
+        let mut creds = Creds::new(3).unwrap();
+        assert_eq!(creds.authorization(Kind::TollgateKeyManaged), "Bearer tg-managed-key-not-created");
+        creds.managed_key = Some("tgk_managed".into());
+        assert_eq!(creds.authorization(Kind::TollgateKeyManaged), "Bearer tgk_managed");
+        assert_eq!(Kind::from_slug("tollgate_key_managed"), Some(Kind::TollgateKeyManaged));
+        assert_eq!(Kind::from_slug("k"), Some(Kind::TollgateKeyManaged));
+        // (d)'s config plus api_keys.remote to the tracker's cluster.
+        let config = managed_config(&creds);
+        let mut without = config.clone();
+        without["api_keys"].as_object_mut().unwrap().remove("remote");
+        assert_eq!(without, tollgate_config(&creds, false));
+        assert_eq!(config["api_keys"]["remote"]["cluster"], TRACKER_CLUSTER);
+        let wait = key_wait_config(&[], true);
+        assert_eq!(wait["api_keys"]["remote"]["max_lookups_per_second"], 1000);
+        assert_eq!(wait["api_keys"]["keys"], json!([]));
+    }
 }

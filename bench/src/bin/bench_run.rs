@@ -10,7 +10,11 @@
 //! by round; stream a 1 MB SSE response through (a), (d) and (e); with (j), global
 //! limits: the tracker's syncs over the passes, the latency of a request that waits for
 //! a lease (`--lease-users`), and after the rest a fleet's overshoot of a limit
-//! (`--overshoot-gateways`, [`tollgate_bench::fleet`]); then memory: Envoy
+//! (`--overshoot-gateways`, [`tollgate_bench::fleet`]); with (k), managed keys: the
+//! tracker then runs on a SQLite ledger with an admin token, (k)'s key is created
+//! through its keys API before the passes, the resolves are counted over the passes,
+//! and fresh keys time their first request (one lookup callout) against their second
+//! (`--managed-keys`); then memory: Envoy
 //! without a filter vs with Tollgate, and RSS growth over `--leak-requests` requests;
 //! then the native benches (`sse-throughput`, `auth-cost`, callgrind). Writes
 //! `bench/results/<stamp>.md` (and `.csv` with every run) and prints the Markdown.
@@ -32,7 +36,7 @@ use tollgate_bench::fleet::{self, Conn, Overshoot};
 use tollgate_bench::load::{self, LoadResult, Request, Shape, Tool};
 use tollgate_bench::stats::{median, min_max, percentile_sorted};
 use tollgate_bench::sys;
-use tollgate_bench::variants::{bootstrap, lease_wait_config, Creds, Kind, Layout};
+use tollgate_bench::variants::{bootstrap, key_wait_config, lease_wait_config, Creds, Kind, Layout, GROUP};
 
 #[derive(Parser, Clone)]
 #[command(about = "Tollgate vs no filter vs jwt_authn vs ext_authz vs Lua, in one Envoy")]
@@ -98,6 +102,10 @@ struct Args {
     overshoot_requests: usize,
     #[arg(long, default_value_t = 50)]
     overshoot_limit: u64,
+    /// Managed keys, first-request wait: fresh keys per listener (managed: the first
+    /// request waits for one lookup callout; static, for contrast); with (k) only; 0 skips.
+    #[arg(long, default_value_t = 200)]
+    managed_keys: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -155,6 +163,8 @@ struct Run {
     side_cpu_us: f64,
     /// (j): `tracker_limit_syncs_total{outcome="ok"}` during the measured part.
     tracker_syncs: Option<f64>,
+    /// (k): `tracker_key_resolves_total` (found + unknown) during the measured part.
+    key_resolves: Option<f64>,
 }
 
 /// Everything the report needs.
@@ -170,6 +180,35 @@ struct Results {
     callgrind_top: Vec<(String, String)>,
     notes: Vec<String>,
     global: GlobalResults,
+    managed: ManagedResults,
+}
+
+/// Managed keys (issue 16): what (k) cost the tracker, and the first-request wait.
+#[derive(Default)]
+struct ManagedResults {
+    /// `tracker_key_resolves_total{outcome="found"}` and `{outcome="unknown"}` after the
+    /// passes (the sanity checks' wrong key is one unknown per Envoy).
+    found: Option<f64>,
+    unknown: Option<f64>,
+    /// Lines of the Envoy logs of the passes about the key service.
+    key_service_logs: usize,
+    key_wait: Option<KeyWait>,
+}
+
+/// Latencies (seconds) of the first and second request of fresh keys, on a managed and
+/// a static listener of one Envoy (--concurrency 1).
+struct KeyWait {
+    keys: usize,
+    managed_first: Vec<f64>,
+    managed_second: Vec<f64>,
+    static_first: Vec<f64>,
+    static_second: Vec<f64>,
+    /// Resolves the tracker answered while the keys were measured, and for how long.
+    resolves: f64,
+    seconds: f64,
+    /// The same keys resolved again straight at the tracker (`POST /v1/keys/resolve`
+    /// from this process, keep-alive): the tracker's part of the wait.
+    direct: Vec<f64>,
 }
 
 /// Global limits (issue 15): how (j) got its admissions, the lease wait, the overshoot.
@@ -274,13 +313,29 @@ struct Backends {
     tracker_port: u16,
     authz: Proc,
     authz_port: u16,
+    /// The tracker's `TRACKER_ADMIN_TOKEN` when it runs with a ledger (for (k)).
+    admin_token: Option<String>,
 }
 
-fn start_backends(t: &Tools, dir: &Path, creds: &Creds) -> anyhow::Result<Backends> {
+impl Backends {
+    fn tracker_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.tracker_port)
+    }
+}
+
+/// `ledger`: the tracker on a SQLite ledger in the work dir with a fresh admin token, so
+/// its keys API runs (managed keys, (k)); else in memory, as the runs before issue 16.
+fn start_backends(t: &Tools, dir: &Path, creds: &Creds, ledger: bool) -> anyhow::Result<Backends> {
     let mock = MockServer::start(0)?;
     let tracker_port = free_port()?;
     let mut cmd = Command::new(&t.tracker);
     cmd.args(["--listen", &format!("127.0.0.1:{tracker_port}")]);
+    let admin_token = ledger.then(harness::dev::new_secret);
+    if let Some(token) = &admin_token {
+        let data = dir.join("tracker-data");
+        std::fs::create_dir_all(&data)?;
+        cmd.arg("--data-dir").arg(&data).env("TRACKER_ADMIN_TOKEN", token);
+    }
     let mut tracker = Proc::spawn("usage-tracking", cmd, &dir.join("tracker.log"))?;
     let client = http_client()?;
     let url = format!("http://127.0.0.1:{tracker_port}/healthz");
@@ -295,7 +350,7 @@ fn start_backends(t: &Tools, dir: &Path, creds: &Creds) -> anyhow::Result<Backen
     cmd.args(["--listen", &format!("127.0.0.1:{authz_port}")]).arg("--keys").arg(&keys_file);
     let mut authz = Proc::spawn("authz-service", cmd, &dir.join("authz.log"))?;
     wait_until(&mut authz, Duration::from_secs(20), || port_open(authz_port))?;
-    Ok(Backends { mock, tracker, tracker_port, authz, authz_port })
+    Ok(Backends { mock, tracker, tracker_port, authz, authz_port, admin_token })
 }
 
 struct Envoy {
@@ -450,8 +505,9 @@ fn run_passes(
     dir: &Path,
     res: &mut Results,
 ) -> anyhow::Result<()> {
-    let tracker = format!("http://127.0.0.1:{}", b.tracker_port);
+    let tracker = b.tracker_url();
     let syncs = || fleet::tracker_metric(&tracker, "tracker_limit_syncs_total", &[("outcome", "ok")]);
+    let resolves = || key_resolves(&tracker);
     for &c in &args.concurrency {
         let envoy = start_envoy(t, b, creds, kinds, c, dir, &format!("all-c{c}"))?;
         sanity_check(&envoy, creds, kinds)?;
@@ -468,17 +524,25 @@ fn run_passes(
                         Kind::TollgateMetered
                         | Kind::TollgateMeteredAlt
                         | Kind::TollgateLimitsLocal
-                        | Kind::TollgateLimitsGlobal => b.tracker.pid(),
+                        | Kind::TollgateLimitsGlobal
+                        | Kind::TollgateKeyManaged => b.tracker.pid(),
                         _ => None,
                     };
-                    // (j): the tracker's syncs and acquires during the measured part.
-                    let probe =
-                        (kind == Kind::TollgateLimitsGlobal).then_some(&syncs as &dyn Fn() -> anyhow::Result<f64>);
-                    let (load, cpu, side_cpu, tracker_syncs) =
-                        measure(&pass, args.warmup, &req, dir, envoy_pid, side, probe)
-                            .with_context(|| format!("{} on {}", pass.name, kind.label()))?;
+                    // (j): the tracker's syncs and acquires during the measured part;
+                    // (k): its key resolves.
+                    let probe = match kind {
+                        Kind::TollgateLimitsGlobal => Some(&syncs as &dyn Fn() -> anyhow::Result<f64>),
+                        Kind::TollgateKeyManaged => Some(&resolves as &dyn Fn() -> anyhow::Result<f64>),
+                        _ => None,
+                    };
+                    let (load, cpu, side_cpu, probed) = measure(&pass, args.warmup, &req, dir, envoy_pid, side, probe)
+                        .with_context(|| format!("{} on {}", pass.name, kind.label()))?;
+                    let (tracker_syncs, key_resolves) = match kind {
+                        Kind::TollgateKeyManaged => (None, probed),
+                        _ => (probed, None),
+                    };
                     eprintln!(
-                        "[{}] round {} {:<42} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  envoy {:.1} µs/req{}{}",
+                        "[{}] round {} {:<42} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  envoy {:.1} µs/req{}{}{}",
                         pass.name,
                         round + 1,
                         kind.label(),
@@ -487,7 +551,8 @@ fn run_passes(
                         load.p99_ms,
                         cpu,
                         if load.bad > 0 { format!("  ({} bad)", load.bad) } else { String::new() },
-                        tracker_syncs.map_or(String::new(), |n| format!("  ({n:.0} tracker syncs)"))
+                        tracker_syncs.map_or(String::new(), |n| format!("  ({n:.0} tracker syncs)")),
+                        key_resolves.map_or(String::new(), |n| format!("  ({n:.0} key resolves)"))
                     );
                     res.runs.push(Run {
                         pass: pass.name.clone(),
@@ -502,6 +567,7 @@ fn run_passes(
                         envoy_cpu_us: cpu,
                         side_cpu_us: side_cpu,
                         tracker_syncs,
+                        key_resolves,
                     });
                 }
             }
@@ -701,14 +767,147 @@ fn lease_wait(args: &Args, t: &Tools, b: &Backends, creds: &Creds, dir: &Path) -
 
 /// Lines of the Envoy logs of the passes saying the trackers could not be reached.
 fn unreachable_lines(dir: &Path) -> usize {
+    pass_log_lines(dir, "trackers cannot be reached")
+}
+
+/// Lines of the Envoy logs of the passes containing `needle`.
+fn pass_log_lines(dir: &Path, needle: &str) -> usize {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("envoy-all-"))
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .map(|text| text.lines().filter(|l| l.contains("trackers cannot be reached")).count())
+        .map(|text| text.lines().filter(|l| l.contains(needle)).count())
         .sum()
+}
+
+/// `tracker_key_resolves_total`, found and unknown together.
+fn key_resolves(tracker_url: &str) -> anyhow::Result<f64> {
+    let found = fleet::tracker_metric(tracker_url, "tracker_key_resolves_total", &[("outcome", "found")])?;
+    let unknown = fleet::tracker_metric(tracker_url, "tracker_key_resolves_total", &[("outcome", "unknown")])?;
+    Ok(found + unknown)
+}
+
+/// A managed key for `user` (group `group`), created through the tracker's keys API
+/// (`POST /v1/keys`, the admin token): the key itself, shown this once.
+fn create_managed_key(b: &Backends, user: &str, group: &str) -> anyhow::Result<String> {
+    let token = b.admin_token.as_deref().context("the tracker runs without a ledger: no keys API")?;
+    let new = harness::keys::NewKey {
+        user: user.to_string(),
+        groups: vec![group.to_string()],
+        name: Some("bench".into()),
+        expires_at: None,
+    };
+    Ok(harness::keys::create_key(&b.tracker_url(), token, &new)?.key)
+}
+
+/// Managed keys: the latency of a request that waits for its key's lookup. One Envoy
+/// (`--concurrency 1`) with two listeners: one with no static key and `api_keys.remote`
+/// to the tracker, with `keys` fresh managed keys (created through the keys API before
+/// measuring), one with `keys` fresh static keys in its list. Per key, on one keep-alive
+/// connection per listener, two `GET`s back to back: on the managed listener the first
+/// finds the key in neither the worker's memo nor the shared cache and waits for one
+/// `POST /v1/keys/resolve` (the tracker reads the key from its SQLite ledger and sets its
+/// `last_used_at` before it answers); the second finds it in the memo. On the static
+/// listener the first hashes the key and finds it in the list, the second in the memo.
+/// The keys alternate between the listeners, as in [`lease_wait`].
+fn key_wait(args: &Args, t: &Tools, b: &Backends, creds: &Creds, dir: &Path) -> anyhow::Result<KeyWait> {
+    let n = args.managed_keys;
+    let mut m_keys = Vec::with_capacity(n + 1);
+    for i in 0..=n {
+        m_keys.push(create_managed_key(b, &format!("m{i}"), GROUP)?);
+    }
+    let (s_keys, s_entries): (Vec<String>, Vec<serde_json::Value>) = (0..=n)
+        .map(|i| {
+            let key = harness::dev::new_api_key();
+            let entry = harness::dev::key_entry(&key, &format!("s{i}"), &[GROUP.to_string()]);
+            (key, entry)
+        })
+        .unzip();
+    let (m_port, s_port) = (free_port()?, free_port()?);
+    let extra = vec![
+        ("keys_managed".to_string(), m_port, key_wait_config(&[], true)),
+        ("keys_static".to_string(), s_port, key_wait_config(&s_entries, false)),
+    ];
+    let envoy = start_envoy_extra(t, b, creds, &[], 1, dir, "key-wait", &extra)?;
+    let tracker = b.tracker_url();
+    let mut m = Conn::open(m_port)?;
+    let mut s = Conn::open(s_port)?;
+    // Warm-up with the last key of each listener (not measured): the first callout opens
+    // the connection to the tracker.
+    let (Some(m_warm), Some(s_warm)) = (m_keys.get(n), s_keys.get(n)) else { bail!("no warm-up key") };
+    for _ in 0..20 {
+        for (conn, key) in [(&mut m, m_warm), (&mut s, s_warm)] {
+            let (status, _) = conn.get("/bench", key)?;
+            if status != 200 {
+                bail!("key wait warm-up: {status}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut out = KeyWait {
+        keys: n,
+        managed_first: Vec::with_capacity(n),
+        managed_second: Vec::with_capacity(n),
+        static_first: Vec::with_capacity(n),
+        static_second: Vec::with_capacity(n),
+        resolves: 0.0,
+        seconds: 0.0,
+        direct: Vec::with_capacity(n),
+    };
+    let r0 = key_resolves(&tracker)?;
+    let t0 = Instant::now();
+    for i in 0..n {
+        for step in 0..2 {
+            let managed = (i + step) % 2 == 0;
+            let (conn, keys) = if managed { (&mut m, &m_keys) } else { (&mut s, &s_keys) };
+            let key = keys.get(i).context("key")?;
+            let (s1, first) = conn.get("/bench", key)?;
+            let (s2, second) = conn.get("/bench", key)?;
+            if s1 != 200 || s2 != 200 {
+                bail!("key wait: key {i} ({}) got {s1}, {s2}", if managed { "managed" } else { "static" });
+            }
+            if managed {
+                out.managed_first.push(first);
+                out.managed_second.push(second);
+            } else {
+                out.static_first.push(first);
+                out.static_second.push(second);
+            }
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    out.seconds = t0.elapsed().as_secs_f64();
+    out.resolves = key_resolves(&tracker)? - r0;
+    // The tracker's part: the same lookups straight from here (the Envoy idle).
+    let client = http_client()?;
+    let url = format!("{tracker}/v1/keys/resolve");
+    for key in m_keys.iter().take(n) {
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()));
+        let body = json!({ "sha256": digest }).to_string();
+        let start = Instant::now();
+        let r = client.post(&url).header("content-type", "application/json").body(body).send()?;
+        let status = r.status().as_u16();
+        let _ = r.bytes()?;
+        out.direct.push(start.elapsed().as_secs_f64());
+        if status != 200 {
+            bail!("key wait: the tracker resolved a managed key with {status}");
+        }
+    }
+    let med = |v: &[f64]| median(v) * 1e6;
+    eprintln!(
+        "[key wait] {n} keys: managed first {:.0} µs, second {:.0} µs; static first {:.0} µs, second {:.0} µs (medians); {} key resolves in {:.1} s; a resolve straight at the tracker {:.0} µs",
+        med(&out.managed_first),
+        med(&out.managed_second),
+        med(&out.static_first),
+        med(&out.static_second),
+        out.resolves,
+        out.seconds,
+        med(&out.direct)
+    );
+    drop(envoy);
+    Ok(out)
 }
 
 /// Global limits on a fleet: `admitted − limit` for each size, global and local scope.
@@ -1026,7 +1225,7 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the ext_authz service (f) or the usage tracker (e, i, j), outside Envoy. Every request carries an `authorization` header (the JWT for b, b', c; the API key otherwise, unused by a and h).\n"
+        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the ext_authz service (f) or the usage tracker (e, i, j, k), outside Envoy. Every request carries an `authorization` header (the JWT for b, b', c; the API key otherwise, unused by a and h).\n"
     );
     let mut pass_names: Vec<(String, String)> = Vec::new();
     for r in &res.runs {
@@ -1049,6 +1248,7 @@ fn report(
                     | Kind::TollgateMeteredAlt
                     | Kind::TollgateLimitsLocal
                     | Kind::TollgateLimitsGlobal
+                    | Kind::TollgateKeyManaged
             ) {
                 format!("{:.1}", a.side)
             } else {
@@ -1077,6 +1277,7 @@ fn report(
         let _ = writeln!(md);
     }
     global_report(&mut md, args, kinds, res, &pass_names);
+    managed_report(&mut md, args, kinds, res, &pass_names);
     if !res.streaming.is_empty() {
         let _ = writeln!(
             md,
@@ -1300,14 +1501,109 @@ fn global_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, pa
     }
 }
 
+/// The section on managed keys (issue 16): (k) vs (d), the resolves, the first-request wait.
+fn managed_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, pass_names: &[(String, String)]) {
+    let (fixed, managed) = (Kind::TollgateKey, Kind::TollgateKeyManaged);
+    if !kinds.contains(&managed) {
+        return;
+    }
+    let _ = writeln!(md, "## Managed keys (issue 16)\n");
+    if kinds.contains(&fixed) {
+        let _ = writeln!(
+            md,
+            "(d) and (k): the same config (100 static keys, the JWT provider, no limits, no usage); (k) adds `api_keys.remote` to the local tracker (the filter's defaults: `ttl_seconds` 60, revocations polled every 5 s) and its load sends a managed key (created through `POST /v1/keys` before the passes, in no static list), (d)'s one of the static keys. After its first lookup per worker (and one per worker every `ttl_seconds`) a (k) request finds its key in the worker's memo. **+** = median over rounds of (variant − (a)) in the same round; **(k)−(d)** = median over rounds of the difference in the same round; **(k)/(d)** = ratio of the added medians; **p99** = median over rounds; **resolves** = `tracker_key_resolves_total` over the measured runs of (k) (sum over rounds).\n"
+        );
+        let _ = writeln!(md, "| pass | +CPU µs (d) static | +CPU µs (k) managed | CPU (k)−(d) µs | +CPU (k)/(d) | +p50 µs (d) | +p50 µs (k) | ×a (d) | ×a (k) | p99 ms (d) / (k) | (k) resolves | non-2xx (d) / (k) |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (pass, _) in pass_names {
+            let (Some(d), Some(k)) =
+                (aggregate(&res.runs, pass, fixed, args.rounds), aggregate(&res.runs, pass, managed, args.rounds))
+            else {
+                continue;
+            };
+            let Some(a) = aggregate(&res.runs, pass, Kind::NoFilter, args.rounds) else { continue };
+            let cpu_diff = per_round_diff(&res.runs, pass, managed, fixed, args.rounds, |r| r.envoy_cpu_us);
+            let resolves: f64 =
+                res.runs.iter().filter(|r| r.pass == *pass && r.kind == managed).filter_map(|r| r.key_resolves).sum();
+            let _ = writeln!(
+                md,
+                "| {pass} | {:+.1} | {:+.1} | {cpu_diff:+.1} | {} | {:+.0} | {:+.0} | {} | {} | {:.2} / {:.2} | {resolves:.0} | {} / {} |",
+                d.cpu_vs_a,
+                k.cpu_vs_a,
+                fmt_ratio(k.cpu_vs_a / d.cpu_vs_a),
+                (d.p50 - a.p50) * 1000.0,
+                (k.p50 - a.p50) * 1000.0,
+                fmt_ratio(d.vs_a),
+                fmt_ratio(k.vs_a),
+                d.p99,
+                k.p99,
+                d.bad,
+                k.bad
+            );
+        }
+        let _ = writeln!(md);
+    }
+    let bad: u64 = res.runs.iter().filter(|r| r.kind == managed).map(|r| r.load.bad).sum();
+    let served: u64 = res.runs.iter().filter(|r| r.kind == managed).map(|r| r.load.requests).sum();
+    let fmt = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.0}"));
+    let _ = writeln!(
+        md,
+        "(k): {served} measured requests, {bad} not 2xx; over the whole passes (warm-ups and sanity checks included) the tracker answered `tracker_key_resolves_total{{outcome=\"found\"}}` = {} and `{{outcome=\"unknown\"}}` = {} (the sanity check's wrong key, once per Envoy); Envoy log lines about the key service: {}.\n",
+        fmt(res.managed.found),
+        fmt(res.managed.unknown),
+        res.managed.key_service_logs
+    );
+    if let Some(w) = &res.managed.key_wait {
+        let _ = writeln!(
+            md,
+            "### The first request of a new key\n\nEnvoy --concurrency 1, {} fresh keys per listener, one keep-alive HTTP/1.1 connection per listener, per key two `GET`s back to back (direct response), keys alternating between the listeners. Managed: no static key, `api_keys.remote` to the tracker (SQLite ledger, loopback; `max_lookups_per_second` raised to 1000 so the bound refuses none); the first request of a key misses the worker's memo and the shared cache and waits for one `POST /v1/keys/resolve` (the tracker reads the key and sets its `last_used_at` before answering); the second finds it in the memo. Static: the keys in the listener's list; the first request hashes the key, the second finds it in the memo. Latency from the request written to the response read, µs.\n",
+            w.keys
+        );
+        let _ = writeln!(md, "| listener | first p50 | first p99 | second p50 | second p99 | first − second (p50) |\n|---|---:|---:|---:|---:|---:|");
+        for (name, first, second) in [
+            ("managed (first waits for the lookup)", &w.managed_first, &w.managed_second),
+            ("static", &w.static_first, &w.static_second),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} |",
+                us(first, 50.0),
+                us(first, 99.0),
+                us(second, 50.0),
+                us(second, 99.0),
+                us(first, 50.0) - us(second, 50.0)
+            );
+        }
+        let wait = (us(&w.managed_first, 50.0) - us(&w.managed_second, 50.0))
+            - (us(&w.static_first, 50.0) - us(&w.static_second, 50.0));
+        let _ = writeln!(
+            md,
+            "\nThe wait for the lookup alone (managed first − second, less static first − second, medians): **{wait:+.0} µs**; managed first − static first: p50 {:+.0} µs, p99 {:+.0} µs. Key resolves while measuring: {:.0} in {:.1} s for {} keys{}.\n",
+            us(&w.managed_first, 50.0) - us(&w.static_first, 50.0),
+            us(&w.managed_first, 99.0) - us(&w.static_first, 99.0),
+            w.resolves,
+            w.seconds,
+            w.keys,
+            if w.resolves <= w.keys as f64 { ": one lookup per key at most, the second requests came from the memo" } else { ": more than one per key" }
+        );
+        let _ = writeln!(
+            md,
+            "The tracker's part: the same {} keys resolved again straight at the tracker (`POST /v1/keys/resolve` from `bench-run`, reqwest, keep-alive, one after the other; a found key's `last_used_at` is written before the answer): p50 {:.0} µs, p99 {:.0} µs.\n",
+            w.direct.len(),
+            us(&w.direct, 50.0),
+            us(&w.direct, 99.0)
+        );
+    }
+}
+
 fn csv(res: &Results) -> String {
     let mut s = String::from(
-        "pass,variant,round,requests,seconds,rps,p50_ms,p90_ms,p99_ms,bad,envoy_cpu_us_per_req,side_cpu_us_per_req,tracker_syncs\n",
+        "pass,variant,round,requests,seconds,rps,p50_ms,p90_ms,p99_ms,bad,envoy_cpu_us_per_req,side_cpu_us_per_req,tracker_syncs,key_resolves\n",
     );
     for r in &res.runs {
         let _ = writeln!(
             s,
-            "{},{},{},{},{:.3},{:.1},{:.4},{:.4},{:.4},{},{:.2},{:.2},{}",
+            "{},{},{},{},{:.3},{:.1},{:.4},{:.4},{:.4},{},{:.2},{:.2},{},{}",
             r.pass,
             r.kind.slug(),
             r.round + 1,
@@ -1320,7 +1616,8 @@ fn csv(res: &Results) -> String {
             r.load.bad,
             r.envoy_cpu_us,
             r.side_cpu_us,
-            r.tracker_syncs.map_or(String::new(), |n| format!("{n:.0}"))
+            r.tracker_syncs.map_or(String::new(), |n| format!("{n:.0}")),
+            r.key_resolves.map_or(String::new(), |n| format!("{n:.0}"))
         );
     }
     s
@@ -1384,10 +1681,28 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench-run: work dir {}", dir.display());
     let facts = sys::machine_facts(&t.envoy, &t.wasm);
     let (started, file_stamp) = stamp();
-    let creds = Creds::new(args.keys)?;
-    let backends = start_backends(&t, &dir, &creds)?;
+    let mut creds = Creds::new(args.keys)?;
+    let managed = kinds.contains(&Kind::TollgateKeyManaged);
+    let backends = start_backends(&t, &dir, &creds, managed)?;
+    if managed {
+        creds.managed_key = Some(create_managed_key(&backends, "managed0", GROUP)?);
+    }
     let mut res = Results::default();
     run_passes(&args, &t, &backends, &creds, &kinds, &dir, &mut res)?;
+    if managed {
+        let tracker = backends.tracker_url();
+        let resolves = |outcome| fleet::tracker_metric(&tracker, "tracker_key_resolves_total", &[("outcome", outcome)]);
+        res.managed.found = resolves("found").ok();
+        res.managed.unknown = resolves("unknown").ok();
+        res.managed.key_service_logs = pass_log_lines(&dir, "key service");
+        eprintln!(
+            "bench-run: (k) managed: tracker_key_resolves_total found {:?}, unknown {:?} after the passes; {} log lines about the key service",
+            res.managed.found, res.managed.unknown, res.managed.key_service_logs
+        );
+        if args.managed_keys > 0 {
+            res.managed.key_wait = Some(key_wait(&args, &t, &backends, &creds, &dir)?);
+        }
+    }
     if kinds.contains(&Kind::TollgateLimitsGlobal) {
         let tracker = format!("http://127.0.0.1:{}", backends.tracker_port);
         res.global.pass_syncs_ok =
