@@ -381,17 +381,15 @@ pub async fn resolve(
         return Err(TrackError::NotFound("unknown, revoked or expired key".into()));
     };
     tracker.count_key_resolve("found");
-    // Not a reason to refuse the key: a failure is counted and logged.
-    let (touching, id) = (Arc::clone(&ledger), key.id.clone());
-    let touched = tokio::spawn(async move { touching.touch_key(&id, now_ms).await }).await;
-    match touched {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracker.ledger_error("write");
+    // Written after the answer (a gateway's request waits for it; a durable write would
+    // add milliseconds). Not a reason to refuse the key: a failure is counted and logged.
+    let (touching, id, counting) = (Arc::clone(&ledger), key.id.clone(), Arc::clone(&tracker));
+    tokio::spawn(async move {
+        if let Err(error) = touching.touch_key(&id, now_ms).await {
+            counting.ledger_error("write");
             eprintln!("usage-tracking: keys: last_used_at not recorded: {error}");
         }
-        Err(error) => eprintln!("usage-tracking: keys: last_used_at task failed: {error}"),
-    }
+    });
     Ok(Json(json!({
         "id": key.id,
         "user": key.user,

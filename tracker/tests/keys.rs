@@ -323,7 +323,15 @@ async fn create_resolve_list_revoke(kind: Kind) {
     let (status, resolved) = server.resolve(&sha256).await;
     assert_eq!(status, 200, "{resolved}");
     assert_eq!(resolved, json!({"id": id, "user": "alice", "groups": ["free", "premium"], "expires_at": null}));
-    let listed = server.list("/v1/keys?user=alice").await;
+    // Written just after the answer: polled.
+    let mut listed = server.list("/v1/keys?user=alice").await;
+    for _ in 0..200 {
+        if !listed["keys"][0]["last_used_at"].is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        listed = server.list("/v1/keys?user=alice").await;
+    }
     let last_used = listed["keys"][0]["last_used_at"].as_i64().unwrap();
     assert!(last_used >= created_at && last_used <= now_ms() / 1000, "{listed}");
 
