@@ -451,6 +451,7 @@ describe("the bundle's files", () => {
       "gateway-patches/gateway-api.yaml",
       "gateway-patches/classic-ingress.yaml",
       "examples/users.yaml",
+      "dashboards/tollgate-dashboard-configmap.yaml",
       "test/fixtures/llm-d-gateway.yaml",
       "test/fixtures/gateway-deployment.yaml",
       "test/fixtures/classic-ingressgateway.yaml",
