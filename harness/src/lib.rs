@@ -15,3 +15,4 @@ pub mod postgres;
 pub mod process;
 pub mod render;
 pub mod stack;
+pub mod usage;

@@ -10,7 +10,7 @@ use harness::devconfig::DevCredentials;
 use harness::fault::FaultMode;
 use harness::keys::{self, NewKey};
 use harness::stack::{Stack, StackOptions};
-use harness::{dev, mock};
+use harness::{dev, mock, usage};
 
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "Tollgate local stack and credential tools")]
@@ -62,6 +62,39 @@ enum Cmd {
     },
     /// Render the Istio bundle's credentials Secret and WasmPlugin pluginConfig from a users file.
     Render(harness::render::RenderArgs),
+    /// Show usage from the tracker's usage API (its secret in $TRACKER_API_TOKEN; needs a
+    /// ledger): requests and tokens per user, day or model.
+    Usage(UsageArgs),
+}
+
+/// `tollgate usage`'s flags.
+#[derive(clap::Args)]
+struct UsageArgs {
+    /// The tracker's base URL (default: the local stack's, `tollgate up`).
+    #[arg(long, default_value = DEFAULT_TRACKER_URL, value_name = "URL")]
+    tracker: String,
+    /// The environment variable holding the usage API's secret (TRACKER_API_TOKEN).
+    #[arg(long, default_value = usage::API_TOKEN_ENV, value_name = "NAME")]
+    api_token_env: String,
+    /// The user to show (repeatable, or comma-separated): the usage API answers per user
+    /// and cannot list users.
+    #[arg(long, value_name = "U", required = true, value_delimiter = ',')]
+    user: Vec<String>,
+    /// Start of the range: an age (24h, 7d, 2w), a date (2026-11-01, UTC), an RFC 3339
+    /// time or Unix seconds (default: 30 days before --until).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// End of the range, exclusive, in the same forms (default: now).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Rows per user, per user and day (UTC), or per user and model. By model sums the
+    /// user's latest 1000 events still in the ledger (the API has no per-model totals).
+    #[arg(long, default_value = "user", value_name = "user|model|day")]
+    by: usage::By,
+    /// Print the tracker's answer as is (one JSON line per user; by model, the
+    /// /v1/usage/recent answer).
+    #[arg(long)]
+    json: bool,
 }
 
 /// The local stack's tracker port (`tollgate up --tracker-port`'s default).
@@ -257,7 +290,32 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Render(args) => harness::render::run(&args),
+        Cmd::Usage(args) => usage_cmd(args),
     }
+}
+
+/// `tollgate usage`.
+fn usage_cmd(args: UsageArgs) -> anyhow::Result<()> {
+    let name = &args.api_token_env;
+    let api_token = std::env::var(name).ok().filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+        anyhow!("set {name} to the tracker's usage API secret (TRACKER_API_TOKEN; `tollgate up` prints the local one)")
+    })?;
+    let users = args.user.iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+    let query =
+        usage::Query { tracker_url: args.tracker, api_token, users, since: args.since, until: args.until, by: args.by };
+    let report = usage::report(&query)?;
+    if args.json {
+        for answer in &report.answers {
+            println!("{}", answer.trim_end());
+        }
+    } else {
+        eprintln!("usage from {} until {} (UTC); TOTAL = prompt + completion tokens", report.since, report.until);
+        println!("{}", usage::table(args.by, &report.rows, &report.total));
+    }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
+    Ok(())
 }
 
 /// `tollgate key create/list/revoke` (`key new` is handled in `main`).
@@ -557,6 +615,35 @@ mod tests {
             let argv: Vec<&str> = ["tollgate", "key"].iter().chain(bad).copied().collect();
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn usage_parses() {
+        let parse = |args: &[&str]| {
+            let argv: Vec<&str> = ["tollgate", "usage"].iter().chain(args).copied().collect();
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Cmd::Usage(a)) => Ok(a),
+                Ok(_) => panic!("not usage"),
+                Err(e) => Err(e),
+            }
+        };
+        let a = parse(&["--user", "alice"]).unwrap();
+        assert_eq!((a.tracker.as_str(), a.api_token_env.as_str()), (DEFAULT_TRACKER_URL, "TRACKER_API_TOKEN"));
+        assert_eq!(
+            (a.user, a.since, a.until, a.by, a.json),
+            (vec!["alice".to_string()], None, None, usage::By::User, false)
+        );
+        let a =
+            parse(&["--user", "a,b", "--user", "c", "--since", "7d", "--until", "2026-11-01", "--by", "day", "--json"])
+                .unwrap();
+        assert_eq!(a.user, ["a", "b", "c"]);
+        assert_eq!(
+            (a.since.as_deref(), a.until.as_deref(), a.by, a.json),
+            (Some("7d"), Some("2026-11-01"), usage::By::Day, true)
+        );
+        assert_eq!(parse(&["--user", "a", "--by", "model"]).unwrap().by, usage::By::Model);
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--user", "a", "--by", "team"]).is_err());
     }
 
     #[test]
