@@ -63,17 +63,21 @@ impl LocalReply {
     /// 503 for a request whose limits could not be checked (`limits.on_contention:
     /// deny`): the limit state is busy or unavailable; retrying in a second is safe.
     pub fn limit_unavailable() -> LocalReply {
+        LocalReply::retry_in_a_second(
+            "Your rate limits could not be checked right now. Please retry in a second.",
+            "limit_unavailable",
+        )
+    }
+
+    /// A 503 `server_error` with `code` and `retry-after: 1`.
+    fn retry_in_a_second(message: &str, code: &str) -> LocalReply {
         LocalReply {
             status: 503,
             headers: vec![
                 ("content-type".to_string(), "application/json".to_string()),
                 ("retry-after".to_string(), "1".to_string()),
             ],
-            body: openai_error_body(
-                "Your rate limits could not be checked right now. Please retry in a second.",
-                "server_error",
-                "limit_unavailable",
-            ),
+            body: openai_error_body(message, "server_error", code),
         }
     }
 
@@ -81,18 +85,10 @@ impl LocalReply {
     /// too many lookups are under way (`api_keys.remote`). Fail closed, and say nothing
     /// of whether the key is right.
     pub fn key_service_unavailable() -> LocalReply {
-        LocalReply {
-            status: 503,
-            headers: vec![
-                ("content-type".to_string(), "application/json".to_string()),
-                ("retry-after".to_string(), "1".to_string()),
-            ],
-            body: openai_error_body(
-                "Your API key could not be checked right now. Please retry in a second.",
-                "server_error",
-                "key_service_unavailable",
-            ),
-        }
+        LocalReply::retry_in_a_second(
+            "Your API key could not be checked right now. Please retry in a second.",
+            "key_service_unavailable",
+        )
     }
 
     /// 400 for a request with trailers whose body the filter had to rewrite or pad
