@@ -204,22 +204,37 @@ fn not_json(error: serde_json::Error) -> TrackError {
 }
 
 fn deserialize<'a, T: Deserialize<'a>>(body: &'a [u8], prefix: &str) -> Result<T, Bad> {
+    from_json(body).map_err(|e| match e {
+        JsonError::Data { path, message } => Bad::Event(format!("{}: {message}", field(prefix, &path))),
+        JsonError::Syntax(e) => Bad::Json(e),
+    })
+}
+
+/// Why a JSON body did not deserialize: not JSON at all, or a value of the wrong shape
+/// at `path` (serde_path_to_error's, `.` for the top) with `message` without its byte
+/// position (the field path says where).
+pub(crate) enum JsonError {
+    Syntax(serde_json::Error),
+    Data { path: String, message: String },
+}
+
+/// Deserializes the whole of `body` (trailing bytes are a syntax error).
+pub(crate) fn from_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, JsonError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         match inner.classify() {
             Category::Data => {
-                // The field path says where; the byte position adds nothing.
                 let text = inner.to_string();
                 let position = format!(" at line {} column {}", inner.line(), inner.column());
-                let message = text.strip_suffix(&position).unwrap_or(&text);
-                Bad::Event(format!("{}: {message}", field(prefix, &path)))
+                let message = text.strip_suffix(&position).unwrap_or(&text).to_owned();
+                JsonError::Data { path, message }
             }
-            Category::Syntax | Category::Eof | Category::Io => Bad::Json(inner),
+            Category::Syntax | Category::Eof | Category::Io => JsonError::Syntax(inner),
         }
     })?;
-    de.end().map_err(Bad::Json)?;
+    de.end().map_err(JsonError::Syntax)?;
     Ok(value)
 }
 

@@ -14,7 +14,6 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::error::Category;
 use tokio::net::TcpListener;
 
 use crate::error::{Rejected, TrackError};
@@ -144,25 +143,13 @@ pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Tr
 /// JSON value of the wrong shape is `InvalidBody` naming the field (`leases[1].need: …`,
 /// `body: missing field …` for the top level), without the byte position.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, TrackError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let not_json = |e: serde_json::Error| TrackError::BadJson(format!("body is not valid JSON: {e}"));
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        match inner.classify() {
-            Category::Data => {
-                // The field path says where; the byte position adds nothing.
-                let text = inner.to_string();
-                let position = format!(" at line {} column {}", inner.line(), inner.column());
-                let message = text.strip_suffix(&position).unwrap_or(&text);
-                let field = if path == "." { "body" } else { &path };
-                TrackError::InvalidBody(format!("{field}: {message}"))
-            }
-            Category::Syntax | Category::Eof | Category::Io => not_json(inner),
+    event::from_json(body).map_err(|e| match e {
+        event::JsonError::Data { path, message } => {
+            let field = if path == "." { "body" } else { &path };
+            TrackError::InvalidBody(format!("{field}: {message}"))
         }
-    })?;
-    de.end().map_err(not_json)?;
-    Ok(value)
+        event::JsonError::Syntax(e) => TrackError::BadJson(format!("body is not valid JSON: {e}")),
+    })
 }
 
 async fn not_found(method: Method, uri: Uri) -> TrackError {

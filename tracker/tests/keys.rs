@@ -5,7 +5,6 @@
 //! server, `tests/pg.sh`; without PostgreSQL's server binaries those runs say SKIP and
 //! pass, except under CI), and without a ledger.
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use usage_tracking::time::now_ms;
 use usage_tracking::{serve, Ledger, Limits, Tracker};
 
 mod common;
-use common::{postgres_server, TempDir};
+use common::{postgres_client, postgres_database, sqlite, TempDir};
 
 const ADMIN: &str = "admin-s3cret";
 const INGEST: &str = "ingest-s3cret";
@@ -42,21 +41,8 @@ impl Store {
         match kind {
             Kind::Sqlite => Some(Store { kind, dir: Some(TempDir::new(test)), url: None }),
             Kind::Postgres => {
-                let Some(server) = tokio::task::spawn_blocking(postgres_server).await.unwrap() else {
-                    // Straight to stderr, past the test harness's capture, so `cargo test` shows it.
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "SKIP {test} on PostgreSQL: no server binaries (`make setup` installs the postgresql package)"
-                    );
-                    return None;
-                };
-                let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls).await.unwrap();
-                tokio::spawn(connection);
-                let database = format!("k_{test}").to_lowercase();
-                client.batch_execute(&format!("DROP DATABASE IF EXISTS {database}")).await.unwrap();
-                client.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
-                let base = server.rsplit_once('/').unwrap().0;
-                Some(Store { kind, dir: None, url: Some(format!("{base}/{database}")) })
+                let url = postgres_database("k", test).await?;
+                Some(Store { kind, dir: None, url: Some(url) })
             }
         }
     }
@@ -125,18 +111,8 @@ impl Store {
     }
 
     async fn postgres(&self) -> tokio_postgres::Client {
-        let (client, connection) =
-            tokio_postgres::connect(self.url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(connection);
-        client
+        postgres_client(self.url.as_ref().unwrap()).await
     }
-}
-
-/// A connection of its own to a SQLite ledger file (waiting for the tracker's locks).
-fn sqlite(path: &std::path::Path) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn
 }
 
 /// Runs `$test(kind)` as `$test::sqlite` and `$test::postgres`.

@@ -9,13 +9,13 @@
 //! serve the router in-process, as `tests/http.rs` does.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{postgres_server, TempDir};
+use common::{postgres_client, postgres_database, postgres_server, sqlite, TempDir};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -48,20 +48,8 @@ impl Backend {
         match kind {
             Kind::Sqlite => Some(Backend { kind, dir: Some(TempDir::new(test)), url: None }),
             Kind::Postgres => {
-                let Some(server) = tokio::task::spawn_blocking(postgres_server).await.unwrap() else {
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "SKIP {test} on PostgreSQL: no server binaries (`make setup` installs the postgresql package)"
-                    );
-                    return None;
-                };
-                let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls).await.unwrap();
-                tokio::spawn(connection);
-                let database = format!("t_{test}").to_lowercase();
-                client.batch_execute(&format!("DROP DATABASE IF EXISTS {database}")).await.unwrap();
-                client.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
-                let base = server.rsplit_once('/').unwrap().0;
-                Some(Backend { kind, dir: None, url: Some(format!("{base}/{database}")) })
+                let url = postgres_database("t", test).await?;
+                Some(Backend { kind, dir: None, url: Some(url) })
             }
         }
     }
@@ -123,18 +111,8 @@ impl Backend {
     }
 
     async fn postgres(&self) -> tokio_postgres::Client {
-        let (client, connection) =
-            tokio_postgres::connect(self.url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(connection);
-        client
+        postgres_client(self.url.as_ref().unwrap()).await
     }
-}
-
-/// A connection of its own to a SQLite ledger file (waiting for the tracker's locks).
-fn sqlite(path: &std::path::Path) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn
 }
 
 /// Runs `$test(kind)` as `$test::sqlite` and `$test::postgres`.

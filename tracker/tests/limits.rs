@@ -4,9 +4,7 @@
 //! own database on the test process's throwaway server, `tests/pg.sh`; without
 //! PostgreSQL's server binaries those runs say SKIP and pass, except under CI).
 
-use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -16,7 +14,7 @@ use usage_tracking::time::now_ms;
 use usage_tracking::{serve, Ledger, Limits, Tracker};
 
 mod common;
-use common::{postgres_server, TempDir};
+use common::{postgres_client, postgres_database, sqlite, TempDir};
 
 const INGEST: &str = "ingest-s3cret";
 
@@ -41,21 +39,8 @@ impl Store {
             Kind::Memory => Some(Store { kind, dir: None, url: None }),
             Kind::Sqlite => Some(Store { kind, dir: Some(TempDir::new(test)), url: None }),
             Kind::Postgres => {
-                let Some(server) = tokio::task::spawn_blocking(postgres_server).await.unwrap() else {
-                    // Straight to stderr, past the test harness's capture, so `cargo test` shows it.
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "SKIP {test} on PostgreSQL: no server binaries (`make setup` installs the postgresql package)"
-                    );
-                    return None;
-                };
-                let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls).await.unwrap();
-                tokio::spawn(connection);
-                let database = format!("l_{test}").to_lowercase();
-                client.batch_execute(&format!("DROP DATABASE IF EXISTS {database}")).await.unwrap();
-                client.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
-                let base = server.rsplit_once('/').unwrap().0;
-                Some(Store { kind, dir: None, url: Some(format!("{base}/{database}")) })
+                let url = postgres_database("l", test).await?;
+                Some(Store { kind, dir: None, url: Some(url) })
             }
         }
     }
@@ -84,21 +69,18 @@ impl Store {
                 let path = self.dir.as_ref().unwrap().0.join(usage_tracking::ledger::sqlite::FILE_NAME);
                 let key = key.to_owned();
                 let sum = tokio::task::spawn_blocking(move || {
-                    let conn = rusqlite::Connection::open(path).unwrap();
-                    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-                    conn.query_row(
-                        "SELECT COALESCE(SUM(granted), 0) FROM limit_holdings WHERE limit_key = ?1",
-                        [key],
-                        |row| row.get(0),
-                    )
-                    .unwrap()
+                    sqlite(&path)
+                        .query_row(
+                            "SELECT COALESCE(SUM(granted), 0) FROM limit_holdings WHERE limit_key = ?1",
+                            [key],
+                            |row| row.get(0),
+                        )
+                        .unwrap()
                 });
                 Some(sum.await.unwrap())
             }
             Kind::Postgres => {
-                let (client, connection) =
-                    tokio_postgres::connect(self.url.as_ref().unwrap(), tokio_postgres::NoTls).await.unwrap();
-                tokio::spawn(connection);
+                let client = postgres_client(self.url.as_ref().unwrap()).await;
                 let sql = "SELECT CAST(COALESCE(SUM(granted), 0) AS BIGINT) FROM limit_holdings WHERE limit_key = $1";
                 Some(client.query_one(sql, &[&key]).await.unwrap().get(0))
             }

@@ -1,6 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code: a panic is a failed test
-//! What the ledger tests and the global-limits tests share: temporary directories and
-//! the throwaway PostgreSQL server of the test process.
+//! What the ledger, global-limits and keys tests share: temporary directories, the
+//! throwaway PostgreSQL server of the test process, a fresh database on it per test,
+//! and connections of their own to a ledger, past the tracker.
+#![allow(dead_code)] // each test crate uses its part
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -62,4 +64,37 @@ pub fn postgres_server() -> Option<&'static str> {
             }
         })
         .as_deref()
+}
+
+/// A fresh database named `<prefix>_<test>` on this process's PostgreSQL server, as a
+/// URL; `None` (after saying SKIP) when PostgreSQL is not installed.
+pub async fn postgres_database(prefix: &str, test: &str) -> Option<String> {
+    let Some(server) = tokio::task::spawn_blocking(postgres_server).await.unwrap() else {
+        // Straight to stderr, past the test harness's capture, so `cargo test` shows it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {test} on PostgreSQL: no server binaries (`make setup` installs the postgresql package)"
+        );
+        return None;
+    };
+    let client = postgres_client(server).await;
+    let database = format!("{prefix}_{test}").to_lowercase();
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {database}")).await.unwrap();
+    client.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
+    let base = server.rsplit_once('/').unwrap().0;
+    Some(format!("{base}/{database}"))
+}
+
+/// A connection of its own to a PostgreSQL database.
+pub async fn postgres_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// A connection of its own to a SQLite ledger file (waiting for the tracker's locks).
+pub fn sqlite(path: &std::path::Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    conn
 }
