@@ -703,53 +703,10 @@ fn lease_wait(args: &Args, t: &Tools, b: &Backends, creds: &Creds, dir: &Path) -
     let envoy = start_envoy_extra(t, b, creds, &[], 1, dir, "lease-wait", &extra)?;
     let tracker = format!("http://127.0.0.1:{}", b.tracker_port);
     let syncs = || fleet::tracker_metric(&tracker, "tracker_limit_syncs_total", &[("outcome", "ok")]);
-    let mut g = Conn::open(g_port)?;
-    let mut l = Conn::open(l_port)?;
-    // Warm-up with the last user of each listener (not measured): the first callout
-    // opens the connection to the tracker.
-    let (Some(g_warm), Some(l_warm)) = (g_keys.get(n), l_keys.get(n)) else { bail!("no warm-up user") };
-    for _ in 0..20 {
-        for (conn, key) in [(&mut g, g_warm), (&mut l, l_warm)] {
-            let (status, _) = conn.get("/bench", key)?;
-            if status != 200 {
-                bail!("lease wait warm-up: {status}");
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut out = LeaseWait {
-        users: n,
-        global_first: Vec::with_capacity(n),
-        global_second: Vec::with_capacity(n),
-        local_first: Vec::with_capacity(n),
-        local_second: Vec::with_capacity(n),
-        syncs: 0.0,
-        seconds: 0.0,
-    };
     let s0 = syncs()?;
-    let t0 = Instant::now();
-    for i in 0..n {
-        for step in 0..2 {
-            let global = (i + step) % 2 == 0;
-            let (conn, keys) = if global { (&mut g, &g_keys) } else { (&mut l, &l_keys) };
-            let key = keys.get(i).context("key")?;
-            let (s1, first) = conn.get("/bench", key)?;
-            let (s2, second) = conn.get("/bench", key)?;
-            if s1 != 200 || s2 != 200 {
-                bail!("lease wait: user {i} ({}) got {s1}, {s2}", if global { "global" } else { "local" });
-            }
-            if global {
-                out.global_first.push(first);
-                out.global_second.push(second);
-            } else {
-                out.local_first.push(first);
-                out.local_second.push(second);
-            }
-        }
-        // Requests one after the other, not a flood: a few per millisecond at most.
-        std::thread::sleep(Duration::from_micros(500));
-    }
-    out.seconds = t0.elapsed().as_secs_f64();
+    let ([global_first, local_first], [global_second, local_second], seconds) =
+        first_and_second([g_port, l_port], [&g_keys, &l_keys], n, "lease wait")?;
+    let mut out = LeaseWait { users: n, global_first, global_second, local_first, local_second, syncs: 0.0, seconds };
     out.syncs = syncs()? - s0;
     let med = |v: &[f64]| median(v) * 1e6;
     eprintln!(
@@ -763,6 +720,68 @@ fn lease_wait(args: &Args, t: &Tools, b: &Backends, creds: &Creds, dir: &Path) -
     );
     drop(envoy);
     Ok(out)
+}
+
+/// The latency of a first request and of the one right after, per fresh credential, on
+/// two listeners of one Envoy (one keep-alive connection each): after a warm-up with
+/// credential `n` of each (not measured: the first callout opens the connection to the
+/// tracker), per credential `i < n` two `GET`s back to back on each listener, which goes
+/// first alternating. Seconds: the first and second latencies per listener, the time.
+fn first_and_second(
+    ports: [u16; 2],
+    creds: [&[String]; 2],
+    n: usize,
+    what: &str,
+) -> anyhow::Result<([Vec<f64>; 2], [Vec<f64>; 2], f64)> {
+    let mut conns = [Conn::open(ports[0])?, Conn::open(ports[1])?];
+    for _ in 0..20 {
+        for (conn, keys) in conns.iter_mut().zip(creds) {
+            let (status, _) = conn.get("/bench", keys.get(n).context("no warm-up credential")?)?;
+            if status != 200 {
+                bail!("{what} warm-up: {status}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut first = [Vec::with_capacity(n), Vec::with_capacity(n)];
+    let mut second = [Vec::with_capacity(n), Vec::with_capacity(n)];
+    let t0 = Instant::now();
+    for i in 0..n {
+        for step in 0..2 {
+            let l = (i + step) % 2;
+            let (conn, keys) = (conns.get_mut(l).context("listener")?, creds.get(l).context("listener")?);
+            let key = keys.get(i).context("credential")?;
+            let (s1, t1) = conn.get("/bench", key)?;
+            let (s2, t2) = conn.get("/bench", key)?;
+            if s1 != 200 || s2 != 200 {
+                bail!("{what}: credential {i} on listener {l} got {s1}, {s2}");
+            }
+            first.get_mut(l).context("listener")?.push(t1);
+            second.get_mut(l).context("listener")?.push(t2);
+        }
+        // Requests one after the other, not a flood: a few per millisecond at most.
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok((first, second, t0.elapsed().as_secs_f64()))
+}
+
+/// Writes the table of a [`first_and_second`] measurement; the wait of the first
+/// listener's first request beyond the second listener's (medians, µs).
+fn first_second_table(md: &mut String, rows: [(&str, &[f64], &[f64]); 2]) -> f64 {
+    let _ = writeln!(md, "| listener | first p50 | first p99 | second p50 | second p99 | first − second (p50) |\n|---|---:|---:|---:|---:|---:|");
+    for (name, first, second) in rows {
+        let _ = writeln!(
+            md,
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} |",
+            us(first, 50.0),
+            us(first, 99.0),
+            us(second, 50.0),
+            us(second, 99.0),
+            us(first, 50.0) - us(second, 50.0)
+        );
+    }
+    let [(_, af, a_s), (_, bf, bs)] = rows;
+    (us(af, 50.0) - us(a_s, 50.0)) - (us(bf, 50.0) - us(bs, 50.0))
 }
 
 /// Lines of the Envoy logs of the passes saying the trackers could not be reached.
@@ -808,8 +827,8 @@ fn create_managed_key(b: &Backends, user: &str, group: &str) -> anyhow::Result<S
 /// measuring), one with `keys` fresh static keys in its list. Per key, on one keep-alive
 /// connection per listener, two `GET`s back to back: on the managed listener the first
 /// finds the key in neither the worker's memo nor the shared cache and waits for one
-/// `POST /v1/keys/resolve` (the tracker reads the key from its SQLite ledger and sets its
-/// `last_used_at` before it answers); the second finds it in the memo. On the static
+/// `POST /v1/keys/resolve` (the tracker reads the key from its SQLite ledger, answers, then
+/// sets its `last_used_at`); the second finds it in the memo. On the static
 /// listener the first hashes the key and finds it in the list, the second in the memo.
 /// The keys alternate between the listeners, as in [`lease_wait`].
 fn key_wait(args: &Args, t: &Tools, b: &Backends, creds: &Creds, dir: &Path) -> anyhow::Result<KeyWait> {
@@ -832,53 +851,19 @@ fn key_wait(args: &Args, t: &Tools, b: &Backends, creds: &Creds, dir: &Path) -> 
     ];
     let envoy = start_envoy_extra(t, b, creds, &[], 1, dir, "key-wait", &extra)?;
     let tracker = b.tracker_url();
-    let mut m = Conn::open(m_port)?;
-    let mut s = Conn::open(s_port)?;
-    // Warm-up with the last key of each listener (not measured): the first callout opens
-    // the connection to the tracker.
-    let (Some(m_warm), Some(s_warm)) = (m_keys.get(n), s_keys.get(n)) else { bail!("no warm-up key") };
-    for _ in 0..20 {
-        for (conn, key) in [(&mut m, m_warm), (&mut s, s_warm)] {
-            let (status, _) = conn.get("/bench", key)?;
-            if status != 200 {
-                bail!("key wait warm-up: {status}");
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let r0 = key_resolves(&tracker)?;
+    let ([managed_first, static_first], [managed_second, static_second], seconds) =
+        first_and_second([m_port, s_port], [&m_keys, &s_keys], n, "key wait")?;
     let mut out = KeyWait {
         keys: n,
-        managed_first: Vec::with_capacity(n),
-        managed_second: Vec::with_capacity(n),
-        static_first: Vec::with_capacity(n),
-        static_second: Vec::with_capacity(n),
+        managed_first,
+        managed_second,
+        static_first,
+        static_second,
         resolves: 0.0,
-        seconds: 0.0,
+        seconds,
         direct: Vec::with_capacity(n),
     };
-    let r0 = key_resolves(&tracker)?;
-    let t0 = Instant::now();
-    for i in 0..n {
-        for step in 0..2 {
-            let managed = (i + step) % 2 == 0;
-            let (conn, keys) = if managed { (&mut m, &m_keys) } else { (&mut s, &s_keys) };
-            let key = keys.get(i).context("key")?;
-            let (s1, first) = conn.get("/bench", key)?;
-            let (s2, second) = conn.get("/bench", key)?;
-            if s1 != 200 || s2 != 200 {
-                bail!("key wait: key {i} ({}) got {s1}, {s2}", if managed { "managed" } else { "static" });
-            }
-            if managed {
-                out.managed_first.push(first);
-                out.managed_second.push(second);
-            } else {
-                out.static_first.push(first);
-                out.static_second.push(second);
-            }
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-    out.seconds = t0.elapsed().as_secs_f64();
     out.resolves = key_resolves(&tracker)? - r0;
     // The tracker's part: the same lookups straight from here (the Envoy idle).
     let client = http_client()?;
@@ -1438,23 +1423,13 @@ fn global_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, pa
             "### Waiting for a lease\n\nEnvoy --concurrency 1, {} fresh users per listener (own API key, a per-user `requests_per_day` never reached), one keep-alive HTTP/1.1 connection per listener, per user two `GET`s back to back (direct response), users alternating between the listeners. Global: the first request of a user finds no lease and waits for one acquire callout to the tracker (loopback, in memory); the grant covers two requests, so the second is admitted from the lease. Local: the same pair through the shared-data bucket, for what else a first request costs (its key hashed once, a new limit state). Latency from the request written to the response read, µs.\n",
             w.users
         );
-        let _ = writeln!(md, "| listener | first p50 | first p99 | second p50 | second p99 | first − second (p50) |\n|---|---:|---:|---:|---:|---:|");
-        for (name, first, second) in [
-            ("scope global (first waits for the lease)", &w.global_first, &w.global_second),
-            ("scope local", &w.local_first, &w.local_second),
-        ] {
-            let _ = writeln!(
-                md,
-                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} |",
-                us(first, 50.0),
-                us(first, 99.0),
-                us(second, 50.0),
-                us(second, 99.0),
-                us(first, 50.0) - us(second, 50.0)
-            );
-        }
-        let wait = (us(&w.global_first, 50.0) - us(&w.global_second, 50.0))
-            - (us(&w.local_first, 50.0) - us(&w.local_second, 50.0));
+        let wait = first_second_table(
+            md,
+            [
+                ("scope global (first waits for the lease)", &w.global_first, &w.global_second),
+                ("scope local", &w.local_first, &w.local_second),
+            ],
+        );
         // One periodic sync per second (the default interval) besides the acquires.
         let one_acquire_each = w.syncs <= w.users as f64 + w.seconds.ceil() + 1.0;
         let _ = writeln!(
@@ -1556,26 +1531,16 @@ fn managed_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, p
     if let Some(w) = &res.managed.key_wait {
         let _ = writeln!(
             md,
-            "### The first request of a new key\n\nEnvoy --concurrency 1, {} fresh keys per listener, one keep-alive HTTP/1.1 connection per listener, per key two `GET`s back to back (direct response), keys alternating between the listeners. Managed: no static key, `api_keys.remote` to the tracker (SQLite ledger, loopback; `max_lookups_per_second` raised to 1000 so the bound refuses none); the first request of a key misses the worker's memo and the shared cache and waits for one `POST /v1/keys/resolve` (the tracker reads the key and sets its `last_used_at` before answering); the second finds it in the memo. Static: the keys in the listener's list; the first request hashes the key, the second finds it in the memo. Latency from the request written to the response read, µs.\n",
+            "### The first request of a new key\n\nEnvoy --concurrency 1, {} fresh keys per listener, one keep-alive HTTP/1.1 connection per listener, per key two `GET`s back to back (direct response), keys alternating between the listeners. Managed: no static key, `api_keys.remote` to the tracker (SQLite ledger, loopback; `max_lookups_per_second` raised to 1000 so the bound refuses none); the first request of a key misses the worker's memo and the shared cache and waits for one `POST /v1/keys/resolve` (the tracker reads the key, answers, then sets its `last_used_at`); the second finds it in the memo. Static: the keys in the listener's list; the first request hashes the key, the second finds it in the memo. Latency from the request written to the response read, µs.\n",
             w.keys
         );
-        let _ = writeln!(md, "| listener | first p50 | first p99 | second p50 | second p99 | first − second (p50) |\n|---|---:|---:|---:|---:|---:|");
-        for (name, first, second) in [
-            ("managed (first waits for the lookup)", &w.managed_first, &w.managed_second),
-            ("static", &w.static_first, &w.static_second),
-        ] {
-            let _ = writeln!(
-                md,
-                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} |",
-                us(first, 50.0),
-                us(first, 99.0),
-                us(second, 50.0),
-                us(second, 99.0),
-                us(first, 50.0) - us(second, 50.0)
-            );
-        }
-        let wait = (us(&w.managed_first, 50.0) - us(&w.managed_second, 50.0))
-            - (us(&w.static_first, 50.0) - us(&w.static_second, 50.0));
+        let wait = first_second_table(
+            md,
+            [
+                ("managed (first waits for the lookup)", &w.managed_first, &w.managed_second),
+                ("static", &w.static_first, &w.static_second),
+            ],
+        );
         let _ = writeln!(
             md,
             "\nThe wait for the lookup alone (managed first − second, less static first − second, medians): **{wait:+.0} µs**; managed first − static first: p50 {:+.0} µs, p99 {:+.0} µs. Key resolves while measuring: {:.0} in {:.1} s for {} keys{}.\n",
@@ -1588,7 +1553,7 @@ fn managed_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, p
         );
         let _ = writeln!(
             md,
-            "The tracker's part: the same {} keys resolved again straight at the tracker (`POST /v1/keys/resolve` from `bench-run`, reqwest, keep-alive, one after the other; a found key's `last_used_at` is written before the answer): p50 {:.0} µs, p99 {:.0} µs.\n",
+            "The tracker's part: the same {} keys resolved again straight at the tracker (`POST /v1/keys/resolve` from `bench-run`, reqwest, keep-alive, one after the other; a found key's `last_used_at` is written after the answer): p50 {:.0} µs, p99 {:.0} µs.\n",
             w.direct.len(),
             us(&w.direct, 50.0),
             us(&w.direct, 99.0)
