@@ -2698,7 +2698,7 @@ mod tests {
     /// request hanging or unlimited: it goes on from the fallback share of the limit.
     #[test]
     fn global_limits_without_trackers_fall_back_to_a_share() {
-        for failure in ["dispatch", "no answer", "503"] {
+        for failure in ["dispatch", "no answer", "503", "garbage"] {
             let h = host(r#","limits":{"scope":"global","users":{"mittens":{"requests_per_minute":3}}}"#);
             let root = configured(&h);
             let sent = h.request_headers.borrow().clone();
@@ -2718,9 +2718,13 @@ mod tests {
                     if action != Action::Pause || h.replies.borrow().len() > replies {
                         break;
                     }
-                    let (token, size) = lease_answer(&h, 0, 0);
+                    let (token, mut size) = lease_answer(&h, 0, 0);
                     if failure == "503" {
                         *h.call_response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
+                    }
+                    if failure == "garbage" {
+                        *h.call_response_body.borrow_mut() = b"<html>not json".to_vec();
+                        size = h.call_response_body.borrow().len();
                     }
                     let headers = if failure == "no answer" { 0 } else { 1 };
                     let resumed = h.resumed.get();
@@ -2738,6 +2742,36 @@ mod tests {
             assert_eq!(admitted, 3, "{failure}");
             assert!(h.logs.borrow().iter().any(|l| l.contains("trackers cannot be reached")), "{failure}");
         }
+    }
+
+    /// A config push (a new root context of the same plugin in the same VM) keeps the
+    /// worker's leases: what was granted is admitted from without a new callout, and the
+    /// old root's sync still in flight lands in the same leases.
+    #[test]
+    fn a_config_push_keeps_the_leases() {
+        let h = host(r#","limits":{"scope":"global","users":{"mittens":{"requests_per_minute":3}}}"#);
+        let mut old = configured(&h);
+        let sent = h.request_headers.borrow().clone();
+        let mut s = old.stream(2);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        let (token, size) = lease_answer(&h, 2, 2);
+        s.call_response(&h, token, 1, size);
+        s.log(&h);
+        old.tick(&h);
+        let sync =
+            h.dispatched.borrow().iter().rev().find(|(_, b)| b.starts_with(br#"{"interval_ms""#)).map(|(t, _)| *t);
+        assert!(old.done(&h) || sync.is_some(), "the old root waits for its callouts");
+        let new = configured(&h);
+        *h.request_headers.borrow_mut() = sent;
+        let callouts = h.dispatched.borrow().len();
+        assert_eq!(request(&new, &h), (Action::Continue, None), "the second granted request, from the lease");
+        assert_eq!(h.dispatched.borrow().len(), callouts);
+        // The old root's sync answered after the push: applied to the shared leases.
+        let (_, size) = lease_answer(&h, 3, 3);
+        old.call_response(&h, sync.unwrap(), 1, size);
+        let callouts = h.dispatched.borrow().len();
+        assert_eq!(request(&new, &h), (Action::Continue, None), "the third, granted to the old root's sync");
+        assert_eq!(h.dispatched.borrow().len(), callouts);
     }
 
     /// A host whose config resolves unknown keys remotely (`api_keys.remote`), the
