@@ -2760,7 +2760,8 @@ mod tests {
         old.tick(&h);
         let sync =
             h.dispatched.borrow().iter().rev().find(|(_, b)| b.starts_with(br#"{"interval_ms""#)).map(|(t, _)| *t);
-        assert!(old.done(&h) || sync.is_some(), "the old root waits for its callouts");
+        let sync = sync.expect("a sync in flight");
+        assert!(!old.done(&h), "the old root waits for its sync");
         let new = configured(&h);
         *h.request_headers.borrow_mut() = sent;
         let callouts = h.dispatched.borrow().len();
@@ -2768,7 +2769,7 @@ mod tests {
         assert_eq!(h.dispatched.borrow().len(), callouts);
         // The old root's sync answered after the push: applied to the shared leases.
         let (_, size) = lease_answer(&h, 3, 3);
-        old.call_response(&h, sync.unwrap(), 1, size);
+        old.call_response(&h, sync, 1, size);
         let callouts = h.dispatched.borrow().len();
         assert_eq!(request(&new, &h), (Action::Continue, None), "the third, granted to the old root's sync");
         assert_eq!(h.dispatched.borrow().len(), callouts);
