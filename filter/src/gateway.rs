@@ -30,7 +30,7 @@ use crate::limits::{
     state_key, Headroom, LimitError, LimitSpec, LimitState, Limits, OnContention, Reservation, Scope,
     IDENTITY_COUNT_KEY, OVERFLOW_KEY,
 };
-use crate::remote_keys::{self, CachedKey, KeyLookups, Start};
+use crate::remote_keys::{self, CachedKey, KeyLookups, RemoteKeys, Start};
 use crate::request::{prompt_estimate, route_of, BodyScan, Facts, Route, MAX_GROWTH};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
 use crate::strip::UsageOnlyStripper;
@@ -379,10 +379,7 @@ impl Root {
             if hex::decode_to_slice(hex_digest, &mut digest).is_err() {
                 continue;
             }
-            let slot = CachedKey { digest: hex::encode(digest), cached_s: now_s, key: None };
-            if let Some(bytes) = slot.encode() {
-                let _ = host.shared_set(&remote_keys::slot_key(&digest, service.max_entries), &bytes, None);
-            }
+            store_key(host, service, &digest, CachedKey { digest: hex::encode(digest), cached_s: now_s, key: None });
             if let Ok(mut cache) = state.credentials.try_borrow_mut() {
                 cache.remote.remove(&digest);
             }
@@ -820,15 +817,39 @@ fn admit_shared(
     Some((key, verdict))
 }
 
+/// The shared cache slot of `digest` and its CAS, as stored (any digest).
+fn key_slot(host: &impl Host, service: &RemoteKeys, digest: &[u8; 32]) -> (Option<CachedKey>, Option<u32>) {
+    match host.shared_get(&remote_keys::slot_key(digest, service.max_entries)) {
+        Ok((bytes, cas)) => (bytes.and_then(|b| CachedKey::decode(&b)), cas),
+        Err(_) => (None, None),
+    }
+}
+
+/// Writes an answer into the slot of `digest` unless the slot holds another key still
+/// usable that this answer must not evict (`CachedKey::replaces`). Best effort: a
+/// negative answer that loses a race (CAS) or a failed write leaves the slot as it was.
+fn store_key(host: &impl Host, service: &RemoteKeys, digest: &[u8; 32], entry: CachedKey) {
+    let (existing, cas) = key_slot(host, service, digest);
+    if !entry.replaces(existing.as_ref(), entry.cached_s, service) {
+        return;
+    }
+    let cas = if entry.key.is_some() { None } else { cas };
+    if let Some(bytes) = entry.encode() {
+        let _ = host.shared_set(&remote_keys::slot_key(digest, service.max_entries), &bytes, cas);
+    }
+}
+
 /// What the shared cache of the key service says of `digest` (see `remote_keys`).
 fn remote_cached(host: &impl Host, state: &State, digest: &[u8; 32], now_s: u64) -> RemoteKey {
     let Some(service) = &state.settings.remote_keys else { return RemoteKey::Invalid };
-    let down = state.lookups.try_borrow().is_ok_and(|l| l.down);
-    let slot = host
-        .shared_get(&remote_keys::slot_key(digest, service.max_entries))
-        .ok()
-        .and_then(|(bytes, _)| bytes)
-        .and_then(|bytes| CachedKey::decode(&bytes));
+    let (down, unknown) = match state.lookups.try_borrow() {
+        Ok(l) => (l.down, l.is_unknown(digest, now_s, service.negative_ttl_seconds)),
+        Err(_) => (false, false),
+    };
+    if unknown {
+        return RemoteKey::Invalid;
+    }
+    let (slot, _) = key_slot(host, service, digest);
     match remote_keys::classify(slot, &hex::encode(digest), now_s, service, down) {
         remote_keys::Cached::Valid(key, at) => RemoteKey::Known(key, at),
         remote_keys::Cached::Invalid => RemoteKey::Invalid,
@@ -1137,7 +1158,7 @@ impl Stream {
                         Action::Pause
                     }
                     Err(status) => {
-                        lookups.finish(&digest);
+                        lookups.finish(&digest, None, 0);
                         lookups.down = true;
                         drop(lookups);
                         log(host, Level::Warn, self.context_id, format_args!("key lookup not sent: {status:?}"));
@@ -1171,10 +1192,12 @@ impl Stream {
         let resolved = remote_keys::parse_resolve(status, body.as_deref());
         let now_s = now_ms(host) / 1000;
         if let Some(known) = &resolved {
-            let slot = CachedKey { digest: hex::encode(digest), cached_s: now_s, key: known.clone() };
-            if let Some(bytes) = slot.encode() {
-                let _ = host.shared_set(&remote_keys::slot_key(&digest, service.max_entries), &bytes, None);
-            }
+            store_key(
+                host,
+                service,
+                &digest,
+                CachedKey { digest: hex::encode(digest), cached_s: now_s, key: known.clone() },
+            );
             if let (Some(key), Ok(mut cache)) = (known, state.credentials.try_borrow_mut()) {
                 cache.remote.insert(digest, key, now_s);
             }
@@ -1184,7 +1207,7 @@ impl Stream {
         let mut contexts = match state.lookups.try_borrow_mut() {
             Ok(mut lookups) => {
                 lookups.down = resolved.is_none();
-                lookups.finish(&digest)
+                lookups.finish(&digest, resolved.as_ref(), now_s)
             }
             Err(_) => Vec::new(),
         };
@@ -2808,6 +2831,32 @@ mod tests {
     }
 
     const ANN: &str = r#"{"id":"key_1","user":"ann","groups":["free"],"expires_at":null}"#;
+
+    /// Unknown keys never push a resolved key out of the shared cache: with one slot for
+    /// all keys, a 404 leaves ann's entry, and another worker (its own memo, the same
+    /// shared data) takes her key without a lookup.
+    #[test]
+    fn unknown_keys_never_evict_a_resolved_one() {
+        let h = remote_host(r#""max_entries":1"#, "tgk_ann");
+        let sent = h.request_headers.borrow().clone();
+        let mut root = configured(&h);
+        for (key, status, answer, want) in [("tgk_ann", 200, ANN, 200), ("tgk_random", 404, "{}", 401)] {
+            *h.request_headers.borrow_mut() = sent.clone();
+            set_key(&h, key);
+            let mut s = root.stream(2);
+            assert_eq!(s.request_headers(&h, true), Action::Pause, "{key} is looked up");
+            let (token, headers, size) = key_answer(&h, status, answer);
+            s.call_response(&h, token, headers, size);
+            let replied = h.replies.borrow().last().map(|r| r.0).unwrap_or(200);
+            assert_eq!(replied, want, "{key}");
+        }
+        let other = configured(&h);
+        *h.request_headers.borrow_mut() = sent;
+        set_key(&h, "tgk_ann");
+        let lookups = h.dispatched.borrow().len();
+        assert_eq!(request(&other, &h), (Action::Continue, None));
+        assert_eq!(h.dispatched.borrow().len(), lookups, "ann is still in the shared cache");
+    }
 
     /// Managed keys in one worker: an unknown key waits for one lookup (a second request
     /// for it joins, and is woken), the answer is cached (no second lookup), a 404 is a

@@ -7,8 +7,11 @@
 //!
 //! - A key not in the static list is looked for in this worker's memo, then in the
 //!   cache in Envoy's shared data (for all workers: a fixed number of slots,
-//!   `max_entries`, each holding one digest's answer, so entries and bytes are bounded
-//!   and a spray of random keys only overwrites slots). Positive answers live
+//!   `max_entries`, each holding one digest's answer, so entries and bytes are bounded).
+//!   A "no such key" never takes the slot of another key still usable (`replaces`): a
+//!   spray of random keys cannot push resolved keys out and into lookups that the
+//!   spray has already spent; the worker keeps its own recent "no such key" answers
+//!   (bounded) for the requests that asked. Positive answers live
 //!   `ttl_seconds`, negative ones `negative_ttl_seconds`; a key past its `expires_at`
 //!   stops at once, with no lookup.
 //! - On a miss the request waits for one `POST /v1/keys/resolve` callout; other requests
@@ -120,6 +123,20 @@ pub fn slot_key(digest: &[u8; 32], max_entries: u64) -> String {
     format!("tollgate.keys.v1.{}", u64::from_le_bytes(first) % max_entries.max(1))
 }
 
+impl CachedKey {
+    /// Whether writing `self` into a slot that holds `existing` keeps what matters: an
+    /// answer for the same digest, any known key, or a slot holding nothing usable. A
+    /// negative answer never evicts another key that could still be used.
+    pub fn replaces(&self, existing: Option<&CachedKey>, now_s: u64, remote: &RemoteKeys) -> bool {
+        let Some(existing) = existing else { return true };
+        let usable = |key: &KnownKey| {
+            let keep = remote.ttl_seconds.max(remote.max_stale_seconds);
+            !key.expired(now_s) && now_s.saturating_sub(existing.cached_s) < keep
+        };
+        self.key.is_some() || existing.digest == self.digest || !existing.key.as_ref().is_some_and(usable)
+    }
+}
+
 /// What the cache says of a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cached {
@@ -228,7 +245,14 @@ pub struct KeyLookups {
     /// The changes feed: the `since` of the next poll, and whether one is in flight.
     pub changes_since_ms: Option<u64>,
     pub changes_in_flight: bool,
+    /// Keys the service said it does not know, when (this worker; cleared when full): a
+    /// 401 for the request that asked and those that waited, even when the shared slot
+    /// kept another key.
+    unknown: HashMap<[u8; 32], u64>,
 }
+
+/// Most entries of a worker's `unknown` keys.
+const MAX_UNKNOWN: usize = 1024;
 
 impl KeyLookups {
     /// A request of context `ctx` needs `digest` resolved.
@@ -250,9 +274,27 @@ impl KeyLookups {
         Start::Dispatch
     }
 
-    /// The lookup of `digest` is over: the contexts that waited for it.
-    pub fn finish(&mut self, digest: &[u8; 32]) -> Vec<u32> {
+    /// The lookup of `digest` is over, with the service's `answer` if there is one:
+    /// the contexts that waited for it.
+    pub fn finish(&mut self, digest: &[u8; 32], answer: Option<&Option<KnownKey>>, now_s: u64) -> Vec<u32> {
+        match answer {
+            Some(None) => {
+                if self.unknown.len() >= MAX_UNKNOWN {
+                    self.unknown.clear();
+                }
+                self.unknown.insert(*digest, now_s);
+            }
+            Some(Some(_)) => {
+                self.unknown.remove(digest);
+            }
+            None => {}
+        }
         self.in_flight.remove(digest).unwrap_or_default()
+    }
+
+    /// Whether the service said lately (`negative_ttl_s`) that it does not know `digest`.
+    pub fn is_unknown(&self, digest: &[u8; 32], now_s: u64, negative_ttl_s: u64) -> bool {
+        self.unknown.get(digest).is_some_and(|at| now_s.saturating_sub(*at) < negative_ttl_s)
     }
 
     /// Context `ctx` stopped waiting (its stream ended). When it owned the lookup (its
@@ -333,6 +375,26 @@ mod tests {
     }
 
     #[test]
+    fn a_negative_answer_never_evicts_a_usable_key() {
+        let r = remote(); // ttl 60, max_stale 600
+        let slot = |d: &str, t, k: Option<KnownKey>| CachedKey { digest: d.into(), cached_s: t, key: k };
+        for (name, existing, now, want) in [
+            ("empty slot", None, 100, true),
+            ("the same digest (a revocation)", Some(slot("ab", 90, Some(key(None)))), 100, true),
+            ("another negative", Some(slot("cd", 99, None)), 100, true),
+            ("another key, fresh", Some(slot("cd", 90, Some(key(None)))), 100, false),
+            ("another key, stale but usable in an outage", Some(slot("cd", 0, Some(key(None)))), 100, false),
+            ("another key, past max_stale", Some(slot("cd", 0, Some(key(None)))), 700, true),
+            ("another key, expired", Some(slot("cd", 90, Some(key(Some(100))))), 100, true),
+        ] {
+            let unknown = slot("ab", now, None);
+            assert_eq!(unknown.replaces(existing.as_ref(), now, &r), want, "{name}");
+        }
+        let known = slot("ef", 100, Some(key(None)));
+        assert!(known.replaces(Some(&slot("cd", 99, Some(key(None)))), 100, &r), "a known key takes any slot");
+    }
+
+    #[test]
     fn answers() {
         let ok = br#"{"id":"key_1","user":"ann","groups":["free"],"expires_at":null}"#;
         assert_eq!(parse_resolve(Some(200), Some(ok)), Some(Some(key(None))));
@@ -352,17 +414,19 @@ mod tests {
         assert_eq!(l.start([1; 32], 11, 1_000, &r), Start::Join);
         assert_eq!(l.start([2; 32], 12, 1_000, &r), Start::Dispatch);
         assert_eq!(l.start([3; 32], 13, 1_000, &r), Start::Refused, "max_in_flight 2");
-        assert_eq!(l.finish(&[1; 32]), [10, 11]);
+        assert_eq!(l.finish(&[1; 32], None, 1), [10, 11]);
         assert_eq!(l.start([3; 32], 13, 1_000, &r), Start::Dispatch);
-        l.finish(&[2; 32]);
-        l.finish(&[3; 32]);
+        l.finish(&[2; 32], Some(&None), 1);
+        l.finish(&[3; 32], Some(&Some(key(None))), 1);
+        assert!(l.is_unknown(&[2; 32], 10, 10) && !l.is_unknown(&[2; 32], 11, 10), "for negative_ttl");
+        assert!(!l.is_unknown(&[3; 32], 1, 10));
         assert_eq!(l.start([4; 32], 14, 1_000, &r), Start::Refused, "3 per second spent");
         assert_eq!(l.refused, 2);
         assert_eq!(l.start([4; 32], 14, 1_400, &r), Start::Dispatch, "refilled");
         // The owner leaves: the others must ask again.
         assert_eq!(l.start([4; 32], 15, 1_400, &r), Start::Join);
         assert_eq!(l.leave(&[4; 32], 14), [15]);
-        assert_eq!(l.finish(&[4; 32]), Vec::<u32>::new());
+        assert_eq!(l.finish(&[4; 32], None, 1), Vec::<u32>::new());
     }
 
     #[test]
