@@ -2839,7 +2839,7 @@ mod tests {
     fn unknown_keys_never_evict_a_resolved_one() {
         let h = remote_host(r#""max_entries":1"#, "tgk_ann");
         let sent = h.request_headers.borrow().clone();
-        let mut root = configured(&h);
+        let root = configured(&h);
         for (key, status, answer, want) in [("tgk_ann", 200, ANN, 200), ("tgk_random", 404, "{}", 401)] {
             *h.request_headers.borrow_mut() = sent.clone();
             set_key(&h, key);
