@@ -6,6 +6,7 @@ export PATH := $(CURDIR)/.local/bin:$(PATH)
 
 .PHONY: setup wasm build run test test-unit test-wasm test-e2e lint fmt clean bench fuzz
 .PHONY: oci test-istio
+.PHONY: screenshot
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +33,14 @@ test-wasm:
 
 test-e2e:
 	$(CARGO) test -p tollgate-e2e -- --test-threads=2
+
+# The README's picture of the usage page (docs/usage-page.png): the browser test
+# (tests/tests/usage_page.rs: a stack, traffic, headless Chromium) takes it at 1280x900.
+screenshot: setup build
+	@rm -f target/test-artifacts/usage-page.png
+	$(CARGO) test -p tollgate-e2e --test usage_page
+	@mkdir -p docs && cp target/test-artifacts/usage-page.png docs/usage-page.png
+	@echo "docs/usage-page.png refreshed"
 
 # Bounded fuzzing of the JWT, credential, config and usage parsers (cargo-fuzz);
 # FUZZ_SECONDS per target, default 60. Not part of `make test`.

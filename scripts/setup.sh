@@ -38,6 +38,8 @@ command -v docker-registry >/dev/null 2>&1 || apt_pkgs+=(docker-registry)
 command -v jq >/dev/null 2>&1 || apt_pkgs+=(jq)
 # PostgreSQL server for the tracker ledger tests (tracker/tests/pg.sh starts a throwaway one).
 [ -x "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -1)" ] || apt_pkgs+=(postgresql)
+# Headless Chromium for the usage page's browser test and `make screenshot`.
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || apt_pkgs+=(chromium)
 if [ "${need_apt_fallback:-}" = 1 ]; then apt_pkgs+=(rustc-web cargo-web rust-web-src wasi-libc lld-19); fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   log "apt-get install ${apt_pkgs[*]}"

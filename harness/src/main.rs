@@ -467,6 +467,15 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         _ => println!("  ledger      none: the tracker keeps usage in memory"),
     }
+    if stack.database_url.is_some() || stack.ledger_dir.is_some() {
+        // The usage page (tracker/src/ui.rs); its login is the usage API's token.
+        let login = if custom {
+            format!("the usage API token {}", stack.api_token)
+        } else {
+            "the usage API token, the Bearer token of the usage curl below".to_string()
+        };
+        println!("  usage page  {}/ui  (log in with {login})", stack.tracker_url);
+    }
     for fault in stack.faults() {
         println!("  usage path  Envoy -> fault proxy 127.0.0.1:{} ({}) -> tracker", fault.port, fault.mode());
     }

@@ -21,6 +21,7 @@ use crate::event;
 use crate::keys_api;
 use crate::limits_sync;
 use crate::metrics::Tracker;
+use crate::ui;
 use crate::usage_api;
 
 /// The content type Prometheus asks for and gets OpenMetrics in (it reads `_total`
@@ -41,6 +42,9 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/v1/keys/{id}", delete(keys_api::revoke))
         .route("/v1/usage", get(usage_api::usage))
         .route("/v1/usage/recent", get(usage_api::recent))
+        .route("/ui", get(ui::page))
+        .route("/ui/login", post(ui::login))
+        .route("/ui/logout", post(ui::logout))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

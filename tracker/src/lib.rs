@@ -30,6 +30,7 @@ pub mod ledger;
 pub mod limits_sync;
 pub mod metrics;
 pub mod time;
+pub mod ui;
 pub mod usage_api;
 
 pub use cli::Args;

@@ -173,7 +173,13 @@ fn authorize(tracker: &Tracker, headers: &HeaderMap, uri: &Uri) -> Result<Arc<Le
 /// secret leak through timing).
 pub fn bearer_matches(headers: &HeaderMap, expected: &[u8; 32]) -> bool {
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
-    given.is_some_and(|token| bool::from(Sha256::digest(token.as_bytes()).as_slice().ct_eq(expected)))
+    given.is_some_and(|token| token_matches(token, expected))
+}
+
+/// Whether `token` is the secret whose SHA-256 is `expected`, in constant time (also
+/// the usage page's login).
+pub fn token_matches(token: &str, expected: &[u8; 32]) -> bool {
+    bool::from(Sha256::digest(token.as_bytes()).as_slice().ct_eq(expected))
 }
 
 /// The token of an `Authorization: Bearer <token>` value (scheme case-insensitive).

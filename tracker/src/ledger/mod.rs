@@ -454,9 +454,33 @@ impl Ledger {
         until_ms: i64,
         width_ms: i64,
     ) -> Result<Vec<UsageBucket>, LedgerError> {
+        self.usage_of(Scope::User(user.to_owned()), since_ms, until_ms, width_ms).await
+    }
+
+    /// As [`Ledger::usage`], for the events of any [`Scope`].
+    pub async fn usage_of(
+        &self,
+        scope: Scope,
+        since_ms: i64,
+        until_ms: i64,
+        width_ms: i64,
+    ) -> Result<Vec<UsageBucket>, LedgerError> {
         let range = UsageRange { since_ms, until_ms, width_ms, since_day_ms: time::floor(since_ms, DAY_MS) };
-        let user = user.to_owned();
-        read!(self, |tx| queries::usage(tx, &user, range))
+        read!(self, |tx| queries::usage(tx, &scope, range))
+    }
+
+    /// The totals of `scope`'s events in `[since_ms, until_ms)` (compacted days as in
+    /// [`Ledger::usage`]) per user, model or deny reason, by label; only labels with
+    /// events. An empty label is "none" (an event without a model).
+    pub async fn breakdown(
+        &self,
+        scope: Scope,
+        since_ms: i64,
+        until_ms: i64,
+        by: Dimension,
+    ) -> Result<Vec<(String, Totals)>, LedgerError> {
+        let range = UsageRange { since_ms, until_ms, width_ms: DAY_MS, since_day_ms: time::floor(since_ms, DAY_MS) };
+        read!(self, |tx| queries::breakdown(tx, &scope, range, by))
     }
 
     /// `user`'s latest `limit` events still in the ledger, newest first.
@@ -557,6 +581,37 @@ impl Ledger {
     /// whole table).
     pub async fn event_ids(&self) -> Result<Vec<String>, LedgerError> {
         read!(self, |tx| queries::event_ids(tx))
+    }
+}
+
+/// Whose events a usage query sums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// One user's.
+    User(String),
+    /// Every authorized event (every user's).
+    Authorized,
+    /// Every denied event (they have no user).
+    Denied,
+}
+
+/// What [`Ledger::breakdown`] groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dimension {
+    User,
+    Model,
+    /// The deny reason (only denied events have one).
+    Reason,
+}
+
+impl Dimension {
+    /// Its column in `usage_events` and `usage_daily`.
+    pub fn column(self) -> &'static str {
+        match self {
+            Dimension::User => "user_name",
+            Dimension::Model => "model",
+            Dimension::Reason => "denied",
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use tollgate_rules::lease::Holding;
 use super::schema::{ADD_DAILY, ADD_TOTALS, INSERT_EVENT, LOCK_WINDOW, PUT_HOLDING, PUT_REPLICA};
 use super::sql::{Row, Tx, Value};
 use super::{
-    from_sql, sum_by_key, sum_daily, to_sql, ApiKey, Compacted, KeyChange, RecentEvent, Record, Revoked, SeriesKey,
-    Totals, UsageBucket, UsageRange, TOTAL_COLUMNS,
+    from_sql, sum_by_key, sum_daily, to_sql, ApiKey, Compacted, Dimension, KeyChange, RecentEvent, Record, Revoked,
+    Scope, SeriesKey, Totals, UsageBucket, UsageRange, TOTAL_COLUMNS,
 };
 use crate::event::Tokens;
 use crate::limits_sync::{self, LimitSync, Step, Stored, Synced};
@@ -187,28 +187,72 @@ pub async fn knows_user(tx: &impl Tx, user: &str) -> Result<bool, String> {
     Ok(!rows.is_empty())
 }
 
-/// `user`'s totals per bucket (see [`super::Ledger::usage`]). Token sums are split into
-/// high and low 32-bit halves so no intermediate sum overflows (SQLite's `SUM` fails on
-/// overflow); the halves are joined with saturation in Rust ([`usage_row`]).
-pub async fn usage(tx: &impl Tx, user: &str, range: UsageRange) -> Result<Vec<UsageBucket>, String> {
-    let UsageRange { since_ms, until_ms, width_ms, since_day_ms } = range;
+/// The totals of `scope`'s events per bucket (see [`super::Ledger::usage_of`]).
+pub async fn usage(tx: &impl Tx, scope: &Scope, range: UsageRange) -> Result<Vec<UsageBucket>, String> {
+    let rows = sums(tx, scope, range, Group::Bucket(range.width_ms)).await?;
+    rows.iter().map(|row| Ok(usage_row(row.int(0)?, row.int(1)?, row.ints(2)?))).collect()
+}
+
+/// The totals of `scope`'s events per user, model or deny reason (see
+/// [`super::Ledger::breakdown`]), in the order of the label.
+pub async fn breakdown(
+    tx: &impl Tx,
+    scope: &Scope,
+    range: UsageRange,
+    by: Dimension,
+) -> Result<Vec<(String, Totals)>, String> {
+    let rows = sums(tx, scope, range, Group::Column(by.column())).await?;
+    rows.iter().map(|row| Ok((row.text(0)?, usage_row(0, row.int(1)?, row.ints(2)?).totals))).collect()
+}
+
+/// What [`sums`] groups by.
+enum Group {
+    /// UTC-aligned buckets of this width.
+    Bucket(i64),
+    /// A column both usage tables have.
+    Column(&'static str),
+}
+
+/// The one usage query: the events of `scope` in the range (and the compacted days of
+/// [`super::Ledger::usage_of`]'s rule), summed per group; rows of (group, requests,
+/// 4 × (high, low) token halves), in group order. Token sums are split into high and low
+/// 32-bit halves so no intermediate sum overflows (SQLite's `SUM` fails on overflow);
+/// the halves are joined with saturation in Rust ([`usage_row`]).
+async fn sums(tx: &impl Tx, scope: &Scope, range: UsageRange, group: Group) -> Result<Vec<Row>, String> {
+    let UsageRange { since_ms, until_ms, since_day_ms, .. } = range;
     let split = |c: &str| format!("{c} / 4294967296 AS {c}_hi, {c} % 4294967296 AS {c}_lo");
     let tokens = ["prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"];
     let event_cols = tokens.map(split).join(", ");
     let sums = tokens.map(|c| format!("CAST(SUM({c}_hi) AS BIGINT), CAST(SUM({c}_lo) AS BIGINT)")).join(", ");
-    // ?1 bucket width, ?2 user, ?3 since, ?4 until, ?5 the start of since's day.
+    // ?1 since, ?2 until, ?3 the start of since's day; then the scope's user and the
+    // bucket width, when they are used (PostgreSQL refuses parameters it cannot type).
+    let mut params: Vec<Value<'_>> = vec![since_ms.into(), until_ms.into(), since_day_ms.into()];
+    let filter = match scope {
+        Scope::User(user) => {
+            params.push(user.as_str().into());
+            format!("user_name = ?{}", params.len())
+        }
+        Scope::Authorized => "denied = ''".to_owned(),
+        Scope::Denied => "denied <> ''".to_owned(),
+    };
+    let (event_key, daily_key) = match group {
+        Group::Bucket(width) => {
+            params.push(width.into());
+            let n = params.len();
+            (format!("(ts_ms / ?{n}) * ?{n}"), format!("(day_ms / ?{n}) * ?{n}"))
+        }
+        Group::Column(column) => (column.to_owned(), column.to_owned()),
+    };
     let sql = format!(
         "SELECT b, CAST(SUM(requests) AS BIGINT), {sums} FROM (\
-           SELECT (ts_ms / ?1) * ?1 AS b, requests, {event_cols} FROM usage_events \
-             WHERE user_name = ?2 AND ts_ms >= ?3 AND ts_ms < ?4 \
+           SELECT {event_key} AS b, requests, {event_cols} FROM usage_events \
+             WHERE {filter} AND ts_ms >= ?1 AND ts_ms < ?2 \
            UNION ALL \
-           SELECT (day_ms / ?1) * ?1 AS b, requests, {event_cols} FROM usage_daily \
-             WHERE user_name = ?2 AND day_ms >= ?5 AND day_ms < ?4\
+           SELECT {daily_key} AS b, requests, {event_cols} FROM usage_daily \
+             WHERE {filter} AND day_ms >= ?3 AND day_ms < ?2\
          ) AS x GROUP BY b ORDER BY b"
     );
-    let params = [width_ms.into(), user.into(), since_ms.into(), until_ms.into(), since_day_ms.into()];
-    let rows = tx.query(&sql, &params).await?;
-    rows.iter().map(|row| Ok(usage_row(row.int(0)?, row.int(1)?, row.ints(2)?))).collect()
+    tx.query(&sql, &params).await
 }
 
 /// Joins the (bucket, requests, 4 × (high, low)) row of [`usage`].
