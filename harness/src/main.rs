@@ -76,9 +76,9 @@ struct UsageArgs {
     /// The environment variable holding the usage API's secret (TRACKER_API_TOKEN).
     #[arg(long, default_value = usage::API_TOKEN_ENV, value_name = "NAME")]
     api_token_env: String,
-    /// The user to show (repeatable, or comma-separated): the usage API answers per user
-    /// and cannot list users.
-    #[arg(long, value_name = "U", required = true, value_delimiter = ',')]
+    /// The users to show (repeatable, or comma-separated; default: every user, by user
+    /// or by model).
+    #[arg(long, value_name = "U", value_delimiter = ',')]
     user: Vec<String>,
     /// Start of the range: an age (24h, 7d, 2w), a date (2026-11-01, UTC), an RFC 3339
     /// time or Unix seconds (default: 30 days before --until).
@@ -87,12 +87,11 @@ struct UsageArgs {
     /// End of the range, exclusive, in the same forms (default: now).
     #[arg(long, value_name = "TIME")]
     until: Option<String>,
-    /// Rows per user, per user and day (UTC), or per user and model. By model sums the
-    /// user's latest 1000 events still in the ledger (the API has no per-model totals).
+    /// Rows per user, per user and day (UTC; needs --user), or per user and model (all
+    /// users together without --user).
     #[arg(long, default_value = "user", value_name = "user|model|day")]
     by: usage::By,
-    /// Print the tracker's answer as is (one JSON line per user; by model, the
-    /// /v1/usage/recent answer).
+    /// Print the tracker's answers as they are (one JSON line per query).
     #[arg(long)]
     json: bool,
 }
@@ -311,9 +310,6 @@ fn usage_cmd(args: UsageArgs) -> anyhow::Result<()> {
     } else {
         eprintln!("usage from {} until {} (UTC); TOTAL = prompt + completion tokens", report.since, report.until);
         println!("{}", usage::table(args.by, &report.rows, &report.total));
-    }
-    for note in &report.notes {
-        eprintln!("note: {note}");
     }
     Ok(())
 }
@@ -651,7 +647,7 @@ mod tests {
             (Some("7d"), Some("2026-11-01"), usage::By::Day, true)
         );
         assert_eq!(parse(&["--user", "a", "--by", "model"]).unwrap().by, usage::By::Model);
-        assert!(parse(&[]).is_err());
+        assert!(parse(&[]).unwrap().user.is_empty(), "every user");
         assert!(parse(&["--user", "a", "--by", "team"]).is_err());
     }
 

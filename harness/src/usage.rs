@@ -1,18 +1,13 @@
 //! Client of the tracker's usage API (tracker/README.md "Usage API"), behind
-//! `tollgate usage`: `GET /v1/usage?user=&since=&until=&bucket=` (per-bucket totals of
-//! one user) and `GET /v1/usage/recent?user=&limit=` (one user's latest events), both
-//! with `Authorization: Bearer <TRACKER_API_TOKEN>`.
+//! `tollgate usage`, with `Authorization: Bearer <TRACKER_API_TOKEN>`:
 //!
-//! The API answers for one user at a time and cannot list users, so every query names
-//! its users. Grouping:
+//! - by user: with `--user`, one `GET /v1/usage?user=&bucket=day` per user (its
+//!   `total`); without, `GET /v1/usage/breakdown?by=user` (every user of the range);
+//! - by day: the `/v1/usage` answers' day buckets (needs `--user`);
+//! - by model: `GET /v1/usage/breakdown?by=model` per user, or for all users together.
 //!
-//! - by user: one `/v1/usage` per user (day buckets), its `total`;
-//! - by day: the same answers' day buckets;
-//! - by model: the API has no per-model totals, so the user's latest events
-//!   (`/v1/usage/recent`, at most [`RECENT_LIMIT`]) are summed per model within the
-//!   range; the report says when older events of the range were left out.
+//! Every number is the ledger's total over the range (compacted days included).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -24,10 +19,8 @@ use crate::keys::{endpoint, error_message};
 
 /// The environment variable holding the usage API's secret, as the tracker names it.
 pub const API_TOKEN_ENV: &str = "TRACKER_API_TOKEN";
-/// The most events `/v1/usage/recent` gives (its `limit`'s maximum).
-pub const RECENT_LIMIT: u32 = 1_000;
-/// The tracker's default range with day buckets (also used for `--by model`).
-pub const DEFAULT_SPAN_MS: i64 = 30 * DAY_MS;
+/// The user label of a row of all users together (by model without `--user`).
+pub const ALL_USERS: &str = "(all)";
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
@@ -112,17 +105,15 @@ pub struct Report {
     pub answers: Vec<String>,
     pub rows: Vec<Row>,
     pub total: Counts,
-    /// The range `[since, until)` as the tracker (or, by model, this client) took it.
+    /// The range `[since, until)` as the tracker took it.
     pub since: String,
     pub until: String,
-    /// Said to the reader: e.g. that older events were left out (by model).
-    pub notes: Vec<String>,
 }
 
 /// Asks the tracker and groups its answers.
 pub fn report(q: &Query) -> anyhow::Result<Report> {
-    if q.users.is_empty() {
-        bail!("the usage API answers per user and cannot list users: name them with --user (repeatable)");
+    if q.users.is_empty() && q.by == By::Day {
+        bail!("--by day shows one user's days: name the users with --user (repeatable)");
     }
     if q.api_token.trim().is_empty() {
         bail!("no usage API secret: set {API_TOKEN_ENV} to the tracker's (`tollgate up` prints it)");
@@ -135,27 +126,38 @@ pub fn report(q: &Query) -> anyhow::Result<Report> {
             bail!("--since ({}) must be before --until ({})", format_ms(s), format_ms(u));
         }
     }
-    let mut answers = Vec::new();
-    let mut values = Vec::new();
-    for user in &q.users {
-        let text = match q.by {
-            By::User | By::Day => fetch_usage(&q.tracker_url, &q.api_token, user, since, until, "day")?,
-            By::Model => fetch_recent(&q.tracker_url, &q.api_token, user, RECENT_LIMIT)?,
-        };
-        let value: Value = serde_json::from_str(&text).with_context(|| format!("unexpected answer {text}"))?;
-        answers.push(text);
-        values.push(value);
-    }
-    let mut report = match q.by {
-        By::User | By::Day => rows_from_usage(q.by, &values)?,
-        By::Model => {
-            let until = until.unwrap_or(now);
-            let since = since.unwrap_or(until - DEFAULT_SPAN_MS);
-            rows_by_model(&values, since, until)?
-        }
+    let range = Range { since, until };
+    let texts = match (q.by, q.users.is_empty()) {
+        (By::User, true) => vec![fetch_breakdown(&q.tracker_url, &q.api_token, "user", None, range)?],
+        (By::Model, true) => vec![fetch_breakdown(&q.tracker_url, &q.api_token, "model", None, range)?],
+        (By::Model, false) => q
+            .users
+            .iter()
+            .map(|u| fetch_breakdown(&q.tracker_url, &q.api_token, "model", Some(u), range))
+            .collect::<anyhow::Result<_>>()?,
+        (By::User | By::Day, _) => q
+            .users
+            .iter()
+            .map(|u| fetch_usage(&q.tracker_url, &q.api_token, u, since, until, "day"))
+            .collect::<anyhow::Result<_>>()?,
     };
-    report.answers = answers;
+    let values = texts
+        .iter()
+        .map(|text| serde_json::from_str::<Value>(text).with_context(|| format!("unexpected answer {text}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut report = match (q.by, q.users.is_empty()) {
+        (By::Model, _) | (By::User, true) => rows_from_breakdown(&values)?,
+        (By::User | By::Day, _) => rows_from_usage(q.by, &values)?,
+    };
+    report.answers = texts;
     Ok(report)
+}
+
+/// `since`/`until` of a query, Unix ms (`None`: the tracker's default).
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
 }
 
 /// Rows of `/v1/usage` answers (day buckets): one per user, or per user and day.
@@ -181,42 +183,30 @@ pub fn rows_from_usage(by: By, answers: &[Value]) -> anyhow::Result<Report> {
             rows.push(Row { labels: vec![user], counts });
         }
     }
-    Ok(Report { answers: Vec::new(), rows, total, since, until, notes: Vec::new() })
+    Ok(Report { answers: Vec::new(), rows, total, since, until })
 }
 
-/// Rows of `/v1/usage/recent` answers: the events in `[since, until)` summed per user
-/// and model.
-pub fn rows_by_model(answers: &[Value], since: i64, until: i64) -> anyhow::Result<Report> {
-    let mut groups: BTreeMap<(String, String), Counts> = BTreeMap::new();
+/// Rows of `/v1/usage/breakdown` answers: per user (`by=user`), or per user (or all
+/// users) and model (`by=model`; an event without a model shows as `-`).
+pub fn rows_from_breakdown(answers: &[Value]) -> anyhow::Result<Report> {
+    let mut rows = Vec::new();
     let mut total = Counts::default();
-    let mut notes = Vec::new();
+    let (mut since, mut until) = (String::new(), String::new());
     for answer in answers {
-        let user = text(answer, "user")?;
-        let events = answer.get("events").and_then(Value::as_array).ok_or_else(|| anyhow!("no events in {answer}"))?;
-        let mut oldest = None;
-        for event in events {
-            let ts = text(event, "ts")?;
-            let ms = parse_time(&ts, 0).map_err(|e| anyhow!("event time: {e}"))?;
-            oldest = Some(oldest.map_or(ms, |o: i64| o.min(ms)));
-            if !(since..until).contains(&ms) {
-                continue;
-            }
-            let model = event.get("model").and_then(Value::as_str).unwrap_or("-").to_string();
-            let mut counts: Counts = serde_json::from_value(event.clone())?;
-            counts.requests = 1;
+        since = text(answer, "since")?;
+        until = text(answer, "until")?;
+        let by = text(answer, "by")?;
+        let user = answer.get("user").and_then(Value::as_str).unwrap_or(ALL_USERS).to_string();
+        let listed = answer.get("rows").and_then(Value::as_array).ok_or_else(|| anyhow!("no rows in {answer}"))?;
+        for row in listed {
+            let counts: Counts = serde_json::from_value(row.clone())?;
             total.add(&counts);
-            groups.entry((user.clone(), model)).or_default().add(&counts);
-        }
-        if events.len() >= RECENT_LIMIT as usize && oldest.is_some_and(|o| o >= since) {
-            notes.push(format!(
-                "{user}: only the latest {RECENT_LIMIT} events are available per model (/v1/usage/recent); \
-                 events before {} are not counted",
-                format_ms(oldest.unwrap_or(since))
-            ));
+            let key = row.get(&by).and_then(Value::as_str).unwrap_or("-").to_string();
+            let labels = if by == "user" { vec![key] } else { vec![user.clone(), key] };
+            rows.push(Row { labels, counts });
         }
     }
-    let rows = groups.into_iter().map(|((user, model), counts)| Row { labels: vec![user, model], counts }).collect();
-    Ok(Report { answers: Vec::new(), rows, total, since: format_ms(since), until: format_ms(until), notes })
+    Ok(Report { answers: Vec::new(), rows, total, since, until })
 }
 
 fn text(value: &Value, field: &str) -> anyhow::Result<String> {
@@ -338,10 +328,28 @@ pub fn fetch_usage(
     get(usage_url(tracker_url, user, since, until, bucket)?, api_token)
 }
 
-/// `GET /v1/usage/recent`: the answer's text, as the tracker sent it.
-pub fn fetch_recent(tracker_url: &str, api_token: &str, user: &str, limit: u32) -> anyhow::Result<String> {
-    let mut url = endpoint(tracker_url, &["v1", "usage", "recent"])?;
-    url.query_pairs_mut().append_pair("user", user).append_pair("limit", &limit.to_string());
+/// `GET /v1/usage/breakdown?by=`: the answer's text, as the tracker sent it.
+pub fn fetch_breakdown(
+    tracker_url: &str,
+    api_token: &str,
+    by: &str,
+    user: Option<&str>,
+    range: Range,
+) -> anyhow::Result<String> {
+    let mut url = endpoint(tracker_url, &["v1", "usage", "breakdown"])?;
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("by", by);
+        if let Some(user) = user {
+            q.append_pair("user", user);
+        }
+        if let Some(since) = range.since {
+            q.append_pair("since", &unix_seconds(since));
+        }
+        if let Some(until) = range.until {
+            q.append_pair("until", &unix_seconds(until));
+        }
+    }
     get(url, api_token)
 }
 
@@ -636,33 +644,37 @@ total                     3    1230          43       2          7   1273";
 
     #[test]
     fn tables_by_model() {
-        let event = |ts: &str, model: Value, p: u64| {
-            json!({"id": "x", "ts": ts, "groups": "free", "path": "/v1/chat/completions", "model": model,
-                   "status": 200, "prompt_tokens": p, "completion_tokens": 2, "cached_tokens": 1,
-                   "reasoning_tokens": 0, "incomplete": false, "replica": "tracker-0"})
+        let row = |model: Value, p: u64| {
+            json!({"model": model, "requests": 1, "prompt_tokens": p, "completion_tokens": 2, "cached_tokens": 1,
+                   "reasoning_tokens": 0})
         };
-        let answer = json!({"user": "alice", "events": [
-            event("2025-11-22T07:00:00.250Z", json!("m2"), 10),
-            event("2025-11-22T06:00:00Z", json!("m1"), 20),
-            event("2025-11-22T05:00:00Z", Value::Null, 30),
-            event("2025-11-20T00:00:00Z", json!("m1"), 40), // before since
-        ]});
-        let r = rows_by_model(&[answer], NOW - DAY_MS, NOW).unwrap();
+        let answer = |user: Value, rows: Vec<Value>| {
+            json!({"by": "model", "user": user, "since": "2025-11-21T08:00:00Z", "until": "2025-11-22T08:00:00Z",
+                   "rows": rows, "total": {}})
+        };
+        let answers = [
+            answer(json!("alice"), vec![row(Value::Null, 30), row(json!("m1"), 20), row(json!("m2"), 10)]),
+            answer(Value::Null, vec![row(json!("m1"), 5)]),
+        ];
+        let r = rows_from_breakdown(&answers).unwrap();
         let want = "\
 USER   MODEL  REQUESTS  PROMPT  COMPLETION  CACHED  REASONING  TOTAL
 alice  -             1      30           2       1          0     32
 alice  m1            1      20           2       1          0     22
 alice  m2            1      10           2       1          0     12
-total                3      60           6       3          0     66";
+(all)  m1            1       5           2       1          0      7
+total                4      65           8       4          0     73";
         assert_eq!(table(By::Model, &r.rows, &r.total), want);
-        assert!(r.notes.is_empty());
+        assert_eq!((r.since.as_str(), r.until.as_str()), ("2025-11-21T08:00:00Z", "2025-11-22T08:00:00Z"));
 
-        // A full page whose oldest event is in the range: older ones may be missing.
-        let events: Vec<Value> = (0..RECENT_LIMIT).map(|_| event("2025-11-22T07:00:00Z", json!("m"), 1)).collect();
-        let r = rows_by_model(&[json!({"user": "bob", "events": events})], NOW - DAY_MS, NOW).unwrap();
-        assert_eq!(r.total.requests, u64::from(RECENT_LIMIT));
-        assert_eq!(r.notes.len(), 1);
-        assert!(r.notes[0].contains("events before 2025-11-22T07:00:00Z are not counted"), "{:?}", r.notes);
+        let by_user = json!({"by": "user", "user": null, "since": "s", "until": "u", "total": {},
+                             "rows": [{"user": "bob", "requests": 2, "prompt_tokens": 3}]});
+        let r = rows_from_breakdown(&[by_user]).unwrap();
+        assert_eq!(
+            r.rows,
+            [Row { labels: vec!["bob".into()], counts: Counts { requests: 2, prompt_tokens: 3, ..Counts::default() } }]
+        );
+        assert!(rows_from_breakdown(&[json!({"by": "model", "since": "s", "until": "u"})]).is_err(), "no rows");
     }
 
     #[test]
@@ -682,7 +694,7 @@ total                3      60           6       3          0     66";
             users: vec![],
             since: None,
             until: None,
-            by: By::User,
+            by: By::Day,
         };
         assert!(report(&q).unwrap_err().to_string().contains("--user"));
         let q = Query { users: vec!["a".into()], since: Some("1d".into()), until: Some("2d".into()), ..q };

@@ -2,7 +2,8 @@
 //! `tollgate usage` (issue 18): its library function, [`harness::usage::report`],
 //! against a real stack with a SQLite ledger and the usage API on. After authorized
 //! requests through the gateway, the report's totals by user, day and model equal what
-//! was sent (the requests, and the tokens the mock model reported); a wrong token and an
+//! was sent (the requests, and the tokens the mock model reported), for named users
+//! and for all users; a wrong token and an
 //! unknown user are errors that say so.
 
 use std::time::Duration;
@@ -53,11 +54,16 @@ fn usage_report_totals_equal_the_requests_sent() {
         let r = usage::report(&query(by)).unwrap();
         assert_eq!(r.total, report.total, "{by:?}");
         assert!(!r.rows.is_empty(), "{by:?}");
-        assert!(r.notes.is_empty(), "{by:?}: {:?}", r.notes);
     }
     let by_model = usage::report(&query(By::Model)).unwrap();
     assert_eq!(by_model.rows.len(), 1);
     assert_eq!(by_model.rows[0].labels, [creds.user.clone(), "mock-model".to_string()]);
+    // Without --user: every user of the range (this stack has had only one).
+    for by in [By::User, By::Model] {
+        let r = usage::report(&Query { users: vec![], ..query(by) }).unwrap();
+        assert_eq!(r.total, report.total, "{by:?} of all users");
+        assert_eq!(r.rows[0].labels[0], if by == By::User { creds.user.as_str() } else { usage::ALL_USERS });
+    }
 
     // Errors carry the tracker's status and say what is wrong.
     let wrong = Query { api_token: "not-the-token".into(), ..query(By::User) };

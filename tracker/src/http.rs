@@ -42,6 +42,7 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/v1/keys/{id}", delete(keys_api::revoke))
         .route("/v1/usage", get(usage_api::usage))
         .route("/v1/usage/recent", get(usage_api::recent))
+        .route("/v1/usage/breakdown", get(usage_api::breakdown))
         .route("/ui", get(ui::page))
         .route("/ui/login", post(ui::login))
         .route("/ui/logout", post(ui::logout))

@@ -4,6 +4,9 @@
 //!
 //! - `GET /v1/usage?user=U&since=T&until=T&bucket=hour|day`: per-bucket totals.
 //! - `GET /v1/usage/recent?user=U&limit=N`: the user's latest events.
+//! - `GET /v1/usage/breakdown?by=user|model|reason&since=T&until=T[&user=U]`: totals
+//!   per user, per model (of one user with `user`) or per deny reason, over the whole
+//!   ledger (compacted days included), so a report per model needs no event listing.
 //!
 //! Both need `Authorization: Bearer <TRACKER_API_TOKEN>`. The secret is compared as its
 //! SHA-256 in constant time (`subtle`), so neither its bytes nor its length leak through
@@ -26,7 +29,7 @@ use subtle::ConstantTimeEq;
 
 use crate::error::TrackError;
 use crate::labels::MAX_LABEL_CHARS;
-use crate::ledger::{Ledger, LedgerError, Totals};
+use crate::ledger::{Dimension, Ledger, LedgerError, Scope, Totals};
 use crate::metrics::Tracker;
 use crate::time::{self, DAY_MS, HOUR_MS};
 
@@ -52,23 +55,8 @@ pub async fn usage(
         Some("hour") => ("hour", HOUR_MS),
         Some(other) => return Err(TrackError::BadQuery(format!("bucket: expected hour or day, got {other:?}"))),
     };
-    let time = |name: &str| -> Result<Option<i64>, TrackError> {
-        params
-            .get(name)?
-            .map(|t| time::parse_time(t).map_err(|e| TrackError::BadQuery(format!("{name}: {e}"))))
-            .transpose()
-    };
-    let until = time("until")?.unwrap_or_else(time::now_ms);
     // Default range: the last day of hours, or the last 30 days.
-    let default_span = if width == HOUR_MS { DAY_MS } else { 30 * DAY_MS };
-    let since = time("since")?.unwrap_or_else(|| until.saturating_sub(default_span).max(time::MIN_MS));
-    if since >= until {
-        return Err(TrackError::BadQuery(format!(
-            "since ({}) must be before until ({})",
-            time::format_rfc3339(since),
-            time::format_rfc3339(until)
-        )));
-    }
+    let (since, until) = params.range(if width == HOUR_MS { DAY_MS } else { 30 * DAY_MS })?;
     let buckets = (time::floor(until - 1, width) - time::floor(since, width)) / width + 1;
     if buckets > MAX_BUCKETS {
         return Err(TrackError::BadQuery(format!(
@@ -95,6 +83,62 @@ pub async fn usage(
         "since": time::format_rfc3339(since),
         "until": time::format_rfc3339(until),
         "buckets": buckets,
+        "total": counts(&total),
+    })))
+}
+
+/// `GET /v1/usage/breakdown`
+pub async fn breakdown(
+    State(tracker): State<Arc<Tracker>>,
+    headers: HeaderMap,
+    uri: Uri,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, TrackError> {
+    let ledger = authorize(&tracker, &headers, &uri)?;
+    let params = Params::parse(query.as_deref(), &["by", "user", "since", "until"])?;
+    let (by_name, by) = match params.get("by")? {
+        Some("user") => ("user", Dimension::User),
+        Some("model") => ("model", Dimension::Model),
+        Some("reason") => ("reason", Dimension::Reason),
+        Some(other) => return Err(TrackError::BadQuery(format!("by: expected user, model or reason, got {other:?}"))),
+        None => return Err(TrackError::BadQuery("by: required (user, model or reason)".into())),
+    };
+    let user = if params.get("user")?.is_some() { Some(params.user()?) } else { None };
+    let scope = match (by, user) {
+        (Dimension::Reason, Some(_)) => {
+            return Err(TrackError::BadQuery("user: denied requests have no user (by=reason takes no user)".into()))
+        }
+        (Dimension::User, Some(_)) => {
+            return Err(TrackError::BadQuery("user: by=user of one user is /v1/usage".into()))
+        }
+        (Dimension::Reason, None) => Scope::Denied,
+        (_, Some(user)) => Scope::User(user.to_owned()),
+        (_, None) => Scope::Authorized,
+    };
+    let (since, until) = params.range(30 * DAY_MS)?;
+    if let Some(user) = user {
+        known_user(&tracker, &ledger, user).await?;
+    }
+    let rows = ledger.breakdown(scope, since, until, by).await.map_err(|e| read_failed(&tracker, &e))?;
+    let mut total = Totals::default();
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|(key, totals)| {
+            total.add(totals);
+            let mut value = counts(totals);
+            if let Some(object) = value.as_object_mut() {
+                // An event without a model has none (null, as in /v1/usage/recent).
+                object.insert(by_name.into(), json!((!key.is_empty()).then_some(key)));
+            }
+            value
+        })
+        .collect();
+    Ok(Json(json!({
+        "by": by_name,
+        "user": user,
+        "since": time::format_rfc3339(since),
+        "until": time::format_rfc3339(until),
+        "rows": rows,
         "total": counts(&total),
     })))
 }
@@ -229,6 +273,26 @@ impl Params {
             (Some(_), Some(_)) => Err(TrackError::BadQuery(format!("{name}: given more than once"))),
             (None, Some(_)) => Ok(None), // cannot happen
         }
+    }
+
+    /// `since` and `until` (RFC 3339 or Unix seconds): `until` defaults to now, `since`
+    /// to `default_span_ms` before it; an empty or reversed range is refused.
+    fn range(&self, default_span_ms: i64) -> Result<(i64, i64), TrackError> {
+        let time = |name: &str| -> Result<Option<i64>, TrackError> {
+            self.get(name)?
+                .map(|t| time::parse_time(t).map_err(|e| TrackError::BadQuery(format!("{name}: {e}"))))
+                .transpose()
+        };
+        let until = time("until")?.unwrap_or_else(time::now_ms);
+        let since = time("since")?.unwrap_or_else(|| until.saturating_sub(default_span_ms).max(time::MIN_MS));
+        if since >= until {
+            return Err(TrackError::BadQuery(format!(
+                "since ({}) must be before until ({})",
+                time::format_rfc3339(since),
+                time::format_rfc3339(until)
+            )));
+        }
+        Ok((since, until))
     }
 
     /// `user`: required, not blank, at most [`MAX_LABEL_CHARS`] characters (longer

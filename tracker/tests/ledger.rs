@@ -570,6 +570,20 @@ async fn bad_input_writes_nothing(kind: Kind) {
         ("/v1/usage/recent?user=alice&limit=0", 400, "limit: expected an integer from 1 to 1000, got \"0\""),
         ("/v1/usage/recent?user=alice&limit=1001", 400, "limit: expected an integer from 1 to 1000, got \"1001\""),
         ("/v1/usage/recent?user=alice&since=1", 400, "unknown parameter \"since\" (this endpoint takes user, limit)"),
+        ("/v1/usage/breakdown", 400, "by: required (user, model or reason)"),
+        ("/v1/usage/breakdown?by=week", 400, "by: expected user, model or reason, got \"week\""),
+        ("/v1/usage/breakdown?by=model&user=nobody", 404, "no usage was ever recorded for user \"nobody\""),
+        (
+            "/v1/usage/breakdown?by=reason&user=alice",
+            400,
+            "user: denied requests have no user (by=reason takes no user)",
+        ),
+        ("/v1/usage/breakdown?by=user&user=alice", 400, "user: by=user of one user is /v1/usage"),
+        (
+            "/v1/usage/breakdown?by=model&since=2025-11-22&until=2025-11-21",
+            400,
+            "since (2025-11-22T00:00:00Z) must be before until (2025-11-21T00:00:00Z)",
+        ),
     ];
     for (query, status, message) in bad_queries {
         let (got, body) = server.get(query, Some(TOKEN)).await;
@@ -637,6 +651,57 @@ async fn usage_api_buckets_and_recent(kind: Kind) {
         assert_eq!(server.api(&query).await, want, "{query}");
     }
 
+    // Breakdowns: per model of one user (an event without a model has none), per user,
+    // per deny reason.
+    let row = |by: &str, key: Value, t: Value| {
+        let mut row = t;
+        row[by] = key;
+        row
+    };
+    let range = r#""since": "2025-11-22T00:00:00Z", "until": "2025-11-24T00:00:00Z""#;
+    let breakdown = |by: &str, user: Value, rows: Vec<Value>, total: Value| {
+        let mut want: Value = serde_json::from_str(&format!("{{{range}}}")).unwrap();
+        want["by"] = json!(by);
+        want["user"] = user;
+        want["rows"] = json!(rows);
+        want["total"] = total;
+        want
+    };
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "/v1/usage/breakdown?by=model&user=alice&since=2025-11-22&until=2025-11-24",
+            breakdown(
+                "model",
+                json!("alice"),
+                vec![row("model", Value::Null, total(1, 0, 0, 0)), row("model", json!("m"), total(4, 100, 10, 4))],
+                total(5, 100, 10, 4),
+            ),
+        ),
+        (
+            "/v1/usage/breakdown?by=user&since=2025-11-22&until=2025-11-24",
+            breakdown(
+                "user",
+                Value::Null,
+                vec![
+                    row("user", json!("alice"), total(5, 100, 10, 4)),
+                    row("user", json!("bob"), total(1, 1000, 1000, 1)),
+                ],
+                total(6, 1100, 1010, 5),
+            ),
+        ),
+        (
+            "/v1/usage/breakdown?by=reason&since=2025-11-22&until=2025-11-24",
+            breakdown(
+                "reason",
+                Value::Null,
+                vec![row("reason", json!("invalid_credential"), total(1, 0, 0, 0))],
+                total(1, 0, 0, 0),
+            ),
+        ),
+    ];
+    for (query, want) in cases {
+        assert_eq!(server.api(query).await, want, "{query}");
+    }
     let recent = server.api("/v1/usage/recent?user=alice&limit=2").await;
     assert_eq!(
         recent,
