@@ -9,7 +9,9 @@ use std::borrow::Cow;
 use crate::config::Settings;
 use crate::credentials::{classify, find_credential_value, Credential};
 use crate::identity::Identity;
-use crate::jwt::{JwtError, TokenCache};
+use std::rc::Rc;
+
+use crate::jwt::{Jwks, JwtError, TokenCache};
 use crate::keys::KeyCache;
 use crate::remote_keys::{KnownKey, RemoteMemo};
 
@@ -27,6 +29,7 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::MissingCredential => "missing_credential",
+            AuthError::InvalidToken(JwtError::KeysUnavailable) => "jwks_unavailable",
             AuthError::InvalidApiKey | AuthError::InvalidToken(_) => "invalid_credential",
             AuthError::GroupNotAllowed => "permission_denied",
         }
@@ -119,19 +122,25 @@ pub fn decide<'a, K: AsRef<str>, V: AsRef<str>>(
     headers: &[(K, V)],
     now: impl Fn() -> u64,
 ) -> Verdict<'a> {
-    decide_with(settings, cache, headers, now, &mut |_| RemoteKey::Invalid)
+    decide_with(settings, cache, headers, now, &mut |_| RemoteKey::Invalid, &|_| None)
 }
 
+/// The current key set of a provider whose keys are fetched (`remote_jwks`), by index:
+/// `None` for a provider with keys in the configuration.
+pub type RemoteJwksOf<'a> = &'a dyn Fn(usize) -> Option<Result<Rc<Jwks>, JwtError>>;
+
 /// As [`decide`]; `remote` reads the key service's shared cache for the digest of a key
-/// the static list does not hold (`api_keys.remote`).
+/// the static list does not hold (`api_keys.remote`); `jwks` gives the fetched key sets
+/// (`jwt.providers[].remote_jwks`).
 pub fn decide_with<'a, K: AsRef<str>, V: AsRef<str>>(
     settings: &'a Settings,
     cache: &'a mut CredentialCache,
     headers: &[(K, V)],
     now: impl Fn() -> u64,
     remote: &mut dyn FnMut(&[u8; 32]) -> RemoteKey,
+    jwks: RemoteJwksOf<'_>,
 ) -> Verdict<'a> {
-    let authenticated = match authenticate(settings, cache, headers, now, remote) {
+    let authenticated = match authenticate(settings, cache, headers, now, remote, jwks) {
         Ok(Authn::Lookup(digest)) => return Verdict::Lookup { digest },
         Ok(Authn::Identity(identity)) => Ok(identity),
         Err(e) => Err(e),
@@ -159,6 +168,7 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
     headers: &[(K, V)],
     now: impl Fn() -> u64,
     remote: &mut dyn FnMut(&[u8; 32]) -> RemoteKey,
+    jwks: RemoteJwksOf<'_>,
 ) -> Result<Authn<'a>, AuthError> {
     let Some(value) = find_credential_value(headers, &settings.sources) else {
         return Err(AuthError::MissingCredential);
@@ -207,7 +217,7 @@ fn authenticate<'a, K: AsRef<str>, V: AsRef<str>>(
                 return Err(AuthError::InvalidToken(JwtError::UnknownIssuer));
             }
             let now = now();
-            let verified = settings.jwt.verify(token, now).map_err(AuthError::InvalidToken)?;
+            let verified = settings.jwt.verify_with(token, now, jwks).map_err(AuthError::InvalidToken)?;
             cache.tokens.insert(token, &verified, now);
             Ok(Authn::Identity(Cow::Owned(verified.identity)))
         }

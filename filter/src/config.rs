@@ -13,6 +13,7 @@ use crate::credentials::{default_sources, validate_sources, CredentialSource};
 use crate::jwt::{Jwks, JwtProvider, JwtVerifier};
 use crate::keys::{ApiKeyEntry, ApiKeyStore};
 use crate::limits::{Limits, LimitsConfig, Scope};
+use crate::remote_jwks::RemoteJwks;
 use crate::remote_keys::RemoteKeys;
 
 /// A refused configuration: which field, and why. Never carries secret values.
@@ -200,6 +201,8 @@ struct RawProvider {
     jwks: Option<String>,
     #[serde(default)]
     jwks_env: Option<String>,
+    #[serde(default)]
+    remote_jwks: Option<RawRemoteJwks>,
     #[serde(default = "default_user_claim")]
     user_claim: String,
     #[serde(default = "default_groups_claim")]
@@ -208,6 +211,40 @@ struct RawProvider {
     clock_skew_seconds: u64,
     #[serde(default)]
     require_exp: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemoteJwks {
+    cluster: String,
+    authority: String,
+    path: String,
+    #[serde(default = "default_jwks_refresh")]
+    refresh_seconds: u64,
+    #[serde(default = "default_jwks_timeout")]
+    timeout_ms: u64,
+    #[serde(default = "default_jwks_max_age")]
+    max_age_seconds: u64,
+    #[serde(default = "default_kid_refetch")]
+    kid_refetch_min_interval_ms: u64,
+    #[serde(default = "default_jwks_wait")]
+    wait_ms: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+fn default_jwks_timeout() -> u64 {
+    2000
+}
+fn default_jwks_max_age() -> u64 {
+    86_400
+}
+fn default_kid_refetch() -> u64 {
+    30_000
+}
+fn default_jwks_wait() -> u64 {
+    3000
 }
 
 fn default_user_claim() -> String {
@@ -367,6 +404,8 @@ pub struct Settings {
     pub sources: Vec<CredentialSource>,
     pub keys: ApiKeyStore,
     pub jwt: JwtVerifier,
+    /// By provider index: the remote JWKS of providers whose keys are fetched.
+    pub jwt_remote: Vec<Option<RemoteJwks>>,
     pub jwt_cache_entries: usize,
     pub allowed_groups: Vec<String>,
     pub identity_headers: IdentityHeaders,
@@ -482,11 +521,13 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         ConfigError::new(field, e.reason)
     })?;
 
+    let mut jwt_remote = Vec::new();
     let (providers, jwt_cache_entries) = match raw.jwt {
         Some(jwt) => {
             let mut providers: Vec<JwtProvider> = Vec::with_capacity(jwt.providers.len());
             for (i, p) in jwt.providers.into_iter().enumerate() {
-                let provider = build_provider(i, p, env)?;
+                let (provider, remote) = build_provider(i, p, env)?;
+                jwt_remote.push(remote);
                 // Tokens pick their provider by `iss`: a second entry for the same issuer
                 // would never be used (its keys, audiences and claims silently ignored).
                 if providers.iter().any(|other| other.issuer == provider.issuer) {
@@ -538,6 +579,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Setting
         sources,
         keys,
         jwt: JwtVerifier::new(providers),
+        jwt_remote,
         jwt_cache_entries,
         allowed_groups: raw.authorization.allowed_groups,
         identity_headers,
@@ -649,19 +691,30 @@ fn read_env(env: &dyn Fn(&str) -> Option<String>, var: &str, field: &str) -> Res
     }
 }
 
-fn build_provider(i: usize, p: RawProvider, env: &dyn Fn(&str) -> Option<String>) -> Result<JwtProvider, ConfigError> {
+fn build_provider(
+    i: usize,
+    p: RawProvider,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(JwtProvider, Option<RemoteJwks>), ConfigError> {
     let at = |f: &str| format!("jwt.providers[{i}].{f}");
     if p.issuer.is_empty() {
         return Err(ConfigError::new(at("issuer"), "must not be empty"));
     }
-    let jwks_json = match (&p.jwks, &p.jwks_env) {
-        (Some(_), Some(_)) => return Err(ConfigError::new(at("jwks"), "set either jwks or jwks_env, not both")),
-        (None, None) => return Err(ConfigError::new(at("jwks"), "one of jwks or jwks_env is required")),
-        (Some(inline), None) => inline.clone(),
-        (None, Some(var)) => read_env(env, var, &at("jwks_env"))?,
+    let (keys, remote) = match (&p.jwks, &p.jwks_env, p.remote_jwks) {
+        (None, None, Some(r)) => (Jwks::default(), Some(check_remote_jwks(r, &at("remote_jwks"))?)),
+        (Some(_), Some(_), _) => return Err(ConfigError::new(at("jwks"), "set either jwks or jwks_env, not both")),
+        (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
+            return Err(ConfigError::new(at("remote_jwks"), "set either remote_jwks or jwks/jwks_env, not both"))
+        }
+        (None, None, None) => {
+            return Err(ConfigError::new(at("jwks"), "one of jwks, jwks_env or remote_jwks is required"))
+        }
+        (Some(inline), None, None) => (Jwks::parse(inline).map_err(|m| ConfigError::new(at("jwks"), m))?, None),
+        (None, Some(var), None) => {
+            let json = read_env(env, var, &at("jwks_env"))?;
+            (Jwks::parse(&json).map_err(|m| ConfigError::new(at("jwks_env"), m))?, None)
+        }
     };
-    let field = if p.jwks.is_some() { at("jwks") } else { at("jwks_env") };
-    let keys = Jwks::parse(&jwks_json).map_err(|m| ConfigError::new(field, m))?;
     if p.user_claim.is_empty() {
         return Err(ConfigError::new(at("user_claim"), "must not be empty"));
     }
@@ -671,7 +724,7 @@ fn build_provider(i: usize, p: RawProvider, env: &dyn Fn(&str) -> Option<String>
     if p.clock_skew_seconds > 3600 {
         return Err(ConfigError::new(at("clock_skew_seconds"), "must be at most 3600"));
     }
-    Ok(JwtProvider {
+    let provider = JwtProvider {
         issuer: p.issuer,
         audiences: p.audiences,
         keys,
@@ -679,6 +732,45 @@ fn build_provider(i: usize, p: RawProvider, env: &dyn Fn(&str) -> Option<String>
         groups_claim: p.groups_claim,
         clock_skew_seconds: p.clock_skew_seconds,
         require_exp: p.require_exp,
+    };
+    Ok((provider, remote))
+}
+
+fn check_remote_jwks(r: RawRemoteJwks, at: &str) -> Result<RemoteJwks, ConfigError> {
+    let field = |f: &str| format!("{at}.{f}");
+    if r.cluster.is_empty() {
+        return Err(ConfigError::new(field("cluster"), "must not be empty"));
+    }
+    if r.authority.is_empty() {
+        return Err(ConfigError::new(field("authority"), "must not be empty"));
+    }
+    if !r.path.starts_with('/') {
+        return Err(ConfigError::new(field("path"), "must start with /"));
+    }
+    let ranges: [(&str, u64, u64, u64); 5] = [
+        ("refresh_seconds", r.refresh_seconds, 1, 86_400),
+        ("timeout_ms", r.timeout_ms, 1, 60_000),
+        ("max_age_seconds", r.max_age_seconds, 1, 30 * 86_400),
+        ("kid_refetch_min_interval_ms", r.kid_refetch_min_interval_ms, 0, 86_400_000),
+        ("wait_ms", r.wait_ms, 0, 60_000),
+    ];
+    for (name, value, min, max) in ranges {
+        if !(min..=max).contains(&value) {
+            return Err(ConfigError::new(field(name), format!("must be {min} to {max}")));
+        }
+    }
+    if r.max_age_seconds < r.refresh_seconds {
+        return Err(ConfigError::new(field("max_age_seconds"), "must be at least refresh_seconds"));
+    }
+    Ok(RemoteJwks {
+        cluster: r.cluster,
+        authority: r.authority,
+        path: r.path,
+        refresh_seconds: r.refresh_seconds,
+        timeout_ms: r.timeout_ms,
+        max_age_seconds: r.max_age_seconds,
+        kid_refetch_min_interval_ms: r.kid_refetch_min_interval_ms,
+        wait_ms: r.wait_ms,
     })
 }
 
@@ -820,6 +912,34 @@ mod tests {
             (r#"{"jwt":{"providers":[{"issuer":"dev","jwks":"{}"}]}}"#, "jwt.providers[0].jwks"),
             (r#"{"jwt":{"providers":[{"issuer":"","jwks":"{}"}]}}"#, "jwt.providers[0].issuer"),
             (r#"{"jwt":{"providers":[{"issuer":"d","jwks_env":"NOPE"}]}}"#, "jwt.providers[0].jwks_env"),
+            (
+                r#"{"jwt":{"providers":[{"issuer":"d","remote_jwks":{"cluster":"c","authority":"a"}}]}}"#,
+                "jwt.providers[0].remote_jwks",
+            ),
+            (
+                r#"{"jwt":{"providers":[{"issuer":"d","remote_jwks":{"cluster":"","authority":"a","path":"/k"}}]}}"#,
+                "jwt.providers[0].remote_jwks.cluster",
+            ),
+            (
+                r#"{"jwt":{"providers":[{"issuer":"d","remote_jwks":{"cluster":"c","authority":"a","path":"k"}}]}}"#,
+                "jwt.providers[0].remote_jwks.path",
+            ),
+            (
+                r#"{"jwt":{"providers":[{"issuer":"d","remote_jwks":{"cluster":"c","authority":"a","path":"/k","refresh_seconds":0}}]}}"#,
+                "jwt.providers[0].remote_jwks.refresh_seconds",
+            ),
+            (
+                r#"{"jwt":{"providers":[{"issuer":"d","remote_jwks":{"cluster":"c","authority":"a","path":"/k","max_age_seconds":10}}]}}"#,
+                "jwt.providers[0].remote_jwks.max_age_seconds",
+            ),
+            (
+                r#"{"jwt":{"providers":[{"issuer":"d","remote_jwks":{"cluster":"c","authority":"a","path":"/k","ttl":1}}]}}"#,
+                "jwt.providers[0].remote_jwks.ttl",
+            ),
+            (
+                r#"{"jwt":{"providers":[{"issuer":"d","jwks":"{}","remote_jwks":{"cluster":"c","authority":"a","path":"/k"}}]}}"#,
+                "jwt.providers[0].remote_jwks",
+            ),
             (r#"{"authorization":{"allowed_groups":["a b"]}}"#, "authorization.allowed_groups[0]"),
             (r#"{"authorization":{"allowed_groups":"a"}}"#, "authorization.allowed_groups"),
             (r#"{"identity_headers":{"user":"bad header"}}"#, "identity_headers.user"),
@@ -995,5 +1115,20 @@ mod tests {
         );
         let err = parse(&json).err().unwrap();
         assert!(!err.to_string().contains("SECRETVALUE"), "{err}");
+    }
+
+    #[test]
+    fn remote_jwks_defaults() {
+        let s = Settings::parse(
+            br#"{"jwt":{"providers":[{"issuer":"https://kc/realms/llm","remote_jwks":{"cluster":"outbound|443||kc","authority":"kc","path":"/certs"}}]}}"#,
+            &|_| None,
+        )
+        .unwrap();
+        let r = s.jwt_remote[0].as_ref().unwrap();
+        assert_eq!(
+            (r.refresh_seconds, r.timeout_ms, r.max_age_seconds, r.kid_refetch_min_interval_ms, r.wait_ms),
+            (300, 2000, 86_400, 30_000, 3000)
+        );
+        assert!(!s.jwt.is_empty());
     }
 }

@@ -20,16 +20,19 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::auth::{decide_with, CredentialCache, RemoteKey, Verdict};
+use crate::auth::{decide_with, AuthError, CredentialCache, RemoteKey, Verdict};
 use crate::config::{CorsPreflight, Metering, Settings, UsageSettings};
+use crate::credentials::find_credential_value;
 use crate::events::{report_path, EventIds, EventQueue, QueueLimits, QueueStats, SendOutcome, UsageEvent};
 use crate::header_map::{self, HeaderPairs};
 use crate::host::{Buffer, Host, HostError, Level, Map};
+use crate::jwt::{Jwks, JwtError};
 use crate::lease::{Admission, Ask, GlobalTicket, Leases, SYNC_PATH};
 use crate::limits::{
     state_key, Headroom, LimitError, LimitSpec, LimitState, Limits, OnContention, Reservation, Scope,
     IDENTITY_COUNT_KEY, OVERFLOW_KEY,
 };
+use crate::remote_jwks::{self, Claim, Entry, Keys, RemoteJwks, WorkerSets};
 use crate::remote_keys::{self, CachedKey, KeyLookups, RemoteKeys, Start};
 use crate::request::{prompt_estimate, route_of, BodyScan, Facts, Route, MAX_GROWTH};
 use crate::response::{openai_error_body, ratelimit_headers, LocalReply};
@@ -57,6 +60,11 @@ const MAX_CHANGES_ANSWER: usize = 1 << 20;
 const MAX_LEASE_ANSWER: usize = 2 * 1024 * 1024;
 /// Cached JWTs are re-verified at least this often, whatever their `exp`.
 const TOKEN_CACHE_MAX_AGE_SECS: u64 = 300;
+/// With remote JWKS, roots tick at least this often: to start fetches, and to wake
+/// requests waiting for a set another worker fetched.
+const JWKS_TICK_MS: u64 = 250;
+/// Requests of one worker waiting for a provider's keys at once, at most.
+const MAX_JWKS_WAITERS: usize = 1024;
 
 /// What the host should do with the stream after a callback (`Pause` by default: the
 /// safe answer for a request nothing could decide).
@@ -98,6 +106,64 @@ pub struct State {
     leases: Option<Rc<RefCell<Leases>>>,
     /// Managed keys: this worker's lookups in flight and their bounds.
     lookups: RefCell<KeyLookups>,
+    /// Remote JWKS: this plugin's shared-data prefix, the sets parsed on this worker,
+    /// and the requests waiting for a set.
+    plugin_id: String,
+    jwks_sets: RefCell<WorkerSets>,
+    jwks_waits: Rc<RefCell<JwksWaits>>,
+}
+
+/// Requests of this worker waiting for a provider's keys (`remote_jwks`): by provider
+/// index, (context id, since when, ms); and the providers a request asked to refetch
+/// (an unknown `kid`).
+#[derive(Debug, Default)]
+struct JwksWaits {
+    waiting: HashMap<usize, Vec<(u32, u64)>>,
+    refetch: HashSet<usize>,
+}
+
+impl JwksWaits {
+    fn count(&self) -> usize {
+        self.waiting.values().map(Vec::len).sum()
+    }
+
+    /// The waiters of `provider` that `ready` selects (by their start time), removed.
+    fn take(&mut self, provider: usize, ready: impl Fn(u64) -> bool) -> Vec<u32> {
+        let Some(list) = self.waiting.get_mut(&provider) else { return Vec::new() };
+        let (go, stay): (Vec<_>, Vec<_>) = list.drain(..).partition(|(_, since)| ready(*since));
+        *list = stay;
+        go.into_iter().map(|(ctx, _)| ctx).collect()
+    }
+
+    fn leave(&mut self, provider: usize, ctx: u32) {
+        if let Some(list) = self.waiting.get_mut(&provider) {
+            list.retain(|(c, _)| *c != ctx);
+        }
+    }
+}
+
+impl State {
+    /// The shared-data key of provider `index`'s fetched set.
+    fn jwks_key(&self, index: usize) -> Option<String> {
+        Some(remote_jwks::shared_key(&self.plugin_id, self.settings.jwt.issuer(index)?))
+    }
+
+    /// Provider `index`'s fetched set, as the request path uses it: `None` for a
+    /// provider with configured keys; `KeysUnavailable` when none was fetched yet or
+    /// the last good one is older than `max_age_seconds`.
+    fn remote_jwks(&self, host: &impl Host, index: usize, now_ms: u64) -> Option<Result<Rc<Jwks>, JwtError>> {
+        let conf = self.settings.jwt_remote.get(index)?.as_ref()?;
+        let unavailable = Some(Err(JwtError::KeysUnavailable));
+        let Some(key) = self.jwks_key(index) else { return unavailable };
+        let Ok((bytes, cas)) = host.shared_get(&key) else { return unavailable };
+        let Ok(mut sets) = self.jwks_sets.try_borrow_mut() else { return unavailable };
+        match sets.keys(index, bytes.as_deref(), cas) {
+            Keys::Set(keys, fetched_ms) if now_ms < fetched_ms.saturating_add(conf.max_age_seconds * 1000) => {
+                Some(Ok(keys))
+            }
+            _ => unavailable,
+        }
+    }
 }
 
 type PerPlugin<T> = RefCell<HashMap<String, Rc<RefCell<T>>>>;
@@ -113,6 +179,9 @@ thread_local! {
     /// Each plugin's leases in this VM (global limits), kept across config pushes like
     /// the queue: what a worker was granted and used stays its own.
     static LEASES: PerPlugin<Leases> = RefCell::new(HashMap::new());
+    /// Each plugin's requests waiting for a remote JWKS in this VM, kept across config
+    /// pushes so the new root context wakes what waited under the old one.
+    static JWKS_WAITS: PerPlugin<JwksWaits> = RefCell::new(HashMap::new());
 }
 
 /// Plugin `plugin_id`'s value in `map` (made by `make` if new), updated by `update`.
@@ -196,6 +265,8 @@ pub struct Root {
     changes_every: u64,
     /// The poll of the key service's changes in flight (also in `sent`).
     changes: Option<u32>,
+    /// Remote JWKS fetches in flight (also in `sent`): the provider of each.
+    jwks_fetches: HashMap<u32, usize>,
 }
 
 impl Root {
@@ -212,7 +283,12 @@ impl Root {
             sync_every: 1,
             changes_every: 1,
             changes: None,
+            jwks_fetches: HashMap::new(),
         }
+    }
+
+    pub fn context_id(&self) -> u32 {
+        self.context_id
     }
 
     pub fn state(&self) -> Option<&Rc<State>> {
@@ -293,7 +369,8 @@ impl Root {
         let flush_ms = settings.usage.as_ref().map(|u| u.flush_interval_ms);
         let sync_ms = global.map(|l| l.sync_interval_ms);
         let changes_ms = settings.remote_keys.as_ref().map(|r| r.changes_interval_seconds * 1000);
-        if let Some(tick_ms) = [flush_ms, sync_ms, changes_ms].into_iter().flatten().min() {
+        let jwks_ms = settings.jwt_remote.iter().any(Option::is_some).then_some(JWKS_TICK_MS);
+        if let Some(tick_ms) = [flush_ms, sync_ms, changes_ms, jwks_ms].into_iter().flatten().min() {
             let every = |period: Option<u64>| (period.unwrap_or(tick_ms) / tick_ms.max(1)).max(1);
             (self.flush_every, self.sync_every, self.changes_every) =
                 (every(flush_ms), every(sync_ms), every(changes_ms));
@@ -303,7 +380,17 @@ impl Root {
         }
         let queue = plugin_queue(&plugin_id, limits, || host.random_u64());
         let lookups = RefCell::new(KeyLookups::default());
-        self.state = Some(Rc::new(State { settings, credentials: RefCell::new(cache), queue, leases, lookups }));
+        let jwks_waits = per_plugin(&JWKS_WAITS, &plugin_id, JwksWaits::default, |_| {});
+        self.state = Some(Rc::new(State {
+            settings,
+            credentials: RefCell::new(cache),
+            queue,
+            leases,
+            lookups,
+            plugin_id,
+            jwks_sets: RefCell::new(WorkerSets::default()),
+            jwks_waits,
+        }));
         true
     }
 
@@ -327,20 +414,123 @@ impl Root {
         self.sent.is_empty()
     }
 
-    pub fn tick(&mut self, host: &impl Host) {
+    /// The periodic work; returns the requests to wake (remote JWKS waits that ended).
+    pub fn tick(&mut self, host: &impl Host) -> Vec<Wake> {
         refresh_log_level(host);
-        let Some(state) = self.state.clone() else { return };
+        let Some(state) = self.state.clone() else { return Vec::new() };
         let tick = self.ticks;
         self.ticks = self.ticks.wrapping_add(1);
+        let wakes = self.jwks_tick(host, &state);
         if tick.is_multiple_of(self.changes_every) {
             self.poll_key_changes(host, &state);
         }
-        let Some(usage) = &state.settings.usage else { return };
+        let Some(usage) = &state.settings.usage else { return wakes };
         if tick.is_multiple_of(self.sync_every) {
             self.sync(host, usage, &state);
         }
         if tick.is_multiple_of(self.flush_every) {
             self.flush(host, usage, &state);
+        }
+        wakes
+    }
+
+    /// Remote JWKS: for each provider, claims and sends the fetch that is due (first,
+    /// refresh, or an unknown kid's refetch within its rate limit), and wakes this
+    /// worker's requests whose wait is over: a set was fetched since they began, no
+    /// refetch will be made for them, or `wait_ms` passed (then refused, 503).
+    fn jwks_tick(&mut self, host: &impl Host, state: &State) -> Vec<Wake> {
+        let mut ready = Vec::new();
+        let mut expired = Vec::new();
+        let now = now_ms(host);
+        for (index, conf) in state.settings.jwt_remote.iter().enumerate() {
+            let Some(conf) = conf else { continue };
+            let Some(key) = state.jwks_key(index) else { continue };
+            let Ok((bytes, cas)) = host.shared_get(&key) else { continue };
+            let entry = Entry::decode(bytes.as_deref());
+            let Ok(mut waits) = state.jwks_waits.try_borrow_mut() else { continue };
+            let refetch = waits.refetch.remove(&index);
+            let mine = self.jwks_fetches.values().any(|i| *i == index);
+            let mut fetching = mine || entry.fetch_in_flight(now, conf);
+            if !mine {
+                if let Some(claim) = entry.due(now, conf, refetch) {
+                    let claimed = entry.claimed(claim, now);
+                    // A lost CAS: another worker claimed it at the same time.
+                    fetching = match host.shared_set(&key, &claimed.encode(), cas) {
+                        Ok(()) => self.fetch_jwks(host, index, conf, claim),
+                        Err(e) => e == HostError::CasMismatch,
+                    };
+                }
+            }
+            // Woken: a set newer than their wait; or, when no fetch is under way, all
+            // (they see the set as it is: a kid still unknown is refused, 401).
+            let fetched_ms = entry.fetched_ms;
+            ready.extend(waits.take(index, |since| !entry.jwks.is_empty() && (fetched_ms >= since || !fetching)));
+            expired.extend(waits.take(index, |since| now >= since.saturating_add(conf.wait_ms)));
+        }
+        let mut wakes = Vec::new();
+        if !ready.is_empty() {
+            wakes.push(Wake { contexts: ready, done: true });
+        }
+        if !expired.is_empty() {
+            wakes.push(Wake { contexts: expired, done: false });
+        }
+        wakes
+    }
+
+    /// Sends a claimed fetch of provider `index`'s JWKS; true when it went out.
+    fn fetch_jwks(&mut self, host: &impl Host, index: usize, conf: &RemoteJwks, claim: Claim) -> bool {
+        let timeout = Duration::from_millis(conf.timeout_ms);
+        match host.dispatch(&conf.cluster, &conf.headers(), &[], timeout) {
+            Ok(token) => {
+                self.sent.insert(token);
+                self.jwks_fetches.insert(token, index);
+                log(host, Level::Debug, self.context_id, format_args!("jwks fetch {claim:?} for provider {index}"));
+                true
+            }
+            Err(status) => {
+                log(
+                    host,
+                    Level::Warn,
+                    self.context_id,
+                    format_args!("jwks fetch for provider {index} not sent (cluster {}): {status:?}", conf.cluster),
+                );
+                false
+            }
+        }
+    }
+
+    /// A JWKS fetch answered: a usable set replaces the shared one (a failure keeps the
+    /// last good set); this worker's waiters of that provider go on.
+    fn jwks_answer(&mut self, host: &impl Host, index: usize, answer: (usize, usize)) -> Vec<Wake> {
+        let Some(state) = self.state.clone() else { return Vec::new() };
+        let Some(key) = state.jwks_key(index) else { return Vec::new() };
+        let (status, body) = call_answer(host, answer.0, answer.1, remote_jwks::MAX_JWKS_BYTES);
+        let now = now_ms(host);
+        let issuer = state.settings.jwt.issuer(index).unwrap_or_default();
+        match remote_jwks::check_answer(status, body.as_deref()) {
+            Ok(text) => {
+                let stored = update_shared(host, &key, |bytes| {
+                    let entry = Entry::decode(Some(bytes).filter(|b| !b.is_empty()));
+                    (Some(entry.fetched(text.clone(), now).encode()), ())
+                });
+                if stored.is_none() {
+                    log(host, Level::Warn, self.context_id, format_args!("jwks of {issuer}: cannot store the set"));
+                } else {
+                    log(host, Level::Info, self.context_id, format_args!("jwks of {issuer} fetched"));
+                }
+            }
+            Err(why) => log(
+                host,
+                Level::Warn,
+                self.context_id,
+                format_args!("jwks fetch of {issuer} failed ({why}); the last good set is kept"),
+            ),
+        }
+        let contexts = state.jwks_waits.try_borrow_mut().map(|mut w| w.take(index, |_| true)).unwrap_or_default();
+        if contexts.is_empty() {
+            Vec::new()
+        } else {
+            vec![Wake { contexts, done: true }]
         }
     }
 
@@ -485,9 +675,12 @@ impl Root {
     /// The answer to a usage batch, or its failure. A failed callout (reset, over a
     /// buffer limit) comes with no headers, and its maps cannot be read (Envoy says
     /// BadArgument): it is a retry, never a trap.
-    pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
+    pub fn call_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) -> Vec<Wake> {
         self.sent.remove(&token);
-        if let Some((seq, body)) = self.syncs.remove(&token) {
+        let mut wakes = Vec::new();
+        if let Some(index) = self.jwks_fetches.remove(&token) {
+            wakes = self.jwks_answer(host, index, (num_headers, body_size));
+        } else if let Some((seq, body)) = self.syncs.remove(&token) {
             self.sync_answer(host, seq, body, (num_headers, body_size));
         } else if self.changes == Some(token) {
             self.changes = None;
@@ -500,6 +693,7 @@ impl Root {
                 log(host, Level::Error, self.context_id, format_args!("cannot finish the root context: {status:?}"));
             }
         }
+        wakes
     }
 
     fn record_response(&mut self, host: &impl Host, token: u32, num_headers: usize, body_size: usize) {
@@ -646,6 +840,8 @@ pub struct Stream {
     waited_body: bool,
     /// Its API key was looked up already (a second miss is a 503).
     looked_up: bool,
+    /// It waited for a provider's keys already (`remote_jwks`; once per request).
+    jwks_waited: bool,
     /// Body (size, end of stream) and trailers that arrived while the headers waited.
     pending_body: Option<(usize, bool)>,
     pending_trailers: bool,
@@ -663,6 +859,8 @@ struct Waiting {
     /// A key lookup (managed keys) rather than a lease: the digest. `token` 0: another
     /// request of this worker sent the lookup.
     key: Option<[u8; 32]>,
+    /// A wait for a provider's keys (`remote_jwks`): its index; woken by the root.
+    jwks: Option<usize>,
 }
 
 /// Requests to wake after a key lookup ended in another stream (see `glue`): they
@@ -914,6 +1112,7 @@ impl Stream {
             waited_headers: false,
             waited_body: false,
             looked_up: false,
+            jwks_waited: false,
             pending_body: None,
             pending_trailers: false,
         }
@@ -985,7 +1184,9 @@ impl Stream {
         let clock: OnceCell<Option<Duration>> = OnceCell::new();
         let now = || clock.get_or_init(|| host.now().ok()).unwrap_or_default();
         let mut remote = |digest: &[u8; 32]| remote_cached(host, &state, digest, now().as_secs());
-        let verdict = decide_with(&state.settings, &mut cache, &headers, || now().as_secs(), &mut remote);
+        let now_ms_ = || u64::try_from(now().as_millis()).unwrap_or(u64::MAX);
+        let jwks = |index: usize| state.remote_jwks(host, index, now_ms_());
+        let verdict = decide_with(&state.settings, &mut cache, &headers, || now().as_secs(), &mut remote, &jwks);
         if clock.get().is_some_and(Option::is_none) {
             return self.internal_error(host, &state, path, "Cannot read the clock.");
         }
@@ -1114,12 +1315,64 @@ impl Stream {
                 Action::Continue
             }
             // A denied request never reaches the upstream: no header needs editing.
-            Verdict::Deny { error, .. } => self.deny(host, &state, error.reason(), &LocalReply::from(&error), path),
+            Verdict::Deny { error, .. } => {
+                drop(cache);
+                if let Some(action) = self.jwks_wait(host, &state, &headers, &error, end_of_stream) {
+                    return action;
+                }
+                self.deny(host, &state, error.reason(), &LocalReply::from(&error), path)
+            }
             Verdict::Lookup { digest } => {
                 drop(cache);
                 self.key_lookup(host, &state, digest, end_of_stream, path)
             }
         }
+    }
+
+    /// A token refused for want of keys from a remote JWKS waits (once) for its
+    /// worker's root to fetch them: none was fetched yet, or its `kid` is unknown and a
+    /// refetch may be made (`kid_refetch_min_interval_ms`, for the whole gateway). None:
+    /// the refusal stands (a kid refetched lately is refused at once, 401).
+    fn jwks_wait(
+        &mut self,
+        host: &impl Host,
+        state: &Rc<State>,
+        headers: &HeaderPairs<'_>,
+        error: &AuthError,
+        end_of_stream: bool,
+    ) -> Option<Action> {
+        let AuthError::InvalidToken(why @ (JwtError::UnknownKid | JwtError::KeysUnavailable)) = error else {
+            return None;
+        };
+        if self.jwks_waited {
+            return None;
+        }
+        let token = find_credential_value(headers, &state.settings.sources)?;
+        let index = state.settings.jwt.provider_of(token)?;
+        let conf = state.settings.jwt_remote.get(index)?.as_ref()?;
+        let now = now_ms(host);
+        let entry = Entry::decode(host.shared_get(&state.jwks_key(index)?).ok()?.0.as_deref());
+        let mut waits = state.jwks_waits.try_borrow_mut().ok()?;
+        match why {
+            // Never fetched: wait for the first set. Too old: refused (503).
+            JwtError::KeysUnavailable if !entry.jwks.is_empty() => return None,
+            JwtError::UnknownKid if !entry.fetch_in_flight(now, conf) && !entry.refetch_allowed(now, conf) => {
+                return None
+            }
+            JwtError::UnknownKid => {
+                waits.refetch.insert(index);
+            }
+            _ => {}
+        }
+        if conf.wait_ms == 0 || waits.count() >= MAX_JWKS_WAITERS {
+            return None;
+        }
+        waits.waiting.entry(index).or_default().push((self.context_id, now));
+        self.jwks_waited = true;
+        let resume = Resume::Headers { end_of_stream };
+        self.waiting =
+            Some(Waiting { token: 0, resume, body: Vec::new(), seq: 0, retried: false, key: None, jwks: Some(index) });
+        Some(Action::Pause)
     }
 
     /// Waits for a lookup of `digest` by the key service: this request sends it, or
@@ -1142,7 +1395,8 @@ impl Stream {
         }
         let Ok(mut lookups) = state.lookups.try_borrow_mut() else { return unavailable(self) };
         let resume = Resume::Headers { end_of_stream };
-        let waiting = |token| Waiting { token, resume, body: Vec::new(), seq: 0, retried: false, key: Some(digest) };
+        let waiting =
+            |token| Waiting { token, resume, body: Vec::new(), seq: 0, retried: false, key: Some(digest), jwks: None };
         match lookups.start(digest, self.context_id, now_ms(host), service) {
             Start::Join => {
                 self.waiting = Some(waiting(0));
@@ -1222,14 +1476,20 @@ impl Stream {
     /// waits are over too: a callout sent from another context's callback would be
     /// answered to that one.
     pub fn key_ready(&mut self, host: &impl Host, done: bool) {
-        let Some(waiting) = self.waiting.take_if(|w| w.key.is_some()) else { return };
-        self.looked_up = true;
+        let Some(waiting) = self.waiting.take_if(|w| w.key.is_some() || w.jwks.is_some()) else { return };
+        if waiting.key.is_some() {
+            self.looked_up = true;
+        }
         self.waited_headers = true;
         self.waited_body = true;
         if !done {
             let Some(state) = self.state.clone() else { return };
-            let reply = LocalReply::key_service_unavailable();
-            self.deny(host, &state, "key_service_unavailable", &reply, "");
+            if waiting.jwks.is_some() {
+                self.deny(host, &state, "jwks_unavailable", &LocalReply::jwks_unavailable(), "");
+            } else {
+                let reply = LocalReply::key_service_unavailable();
+                self.deny(host, &state, "key_service_unavailable", &reply, "");
+            }
             return;
         }
         self.after_wait(host, waiting.resume);
@@ -1506,7 +1766,8 @@ impl Stream {
                 let timeout = Duration::from_millis(limits.acquire_timeout_ms);
                 match host.dispatch(&usage.cluster, &usage.headers_for(SYNC_PATH), &body, timeout) {
                     Ok(token) => {
-                        self.waiting = Some(Waiting { token, resume, body, seq, retried: false, key: None });
+                        self.waiting =
+                            Some(Waiting { token, resume, body, seq, retried: false, key: None, jwks: None });
                         return Action::Pause;
                     }
                     Err(status) => {
@@ -1657,13 +1918,18 @@ impl Stream {
         let mut wake = Wake::default();
         if let (Some(waiting), Some(state)) = (self.waiting.take(), self.state.as_ref()) {
             // Gone while waiting (its callout, if any, is cancelled).
-            match waiting.key {
-                Some(digest) => {
+            match (waiting.key, waiting.jwks) {
+                (Some(digest), _) => {
                     if let Ok(mut lookups) = state.lookups.try_borrow_mut() {
                         wake.contexts = lookups.leave(&digest, self.context_id);
                     }
                 }
-                None => {
+                (None, Some(index)) => {
+                    if let Ok(mut waits) = state.jwks_waits.try_borrow_mut() {
+                        waits.leave(index, self.context_id);
+                    }
+                }
+                (None, None) => {
                     if let Some(Ok(mut l)) = state.leases.as_ref().map(|l| l.try_borrow_mut()) {
                         l.stop_waiting();
                     }
@@ -3018,5 +3284,150 @@ mod tests {
             }
             assert!(found.is_empty(), "{found:#?}");
         }
+    }
+
+    /// An Ed25519 key (seed `seed`) as a JWKS entry with `kid`, and a token it signs.
+    fn ed_key(seed: u8, kid: &str) -> (String, impl Fn(&str, &str) -> String) {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        use base64::Engine;
+        use ed25519_dalek::Signer;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let jwk = format!(
+            r#"{{"kty":"OKP","crv":"Ed25519","use":"sig","kid":"{kid}","x":"{}"}}"#,
+            B64.encode(key.verifying_key().as_bytes())
+        );
+        let mint = move |kid: &str, sub: &str| {
+            let input = format!(
+                "{}.{}",
+                B64.encode(format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#)),
+                B64.encode(format!(r#"{{"iss":"idp","sub":"{sub}"}}"#))
+            );
+            format!("{input}.{}", B64.encode(key.sign(input.as_bytes()).to_bytes()))
+        };
+        (jwk, mint)
+    }
+
+    fn jwks_host() -> FakeHost {
+        let remote = r#""remote_jwks":{"cluster":"idp","authority":"idp.example","path":"/certs",
+            "refresh_seconds":30,"max_age_seconds":60,"kid_refetch_min_interval_ms":1000,"wait_ms":2000}"#;
+        host(&format!(r#","jwt":{{"providers":[{{"issuer":"idp",{remote}}}]}}"#))
+    }
+
+    /// Remote JWKS through the callbacks: requests wait for the first fetch, an unknown
+    /// kid refetches (rate-limited: a second one at once is a 401), a failed fetch keeps
+    /// the set, a set past max_age is a 503, a wait past wait_ms is a 503.
+    #[test]
+    fn remote_jwks_wait_refetch_and_keep() {
+        let h = jwks_host();
+        let mut root = configured(&h);
+        let (jwk1, mint1) = ed_key(1, "k1");
+        let (jwk2, mint2) = ed_key(2, "k2");
+        // The root's last JWKS fetch is answered with `status` and `body`.
+        let answer = |h: &FakeHost, status: u32, body: &str| {
+            let (_, headers, size) = key_answer(h, status, body);
+            let at =
+                h.dispatched_headers.borrow().iter().rposition(|hs| hs.iter().any(|(_, v)| v == "/certs")).unwrap();
+            (h.dispatched.borrow()[at].0, headers, size)
+        };
+        // The request's credential is this token (an allowed request's was stripped).
+        let bearer = |h: &FakeHost, token: &str| {
+            let mut headers = h.request_headers.borrow_mut();
+            headers.retain(|(k, _)| k != "authorization");
+            headers.push(("authorization".into(), format!("Bearer {token}")));
+        };
+        let certs = |h: &FakeHost| {
+            h.dispatched_headers
+                .borrow()
+                .iter()
+                .filter(|hs| hs.iter().any(|(k, v)| k == ":path" && v == "/certs"))
+                .count()
+        };
+
+        // No set yet: the request waits; the root's tick fetches; the answer wakes it.
+        bearer(&h, &mint1("k1", "ann"));
+        let sent = h.request_headers.borrow().clone();
+        let mut s = root.stream(2);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        assert!(root.tick(&h).is_empty());
+        let path = h.dispatched_headers.borrow().last().unwrap().iter().find(|(k, _)| k == ":path").unwrap().1.clone();
+        assert_eq!(path, "/certs");
+        let (t, n, size) = answer(&h, 200, &format!(r#"{{"keys":[{jwk1}]}}"#));
+        assert_eq!(root.call_response(&h, t, n, size), vec![Wake { contexts: vec![2], done: true }]);
+        s.key_ready(&h, true);
+        assert_eq!((h.resumed.get(), upstream_user(&h).as_deref()), (1, Some("ann")));
+        *h.request_headers.borrow_mut() = sent;
+        let fetches = certs(&h);
+        assert_eq!(request(&root, &h), (Action::Continue, None), "same token: cached");
+        bearer(&h, &mint1("k1", "bob"));
+        assert_eq!(request(&root, &h), (Action::Continue, None), "another token of k1: the shared set");
+        assert!(root.tick(&h).is_empty());
+        assert_eq!(certs(&h), fetches, "nothing due");
+
+        // Rotation: k2's token waits for one refetch, then goes on.
+        h.clock.set(h.clock.get() + 1_000);
+        bearer(&h, &mint2("k2", "cid"));
+        let mut s = root.stream(3);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        assert!(root.tick(&h).is_empty());
+        assert_eq!(certs(&h), fetches + 1, "one refetch");
+        let (t, n, size) = answer(&h, 200, &format!(r#"{{"keys":[{jwk1},{jwk2}]}}"#));
+        assert_eq!(root.call_response(&h, t, n, size), vec![Wake { contexts: vec![3], done: true }]);
+        s.key_ready(&h, true);
+        assert_eq!(upstream_user(&h).as_deref(), Some("cid"));
+
+        // A forged kid within the interval: 401 at once, no fetch.
+        bearer(&h, &mint2("k9", "mallory"));
+        assert_eq!(request(&root, &h).1, Some(401));
+        assert!(root.tick(&h).is_empty());
+        assert_eq!(certs(&h), fetches + 1);
+
+        // After the interval: it waits for a refetch, which fails; 401, and the last
+        // good set still serves k2.
+        h.clock.set(h.clock.get() + 1_000);
+        let mut s = root.stream(4);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        assert!(root.tick(&h).is_empty());
+        assert_eq!(certs(&h), fetches + 2);
+        let (t, n, size) = answer(&h, 503, "");
+        assert_eq!(root.call_response(&h, t, n, size), vec![Wake { contexts: vec![4], done: true }]);
+        s.key_ready(&h, true);
+        assert_eq!(h.replies.borrow().last().unwrap().0, 401);
+        bearer(&h, &mint2("k2", "dan"));
+        assert_eq!(request(&root, &h), (Action::Continue, None), "last good set kept");
+        assert!(h.logs.borrow().iter().any(|l| l.contains("last good set is kept")));
+
+        // Past max_age (60 s) without a successful fetch: 503, not trusted.
+        h.clock.set(h.clock.get() + 61_000);
+        bearer(&h, &mint2("k2", "eve"));
+        assert_eq!(request(&root, &h).1, Some(503));
+        let reply = h.replies.borrow().last().unwrap().1.clone();
+        assert!(reply.contains("jwks_unavailable"), "{reply}");
+
+        // A config push while a request waits: the new root's fetch wakes it.
+        let h = jwks_host();
+        let old = configured(&h);
+        bearer(&h, &mint1("k1", "ann"));
+        let mut s = old.stream(6);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        let mut new = configured(&h);
+        assert!(new.tick(&h).is_empty());
+        let (t, n, size) = answer(&h, 200, &format!(r#"{{"keys":[{jwk1}]}}"#));
+        assert_eq!(new.call_response(&h, t, n, size), vec![Wake { contexts: vec![6], done: true }]);
+        s.key_ready(&h, true);
+        assert_eq!(upstream_user(&h).as_deref(), Some("ann"));
+
+        // A fresh gateway whose fetches cannot be sent: the wait ends after wait_ms, 503.
+        let h = jwks_host();
+        let mut root = configured(&h);
+        h.fail(Call::Dispatch);
+        bearer(&h, &mint1("k1", "ann"));
+        let mut s = root.stream(5);
+        assert_eq!(s.request_headers(&h, true), Action::Pause);
+        assert!(root.tick(&h).is_empty());
+        h.clock.set(h.clock.get() + 2_000);
+        let wakes = root.tick(&h);
+        assert_eq!(wakes, vec![Wake { contexts: vec![5], done: false }]);
+        s.key_ready(&h, false);
+        assert_eq!(h.replies.borrow().last().unwrap().0, 503);
     }
 }

@@ -30,8 +30,12 @@ fn action(a: Action) -> types::Action {
 struct Root(gateway::Root);
 
 impl Context for Root {
+    /// A callout of the root answered; a JWKS fetch wakes the requests that waited for it.
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        self.0.call_response(&Abi, token_id, num_headers, body_size);
+        let wakes = self.0.call_response(&Abi, token_id, num_headers, body_size);
+        for w in wakes {
+            wake(w, self.0.context_id());
+        }
     }
 
     /// A config push replaced this root context (or the plugin goes away): false until
@@ -55,7 +59,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        self.0.tick(&Abi);
+        for w in self.0.tick(&Abi) {
+            wake(w, self.0.context_id());
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -65,7 +71,8 @@ impl RootContext for Root {
 
 thread_local! {
     /// The streams of this VM by context id, so a stream whose key lookup was answered
-    /// can wake the others that waited for the same key (see `wake`).
+    /// can wake the others that waited for the same key, and a root the requests that
+    /// waited for a JWKS fetch (see `wake`).
     static STREAMS: RefCell<HashMap<u32, Rc<RefCell<gateway::Stream>>>> = RefCell::new(HashMap::new());
 }
 

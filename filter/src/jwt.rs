@@ -1,40 +1,30 @@
-//! HS256 JWT verification, taking the same JWKS an Istio `RequestAuthentication` takes.
+//! JWT verification, taking the same JWKS an Istio `RequestAuthentication` or an IdP's
+//! `jwks_uri` gives: HS256, RS*/PS*, ES256, ES384 and EdDSA (keys and signatures in `jwk`).
 //!
-//! Only HS256 is supported: it needs nothing but a shared secret, which is what the
-//! Istio HS256 dev guide sets up, and it keeps asymmetric crypto out of the wasm module.
-//! Everything the token says is distrusted until its MAC checks out: the header is
-//! only read to refuse anything but HS256 (the `alg: none` and algorithm-confusion
-//! attacks) and to pick a key, and the payload only to pick the issuer. Claims are
-//! checked after the MAC. Errors carry a short fixed text for the 401 body and never
-//! any part of the token.
+//! Everything the token says is distrusted until its signature checks out: the header is
+//! only read for the algorithm (which decides what kind of key may be tried, so `alg:
+//! none` and algorithm confusion have nothing to work with) and to pick a key, and the
+//! payload only to pick the issuer. Claims are checked after the signature. Errors carry
+//! a short fixed text for the 401 body and never any part of the token.
 //!
 //! Verified tokens are cached per worker so a client reusing its token pays for one
-//! HMAC, not one per request; entries never outlive the token.
+//! signature check (an HMAC, or the far dearer public-key operation), not one per
+//! request; entries never outlive the token.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
+use std::rc::Rc;
 
-use base64::alphabet;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
-use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
-use sha2::Sha256;
 
 use crate::identity::Identity;
+use crate::jwk::URL_SAFE_LENIENT;
 
 /// Larger tokens are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8192;
-
-/// Base64url that accepts trailing padding, for JWKS `k` values and shape detection.
-const URL_SAFE_LENIENT: GeneralPurpose = GeneralPurpose::new(
-    &alphabet::URL_SAFE,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +44,9 @@ pub enum JwtError {
     /// A claim (named) has the wrong type or a value that cannot be used.
     BadClaim(&'static str),
     MissingUser,
+    /// The issuer's keys are fetched (`remote_jwks`) and there is no set to use: not
+    /// fetched yet, or the last good one is older than `max_age_seconds`.
+    KeysUnavailable,
 }
 
 impl JwtError {
@@ -64,7 +57,7 @@ impl JwtError {
             JwtError::Malformed => "token malformed",
             JwtError::BadBase64 => "token is not valid base64url",
             JwtError::BadJson => "token header or payload is not a JSON object",
-            JwtError::UnsupportedAlg => "token algorithm not allowed (only HS256)",
+            JwtError::UnsupportedAlg => "token algorithm not allowed",
             JwtError::UnknownIssuer => "token issuer not trusted",
             JwtError::UnknownKid => "token key id unknown",
             JwtError::BadSignature => "token signature invalid",
@@ -79,6 +72,7 @@ impl JwtError {
             JwtError::BadClaim("user") => "token user claim invalid",
             JwtError::BadClaim(_) => "token claim invalid",
             JwtError::MissingUser => "token has no user claim",
+            JwtError::KeysUnavailable => "token issuer keys unavailable, try again later",
         }
     }
 }
@@ -91,82 +85,7 @@ impl fmt::Display for JwtError {
 
 impl std::error::Error for JwtError {}
 
-/// One HS256 secret from a JWKS.
-#[derive(Clone)]
-pub struct HmacKey {
-    pub kid: Option<String>,
-    secret: Vec<u8>,
-}
-
-impl HmacKey {
-    pub fn new(kid: Option<String>, secret: Vec<u8>) -> Self {
-        Self { kid, secret }
-    }
-
-    fn mac_matches(&self, signed: &[u8], signature: &[u8]) -> bool {
-        match HmacSha256::new_from_slice(&self.secret) {
-            Ok(mut mac) => {
-                mac.update(signed);
-                mac.verify_slice(signature).is_ok() // constant time
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-impl fmt::Debug for HmacKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HmacKey").field("kid", &self.kid).field("secret_bytes", &self.secret.len()).finish()
-    }
-}
-
-/// The usable (`oct`) keys of a JWKS.
-#[derive(Clone, Debug)]
-pub struct Jwks {
-    pub keys: Vec<HmacKey>,
-}
-
-impl Jwks {
-    /// Parses `{"keys":[...]}`. `oct` keys are taken; RSA/EC keys are skipped (so a
-    /// mixed JWKS can be shared with Istio) but at least one `oct` key must remain.
-    pub fn parse(json: &str) -> Result<Jwks, String> {
-        // Parsed as untyped JSON: typed serde errors quote values, which could be a secret.
-        let doc: Value = serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
-        let list = doc
-            .as_object()
-            .and_then(|o| o.get("keys"))
-            .and_then(Value::as_array)
-            .ok_or("must be an object with a \"keys\" array")?;
-        let mut keys = Vec::new();
-        for (i, jwk) in list.iter().enumerate() {
-            let jwk = jwk.as_object().ok_or_else(|| format!("keys[{i}]: must be an object"))?;
-            let kty = jwk.get("kty").and_then(Value::as_str).ok_or_else(|| format!("keys[{i}].kty: missing"))?;
-            if kty != "oct" {
-                continue;
-            }
-            match jwk.get("alg") {
-                None => {}
-                Some(Value::String(a)) if a == "HS256" => {}
-                Some(_) => return Err(format!("keys[{i}].alg: only HS256 is supported")),
-            }
-            let kid = match jwk.get("kid") {
-                None => None,
-                Some(Value::String(k)) => Some(k.clone()),
-                Some(_) => return Err(format!("keys[{i}].kid: must be a string")),
-            };
-            let k = jwk.get("k").and_then(Value::as_str).ok_or_else(|| format!("keys[{i}].k: missing"))?;
-            let secret = URL_SAFE_LENIENT.decode(k).map_err(|_| format!("keys[{i}].k: not valid base64url"))?;
-            if secret.is_empty() {
-                return Err(format!("keys[{i}].k: empty secret"));
-            }
-            keys.push(HmacKey { kid, secret });
-        }
-        if keys.is_empty() {
-            return Err("no usable key (need kty \"oct\" with alg HS256 or no alg)".to_string());
-        }
-        Ok(Jwks { keys })
-    }
-}
+pub use crate::jwk::{Alg, Jwk, Jwks};
 
 /// A trusted issuer and how to read its tokens.
 #[derive(Clone, Debug)]
@@ -206,7 +125,34 @@ impl JwtVerifier {
         self.providers.is_empty()
     }
 
+    /// The issuer of provider `index`.
+    pub fn issuer(&self, index: usize) -> Option<&str> {
+        self.providers.get(index).map(|p| p.issuer.as_str())
+    }
+
+    /// The index of the provider `token` names by `iss`, read without any check (to
+    /// know which remote set a refused token needs; never to trust it).
+    pub fn provider_of(&self, token: &str) -> Option<usize> {
+        let payload = token.split('.').nth(1)?;
+        let claims = decode_object(payload).ok()?;
+        let issuer = claims.get("iss").and_then(Value::as_str)?;
+        self.providers.iter().position(|p| p.issuer == issuer)
+    }
+
+    /// Verifies a token whose providers all have their keys in the configuration.
     pub fn verify(&self, token: &str, now_unix_secs: u64) -> Result<VerifiedToken, JwtError> {
+        self.verify_with(token, now_unix_secs, |_| None)
+    }
+
+    /// As [`JwtVerifier::verify`]; `keys_of` gives the current key set of a provider
+    /// whose keys are fetched (`remote_jwks`), by its index, or an error when there is
+    /// none to use (not fetched yet, or too old).
+    pub fn verify_with(
+        &self,
+        token: &str,
+        now_unix_secs: u64,
+        keys_of: impl Fn(usize) -> Option<Result<Rc<Jwks>, JwtError>>,
+    ) -> Result<VerifiedToken, JwtError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(JwtError::TooLarge);
         }
@@ -218,10 +164,12 @@ impl JwtVerifier {
             return Err(JwtError::Malformed);
         }
         let header = decode_object(h64)?;
-        match header.get("alg") {
-            Some(Value::String(alg)) if alg == "HS256" => {}
+        // The algorithm decides which keys may be tried (see `jwk`): `none`, unknown
+        // names and a non-string are refused before anything else is read.
+        let alg = match header.get("alg") {
+            Some(Value::String(name)) => Alg::from_name(name).ok_or(JwtError::UnsupportedAlg)?,
             _ => return Err(JwtError::UnsupportedAlg),
-        }
+        };
         // No extension is understood, so a critical one must be refused (RFC 7515 4.1.11).
         if header.contains_key("crit") {
             return Err(JwtError::Malformed);
@@ -237,31 +185,47 @@ impl JwtVerifier {
         let signature = URL_SAFE_NO_PAD.decode(s64).map_err(|_| JwtError::BadBase64)?;
 
         let issuer = claims.get("iss").and_then(Value::as_str).ok_or(JwtError::UnknownIssuer)?;
-        let provider = self.providers.iter().find(|p| p.issuer == issuer).ok_or(JwtError::UnknownIssuer)?;
+        let (index, provider) =
+            self.providers.iter().enumerate().find(|(_, p)| p.issuer == issuer).ok_or(JwtError::UnknownIssuer)?;
+        let fetched = keys_of(index).transpose()?;
+        let keys = fetched.as_deref().unwrap_or(&provider.keys);
 
-        // As Istio (jwt_verify_lib): a key is a candidate unless both it and the token
-        // name a kid and the two differ.
-        let mut candidates = provider
-            .keys
-            .keys
-            .iter()
-            .filter(|k| match (kid, k.kid.as_deref()) {
-                (Some(want), Some(have)) => want == have,
-                _ => true,
-            })
-            .peekable();
-        if candidates.peek().is_none() {
-            return Err(JwtError::UnknownKid);
-        }
         let signed_len = h64.len() + 1 + p64.len();
         let signed = token.as_bytes().get(..signed_len).ok_or(JwtError::Malformed)?;
-        // Every candidate is tried, so timing does not reveal which key matched.
-        let good = candidates.fold(false, |ok, key| key.mac_matches(signed, &signature) | ok);
-        if !good {
-            return Err(JwtError::BadSignature);
-        }
+        check_signature(keys, alg, kid, signed, &signature)?;
 
         check_claims(provider, &claims, now_unix_secs)
+    }
+}
+
+/// Checks the signature with the keys `alg` and `kid` select. As Istio (jwt_verify_lib):
+/// a key is a candidate unless both it and the token name a kid and the two differ; of
+/// those, only keys of the algorithm's type (`Jwk::accepts`) are tried. No candidate by
+/// kid is `UnknownKid` (the remote set may be refetched for it).
+fn check_signature(keys: &Jwks, alg: Alg, kid: Option<&str>, signed: &[u8], signature: &[u8]) -> Result<(), JwtError> {
+    let mut by_kid = keys
+        .keys
+        .iter()
+        .filter(|k| match (kid, k.kid.as_deref()) {
+            (Some(want), Some(have)) => want == have,
+            _ => true,
+        })
+        .peekable();
+    if by_kid.peek().is_none() {
+        return Err(JwtError::UnknownKid);
+    }
+    let mut candidates = by_kid.filter(|k| k.accepts(alg));
+    let good = if alg.is_hmac() {
+        // Every secret is tried, so timing does not reveal which one matched.
+        candidates.fold(false, |ok, key| key.verify(alg, signed, signature) | ok)
+    } else {
+        // Public keys hide nothing: stop at the first that checks out.
+        candidates.any(|key| key.verify(alg, signed, signature))
+    };
+    if good {
+        Ok(())
+    } else {
+        Err(JwtError::BadSignature)
     }
 }
 
@@ -484,9 +448,12 @@ impl TokenCache {
 mod tests {
     // Under wasm-bindgen-test the same tests run compiled to wasm32 (see `make test-wasm`).
     use super::*;
+    use hmac::Mac;
     #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
     use wasm_bindgen_test::wasm_bindgen_test as test;
     use JwtError::*;
+
+    type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
     const NOW: u64 = 1_700_000_000; // exp/nbf literals below are relative to this
     const SKEW: u64 = 60;
@@ -675,7 +642,11 @@ mod tests {
             ("alg none", alg(r#""none""#), UnsupportedAlg),
             ("alg None", alg(r#""None""#), UnsupportedAlg),
             ("alg hs256", alg(r#""hs256""#), UnsupportedAlg),
-            ("alg RS256", alg(r#""RS256""#), UnsupportedAlg),
+            // The kid names an oct key, which never serves a public-key algorithm.
+            ("alg RS256", alg(r#""RS256""#), BadSignature),
+            ("alg EdDSA", alg(r#""EdDSA""#), BadSignature),
+            ("alg ES512", alg(r#""ES512""#), UnsupportedAlg),
+            ("alg HS384", alg(r#""HS384""#), UnsupportedAlg),
             ("alg HS512", alg(r#""HS512""#), UnsupportedAlg),
             ("alg number", alg("256"), UnsupportedAlg),
             ("alg null", alg("null"), UnsupportedAlg),
@@ -787,6 +758,81 @@ mod tests {
         }
     }
 
+    /// Providers holding the RFC keys: RSA (A.2), EC P-256 (A.3), Ed25519 (RFC 8037),
+    /// and one HS256 secret; the RFC tokens' issuer "joe" is also their user.
+    fn rfc_verifier(jwks: &str) -> JwtVerifier {
+        JwtVerifier::new(vec![JwtProvider {
+            issuer: "joe".into(),
+            user_claim: "iss".into(),
+            keys: Jwks::parse(jwks).unwrap_or_else(|e| panic!("{jwks}: {e}")),
+            ..provider("x", &[(None, K1)])
+        }])
+    }
+
+    #[test]
+    fn public_key_algorithms_and_confusion() {
+        use crate::jwk::tests::*;
+        const RFC_NOW: u64 = 1_300_819_000; // before the RFC tokens' exp
+        let public = format!(r#"{{"keys":[{},{},{}]}}"#, a2_jwk(), a3_jwk(), ed_jwk());
+        let with_oct = format!(r#"{{"keys":[{},{{"kty":"oct","k":"{}"}}]}}"#, a2_jwk(), b64(K1));
+        let kids = format!(
+            r#"{{"keys":[{{"kty":"RSA","kid":"r1","alg":"RS256","n":"{A2_N}","e":"AQAB"}},{{"kty":"EC","kid":"e1","crv":"P-256","x":"{A3_X}","y":"{A3_Y}"}}]}}"#
+        );
+        let (v_public, v_oct, v_kids) = (rfc_verifier(&public), rfc_verifier(&with_oct), rfc_verifier(&kids));
+
+        let rfc_claims = A2_TOKEN.split('.').nth(1).unwrap();
+        let a2_sig = A2_TOKEN.rsplit('.').next().unwrap();
+        let a3_sig = A3_TOKEN.rsplit('.').next().unwrap();
+        let n_bytes = URL_SAFE_NO_PAD.decode(A2_N).unwrap();
+        let payload = r#"{"iss":"joe","sub":"a"}"#;
+        // The signature under another header (so another signing input: every swap fails;
+        // `jwk::tests` checks each key against every algorithm on the same input).
+        let swap = |header: &str, sig: &str| format!("{}.{rfc_claims}.{sig}", b64(header.as_bytes()));
+        #[rustfmt::skip]
+        let cases: Vec<(&str, &JwtVerifier, String, Result<(), JwtError>)> = vec![
+            ("A.2 RS256", &v_public, A2_TOKEN.into(), Ok(())),
+            ("A.3 ES256", &v_public, A3_TOKEN.into(), Ok(())),
+            ("A.2 beside an oct key", &v_oct, A2_TOKEN.into(), Ok(())),
+            ("A.2 kid-less against named keys", &v_kids, A2_TOKEN.into(), Ok(())),
+            ("A.3 kid-less against named keys", &v_kids, A3_TOKEN.into(), Ok(())),
+            // RFC 8037's payload is not a claims object: the signature is right, the token is not.
+            ("RFC 8037 Ed25519", &v_public, ED_TOKEN.into(), Err(BadJson)),
+            ("A.4 ES512", &v_public, A4_TOKEN.into(), Err(UnsupportedAlg)),
+            ("A.2 as PS256", &v_public, swap(r#"{"alg":"PS256"}"#, a2_sig), Err(BadSignature)),
+            ("A.2 as RS512", &v_public, swap(r#"{"alg":"RS512"}"#, a2_sig), Err(BadSignature)),
+            ("A.2 as ES256", &v_public, swap(r#"{"alg":"ES256"}"#, a2_sig), Err(BadSignature)),
+            ("A.3 as RS256", &v_public, swap(r#"{"alg":"RS256"}"#, a3_sig), Err(BadSignature)),
+            ("A.3 as ES384", &v_public, swap(r#"{"alg":"ES384"}"#, a3_sig), Err(BadSignature)),
+            ("A.3 as EdDSA", &v_public, swap(r#"{"alg":"EdDSA"}"#, a3_sig), Err(BadSignature)),
+            ("A.2 as none", &v_public, swap(r#"{"alg":"none"}"#, a2_sig), Err(UnsupportedAlg)),
+            ("A.2 unsigned none", &v_public, format!("{}.{rfc_claims}.", b64(br#"{"alg":"none"}"#)), Err(Malformed)),
+            ("A.2 kid of the EC key", &v_kids, swap(r#"{"alg":"RS256","kid":"e1"}"#, a2_sig), Err(BadSignature)),
+            ("A.2 unknown kid", &v_kids, swap(r#"{"alg":"RS256","kid":"r9"}"#, a2_sig), Err(UnknownKid)),
+            ("A.2 as PS256 by RS256-only kid", &v_kids, swap(r#"{"alg":"PS256","kid":"r1"}"#, a2_sig), Err(BadSignature)),
+            // HS256 signed with what an attacker can read: the public key's bytes or JSON.
+            ("HS256 with n as secret", &v_public, mint_raw(r#"{"alg":"HS256"}"#, payload, &n_bytes), Err(BadSignature)),
+            ("HS256 with n as secret, oct beside", &v_oct, mint_raw(r#"{"alg":"HS256"}"#, payload, &n_bytes), Err(BadSignature)),
+            ("HS256 with the JWK as secret", &v_public, mint_raw(r#"{"alg":"HS256"}"#, payload, a2_jwk().as_bytes()), Err(BadSignature)),
+            ("HS256 with x as secret", &v_public, mint_raw(r#"{"alg":"HS256"}"#, payload, A3_X.as_bytes()), Err(BadSignature)),
+            ("HS256 by the RSA kid", &v_kids, mint_raw(r#"{"alg":"HS256","kid":"r1"}"#, payload, &n_bytes), Err(BadSignature)),
+            ("HS256 with the oct secret", &v_oct, mint_raw(r#"{"alg":"HS256"}"#, payload, K1), Ok(())),
+        ];
+        for (name, v, token, want) in cases {
+            assert_eq!(v.verify(&token, RFC_NOW).map(|_| ()), want, "{name}");
+        }
+        assert_eq!(v_public.verify(A2_TOKEN, 1_300_819_380 + SKEW), Err(Expired));
+
+        // A provider whose keys come from elsewhere (remote_jwks) uses them.
+        let keys = Rc::new(Jwks::parse(&public).unwrap());
+        let remote = rfc_verifier(&format!(r#"{{"keys":[{{"kty":"oct","k":"{}"}}]}}"#, b64(K2)));
+        assert_eq!(remote.verify(A2_TOKEN, RFC_NOW).map(|_| ()), Err(BadSignature));
+        assert_eq!(remote.verify_with(A2_TOKEN, RFC_NOW, |_| Some(Ok(keys.clone()))).map(|_| ()), Ok(()));
+        assert_eq!(remote.provider_of(A2_TOKEN), Some(0));
+        assert_eq!(remote.provider_of(&mint(CLAIMS)), None);
+        assert_eq!(remote.provider_of("x.y.z"), None);
+        assert_eq!(remote.verify_with(A2_TOKEN, RFC_NOW, |_| Some(Err(KeysUnavailable))), Err(KeysUnavailable));
+    }
+
     #[test]
     fn jwks_parse() {
         #[rustfmt::skip]
@@ -803,7 +849,8 @@ mod tests {
         ];
         for (json, want) in ok {
             let jwks = Jwks::parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
-            let got: Vec<KidSecret> = jwks.keys.iter().map(|k| (k.kid.as_deref(), k.secret.as_slice())).collect();
+            let got: Vec<KidSecret> =
+                jwks.keys.iter().map(|k| (k.kid.as_deref(), k.secret().unwrap_or_default())).collect();
             assert_eq!(got, want.to_vec(), "{json}");
         }
 
@@ -845,7 +892,7 @@ mod tests {
         let errors = [
             TooLarge, Malformed, BadBase64, BadJson, UnsupportedAlg, UnknownIssuer, UnknownKid,
             BadSignature, Expired, NotYetValid, WrongAudience, MissingExp, BadClaim("exp"),
-            BadClaim("other"), MissingUser,
+            BadClaim("other"), MissingUser, KeysUnavailable,
         ];
         for e in errors {
             assert!(e.message().starts_with("token "), "{e:?}");

@@ -20,6 +20,9 @@ pub fn openai_error_body(message: &str, kind: &str, code: &str) -> String {
 
 impl From<&AuthError> for LocalReply {
     fn from(error: &AuthError) -> Self {
+        if *error == AuthError::InvalidToken(crate::jwt::JwtError::KeysUnavailable) {
+            return LocalReply::jwks_unavailable();
+        }
         let (status, message, code) = match error {
             AuthError::MissingCredential => (
                 401,
@@ -88,6 +91,16 @@ impl LocalReply {
         LocalReply::retry_in_a_second(
             "Your API key could not be checked right now. Please retry in a second.",
             "key_service_unavailable",
+        )
+    }
+
+    /// 503 for a token whose issuer's keys are fetched (`remote_jwks`) and cannot be
+    /// used now: not fetched yet, or the last good set is older than `max_age_seconds`.
+    /// Fail closed; the token may well be good.
+    pub fn jwks_unavailable() -> LocalReply {
+        LocalReply::retry_in_a_second(
+            "Your token could not be checked right now: its issuer's keys are unavailable. Please retry in a second.",
+            "jwks_unavailable",
         )
     }
 

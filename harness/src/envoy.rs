@@ -214,6 +214,9 @@ pub struct EnvoyLayout<'a> {
     pub istio: Option<&'a IstioShape>,
     /// The harness's ext_proc server (Istio-shaped only): llm-d's InferencePool filter.
     pub ext_proc_port: Option<u16>,
+    /// Extra clusters a plugin config can name (`tollgate up --upstream NAME=HOST:PORT`):
+    /// (name, `host:port`), e.g. an identity provider's JWKS server.
+    pub upstreams: &'a [(String, String)],
 }
 
 /// Sets `key` of a JSON object (no-op on anything else).
@@ -239,6 +242,24 @@ fn cluster_of(name: &str, ports: &[u16]) -> Value {
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}
+    })
+}
+
+/// A cluster for `--upstream NAME=HOST:PORT`: one endpoint, resolved by DNS unless the
+/// host is an IP address.
+fn upstream_cluster(name: &str, address: &str) -> Value {
+    let (host, port) = address.rsplit_once(':').unwrap_or((address, "80"));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().unwrap_or(80);
+    let kind = if host.parse::<std::net::IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" };
+    json!({
+        "name": name,
+        "type": kind,
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+        ]}]}
     })
 }
 
@@ -437,6 +458,7 @@ fn cors_policy() -> Value {
 pub fn bootstrap(l: &EnvoyLayout<'_>) -> Value {
     let usage_name = usage_cluster_name(l.plugin_config).unwrap_or_else(|| LOCAL_USAGE_CLUSTER.to_string());
     let mut clusters = vec![cluster("model", l.model_port), usage_cluster(&usage_name, l.tracker_ports)];
+    clusters.extend(l.upstreams.iter().map(|(name, address)| upstream_cluster(name, address)));
     let gateway = match l.istio {
         None => listener("gateway", l.gateway_port, vec![static_wasm_filter(l), router()], None),
         Some(shape) => {
@@ -525,6 +547,7 @@ mod tests {
             jwt_authn: None,
             istio: None,
             ext_proc_port: None,
+            upstreams: &[],
         };
         let names = |b: &Value| -> Vec<String> {
             b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters")
@@ -582,6 +605,7 @@ mod tests {
             jwt_authn: None,
             istio: Some(&s),
             ext_proc_port: None,
+            upstreams: &[],
         };
         let b = bootstrap(&l);
         let usage = &b["static_resources"]["clusters"][1];
@@ -598,5 +622,37 @@ mod tests {
         assert_eq!(b["admin"]["address"]["socket_address"]["port_value"], 10101);
         assert_eq!(b["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"], 8280);
         assert!(b["node"]["id"].as_str().unwrap().contains("-istio-2."), "{}", b["node"]);
+    }
+
+    #[test]
+    fn upstreams_become_clusters() {
+        let upstreams =
+            [("idp".to_string(), "127.0.0.1:8443".to_string()), ("kc".to_string(), "keycloak.local:80".to_string())];
+        let (env, config) = (BTreeMap::new(), json!({}));
+        let l = EnvoyLayout {
+            replica: 0,
+            gateway_port: 1,
+            admin_port: 2,
+            model_port: 3,
+            tracker_ports: &[4],
+            wasm: Path::new("/w/plugin.wasm"),
+            plugin_config: &config,
+            vm_env: &env,
+            jwt_authn: None,
+            istio: None,
+            ext_proc_port: None,
+            upstreams: &upstreams,
+        };
+        let b = bootstrap(&l);
+        let clusters = b["static_resources"]["clusters"].as_array().unwrap();
+        let idp = clusters.iter().find(|c| c["name"] == "idp").unwrap();
+        assert_eq!(idp["type"], "STATIC");
+        assert_eq!(
+            idp.pointer("/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address/port_value")
+                .unwrap(),
+            8443
+        );
+        let kc = clusters.iter().find(|c| c["name"] == "kc").unwrap();
+        assert_eq!(kc["type"], "STRICT_DNS");
     }
 }

@@ -33,11 +33,15 @@ enum Cmd {
         #[command(subcommand)]
         command: KeyCmd,
     },
-    /// Mint an HS256 JWT.
+    /// Mint a JWT: HS256 with --secret, or RS*/PS*/ES256/ES384/EdDSA with --key.
     Jwt {
         /// The HMAC secret (its raw bytes are the key).
-        #[arg(long, env = "TOLLGATE_JWT_SECRET")]
-        secret: String,
+        #[arg(long, env = "TOLLGATE_JWT_SECRET", required_unless_present = "key", conflicts_with = "key")]
+        secret: Option<String>,
+        /// A private JWK file (`tollgate jwt-key`): signs with its `alg`; its `kid` is the
+        /// token's unless --kid is given.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
         #[arg(long)]
         kid: Option<String>,
         #[arg(long, default_value = "dev")]
@@ -53,10 +57,22 @@ enum Cmd {
         #[arg(long)]
         aud: Option<String>,
     },
-    /// Print the JWKS (Istio RequestAuthentication format) for an HS256 secret.
+    /// Print the JWKS (Istio RequestAuthentication format) for an HS256 secret, or the
+    /// public JWKS of private JWK files (--key, repeatable: what a jwks_uri serves).
     Jwks {
-        #[arg(long, env = "TOLLGATE_JWT_SECRET")]
-        secret: String,
+        #[arg(long, env = "TOLLGATE_JWT_SECRET", required_unless_present = "key", conflicts_with = "key")]
+        secret: Option<String>,
+        #[arg(long)]
+        kid: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        key: Vec<PathBuf>,
+    },
+    /// Generate a signing key and print it as a private JWK (keep it secret; `tollgate
+    /// jwks --key FILE` prints its public JWKS).
+    JwtKey {
+        /// RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA.
+        #[arg(long, default_value = "RS256")]
+        alg: String,
         #[arg(long)]
         kid: Option<String>,
     },
@@ -248,6 +264,20 @@ struct UpArgs {
     /// gateway then accepts only the static dev key. The tracker's keys API stays on.
     #[arg(long)]
     no_managed_keys: bool,
+    /// Add an Envoy cluster NAME reaching HOST:PORT (repeatable), for a plugin config to
+    /// name: e.g. an identity provider's JWKS server (jwt.providers[].remote_jwks.cluster).
+    #[arg(long, value_name = "NAME=HOST:PORT", value_parser = parse_upstream)]
+    upstream: Vec<(String, String)>,
+}
+
+/// `--upstream NAME=HOST:PORT`.
+fn parse_upstream(s: &str) -> Result<(String, String), String> {
+    let (name, address) = s.split_once('=').ok_or("expected NAME=HOST:PORT")?;
+    let (host, port) = address.rsplit_once(':').ok_or("expected NAME=HOST:PORT")?;
+    if name.is_empty() || host.is_empty() || port.parse::<u16>().is_err() {
+        return Err("expected NAME=HOST:PORT (a port number)".into());
+    }
+    Ok((name.to_string(), address.to_string()))
 }
 
 /// How often `tollgate up`'s gateway polls the tracker for revoked keys.
@@ -278,19 +308,44 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Key { command } => key(command),
-        Cmd::Jwt { secret, kid, iss, sub, groups, ttl, aud } => {
+        Cmd::Jwt { secret, key, kid, iss, sub, groups, ttl, aud } => {
             let ttl = if ttl == "none" { None } else { Some(dev::parse_ttl(&ttl)?) };
             let claims = dev::claims(&iss, &sub, &split_groups(&groups), ttl, aud.as_deref());
-            println!("{}", dev::mint_jwt(secret.as_bytes(), kid.as_deref(), &claims)?);
+            let token = match (key, secret) {
+                (Some(file), _) => {
+                    let mut signer = read_signer(&file)?;
+                    signer.kid = kid.or(signer.kid);
+                    signer.mint(&claims)?
+                }
+                (None, Some(secret)) => dev::mint_jwt(secret.as_bytes(), kid.as_deref(), &claims)?,
+                (None, None) => anyhow::bail!("give --secret or --key"),
+            };
+            println!("{token}");
             Ok(())
         }
-        Cmd::Jwks { secret, kid } => {
-            println!("{}", dev::jwks(secret.as_bytes(), kid.as_deref()));
+        Cmd::Jwks { secret, kid, key } => {
+            if key.is_empty() {
+                let secret = secret.ok_or_else(|| anyhow!("give --secret or --key"))?;
+                println!("{}", dev::jwks(secret.as_bytes(), kid.as_deref()));
+            } else {
+                let signers = key.iter().map(|f| read_signer(f)).collect::<anyhow::Result<Vec<_>>>()?;
+                println!("{}", dev::Signer::jwks(&signers.iter().collect::<Vec<_>>()));
+            }
+            Ok(())
+        }
+        Cmd::JwtKey { alg, kid } => {
+            println!("{}", dev::Signer::generate(&alg, kid.as_deref())?.private_jwk());
             Ok(())
         }
         Cmd::Render(args) => harness::render::run(&args),
         Cmd::Usage(args) => usage_cmd(args),
     }
+}
+
+/// A private JWK file as `tollgate jwt-key` writes it.
+fn read_signer(file: &std::path::Path) -> anyhow::Result<dev::Signer> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    dev::Signer::from_private_jwk(&text).with_context(|| format!("in {}", file.display()))
 }
 
 /// `tollgate usage`.
@@ -422,6 +477,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         istio_shaped,
         ext_proc: args.ext_proc,
         ingest_token: !args.no_ingest_token,
+        upstreams: args.upstream.clone(),
         ..StackOptions::default()
     })?;
     if let Some(mode) = args.fault_tracker {

@@ -93,6 +93,9 @@ pub struct StackOptions {
     pub ingest_token: bool,
     /// Load this module instead of the built filter (e.g. [`paths::test_trap_wasm_file`]).
     pub wasm: Option<PathBuf>,
+    /// Extra Envoy clusters a plugin config can name: (name, `host:port`), e.g. a JWKS
+    /// server for `jwt.providers[].remote_jwks` (`tollgate up --upstream`).
+    pub upstreams: Vec<(String, String)>,
 }
 
 /// VM env variable that carries the ingest token (the filter's `usage.token_env`).
@@ -123,6 +126,7 @@ impl Default for StackOptions {
             ext_proc: false,
             ingest_token: true,
             wasm: None,
+            upstreams: Vec::new(),
         }
     }
 }
@@ -433,6 +437,7 @@ impl Stack {
                 jwt_authn: if i == 0 { jwt_authn_port.zip(opts.jwt_authn.as_ref()) } else { None },
                 istio: istio.as_ref(),
                 ext_proc_port: ext_proc.as_ref().map(|e| e.port),
+                upstreams: &opts.upstreams,
             });
             envoys.push(spawn_envoy(&dir, i, &bootstrap, opts.concurrency, istio.as_ref(), &vm_env)?);
         }

@@ -205,3 +205,177 @@ fn tollgate_and_envoy_jwt_authn_agree() {
     }
     assert!(mismatches.is_empty(), "{} of {} cases differ:\n{}", mismatches.len(), cases.len(), mismatches.join("\n"));
 }
+
+/// The public-key corpus: every algorithm the filter verifies (RS*/PS*, ES256, ES384,
+/// EdDSA), valid, tampered, signed by a key not published, expired, algorithm
+/// confusion (HS256 signed with a public key's bytes, a key's `alg` or type not the
+/// token's), and rotation (two keys published; a kid reused by a new key; a removed key).
+fn public_key_corpus(keys: &PublicKeys) -> Vec<Case> {
+    let t = now();
+    let good = |sub: &str| json!({"iss": "idp", "sub": sub, "aud": "api", "groups": ["g"], "exp": t + 600});
+    let mut cases = Vec::new();
+    let mut add = |name: String, token: String, expect: Expect| cases.push(Case { name, token, expect });
+    let header = |alg: &str, kid: Option<&str>| {
+        let mut h = json!({"alg": alg, "typ": "JWT"});
+        if let Some(kid) = kid {
+            h["kid"] = json!(kid);
+        }
+        h.to_string()
+    };
+
+    for (alg, signer) in &keys.by_alg {
+        let kid = signer.kid.clone();
+        let p = good(&format!("u-{alg}"));
+        let token = signer.mint(&p).unwrap();
+        add(format!("{alg} valid"), token.clone(), Expect::Same(true));
+        let no_kid = signer.sign_raw(&header(alg, None), &p.to_string()).unwrap();
+        add(format!("{alg} valid without kid"), no_kid, Expect::Same(true));
+        let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+        let sig = parts[2].clone();
+        parts[1] = b64(&good("admin").to_string());
+        add(format!("{alg} tampered payload"), parts.join("."), Expect::Same(false));
+        let mut chars: Vec<char> = sig.chars().collect();
+        chars[7] = if chars[7] == 'A' { 'B' } else { 'A' };
+        let (rest, _) = token.rsplit_once('.').unwrap();
+        add(
+            format!("{alg} tampered signature"),
+            format!("{rest}.{}", chars.iter().collect::<String>()),
+            Expect::Same(false),
+        );
+        add(format!("{alg} signature truncated"), format!("{rest}.{}", &sig[..sig.len() - 8]), Expect::Same(false));
+        let expired = json!({"iss": "idp", "sub": "u", "aud": "api", "exp": t - 3600});
+        add(format!("{alg} expired"), signer.mint(&expired).unwrap(), Expect::Same(false));
+        let wrong_aud = json!({"iss": "idp", "sub": "u", "aud": "other", "exp": t + 600});
+        add(format!("{alg} wrong aud"), signer.mint(&wrong_aud).unwrap(), Expect::Same(false));
+        // The same algorithm and kid, signed by a key that is not published.
+        let stranger = if alg.starts_with("RS") || alg.starts_with("PS") {
+            dev::test_rsa_signer(2, alg, kid.as_deref()).unwrap()
+        } else {
+            dev::Signer::generate(alg, kid.as_deref()).unwrap()
+        };
+        add(format!("{alg} wrong key"), stranger.mint(&p).unwrap(), Expect::Same(false));
+        // HS256 signed with what anyone can read: the public key's members and its JWK.
+        let public = signer.public_jwk();
+        let member = if public["kty"] == "RSA" { "n" } else { "x" };
+        let raw = URL_SAFE_NO_PAD.decode(public[member].as_str().unwrap()).unwrap();
+        for (what, secret) in [(member, raw), ("JWK text", public.to_string().into_bytes())] {
+            for kid in [kid.as_deref(), None] {
+                let token = dev::sign_raw(&secret, &header("HS256", kid), &p.to_string()).unwrap();
+                add(format!("{alg} key as HS256 secret ({what}, kid {kid:?})"), token, Expect::Same(false));
+            }
+        }
+    }
+
+    // A key's own alg binds it: key rsa-a is published for RS256 only.
+    let rsa_a_as_ps = dev::test_rsa_signer(0, "PS256", Some("rsa-a")).unwrap();
+    add("PS256 by an RS256-only key".into(), rsa_a_as_ps.mint(&good("c1")).unwrap(), Expect::Same(false));
+    // A key's type binds it: a P-256 signature under an ES384 or EdDSA header, by the
+    // kid of a key of that kind or of its own.
+    let es256 = &keys.by_alg.iter().find(|(a, _)| *a == "ES256").unwrap().1;
+    for (alg, kid) in [("ES384", "ec-384"), ("ES384", "ec-256"), ("EdDSA", "ed"), ("RS256", "rsa-a")] {
+        let token = es256.sign_raw(&header(alg, Some(kid)), &good("c2").to_string()).unwrap();
+        add(format!("ES256 signature under alg {alg}, kid {kid}"), token, Expect::Same(false));
+    }
+    let ed = &keys.by_alg.iter().find(|(a, _)| *a == "EdDSA").unwrap().1;
+    let token = ed.sign_raw(&header("EdDSA", Some("ec-256")), &good("c3").to_string()).unwrap();
+    add("EdDSA by the kid of the P-256 key".into(), token, Expect::Same(false));
+    for alg in ["none", "ES512", "HS512", "Ed25519"] {
+        let token = es256.sign_raw(&header(alg, Some("ec-256")), &good("c4").to_string()).unwrap();
+        add(format!("alg {alg}"), token, Expect::Same(false));
+    }
+
+    // Rotation: both published keys verify; a kid reused by a new key and a removed
+    // kid do not.
+    add("rotation: the new key".into(), keys.rotated_new.mint(&good("r1")).unwrap(), Expect::Same(true));
+    add(
+        "rotation: the old key, still published".into(),
+        keys.rotated_old.mint(&good("r2")).unwrap(),
+        Expect::Same(true),
+    );
+    let reused = dev::Signer::generate("ES256", keys.rotated_old.kid.as_deref()).unwrap();
+    add("rotation: a kid reused by another key".into(), reused.mint(&good("r3")).unwrap(), Expect::Same(false));
+    let removed = dev::test_rsa_signer(2, "RS256", Some("rsa-removed")).unwrap();
+    add("rotation: a removed kid".into(), removed.mint(&good("r4")).unwrap(), Expect::Same(false));
+    cases
+}
+
+/// The signers of the public-key corpus and the JWKS both verifiers get.
+struct PublicKeys {
+    by_alg: Vec<(&'static str, dev::Signer)>,
+    rotated_old: dev::Signer,
+    rotated_new: dev::Signer,
+    jwks: String,
+}
+
+fn public_keys() -> PublicKeys {
+    let mut by_alg = Vec::new();
+    let mut published = Vec::new();
+    for alg in dev::SIGNING_ALGS {
+        let signer = match *alg {
+            "RS256" => dev::test_rsa_signer(0, alg, Some("rsa-a")).unwrap(),
+            // One RSA key without `alg` serves the other RS*/PS* algorithms.
+            a if a.starts_with("RS") || a.starts_with("PS") => dev::test_rsa_signer(1, alg, Some("rsa-any")).unwrap(),
+            "ES256" => dev::Signer::generate(alg, Some("ec-256")).unwrap(),
+            "ES384" => dev::Signer::generate(alg, Some("ec-384")).unwrap(),
+            _ => dev::Signer::generate(alg, Some("ed")).unwrap(),
+        };
+        let mut jwk = signer.public_jwk();
+        if signer.kid.as_deref() == Some("rsa-any") {
+            jwk.as_object_mut().unwrap().remove("alg");
+        }
+        if !published.contains(&jwk) {
+            published.push(jwk);
+        }
+        by_alg.push((*alg, signer));
+    }
+    let rotated_old = dev::Signer::generate("ES256", Some("rot-old")).unwrap();
+    let rotated_new = dev::Signer::generate("ES256", Some("rot-new")).unwrap();
+    published.push(rotated_old.public_jwk());
+    published.push(rotated_new.public_jwk());
+    // Entries Tollgate skips (an encryption key, a P-521 key) sit in the same set.
+    let mut enc = dev::test_rsa_signer(2, "RS256", Some("enc")).unwrap().public_jwk();
+    enc["use"] = json!("enc");
+    enc.as_object_mut().unwrap().remove("alg");
+    published.push(enc);
+    published.push(json!({"kty": "EC", "crv": "P-521", "kid": "p521",
+        "x": "AekpBQ8ST8a8VcfVOTNl353vSrDCLLJXmPk06wTjxrrjcBpXp5EOnYG_NjFZ6OvLFV1jSfS9tsz4qUxcWceqwQGk",
+        "y": "ADSmRA43Z1DSNx_RvcLI87cdL07l6jQyyBXMoxVg_l2Th-x3S1WDhjDly79ajL4Kkd0AZMaZmh9ubmf63e3kyMj2"}));
+    let jwks = json!({ "keys": published }).to_string();
+    PublicKeys { by_alg, rotated_old, rotated_new, jwks }
+}
+
+#[test]
+fn public_key_algorithms_agree_with_jwt_authn() {
+    let keys = public_keys();
+    let jwt_authn = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {"idp": {
+            "issuer": "idp", "audiences": ["api"], "local_jwks": {"inline_string": keys.jwks},
+            "forward": false, "clock_skew_seconds": 60
+        }},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "idp"}}]
+    });
+    let stack = Stack::start(StackOptions {
+        plugin_config: json!({"jwt": {"providers": [{"issuer": "idp", "audiences": ["api"], "jwks": keys.jwks}]}}),
+        jwt_authn: Some(jwt_authn),
+        label: "jwt-differential-public".into(),
+        ..StackOptions::default()
+    })
+    .unwrap();
+    let native = stack.jwt_authn_url.clone().unwrap();
+    let cases = public_key_corpus(&keys);
+    assert!(cases.len() >= 100, "corpus has {} tokens", cases.len());
+    let mut mismatches = Vec::new();
+    for case in &cases {
+        let ours = allowed(&stack.gateway_url, &case.token);
+        let theirs = allowed(&native, &case.token);
+        let ok = match case.expect {
+            Expect::Same(v) => ours == v && theirs == v,
+            Expect::TollgateStricter => !ours && theirs,
+        };
+        if !ok {
+            mismatches.push(format!("{}: tollgate={ours} jwt_authn={theirs} expected {:?}", case.name, case.expect));
+        }
+    }
+    assert!(mismatches.is_empty(), "{} of {} cases differ:\n{}", mismatches.len(), cases.len(), mismatches.join("\n"));
+}
