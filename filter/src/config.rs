@@ -198,6 +198,8 @@ struct RawProvider {
     #[serde(default)]
     audiences: Vec<String>,
     #[serde(default)]
+    authorized_parties: Vec<String>,
+    #[serde(default)]
     jwks: Option<String>,
     #[serde(default)]
     jwks_env: Option<String>,
@@ -727,6 +729,7 @@ fn build_provider(
     let provider = JwtProvider {
         issuer: p.issuer,
         audiences: p.audiences,
+        authorized_parties: p.authorized_parties,
         keys,
         user_claim: p.user_claim,
         groups_claim: p.groups_claim,

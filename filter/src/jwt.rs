@@ -40,6 +40,8 @@ pub enum JwtError {
     Expired,
     NotYetValid,
     WrongAudience,
+    /// `azp` missing or not one of the provider's `authorized_parties`.
+    WrongAuthorizedParty,
     MissingExp,
     /// A claim (named) has the wrong type or a value that cannot be used.
     BadClaim(&'static str),
@@ -64,6 +66,7 @@ impl JwtError {
             JwtError::Expired => "token expired",
             JwtError::NotYetValid => "token not yet valid",
             JwtError::WrongAudience => "token audience not allowed",
+            JwtError::WrongAuthorizedParty => "token authorized party not allowed",
             JwtError::MissingExp => "token has no expiry",
             JwtError::BadClaim("exp") => "token exp claim invalid",
             JwtError::BadClaim("nbf") => "token nbf claim invalid",
@@ -93,6 +96,8 @@ pub struct JwtProvider {
     pub issuer: String,
     /// Empty: `aud` is not checked.
     pub audiences: Vec<String>,
+    /// Empty: `azp` (the OAuth client the token was issued to) is not checked.
+    pub authorized_parties: Vec<String>,
     pub keys: Jwks,
     pub user_claim: String,
     pub groups_claim: String,
@@ -283,6 +288,15 @@ fn check_claims(provider: &JwtProvider, claims: &Map<String, Value>, now: u64) -
         };
         if !ok {
             return Err(JwtError::WrongAudience);
+        }
+    }
+    if !provider.authorized_parties.is_empty() {
+        let allowed = match claims.get("azp") {
+            Some(Value::String(azp)) => provider.authorized_parties.iter().any(|want| want == azp),
+            _ => false,
+        };
+        if !allowed {
+            return Err(JwtError::WrongAuthorizedParty);
         }
     }
 
@@ -509,6 +523,7 @@ mod tests {
         JwtProvider {
             issuer: issuer.into(),
             audiences: vec![],
+            authorized_parties: vec![],
             keys: Jwks::parse(&jwks_json(keys)).unwrap(),
             user_claim: "sub".into(),
             groups_claim: "groups".into(),
@@ -704,9 +719,10 @@ mod tests {
     }
 
     #[test]
-    fn audiences_and_require_exp() {
+    fn audiences_authorized_parties_and_require_exp() {
         let aud = verifier_with(|p| p.audiences = vec!["llm".into(), "chat".into()]);
         let strict = verifier_with(|p| p.require_exp = true);
+        let azp = verifier_with(|p| p.authorized_parties = vec!["web".into(), "cli".into()]);
         #[rustfmt::skip]
         let cases: Vec<(&str, &JwtVerifier, String, Result<(), JwtError>)> = vec![
             ("aud string", &aud, claims(r#","aud":"llm""#), Ok(())),
@@ -718,6 +734,11 @@ mod tests {
             ("aud number", &aud, claims(r#","aud":7"#), Err(BadClaim("aud"))),
             ("aud array with number", &aud, claims(r#","aud":["llm",7]"#), Err(BadClaim("aud"))),
             ("aud not checked without audiences", &strict, claims(r#","aud":"x","exp":1700000010"#), Ok(())),
+            ("azp allowed", &azp, claims(r#","azp":"web""#), Ok(())),
+            ("azp not allowed", &azp, claims(r#","azp":"other""#), Err(WrongAuthorizedParty)),
+            ("azp missing", &azp, claims(""), Err(WrongAuthorizedParty)),
+            ("azp not a string", &azp, claims(r#","azp":["web"]"#), Err(WrongAuthorizedParty)),
+            ("azp not checked without authorized_parties", &aud, claims(r#","aud":"llm","azp":"x""#), Ok(())),
             ("require_exp without exp", &strict, claims(""), Err(MissingExp)),
             ("require_exp with exp", &strict, claims(r#","exp":1700000010"#), Ok(())),
             ("require_exp expired", &strict, claims(r#","exp":5"#), Err(Expired)),
@@ -891,7 +912,7 @@ mod tests {
         #[rustfmt::skip]
         let errors = [
             TooLarge, Malformed, BadBase64, BadJson, UnsupportedAlg, UnknownIssuer, UnknownKid,
-            BadSignature, Expired, NotYetValid, WrongAudience, MissingExp, BadClaim("exp"),
+            BadSignature, Expired, NotYetValid, WrongAudience, WrongAuthorizedParty, MissingExp, BadClaim("exp"),
             BadClaim("other"), MissingUser, KeysUnavailable,
         ];
         for e in errors {

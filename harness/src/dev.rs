@@ -326,6 +326,7 @@ mod tests {
             let verifier = JwtVerifier::new(vec![JwtProvider {
                 issuer: "idp".into(),
                 audiences: vec![],
+                authorized_parties: vec![],
                 keys: Jwks::parse(&Signer::jwks(&[&signer])).unwrap(),
                 user_claim: "sub".into(),
                 groups_claim: "groups".into(),

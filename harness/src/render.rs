@@ -148,13 +148,20 @@ pub struct KeySpec {
     pub sha256: Option<String>,
 }
 
-/// The HS256 issuer: exactly one of `jwks`, `jwks_file`, `hs256_secret`, `hs256_secret_env`.
+/// The JWT issuer: exactly one of `jwks`, `jwks_file`, `hs256_secret`, `hs256_secret_env`
+/// (the keys in the Secret) or `remote_jwks` (fetched from the IdP's `jwks_uri`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Jwt {
     pub issuer: String,
     #[serde(default)]
     pub audiences: Vec<String>,
+    /// `azp` values allowed (empty: not checked).
+    #[serde(default)]
+    pub authorized_parties: Vec<String>,
+    /// The filter's `remote_jwks`, written as given (the filter checks it at load).
+    #[serde(default)]
+    pub remote_jwks: Option<Value>,
     #[serde(default)]
     pub jwks: Option<String>,
     /// Relative to the users file.
@@ -270,6 +277,16 @@ fn jwks_value(jwt: &Jwt, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) 
         Ok(crate::dev::jwks(secret.as_bytes(), jwt.kid.as_deref()))
     };
     let text = match (&jwt.jwks, &jwt.jwks_file, &jwt.hs256_secret, &jwt.hs256_secret_env) {
+        _ if jwt.remote_jwks.is_some() => {
+            if jwt.jwks.is_some()
+                || jwt.jwks_file.is_some()
+                || jwt.hs256_secret.is_some()
+                || jwt.hs256_secret_env.is_some()
+            {
+                bail!("jwt.remote_jwks: set either remote_jwks or jwks / jwks_file / hs256_secret*, not both");
+            }
+            return Ok(r#"{"keys":[]}"#.to_string());
+        }
         (Some(j), None, None, None) => j.clone(),
         (None, Some(f), None, None) => {
             let path = base_dir.join(f);
@@ -280,7 +297,7 @@ fn jwks_value(jwt: &Jwt, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) 
             Some(s) => hs256(&s)?,
             None => bail!("jwt.hs256_secret_env: environment variable {var} is not set"),
         },
-        _ => bail!("jwt: set exactly one of jwks, jwks_file, hs256_secret, hs256_secret_env"),
+        _ => bail!("jwt: set exactly one of jwks, jwks_file, hs256_secret, hs256_secret_env, remote_jwks"),
     };
     if jwt.kid.is_some() && (jwt.jwks.is_some() || jwt.jwks_file.is_some()) {
         bail!("jwt.kid: only with hs256_secret / hs256_secret_env (a JWKS names its own kids)");
@@ -373,9 +390,20 @@ pub fn render(
         config.insert("api_keys".into(), Value::Object(api_keys));
     }
     if let Some(jwt) = &file.jwt {
-        env_names.push(JWKS_ENV);
-        let mut p = json!({"issuer": jwt.issuer, "audiences": jwt.audiences, "jwks_env": JWKS_ENV});
+        let mut p = json!({"issuer": jwt.issuer, "audiences": jwt.audiences});
         if let Some(obj) = p.as_object_mut() {
+            match &jwt.remote_jwks {
+                Some(remote) => {
+                    obj.insert("remote_jwks".into(), remote.clone());
+                }
+                None => {
+                    env_names.push(JWKS_ENV);
+                    obj.insert("jwks_env".into(), json!(JWKS_ENV));
+                }
+            }
+            if !jwt.authorized_parties.is_empty() {
+                obj.insert("authorized_parties".into(), json!(jwt.authorized_parties));
+            }
             if let Some(c) = &jwt.user_claim {
                 obj.insert("user_claim".into(), json!(c));
             }
@@ -664,6 +692,20 @@ mod tests {
                 .unwrap();
         assert_eq!(r.warnings.len(), 1);
         assert!(r.warnings[0].contains("403"));
+    }
+
+    #[test]
+    fn an_identity_provider_with_remote_jwks() {
+        let yaml = "jwt: {issuer: 'https://kc/realms/llm', audiences: [llm-gateway], authorized_parties: [web],\n  \
+                    remote_jwks: {cluster: 'outbound|443||kc', authority: kc, path: /realms/llm/protocol/openid-connect/certs}}";
+        let r = go(yaml).unwrap();
+        let provider = &r.plugin_config()["jwt"]["providers"][0];
+        assert_eq!(provider["remote_jwks"]["authority"], "kc");
+        assert_eq!(provider["authorized_parties"], json!(["web"]));
+        assert!(provider.get("jwks_env").is_none(), "{provider}");
+        let e = err("jwt: {issuer: dev, hs256_secret: 0123456789abcdef0123456789abcdef, remote_jwks: {cluster: c, authority: a}}");
+        assert!(e.contains("not both"), "{e}");
+        assert!(err("jwt: {issuer: dev, remote_jwks: {cluster: c}}").contains("authority"), "the filter checks it");
     }
 
     #[test]
