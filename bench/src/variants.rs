@@ -57,10 +57,29 @@ pub enum Kind {
     /// resolved by the filter with `api_keys.remote` (one callout, then the worker's
     /// memo until `ttl_seconds`).
     TollgateKeyManaged,
+    /// (f') The peer of (e), the architecture Tollgate replaces in full: (f)'s
+    /// `ext_authz` plus Envoy's `ext_proc` (gRPC; request and response headers sent,
+    /// response body `STREAMED`) to `meter-extproc`, which counts usage with the
+    /// filter's own parser and reports the filter's events to the tracker in batches.
+    ExtAuthzExtProc,
+    /// (m) The floor of metering: (h') plus exactly the host calls metering must make —
+    /// read the response headers, each response body chunk into the VM, the clock for
+    /// the event at `on_log`, and one batched `dispatch_http_call` of the events to the
+    /// tracker per flush (`on_tick`, 500 ms) — and nothing else.
+    WasmMeterFloor,
+    /// (m') The floor of (e) as a whole: (m) plus what limits must do — a shared-data
+    /// read and compare-and-swap write to admit at the request headers and again to
+    /// settle at `on_log` — and the request body of a POST read into the VM (the
+    /// reservation reads `max_tokens`; forced `include_usage` may rewrite it).
+    WasmFloorFull,
+    /// (eu) (e) without `limits`: API key and `usage` only (what limits add to (e)).
+    TollgateUsageOnly,
+    /// (en) (e) with `metering.inject_include_usage: false` (what forcing usage adds).
+    TollgateMeteredNoInject,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 22] = [
         Kind::NoFilter,
         Kind::JwtAuthn,
         Kind::JwtAuthnCached,
@@ -78,6 +97,11 @@ impl Kind {
         Kind::TollgateLimitsLocal,
         Kind::TollgateLimitsGlobal,
         Kind::TollgateKeyManaged,
+        Kind::ExtAuthzExtProc,
+        Kind::WasmMeterFloor,
+        Kind::WasmFloorFull,
+        Kind::TollgateUsageOnly,
+        Kind::TollgateMeteredNoInject,
     ];
 
     pub fn id(self) -> &'static str {
@@ -99,6 +123,11 @@ impl Kind {
             Kind::TollgateLimitsLocal => "i",
             Kind::TollgateLimitsGlobal => "j",
             Kind::TollgateKeyManaged => "k",
+            Kind::ExtAuthzExtProc => "f'",
+            Kind::WasmMeterFloor => "m",
+            Kind::WasmFloorFull => "m'",
+            Kind::TollgateUsageOnly => "eu",
+            Kind::TollgateMeteredNoInject => "en",
         }
     }
 
@@ -122,6 +151,11 @@ impl Kind {
             Kind::TollgateLimitsLocal => "tollgate_limits_local",
             Kind::TollgateLimitsGlobal => "tollgate_limits_global",
             Kind::TollgateKeyManaged => "tollgate_key_managed",
+            Kind::ExtAuthzExtProc => "ext_authz_ext_proc",
+            Kind::WasmMeterFloor => "wasm_meter_floor",
+            Kind::WasmFloorFull => "wasm_floor_full",
+            Kind::TollgateUsageOnly => "tollgate_usage_only",
+            Kind::TollgateMeteredNoInject => "tollgate_metered_no_inject",
         }
     }
 
@@ -144,6 +178,11 @@ impl Kind {
             Kind::TollgateLimitsLocal => "Tollgate + limit never reached, scope local (API key)",
             Kind::TollgateLimitsGlobal => "Tollgate + limit never reached, scope global (API key)",
             Kind::TollgateKeyManaged => "Tollgate (managed API key, resolved once, then cached)",
+            Kind::ExtAuthzExtProc => "ext_authz + ext_proc metering → Rust services (API key)",
+            Kind::WasmMeterFloor => "empty Wasm filter + auth and metering host calls (floor)",
+            Kind::WasmFloorFull => "as (m) + limits' shared-data calls and request body (floor of e)",
+            Kind::TollgateUsageOnly => "Tollgate + metering, no limits (API key)",
+            Kind::TollgateMeteredNoInject => "Tollgate + limits + metering, include_usage not forced (API key)",
         }
     }
 
@@ -168,6 +207,36 @@ impl Kind {
     /// Whether the listener refuses a wrong credential.
     pub fn authenticates(self) -> bool {
         !matches!(self, Kind::NoFilter | Kind::WasmNoop | Kind::WasmHostCalls | Kind::WasmHostCallsBulk)
+            && !self.is_floor()
+    }
+
+    /// Whether the variant runs the empty filter of `bench/noop-filter`.
+    pub fn needs_noop_wasm(self) -> bool {
+        matches!(self, Kind::WasmNoop | Kind::WasmHostCalls | Kind::WasmHostCallsBulk) || self.is_floor()
+    }
+
+    /// Diagnostic variants, run only when named in `--variants` (not in the default set).
+    pub fn diagnostic(self) -> bool {
+        matches!(self, Kind::TollgateUsageOnly | Kind::TollgateMeteredNoInject)
+    }
+
+    /// The metering floors (m), (m').
+    pub fn is_floor(self) -> bool {
+        matches!(self, Kind::WasmMeterFloor | Kind::WasmFloorFull)
+    }
+
+    /// Whether the variant meters (its usage events go to the tracker).
+    pub fn meters(self) -> bool {
+        matches!(
+            self,
+            Kind::TollgateMetered
+                | Kind::TollgateMeteredAlt
+                | Kind::TollgateLimitsLocal
+                | Kind::TollgateLimitsGlobal
+                | Kind::ExtAuthzExtProc
+                | Kind::TollgateUsageOnly
+                | Kind::TollgateMeteredNoInject
+        ) || self.is_floor()
     }
 }
 
@@ -239,6 +308,8 @@ impl Creds {
 pub const MOCK_CLUSTER: &str = "model";
 pub const TRACKER_CLUSTER: &str = "usage-tracking";
 pub const AUTHZ_CLUSTER: &str = "authz";
+/// (f'): the metering `ext_proc` service (gRPC, HTTP/2).
+pub const EXTPROC_CLUSTER: &str = "meter-extproc";
 
 /// Tollgate's plugin config for a variant: API keys and the JWT provider for
 /// (c)/(d); plus generous limits (nothing is denied, but every request goes through
@@ -402,6 +473,35 @@ fn ext_authz_filter() -> Value {
     }})
 }
 
+/// (f'): `ext_proc` as the seed's meter-extproc and Envoy AI Gateway use it to count
+/// tokens: the request headers (the identity `ext_authz` set, method, host, path) and
+/// the response headers sent, the response body `STREAMED` (each chunk to the service
+/// as it arrives, passed on when the service acknowledges it), no request body, no
+/// trailers; failure closed, as the auth half.
+fn ext_proc_filter() -> Value {
+    json!({"name": "envoy.filters.http.ext_proc", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "1s"},
+        "failure_mode_allow": false,
+        "message_timeout": "1s",
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP"
+        }
+    }})
+}
+
+/// The noop filter's config for the floors: the tracker's cluster and the report path
+/// (as the metered variants' `usage`), `meter`, and for (m') `limits`.
+fn floor_config(full: bool) -> Value {
+    json!({"host_calls": true, "meter": true, "limits": full,
+           "cluster": TRACKER_CLUSTER, "authority": "usage-tracking", "path": "/track"})
+}
+
 fn lua_filter(creds: &Creds) -> Value {
     json!({"name": "envoy.filters.http.lua", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
@@ -441,6 +541,27 @@ fn auth_filters(kind: Kind, creds: &Creds, l: &Layout<'_>) -> Vec<Value> {
         Kind::TollgateLimitsLocal => vec![wasm_filter_named(wasm, &limits_config(creds, false), "tollgate-local")],
         Kind::TollgateLimitsGlobal => vec![wasm_filter_named(wasm, &limits_config(creds, true), "tollgate-global")],
         Kind::TollgateKeyManaged => vec![wasm_filter_named(wasm, &managed_config(creds), "tollgate-managed")],
+        Kind::ExtAuthzExtProc => vec![ext_authz_filter(), ext_proc_filter()],
+        Kind::TollgateUsageOnly => {
+            let mut config = tollgate_config(creds, false);
+            if let Some(obj) = config.as_object_mut() {
+                obj.insert("usage".into(), usage_section());
+            }
+            vec![wasm_filter_named(wasm, &config, "tollgate-usage-only")]
+        }
+        Kind::TollgateMeteredNoInject => {
+            let mut config = tollgate_config(creds, true);
+            if let Some(obj) = config.as_object_mut() {
+                obj.insert("metering".into(), json!({"inject_include_usage": false}));
+            }
+            vec![wasm_filter_named(wasm, &config, "tollgate-no-inject")]
+        }
+        Kind::WasmMeterFloor => {
+            l.noop_wasm.map(|w| wasm_filter_named(w, &floor_config(false), "meter-floor")).into_iter().collect()
+        }
+        Kind::WasmFloorFull => {
+            l.noop_wasm.map(|w| wasm_filter_named(w, &floor_config(true), "floor-full")).into_iter().collect()
+        }
     }
 }
 
@@ -502,6 +623,8 @@ pub struct Layout<'a> {
     pub mock_port: u16,
     pub tracker_port: u16,
     pub authz_port: u16,
+    /// (f')'s `meter-extproc`.
+    pub extproc_port: u16,
     pub wasm: &'a Path,
     /// The empty filter of variant (h), when built.
     pub noop_wasm: Option<&'a Path>,
@@ -530,7 +653,8 @@ pub fn bootstrap(l: &Layout<'_>) -> Value {
             "clusters": [
                 cluster(MOCK_CLUSTER, l.mock_port, false),
                 cluster(TRACKER_CLUSTER, l.tracker_port, false),
-                cluster(AUTHZ_CLUSTER, l.authz_port, false)
+                cluster(AUTHZ_CLUSTER, l.authz_port, false),
+                cluster(EXTPROC_CLUSTER, l.extproc_port, true)
             ]
         }
     })
@@ -557,5 +681,65 @@ mod tests {
         let wait = key_wait_config(&[], true);
         assert_eq!(wait["api_keys"]["remote"]["max_lookups_per_second"], 1000);
         assert_eq!(wait["api_keys"]["keys"], json!([]));
+    }
+
+    #[test]
+    fn the_peer_and_the_floors_are_wired() {
+        let creds = Creds::new(2).unwrap();
+        let wasm = Path::new("/x/tollgate.wasm");
+        let noop = Path::new("/x/noop.wasm");
+        let listeners = [(Kind::ExtAuthzExtProc, 1001), (Kind::WasmMeterFloor, 1002), (Kind::WasmFloorFull, 1003)];
+        let b = bootstrap(&Layout {
+            admin_port: 1,
+            mock_port: 2,
+            tracker_port: 3,
+            authz_port: 4,
+            extproc_port: 5,
+            wasm,
+            noop_wasm: Some(noop),
+            alt_wasm: None,
+            creds: &creds,
+            listeners: &listeners,
+            extra: &[],
+        });
+        let filters = |i: usize| {
+            b["static_resources"]["listeners"][i]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        // (f'): ext_authz, then ext_proc, then the router; its cluster speaks HTTP/2.
+        assert_eq!(
+            filters(0),
+            ["envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+        );
+        let ext_proc = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"][1]["typed_config"];
+        assert_eq!(ext_proc["processing_mode"]["response_body_mode"], "STREAMED");
+        assert_eq!(ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"], EXTPROC_CLUSTER);
+        let cluster = b["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == EXTPROC_CLUSTER)
+            .unwrap();
+        assert!(cluster["typed_extension_protocol_options"].is_object());
+        // (m), (m'): the noop filter with the metering (and limits) floor switched on.
+        for (i, limits) in [(1, false), (2, true)] {
+            assert_eq!(filters(i), ["envoy.filters.http.wasm", "envoy.filters.http.router"]);
+            let wasm_config = &b["static_resources"]["listeners"][i]["filter_chains"][0]["filters"][0]["typed_config"]
+                ["http_filters"][0]["typed_config"]["config"];
+            assert_eq!(wasm_config["vm_config"]["code"]["local"]["filename"], "/x/noop.wasm");
+            let config: Value = serde_json::from_str(wasm_config["configuration"]["value"].as_str().unwrap()).unwrap();
+            assert_eq!(config["meter"], true);
+            assert_eq!(config["limits"], limits);
+            assert_eq!(config["cluster"], TRACKER_CLUSTER);
+        }
+        assert!(Kind::WasmFloorFull.needs_noop_wasm() && !Kind::WasmFloorFull.authenticates());
+        assert!(Kind::ExtAuthzExtProc.authenticates() && Kind::ExtAuthzExtProc.meters());
+        assert_eq!(Kind::from_slug("f'"), Some(Kind::ExtAuthzExtProc));
+        assert_eq!(Kind::from_slug("m'"), Some(Kind::WasmFloorFull));
     }
 }

@@ -1,15 +1,25 @@
-//! A minimal Envoy external processor (`envoy.service.ext_proc.v3.ExternalProcessor`)
-//! standing in for llm-d's endpoint picker (the InferencePool's `ext_proc`): gRPC over
-//! HTTP/2 (the `h2` crate) with the few protobuf messages it needs encoded by hand, so
-//! the harness needs no protobuf toolchain or generated Envoy API.
+//! A minimal Envoy external processor (`envoy.service.ext_proc.v3.ExternalProcessor`):
+//! gRPC over HTTP/2 (the `h2` crate) with the few protobuf messages it needs encoded by
+//! hand, so neither the harness nor the benchmarks need a protobuf toolchain or the
+//! generated Envoy API.
 //!
-//! It works as Istio configures the InferencePool filter: headers and trailers are sent
-//! to it, both bodies in `FULL_DUPLEX_STREAMED` mode, and it answers each message as the
-//! endpoint picker does when it changes nothing — headers and trailers with an empty
-//! mutation, every body chunk echoed back as a `StreamedBodyResponse` (same bytes, same
-//! `end_of_stream`). So whatever Tollgate (before it on the request path, after it on the
-//! response path) did to a body must survive a processor that re-emits the body itself.
-//! It keeps what it saw of each exchange ([`ExtProcServer::exchanges`]).
+//! [`serve`] runs any [`Processor`]: per gRPC stream (one HTTP exchange) it gets the
+//! request and response headers (name, value pairs), every body chunk, the trailers,
+//! and the end of the stream, and answers each message with an empty mutation — except
+//! body chunks, which it either echoes as a `StreamedBodyResponse` (Envoy's
+//! `FULL_DUPLEX_STREAMED` mode) or acknowledges with an empty `BodyResponse` (`STREAMED`
+//! or `BUFFERED` mode: Envoy passes the chunk on unchanged), as the processor says.
+//! The benchmarks' metering processor (`bench/src/bin/meter_extproc.rs`) is one.
+//!
+//! [`ExtProcServer`] is the harness's stand-in for llm-d's endpoint picker (the
+//! InferencePool's `ext_proc`). It works as Istio configures the InferencePool filter:
+//! headers and trailers are sent to it, both bodies in `FULL_DUPLEX_STREAMED` mode, and
+//! it answers each message as the endpoint picker does when it changes nothing —
+//! headers and trailers with an empty mutation, every body chunk echoed back as a
+//! `StreamedBodyResponse` (same bytes, same `end_of_stream`). So whatever Tollgate
+//! (before it on the request path, after it on the response path) did to a body must
+//! survive a processor that re-emits the body itself. It keeps what it saw of each
+//! exchange ([`ExtProcServer::exchanges`]).
 
 use crate::background::Background;
 use std::net::TcpListener as StdListener;
@@ -41,6 +51,107 @@ struct Shared {
 /// Most exchanges kept for inspection (oldest dropped).
 const KEEP: usize = 256;
 
+/// How a body chunk is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyAnswer {
+    /// The same bytes back as a `StreamedBodyResponse` (`FULL_DUPLEX_STREAMED` mode).
+    Echo,
+    /// An empty `BodyResponse`: Envoy passes the chunk on as it is (`STREAMED` and
+    /// `BUFFERED` modes).
+    Continue,
+}
+
+/// What a processor does with one HTTP exchange (one gRPC stream). Every message is
+/// answered with an empty mutation whatever the handler does, except body chunks (see
+/// [`BodyAnswer`]).
+pub trait StreamHandler: Send {
+    /// Request (`response == false`) or response headers, as (name, value) pairs;
+    /// pseudo-headers (`:status`, `:path`, …) included.
+    fn headers(&mut self, _response: bool, _headers: &[(&[u8], &[u8])]) {}
+    /// A body chunk and whether it is the last.
+    fn body(&mut self, response: bool, chunk: &[u8], end_of_stream: bool) -> BodyAnswer;
+    fn trailers(&mut self, _response: bool) {}
+    /// A message that could not be decoded (the stream is then closed).
+    fn bad_message(&mut self) {}
+    /// The gRPC stream ended (Envoy half-closed it, reset it, or a message was bad).
+    fn end(self: Box<Self>) {}
+}
+
+/// Makes a [`StreamHandler`] for each gRPC stream.
+pub trait Processor: Send + Sync + 'static {
+    fn open(&self) -> Box<dyn StreamHandler>;
+}
+
+impl StreamHandler for Exchange {
+    fn headers(&mut self, response: bool, _headers: &[(&[u8], &[u8])]) {
+        if response {
+            self.response_headers = true;
+        } else {
+            self.request_headers = true;
+        }
+    }
+
+    fn body(&mut self, response: bool, chunk: &[u8], _end_of_stream: bool) -> BodyAnswer {
+        let seen = if response { &mut self.response_body } else { &mut self.request_body };
+        seen.extend_from_slice(chunk);
+        BodyAnswer::Echo
+    }
+
+    fn trailers(&mut self, response: bool) {
+        if response {
+            self.response_trailers = true;
+        } else {
+            self.request_trailers = true;
+        }
+    }
+
+    fn bad_message(&mut self) {
+        self.bad_messages += 1;
+    }
+}
+
+/// The harness's processor: echoes bodies and keeps what each exchange saw.
+struct Recorder(Arc<Shared>);
+
+/// One exchange being recorded; filed with the others when its stream ends.
+struct Recording {
+    exchange: Exchange,
+    shared: Arc<Shared>,
+}
+
+impl Processor for Recorder {
+    fn open(&self) -> Box<dyn StreamHandler> {
+        self.0.streams.fetch_add(1, Ordering::Relaxed);
+        Box::new(Recording { exchange: Exchange::default(), shared: Arc::clone(&self.0) })
+    }
+}
+
+impl StreamHandler for Recording {
+    fn headers(&mut self, response: bool, headers: &[(&[u8], &[u8])]) {
+        self.exchange.headers(response, headers);
+    }
+
+    fn body(&mut self, response: bool, chunk: &[u8], end_of_stream: bool) -> BodyAnswer {
+        self.exchange.body(response, chunk, end_of_stream)
+    }
+
+    fn trailers(&mut self, response: bool) {
+        self.exchange.trailers(response);
+    }
+
+    fn bad_message(&mut self) {
+        self.exchange.bad_message();
+    }
+
+    fn end(self: Box<Self>) {
+        let mut all = self.shared.exchanges.lock().unwrap_or_else(PoisonError::into_inner);
+        if all.len() >= KEEP {
+            all.remove(0);
+        }
+        all.push(self.exchange);
+    }
+}
+
 /// The ext_proc server on 127.0.0.1; stopped when dropped.
 pub struct ExtProcServer {
     pub port: u16,
@@ -62,7 +173,7 @@ impl ExtProcServer {
             };
             ready.ok(());
             tokio::select! {
-                _ = accept_loop(listener, loop_shared) => {}
+                _ = serve(listener, Arc::new(Recorder(loop_shared))) => {}
                 _ = stop => {}
             }
         })?;
@@ -80,23 +191,20 @@ impl ExtProcServer {
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+/// Serves `processor` on `listener` until the future is dropped: every connection and
+/// every gRPC stream its own task.
+pub async fn serve(listener: tokio::net::TcpListener, processor: Arc<dyn Processor>) {
     loop {
         let Ok((socket, _)) = listener.accept().await else { continue };
-        let shared = Arc::clone(&shared);
+        let _ = socket.set_nodelay(true);
+        let processor = Arc::clone(&processor);
         tokio::spawn(async move {
             let Ok(mut conn) = h2::server::handshake(socket).await else { return };
             while let Some(Ok((request, respond))) = conn.accept().await {
-                let shared = Arc::clone(&shared);
+                let mut handler = processor.open();
                 tokio::spawn(async move {
-                    shared.streams.fetch_add(1, Ordering::Relaxed);
-                    let mut exchange = Exchange::default();
-                    let _ = process(request, respond, &mut exchange).await;
-                    let mut all = shared.exchanges.lock().unwrap_or_else(PoisonError::into_inner);
-                    if all.len() >= KEEP {
-                        all.remove(0);
-                    }
-                    all.push(exchange);
+                    let _ = process(request, respond, handler.as_mut()).await;
+                    handler.end();
                 });
             }
         });
@@ -108,7 +216,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
 async fn process(
     request: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
-    exchange: &mut Exchange,
+    handler: &mut dyn StreamHandler,
 ) -> anyhow::Result<()> {
     let response = http::Response::builder().status(200).header("content-type", "application/grpc").body(())?;
     let mut send = respond.send_response(response, false)?;
@@ -126,10 +234,10 @@ async fn process(
             }
             buf.advance(5);
             let message = buf.split_to(len).freeze();
-            match answer(&message, exchange) {
+            match answer(&message, handler) {
                 Some(reply) => send_all(&mut send, grpc_frame(&reply)).await?,
                 None => {
-                    exchange.bad_messages += 1;
+                    handler.bad_message();
                     let mut trailers = http::HeaderMap::new();
                     trailers.insert("grpc-status", http::HeaderValue::from_static("3"));
                     send.send_trailers(trailers)?;
@@ -180,45 +288,64 @@ fn grpc_frame(message: &[u8]) -> Bytes {
 //   streamed_response = 3}; StreamedBodyResponse {bytes body = 1; bool end_of_stream = 2}.
 
 /// The answer to one ProcessingRequest, or `None` if it cannot be decoded.
-fn answer(message: &[u8], exchange: &mut Exchange) -> Option<Vec<u8>> {
+fn answer(message: &[u8], handler: &mut dyn StreamHandler) -> Option<Vec<u8>> {
     let fields = decode(message)?;
     for (number, value) in fields {
         let Field::Bytes(payload) = value else { continue };
         let reply = match number {
-            2 => {
-                exchange.request_headers = true;
-                len_field(1, &len_field(1, &[]))
-            }
-            3 => {
-                exchange.response_headers = true;
-                len_field(2, &len_field(1, &[]))
+            2 | 3 => {
+                let pairs = header_pairs(payload)?;
+                handler.headers(number == 3, &pairs);
+                len_field(number - 1, &len_field(1, &[]))
             }
             4 | 5 => {
                 let (body, eos) = http_body(payload)?;
-                let (field, seen) =
-                    if number == 4 { (3, &mut exchange.request_body) } else { (4, &mut exchange.response_body) };
-                seen.extend_from_slice(body);
-                let mut streamed = len_field(1, body);
-                if eos {
-                    streamed.extend_from_slice(&[0x10, 0x01]);
+                let field = if number == 4 { 3 } else { 4 };
+                match handler.body(number == 5, body, eos) {
+                    BodyAnswer::Continue => len_field(field, &len_field(1, &[])),
+                    BodyAnswer::Echo => {
+                        let mut streamed = len_field(1, body);
+                        if eos {
+                            streamed.extend_from_slice(&[0x10, 0x01]);
+                        }
+                        let mutation = len_field(3, &streamed);
+                        let common = len_field(3, &mutation);
+                        len_field(field, &len_field(1, &common))
+                    }
                 }
-                let mutation = len_field(3, &streamed);
-                let common = len_field(3, &mutation);
-                len_field(field, &len_field(1, &common))
             }
-            6 => {
-                exchange.request_trailers = true;
-                len_field(5, &len_field(1, &[]))
-            }
-            7 => {
-                exchange.response_trailers = true;
-                len_field(6, &len_field(1, &[]))
+            6 | 7 => {
+                handler.trailers(number == 7);
+                len_field(number - 1, &len_field(1, &[]))
             }
             _ => continue,
         };
         return Some(reply);
     }
     None
+}
+
+/// The (name, value) pairs of an `HttpHeaders` message: `HttpHeaders {HeaderMap headers
+/// = 1}`, `HeaderMap {repeated HeaderValue headers = 1}`, `HeaderValue {string key = 1;
+/// string value = 2; bytes raw_value = 3}` (Envoy sends `raw_value`; `value` read too).
+fn header_pairs(payload: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let mut out = Vec::new();
+    for (number, value) in decode(payload)? {
+        let (1, Field::Bytes(map)) = (number, value) else { continue };
+        for (number, value) in decode(map)? {
+            let (1, Field::Bytes(header)) = (number, value) else { continue };
+            let (mut key, mut val): (&[u8], &[u8]) = (&[], &[]);
+            for (number, value) in decode(header)? {
+                match (number, value) {
+                    (1, Field::Bytes(b)) => key = b,
+                    (2 | 3, Field::Bytes(b)) => val = b,
+                    _ => {}
+                }
+            }
+            out.push((key, val));
+        }
+    }
+    Some(out)
 }
 
 fn http_body(payload: &[u8]) -> Option<(&[u8], bool)> {
@@ -328,6 +455,49 @@ mod tests {
         let reply = answer(&len_field(5, &len_field(1, &chunk)), &mut ex).unwrap();
         assert_eq!(reply, len_field(4, &len_field(1, &len_field(3, &len_field(3, &len_field(1, &chunk))))));
         assert_eq!(ex.response_body.len(), 300);
+    }
+
+    /// A processor in `STREAMED` mode: sees the headers, acknowledges chunks unchanged.
+    #[derive(Default)]
+    struct Counting {
+        headers: Vec<(bool, Vec<(Vec<u8>, Vec<u8>)>)>,
+        bytes: usize,
+    }
+
+    impl StreamHandler for Counting {
+        fn headers(&mut self, response: bool, headers: &[(&[u8], &[u8])]) {
+            self.headers.push((response, headers.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()));
+        }
+
+        fn body(&mut self, _response: bool, chunk: &[u8], _end_of_stream: bool) -> BodyAnswer {
+            self.bytes += chunk.len();
+            BodyAnswer::Continue
+        }
+    }
+
+    #[test]
+    fn headers_are_decoded_and_chunks_acknowledged_unchanged() {
+        let mut c = Counting::default();
+        // HeaderValue {key, raw_value} (as Envoy sends it) and {key, value}.
+        let mut raw = len_field(1, b":status");
+        raw.extend_from_slice(&len_field(3, b"200"));
+        let mut plain = len_field(1, b"content-type");
+        plain.extend_from_slice(&len_field(2, b"text/event-stream"));
+        let mut map = len_field(1, &raw);
+        map.extend_from_slice(&len_field(1, &plain));
+        let reply = answer(&len_field(3, &len_field(1, &map)), &mut c).unwrap();
+        assert_eq!(reply, [0x12, 0x02, 0x0a, 0x00]);
+        assert_eq!(
+            c.headers,
+            vec![(
+                true,
+                vec![(b":status".to_vec(), b"200".to_vec()), (b"content-type".to_vec(), b"text/event-stream".to_vec())]
+            )]
+        );
+        // response_body → BodyResponse(4) { CommonResponse(1) {} }: passed on as it is.
+        let reply = answer(&len_field(5, &len_field(1, b"data: x\n\n")), &mut c).unwrap();
+        assert_eq!(reply, [0x22, 0x02, 0x0a, 0x00]);
+        assert_eq!(c.bytes, 9);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! Steps: start the mock model server (in process), the usage tracker and the auth
 //! service; for each `--concurrency` start Envoy with one listener per variant, check
 //! every listener answers as it should, run each pass (tool × upstream × load) round
-//! by round; stream a 1 MB SSE response through (a), (d) and (e); with (j), global
+//! by round; stream a 1 MB SSE response and a token-paced one through (a), (d), (e),
+//! (f') and the metering floors (m), (m') (issue 19: (f') is `ext_authz` plus the
+//! `ext_proc` metering service `meter-extproc`, started beside the auth service); with (j), global
 //! limits: the tracker's syncs over the passes, the latency of a request that waits for
 //! a lease (`--lease-users`), and after the rest a fleet's overshoot of a limit
 //! (`--overshoot-gateways`, [`tollgate_bench::fleet`]); with (k), managed keys: the
@@ -73,6 +75,13 @@ struct Args {
     /// SSE response size in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     stream_bytes: usize,
+    /// Token-paced SSE test (after the burst, same runs): tokens per stream (0 skips)…
+    #[arg(long, default_value_t = 20)]
+    paced_tokens: u64,
+    /// …and milliseconds the mock waits between events (`x-mock-delay-ms`), as a model
+    /// server pacing its tokens.
+    #[arg(long, default_value_t = 2)]
+    paced_delay_ms: u64,
     /// API keys in every variant's key list.
     #[arg(long, default_value_t = 100)]
     keys: usize,
@@ -160,6 +169,9 @@ struct Run {
     round: u32,
     load: LoadResult,
     envoy_cpu_us: f64,
+    /// CPU per request of the variant's processes outside Envoy (summed): the auth
+    /// service (f); the tracker (metered variants); auth service, metering ext_proc
+    /// service and tracker (f').
     side_cpu_us: f64,
     /// (j): `tracker_limit_syncs_total{outcome="ok"}` during the measured part.
     tracker_syncs: Option<f64>,
@@ -172,6 +184,10 @@ struct Run {
 struct Results {
     runs: Vec<Run>,
     streaming: Vec<(Kind, Vec<(f64, f64, usize)>)>,
+    /// Whether the metering variants delivered their events (issue 19).
+    delivery: Vec<String>,
+    /// The token-paced streams: (time to first byte, total, bytes) per variant.
+    paced: Vec<(Kind, Vec<(f64, f64, usize)>)>,
     memory: Vec<(String, String)>,
     leak: Vec<(u64, u64, u64)>,
     leak_note: String,
@@ -241,6 +257,7 @@ struct Tools {
     wasm: PathBuf,
     tracker: PathBuf,
     authz: PathBuf,
+    meter: PathBuf,
     auth_cost: PathBuf,
     sse: PathBuf,
     /// The empty Wasm filter of variant (h), if `bench/build-noop-wasm.sh` built it.
@@ -271,6 +288,7 @@ fn tools() -> anyhow::Result<Tools> {
         wasm: harness::paths::wasm_file()?,
         tracker,
         authz: sibling("authz-service")?,
+        meter: sibling("meter-extproc")?,
         auth_cost: sibling("auth-cost")?,
         sse: sibling("sse-throughput")?,
         noop_wasm: Some(harness::paths::workspace_root().join(NOOP_WASM)).filter(|p| p.exists()),
@@ -313,6 +331,9 @@ struct Backends {
     tracker_port: u16,
     authz: Proc,
     authz_port: u16,
+    /// (f')'s metering ext_proc service.
+    meter: Proc,
+    meter_port: u16,
     /// The tracker's `TRACKER_ADMIN_TOKEN` when it runs with a ledger (for (k)).
     admin_token: Option<String>,
 }
@@ -350,7 +371,13 @@ fn start_backends(t: &Tools, dir: &Path, creds: &Creds, ledger: bool) -> anyhow:
     cmd.args(["--listen", &format!("127.0.0.1:{authz_port}")]).arg("--keys").arg(&keys_file);
     let mut authz = Proc::spawn("authz-service", cmd, &dir.join("authz.log"))?;
     wait_until(&mut authz, Duration::from_secs(20), || port_open(authz_port))?;
-    Ok(Backends { mock, tracker, tracker_port, authz, authz_port, admin_token })
+    let meter_port = free_port()?;
+    let mut cmd = Command::new(&t.meter);
+    cmd.args(["--listen", &format!("127.0.0.1:{meter_port}")])
+        .args(["--tracker", &format!("http://127.0.0.1:{tracker_port}/track")]);
+    let mut meter = Proc::spawn("meter-extproc", cmd, &dir.join("meter-extproc.log"))?;
+    wait_until(&mut meter, Duration::from_secs(20), || port_open(meter_port))?;
+    Ok(Backends { mock, tracker, tracker_port, authz, authz_port, meter, meter_port, admin_token })
 }
 
 struct Envoy {
@@ -405,6 +432,7 @@ fn start_envoy_extra(
         mock_port: b.mock.port,
         tracker_port: b.tracker_port,
         authz_port: b.authz_port,
+        extproc_port: b.meter_port,
         wasm: &t.wasm,
         noop_wasm: t.noop_wasm.as_deref(),
         alt_wasm: t.alt_wasm.as_deref(),
@@ -476,7 +504,7 @@ fn measure(
     req: &Request,
     work: &Path,
     envoy_pid: u32,
-    side_pid: Option<u32>,
+    side_pids: &[u32],
     probe: Option<&dyn Fn() -> anyhow::Result<f64>>,
 ) -> anyhow::Result<(LoadResult, f64, f64, Option<f64>)> {
     if warmup > 0 {
@@ -486,10 +514,11 @@ fn measure(
     // The probe (a counter of another process) is read outside the CPU windows.
     let p0 = probe.map(|p| p()).transpose()?;
     let e0 = sys::cpu_ns(envoy_pid)?;
-    let s0 = side_pid.map(sys::cpu_ns).transpose()?.unwrap_or(0);
+    let side_ns = || side_pids.iter().map(|&p| sys::cpu_ns(p)).sum::<anyhow::Result<u64>>();
+    let s0 = side_ns()?;
     let r = load::run(&pass.shape, req, work)?;
     let e1 = sys::cpu_ns(envoy_pid)?;
-    let s1 = side_pid.map(sys::cpu_ns).transpose()?.unwrap_or(0);
+    let s1 = side_ns()?;
     let p1 = probe.map(|p| p()).transpose()?;
     let n = r.requests.max(1) as f64;
     let probed = p0.zip(p1).map(|(a, b)| b - a);
@@ -519,15 +548,15 @@ fn run_passes(
                 for i in 0..n {
                     let Some(&kind) = kinds.get((i + round as usize) % n) else { continue };
                     let req = request(&envoy, creds, kind, pass.upstream)?;
-                    let side = match kind {
-                        Kind::ExtAuthz => b.authz.pid(),
-                        Kind::TollgateMetered
-                        | Kind::TollgateMeteredAlt
-                        | Kind::TollgateLimitsLocal
-                        | Kind::TollgateLimitsGlobal
-                        | Kind::TollgateKeyManaged => b.tracker.pid(),
-                        _ => None,
-                    };
+                    let side: Vec<u32> = match kind {
+                        Kind::ExtAuthz => vec![b.authz.pid()],
+                        Kind::ExtAuthzExtProc => vec![b.authz.pid(), b.meter.pid(), b.tracker.pid()],
+                        k if k.meters() || k == Kind::TollgateKeyManaged => vec![b.tracker.pid()],
+                        _ => vec![],
+                    }
+                    .into_iter()
+                    .flatten()
+                    .collect();
                     // (j): the tracker's syncs and acquires during the measured part;
                     // (k): its key resolves.
                     let probe = match kind {
@@ -535,14 +564,14 @@ fn run_passes(
                         Kind::TollgateKeyManaged => Some(&resolves as &dyn Fn() -> anyhow::Result<f64>),
                         _ => None,
                     };
-                    let (load, cpu, side_cpu, probed) = measure(&pass, args.warmup, &req, dir, envoy_pid, side, probe)
+                    let (load, cpu, side_cpu, probed) = measure(&pass, args.warmup, &req, dir, envoy_pid, &side, probe)
                         .with_context(|| format!("{} on {}", pass.name, kind.label()))?;
                     let (tracker_syncs, key_resolves) = match kind {
                         Kind::TollgateKeyManaged => (None, probed),
                         _ => (probed, None),
                     };
                     eprintln!(
-                        "[{}] round {} {:<42} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  envoy {:.1} µs/req{}{}{}",
+                        "[{}] round {} {:<42} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms  envoy {:.1} µs/req{}{}{}{}",
                         pass.name,
                         round + 1,
                         kind.label(),
@@ -552,7 +581,8 @@ fn run_passes(
                         cpu,
                         if load.bad > 0 { format!("  ({} bad)", load.bad) } else { String::new() },
                         tracker_syncs.map_or(String::new(), |n| format!("  ({n:.0} tracker syncs)")),
-                        key_resolves.map_or(String::new(), |n| format!("  ({n:.0} key resolves)"))
+                        key_resolves.map_or(String::new(), |n| format!("  ({n:.0} key resolves)")),
+                        if side.is_empty() { String::new() } else { format!("  (side {side_cpu:.1} µs/req)") }
                     );
                     res.runs.push(Run {
                         pass: pass.name.clone(),
@@ -573,7 +603,7 @@ fn run_passes(
             }
         }
         if c == 1 && args.stream_runs > 0 {
-            res.streaming = streaming(args, &envoy, creds, kinds)?;
+            (res.streaming, res.paced) = streaming(args, &envoy, creds, kinds)?;
         }
         drop(envoy);
     }
@@ -589,13 +619,13 @@ fn upstream_desc(u: Upstream) -> &'static str {
 
 /// POSTs a streaming chat completion over a raw HTTP/1.1 connection and returns
 /// (time to the first response byte, total time, body bytes) in ms.
-fn stream_once(port: u16, authorization: &str, body: &str) -> anyhow::Result<(f64, f64, usize)> {
+fn stream_once(port: u16, authorization: &str, body: &str, extra: &str) -> anyhow::Result<(f64, f64, usize)> {
     let start = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\nauthorization: {authorization}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\nauthorization: {authorization}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes())?;
@@ -639,25 +669,63 @@ fn stream_body(tokens: u64) -> String {
     .to_string()
 }
 
+/// Samples of one streaming test: (variant, [(time to first byte, total, bytes)]).
+type StreamSamples = Vec<(Kind, Vec<(f64, f64, usize)>)>;
+
+/// The streaming tests on (a), (d), (e), (f') and the floors (m), (m') when they run:
+/// the burst (`--stream-bytes` as fast as the mock writes) and the token-paced stream
+/// (`--paced-tokens`, one event every `--paced-delay-ms`), `--stream-runs` each,
+/// variants interleaved.
 fn streaming(
     args: &Args,
     envoy: &Envoy,
     creds: &Creds,
     kinds: &[Kind],
-) -> anyhow::Result<Vec<(Kind, Vec<(f64, f64, usize)>)>> {
-    let which: Vec<Kind> =
-        [Kind::NoFilter, Kind::TollgateKey, Kind::TollgateMetered].into_iter().filter(|k| kinds.contains(k)).collect();
-    let Some(&first) = which.first() else { return Ok(Vec::new()) };
+) -> anyhow::Result<(StreamSamples, StreamSamples)> {
+    let which: Vec<Kind> = [
+        Kind::NoFilter,
+        Kind::TollgateKey,
+        Kind::TollgateMetered,
+        Kind::ExtAuthzExtProc,
+        Kind::WasmMeterFloor,
+        Kind::WasmFloorFull,
+        Kind::TollgateUsageOnly,
+        Kind::TollgateMeteredNoInject,
+    ]
+    .into_iter()
+    .filter(|k| kinds.contains(k))
+    .collect();
+    let Some(&first) = which.first() else { return Ok((Vec::new(), Vec::new())) };
     let port = *envoy.ports.get(&first).context("port")?;
     // Calibrate: bytes per token of this stream shape.
-    let (_, _, bytes) = stream_once(port, &creds.authorization(first), &stream_body(1000))?;
+    let (_, _, bytes) = stream_once(port, &creds.authorization(first), &stream_body(1000), "")?;
     let per_token = (bytes / 1000).max(1);
     let tokens = (args.stream_bytes / per_token).max(1) as u64;
-    let body = stream_body(tokens);
-    let mut out: Vec<(Kind, Vec<(f64, f64, usize)>)> = which.iter().map(|&k| (k, Vec::new())).collect();
+    let burst = stream_runs(args, envoy, creds, &which, &stream_body(tokens), "")?;
+    eprintln!("[stream] {tokens} tokens, ~{} bytes per response", tokens as usize * per_token);
+    let paced = if args.paced_tokens > 0 {
+        let extra = format!("x-mock-delay-ms: {}\r\n", args.paced_delay_ms);
+        let out = stream_runs(args, envoy, creds, &which, &stream_body(args.paced_tokens), &extra)?;
+        eprintln!("[stream] paced: {} tokens, one every {} ms", args.paced_tokens, args.paced_delay_ms);
+        out
+    } else {
+        Vec::new()
+    };
+    Ok((burst, paced))
+}
+
+fn stream_runs(
+    args: &Args,
+    envoy: &Envoy,
+    creds: &Creds,
+    which: &[Kind],
+    body: &str,
+    extra: &str,
+) -> anyhow::Result<StreamSamples> {
+    let mut out: StreamSamples = which.iter().map(|&k| (k, Vec::new())).collect();
     for (k, _) in &out {
         let p = *envoy.ports.get(k).context("port")?;
-        stream_once(p, &creds.authorization(*k), &body)?; // warm-up
+        stream_once(p, &creds.authorization(*k), body, extra)?; // warm-up
     }
     for round in 0..args.stream_runs {
         let n = out.len();
@@ -665,10 +733,9 @@ fn streaming(
             let idx = (i + round as usize) % n;
             let Some((k, samples)) = out.get_mut(idx) else { continue };
             let p = *envoy.ports.get(k).context("port")?;
-            samples.push(stream_once(p, &creds.authorization(*k), &body)?);
+            samples.push(stream_once(p, &creds.authorization(*k), body, extra)?);
         }
     }
-    eprintln!("[stream] {tokens} tokens, ~{} bytes per response", tokens as usize * per_token);
     Ok(out)
 }
 
@@ -1210,7 +1277,7 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the ext_authz service (f) or the usage tracker (e, i, j, k), outside Envoy. Every request carries an `authorization` header (the JWT for b, b', c; the API key otherwise, unused by a and h).\n"
+        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the processes outside Envoy: the ext_authz service (f); the usage tracker (e, i, j, k, m, m'); the ext_authz service, the metering ext_proc service and the tracker together (f'); **+CPU with side** = +CPU plus side CPU. Every request carries an `authorization` header (the JWT for b, b', c; the API key otherwise, unused by a and h).\n"
     );
     let mut pass_names: Vec<(String, String)> = Vec::new();
     for r in &res.runs {
@@ -1220,28 +1287,20 @@ fn report(
     }
     for (pass, desc) in &pass_names {
         let _ = writeln!(md, "## {pass}\n\n{desc}\n");
-        let _ = writeln!(md, "| variant | req/s (min–max) | ×a | ×b | p50 ms | p90 ms | p99 ms | +p50 µs | CPU/req µs | +CPU µs | side CPU µs | non-2xx |");
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "| variant | req/s (min–max) | ×a | ×b | p50 ms | p90 ms | p99 ms | +p50 µs | CPU/req µs | +CPU µs | side CPU µs | +CPU with side µs | non-2xx |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let base = aggregate(&res.runs, pass, Kind::NoFilter, args.rounds);
         for &k in kinds {
             let Some(a) = aggregate(&res.runs, pass, k, args.rounds) else { continue };
             let added = base.as_ref().map_or(f64::NAN, |b| (a.p50 - b.p50) * 1000.0);
-            let side = if matches!(
-                k,
-                Kind::ExtAuthz
-                    | Kind::TollgateMetered
-                    | Kind::TollgateMeteredAlt
-                    | Kind::TollgateLimitsLocal
-                    | Kind::TollgateLimitsGlobal
-                    | Kind::TollgateKeyManaged
-            ) {
-                format!("{:.1}", a.side)
+            let (side, with_side) = if has_side(k) {
+                (format!("{:.1}", a.side), format!("{:+.1}", a.cpu_vs_a + a.side))
             } else {
-                String::new()
+                (String::new(), format!("{:+.1}", a.cpu_vs_a))
             };
             let _ = writeln!(
                 md,
-                "| ({}) {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:+.1} | {} | {} |",
+                "| ({}) {} | {:.0} ({:.0}–{:.0}) | {} | {} | {:.3} | {:.3} | {:.3} | {:+.0} | {:.1} | {:+.1} | {} | {} | {} |",
                 k.id(),
                 k.label(),
                 a.rps,
@@ -1256,6 +1315,7 @@ fn report(
                 a.cpu,
                 a.cpu_vs_a,
                 side,
+                with_side,
                 a.bad
             );
         }
@@ -1263,37 +1323,25 @@ fn report(
     }
     global_report(&mut md, args, kinds, res, &pass_names);
     managed_report(&mut md, args, kinds, res, &pass_names);
-    if !res.streaming.is_empty() {
-        let _ = writeln!(
-            md,
-            "## Streaming: one SSE chat completion of ~{} KiB (Envoy --concurrency 1)\n",
+    whole_path_report(&mut md, args, kinds, res, &pass_names);
+    stream_table(
+        &mut md,
+        &format!(
+            "## Streaming: one SSE chat completion of ~{} KiB, as fast as the mock writes (Envoy --concurrency 1)\n",
             args.stream_bytes / 1024
-        );
-        let _ = writeln!(md, "Median of {} requests per variant, interleaved, new connection each; time to the first response byte and to the end of the stream.\n", args.stream_runs);
-        let _ = writeln!(md, "| variant | TTFB ms | total ms | total ×a | body bytes |\n|---|---:|---:|---:|---:|");
-        let base_total = res
-            .streaming
-            .iter()
-            .find(|(k, _)| *k == Kind::NoFilter)
-            .map(|(_, s)| median(&s.iter().map(|x| x.1).collect::<Vec<_>>()));
-        for (k, samples) in &res.streaming {
-            let ttfb = median(&samples.iter().map(|x| x.0).collect::<Vec<_>>());
-            let total = median(&samples.iter().map(|x| x.1).collect::<Vec<_>>());
-            let bytes = samples.first().map_or(0, |x| x.2);
-            let label = match k {
-                Kind::NoFilter => "(a) no filter".to_string(),
-                Kind::TollgateKey => "(d) Tollgate, auth only (no metering)".to_string(),
-                Kind::TollgateMetered => "(e) Tollgate, limits + metering (SSE parsed)".to_string(),
-                other => format!("({}) {}", other.id(), other.label()),
-            };
-            let _ = writeln!(
-                md,
-                "| {label} | {ttfb:.2} | {total:.2} | {} | {bytes} |",
-                fmt_ratio(base_total.map_or(f64::NAN, |b| total / b))
-            );
-        }
-        let _ = writeln!(md);
-    }
+        ),
+        args,
+        &res.streaming,
+    );
+    stream_table(
+        &mut md,
+        &format!(
+            "## Streaming, token-paced: {} tokens, one event every {} ms (Envoy --concurrency 1)\n",
+            args.paced_tokens, args.paced_delay_ms
+        ),
+        args,
+        &res.paced,
+    );
     if !res.memory.is_empty() {
         let _ = writeln!(md, "## Memory (Envoy --concurrency 1, one listener, RSS)\n\n| Envoy with | RSS |\n|---|---|");
         for (k, v) in &res.memory {
@@ -1343,6 +1391,151 @@ fn report(
         let _ = writeln!(md, "- {n}");
     }
     md
+}
+
+/// Whether the metering variants' events reached the tracker: the filter's own count of
+/// events lost (its warning in the Envoy logs), the metering service's last counters
+/// (its log), and the tracker's count of the floors' events (user `floor`) against the
+/// floors' requests (the measured ones only: a lower bound of what they sent).
+fn delivery(b: &Backends, kinds: &[Kind], res: &Results, dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let metered = [
+        Kind::TollgateMetered,
+        Kind::TollgateMeteredAlt,
+        Kind::TollgateLimitsLocal,
+        Kind::TollgateLimitsGlobal,
+        Kind::TollgateUsageOnly,
+        Kind::TollgateMeteredNoInject,
+    ];
+    if kinds.iter().any(|k| metered.contains(k)) {
+        let lost = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("envoy-all-"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|l| l.split("usage events lost so far: ").nth(1))
+                    .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .max()
+            .unwrap_or(0);
+        let requests: u64 = res.runs.iter().filter(|r| metered.contains(&r.kind)).map(|r| r.load.requests).sum();
+        out.push(format!(
+            "Tollgate's metered variants: at most {lost} usage events lost to queue overflow per worker (the filter's own warning, largest count in the Envoy logs), against {requests} measured metered requests."
+        ));
+    }
+    if kinds.contains(&Kind::ExtAuthzExtProc) {
+        let log = std::fs::read_to_string(dir.join("meter-extproc.log")).unwrap_or_default();
+        let last =
+            log.lines().rev().find(|l| l.starts_with("meter-extproc: ")).unwrap_or("meter-extproc: no counters logged");
+        let requests: u64 = res.runs.iter().filter(|r| r.kind == Kind::ExtAuthzExtProc).map(|r| r.load.requests).sum();
+        out.push(format!("(f'): {last} (measured (f') requests: {requests}; warm-ups and checks add to the streams)."));
+    }
+    if kinds.iter().any(|k| k.is_floor()) {
+        let got =
+            fleet::tracker_metric(&b.tracker_url(), "llm_requests_total", &[("user", "floor")]).unwrap_or(f64::NAN);
+        let requests: u64 = res.runs.iter().filter(|r| r.kind.is_floor()).map(|r| r.load.requests).sum();
+        out.push(format!(
+            "(m), (m'): the tracker counted {got:.0} floor events, against {requests} measured floor requests (plus warm-ups)."
+        ));
+    }
+    out
+}
+
+/// Whether the variant has processes outside Envoy whose CPU is measured.
+fn has_side(k: Kind) -> bool {
+    matches!(k, Kind::ExtAuthz | Kind::ExtAuthzExtProc | Kind::TollgateKeyManaged) || k.meters()
+}
+
+fn stream_label(k: Kind) -> String {
+    match k {
+        Kind::NoFilter => "(a) no filter".to_string(),
+        Kind::TollgateKey => "(d) Tollgate, auth only (no metering)".to_string(),
+        Kind::TollgateMetered => "(e) Tollgate, limits + metering (SSE parsed)".to_string(),
+        Kind::ExtAuthzExtProc => "(f') ext_authz + ext_proc metering (SSE parsed in the service)".to_string(),
+        other => format!("({}) {}", other.id(), other.label()),
+    }
+}
+
+/// A streaming test's table: medians of time to first byte and total, and their
+/// difference from (a)'s.
+fn stream_table(md: &mut String, title: &str, args: &Args, samples: &[(Kind, Vec<(f64, f64, usize)>)]) {
+    if samples.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "{title}");
+    let _ = writeln!(md, "Median of {} requests per variant, interleaved, new connection each; time to the first response byte and to the end of the stream.\n", args.stream_runs);
+    let _ = writeln!(
+        md,
+        "| variant | TTFB ms | TTFB − a ms | total ms | total − a ms | total ×a | body bytes |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    let med = |s: &[(f64, f64, usize)], f: fn(&(f64, f64, usize)) -> f64| median(&s.iter().map(f).collect::<Vec<_>>());
+    let base = samples.iter().find(|(k, _)| *k == Kind::NoFilter).map(|(_, s)| (med(s, |x| x.0), med(s, |x| x.1)));
+    for (k, s) in samples {
+        let (ttfb, total) = (med(s, |x| x.0), med(s, |x| x.1));
+        let (bt, bl) = base.unwrap_or((f64::NAN, f64::NAN));
+        let bytes = s.first().map_or(0, |x| x.2);
+        let _ = writeln!(
+            md,
+            "| {} | {ttfb:.2} | {:+.2} | {total:.2} | {:+.2} | {} | {bytes} |",
+            stream_label(*k),
+            ttfb - bt,
+            total - bl,
+            fmt_ratio(total / bl)
+        );
+    }
+    let _ = writeln!(md);
+}
+
+/// Issue 19, the whole path: per pass, the added CPU per request (Envoy, and with the
+/// processes outside it) of (d), (e), (f'), the floors, and the ratios the issue asks
+/// for; per-round medians of each variant minus (a) in the same round.
+fn whole_path_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, pass_names: &[(String, String)]) {
+    let want = [Kind::TollgateKey, Kind::TollgateMetered, Kind::ExtAuthzExtProc];
+    if !want.iter().any(|k| kinds.contains(k)) {
+        return;
+    }
+    let _ = writeln!(md, "## The whole path (issue 19): (e) against auth alone, its floor and its peer\n");
+    let _ = writeln!(md, "Added CPU µs per request vs (a) (median over rounds of the per-round difference); **+side** adds the CPU per request of the variant's processes outside Envoy (tracker for e, m, m'; auth service + metering ext_proc service + tracker for f'). (e)/(d): Envoy CPU added by the whole path over auth alone (the issue's target: ≤ 2 in the c1 passes). (f')/(e): the peer's cost over Tollgate's, Envoy only and with the services.\n");
+    let _ = writeln!(md, "| pass | (d) | (h') | (m) | (m') | (e) | (e) +side | (f') | (f') +side | (e)/(d) | (e)−(m') | (f')/(e) Envoy | (f')/(e) +side | ×a (e) | ×a (f') | +p50 µs (e) / (f') |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (pass, _) in pass_names {
+        let agg = |k: Kind| kinds.contains(&k).then(|| aggregate(&res.runs, pass, k, args.rounds)).flatten();
+        let base = agg(Kind::NoFilter);
+        let cpu = |k: Kind| agg(k).map_or(f64::NAN, |a| a.cpu_vs_a);
+        let side = |k: Kind| agg(k).map_or(f64::NAN, |a| a.cpu_vs_a + a.side);
+        let f = |x: f64| if x.is_finite() { format!("{x:+.1}") } else { "–".into() };
+        let vs_a = |k: Kind| agg(k).map_or(f64::NAN, |a| a.vs_a);
+        let p50 = |k: Kind| match (agg(k), &base) {
+            (Some(a), Some(b)) => format!("{:+.0}", (a.p50 - b.p50) * 1000.0),
+            _ => "–".into(),
+        };
+        let (d, e, fp) = (cpu(Kind::TollgateKey), cpu(Kind::TollgateMetered), cpu(Kind::ExtAuthzExtProc));
+        let _ = writeln!(
+            md,
+            "| {pass} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+            f(d),
+            f(cpu(Kind::WasmHostCalls)),
+            f(cpu(Kind::WasmMeterFloor)),
+            f(cpu(Kind::WasmFloorFull)),
+            f(e),
+            f(side(Kind::TollgateMetered)),
+            f(fp),
+            f(side(Kind::ExtAuthzExtProc)),
+            fmt_ratio(e / d),
+            f(e - cpu(Kind::WasmFloorFull)),
+            fmt_ratio(fp / e),
+            fmt_ratio(side(Kind::ExtAuthzExtProc) / side(Kind::TollgateMetered)),
+            fmt_ratio(vs_a(Kind::TollgateMetered)),
+            fmt_ratio(vs_a(Kind::ExtAuthzExtProc)),
+            p50(Kind::TollgateMetered),
+            p50(Kind::ExtAuthzExtProc)
+        );
+    }
+    let _ = writeln!(md, "\n{}\n", res.delivery.join(" "));
 }
 
 /// Median over rounds of `f(run of a) ` − `f(run of b)` in the same round.
@@ -1601,7 +1794,7 @@ fn main() -> anyhow::Result<()> {
     let command =
         std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
     let kinds: Vec<Kind> = if args.variants.is_empty() {
-        Kind::ALL.to_vec()
+        Kind::ALL.into_iter().filter(|k| !k.diagnostic()).collect()
     } else {
         let mut v = Vec::new();
         for s in &args.variants {
@@ -1639,7 +1832,7 @@ fn main() -> anyhow::Result<()> {
         None => kinds.retain(|k| !k.needs_alt_wasm()),
     }
     if t.noop_wasm.is_none() {
-        kinds.retain(|&k| !matches!(k, Kind::WasmNoop | Kind::WasmHostCalls | Kind::WasmHostCallsBulk));
+        kinds.retain(|&k| !k.needs_noop_wasm());
         eprintln!("bench-run: {NOOP_WASM} not built (bench/build-noop-wasm.sh): variant (h) skipped");
     }
     let dir = harness::paths::run_dir("bench")?;
@@ -1654,6 +1847,10 @@ fn main() -> anyhow::Result<()> {
     }
     let mut res = Results::default();
     run_passes(&args, &t, &backends, &creds, &kinds, &dir, &mut res)?;
+    res.delivery = delivery(&backends, &kinds, &res, &dir);
+    for line in &res.delivery {
+        eprintln!("bench-run: {line}");
+    }
     if managed {
         let tracker = backends.tracker_url();
         let resolves = |outcome| fleet::tracker_metric(&tracker, "tracker_key_resolves_total", &[("outcome", outcome)]);
