@@ -254,6 +254,12 @@ impl EventQueue {
         self.pending.len()
     }
 
+    /// A full batch waits: worth sending now rather than at the next tick (a worker
+    /// under heavy traffic drains at the tracker's pace, not one round per tick).
+    pub fn backlog(&self) -> bool {
+        self.pending.len() >= self.batch_cap
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty() && self.denial_events.is_empty() && self.denial_counts.is_empty()
     }

@@ -732,10 +732,18 @@ impl Root {
         let Ok(mut queue) = state.queue.try_borrow_mut() else { return };
         queue.completed(token, outcome, now_ms(host));
         queue.tracker_refused(refused);
-        let stats = queue.stats();
+        let (stats, backlog) = (queue.stats(), queue.backlog());
         drop(queue);
         if refused > 0 {
             self.log_losses(host, stats);
+        }
+        // The tracker took a batch and full ones wait: the next goes now, not at the next
+        // tick, so delivery keeps up with traffic (in-flight bound as ever). A root that
+        // is finishing sends nothing new.
+        if outcome == SendOutcome::Delivered && backlog && !self.finishing {
+            if let Some(usage) = &state.settings.usage {
+                self.flush(host, usage, &state);
+            }
         }
     }
 
@@ -2486,6 +2494,33 @@ mod tests {
         root.tick(&h);
         root.call_response(&h, 2, 1, 10);
         assert_eq!(root.state().unwrap().queue_stats().delivered, 2);
+    }
+
+    /// A delivered batch with full ones waiting sends the next at once (not at the next
+    /// tick), within the in-flight bound; below a full batch, the tick sends it.
+    #[test]
+    fn a_backlog_drains_at_the_trackers_pace() {
+        let h = host_with(r#","max_batch":1"#, "");
+        *h.call_response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
+        let mut root = configured(&h);
+        for _ in 0..7 {
+            request(&root, &h);
+        }
+        root.tick(&h);
+        assert_eq!(h.dispatched.borrow().len(), MAX_IN_FLIGHT, "a tick fills the in-flight bound");
+        for (answered, want) in [(1, 5), (2, 6), (3, 7), (4, 7), (5, 7)] {
+            root.call_response(&h, answered, 1, 0);
+            assert_eq!(h.dispatched.borrow().len(), want, "after batch {answered} was delivered");
+        }
+        // A failure does not hurry the next (back-off is the tick's).
+        request(&root, &h);
+        request(&root, &h);
+        root.tick(&h);
+        let sent = h.dispatched.borrow().len();
+        *h.call_response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
+        let token = h.dispatched.borrow().last().map(|(t, _)| *t).unwrap();
+        root.call_response(&h, token, 1, 0);
+        assert_eq!(h.dispatched.borrow().len(), sent);
     }
 
     #[test]
