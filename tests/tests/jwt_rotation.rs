@@ -84,10 +84,15 @@ const ISSUER: &str = "https://keycloak.example/realms/llm";
 const MIN_INTERVAL_MS: u64 = 2000;
 
 fn token(signer: &dev::Signer, sub: &str) -> String {
+    token_for(signer, sub, "chat-ui")
+}
+
+/// A token issued to the Keycloak client `azp`.
+fn token_for(signer: &dev::Signer, sub: &str, azp: &str) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     // Keycloak's access-token shape: aud, azp, groups, scope.
     signer
-        .mint(&json!({"iss": ISSUER, "sub": sub, "aud": "llm-gateway", "azp": "chat-ui", "groups": ["premium"],
+        .mint(&json!({"iss": ISSUER, "sub": sub, "aud": "llm-gateway", "azp": azp, "groups": ["premium"],
                       "scope": "openid profile", "iat": now, "exp": now + 600}))
         .unwrap()
 }
@@ -110,6 +115,7 @@ fn rotation_refetch_rate_limit_and_outage() {
     let config = json!({"jwt": {"providers": [{
         "issuer": ISSUER,
         "audiences": ["llm-gateway"],
+        "authorized_parties": ["chat-ui"],
         "groups_claim": "groups",
         "remote_jwks": {"cluster": "keycloak", "authority": "keycloak.example", "path": "/certs",
                         "refresh_seconds": 300, "timeout_ms": 1000, "max_age_seconds": 3600,
@@ -127,6 +133,7 @@ fn rotation_refetch_rate_limit_and_outage() {
     for i in 0..4 {
         assert_eq!(status(&stack, &token(&key_a, &format!("a{i}"))), 200, "key A, request {i}");
     }
+    assert_eq!(status(&stack, &token_for(&key_a, "eve", "other-client")), 401, "issued to another client (azp)");
     let first = server.fetches();
     assert!((1..=2).contains(&first), "{first} fetches at start (one, or one per worker racing on the empty slot)");
 
