@@ -24,7 +24,7 @@ for (const [name, piece] of [['one event', 0], ['1 KiB', 1024], ['16 KiB', 16384
   }
   console.log(`piece=${name} mb_per_s=${median(rates).toFixed(1)} runs=${rates.length}`);
 }
-for (const [name, fn, want] of [['prefilter (candidate)', () => w.run_prefiltered(), tokens], ['memchr lines only', () => w.run_lines(), null]]) {
+for (const [name, fn, want] of [['prefilter (prototype)', () => w.run_prefiltered(), tokens], ['memchr lines only', () => w.run_lines(), null]]) {
   const first = fn();
   if (want !== null && first !== want) throw new Error(`${name}: read ${first}, expected ${want}`);
   for (let i = 0; i < 3; i++) fn();

@@ -13,9 +13,14 @@
 //! few bytes. SSE `data:` lines stream through the same scanner, reset per event, so an
 //! SSE stream costs constant memory plus the capped captures.
 //!
+//! Most SSE events cannot change the result: once the model is known, an event whose
+//! data holds no `"usage"` key opening an object (OpenAI's token chunks carry
+//! `"usage":null`) is framed but not scanned (see [`skippable_data_line`]).
+//!
 //! Usage in a stream is cumulative: later values replace earlier ones field by field,
 //! which also merges Anthropic's `message_start` (input) with `message_delta` (output).
 
+use memchr::{memchr2, memchr_iter};
 use serde_json::{Map, Value};
 
 /// Token counts of one response; fields the upstream did not report are 0.
@@ -132,6 +137,15 @@ impl UsageParser {
     /// `max_carry` caps one captured `usage` value (see [`DEFAULT_MAX_CARRY`]).
     pub fn new(kind: BodyKind, max_carry: usize) -> Self {
         UsageParser { kind, scan: Scanner::new(max_carry), sse: Sse::new(), found: Found::default(), bytes_seen: 0 }
+    }
+
+    /// The straightforward parser: every SSE `data:` line goes through the scanner, lines
+    /// are split byte by byte. The differential tests compare the real one against it.
+    #[cfg(test)]
+    fn reference(kind: BodyKind, max_carry: usize) -> Self {
+        let mut p = Self::new(kind, max_carry);
+        p.sse.prefilter = false;
+        p
     }
 
     /// Reads the next chunk; chunks may be cut at any byte.
@@ -418,7 +432,7 @@ impl Scanner {
             return i.saturating_add(1);
         }
         let rest = input.get(i..).unwrap_or_default();
-        let n = rest.iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(rest.len());
+        let n = memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
         if in_key {
             self.key.push(rest.get(..n).unwrap_or_default());
         }
@@ -524,6 +538,18 @@ struct Sse {
     /// First bytes of the current data value, to spot `[DONE]`.
     val: [u8; DONE.len()],
     val_len: usize,
+    /// This event's data is framed but not fed to the scanner: it cannot change the
+    /// result (see [`skippable_data_line`]).
+    mute: bool,
+    /// Skip events that cannot change the result; off only for the reference parser of
+    /// the differential tests.
+    prefilter: bool,
+    /// The start of a `data:` line cut by the end of a chunk before the prefilter could
+    /// decide on it (at most `CARRY_MAX + 2` bytes).
+    pending: Vec<u8>,
+    /// Data lines the prefilter kept from the scanner.
+    #[cfg(test)]
+    muted: u64,
 }
 
 impl Sse {
@@ -538,10 +564,91 @@ impl Sse {
             has_data: false,
             val: [0; DONE.len()],
             val_len: 0,
+            mute: false,
+            prefilter: true,
+            pending: Vec::new(),
+            #[cfg(test)]
+            muted: 0,
         }
     }
 
-    fn feed(&mut self, input: &[u8], scan: &mut Scanner, found: &mut Found) {
+    fn feed(&mut self, mut input: &[u8], scan: &mut Scanner, found: &mut Found) {
+        loop {
+            if self.pending.is_empty() {
+                self.feed_lines(input, scan, found);
+                return;
+            }
+            // A held line start. Where its line ends, counted in `pending` then `input`:
+            let held_len = self.pending.len();
+            let eol = memchr2(b'\n', b'\r', &self.pending)
+                .or_else(|| memchr2(b'\n', b'\r', input).map(|at| held_len.saturating_add(at)))
+                .filter(|&at| at < CARRY_MAX);
+            let Some(eol) = eol else {
+                if held_len.saturating_add(input.len()) <= CARRY_MAX {
+                    self.pending.extend_from_slice(input);
+                    return;
+                }
+                // Too long to hold: scanned the slow way.
+                let held = std::mem::take(&mut self.pending);
+                self.replay(&held, Some(false), scan, found);
+                self.reuse(held);
+                self.feed_lines(input, scan, found);
+                return;
+            };
+            // Enough to decide: the end of line, a `\n` after `\r`, the next line's first byte.
+            let want = eol.saturating_add(3).saturating_sub(held_len).min(input.len());
+            self.pending.extend_from_slice(input.get(..want).unwrap_or_default());
+            let decision = skippable_data_line(&self.pending, found);
+            if decision.is_none() && want == input.len() {
+                return;
+            }
+            // Replay the held line through its end of line with the decision; then what
+            // was held beyond it (from earlier chunks); the bytes peeked from `input` are
+            // read from `input` again.
+            let held = std::mem::take(&mut self.pending);
+            let end = eol.saturating_add(1);
+            self.replay(held.get(..end).unwrap_or_default(), decision, scan, found);
+            if let Some(more) = held.get(end..held_len) {
+                self.feed_lines(more, scan, found);
+            }
+            self.reuse(held);
+            input = input.get(end.saturating_sub(held_len)..).unwrap_or_default();
+        }
+    }
+
+    /// One held line (through its end of line), skipped or scanned as decided.
+    fn replay(&mut self, line: &[u8], decision: Option<bool>, scan: &mut Scanner, found: &mut Found) {
+        if decision == Some(true) {
+            self.mute_data_line(scan, found);
+            self.feed_lines(line.get(DATA.len()..).unwrap_or_default(), scan, found);
+        } else {
+            let prefilter = std::mem::replace(&mut self.prefilter, false);
+            self.feed_lines(line, scan, found);
+            self.prefilter = prefilter;
+        }
+    }
+
+    /// Keeps the allocation of a replayed `pending` unless a new line start is held.
+    fn reuse(&mut self, mut held: Vec<u8>) {
+        if self.pending.is_empty() {
+            held.clear();
+            self.pending = held;
+        }
+    }
+
+    /// Starts a data line that the prefilter decided to keep from the scanner.
+    fn mute_data_line(&mut self, scan: &mut Scanner, found: &mut Found) {
+        self.begin_data(scan, found);
+        self.mute = true;
+        #[cfg(test)]
+        {
+            self.muted += 1;
+        }
+    }
+
+    /// Frames `input`. A `data:` line starting in it that the prefilter cannot decide by
+    /// its end is held in `pending` (see [`Sse::feed`]) when short enough.
+    fn feed_lines(&mut self, input: &[u8], scan: &mut Scanner, found: &mut Found) {
         let mut i = 0;
         while let Some(&b) = input.get(i) {
             if self.after_cr {
@@ -549,6 +656,23 @@ impl Sse {
                 if b == b'\n' {
                     i += 1;
                     continue;
+                }
+            }
+            if self.line == Line::Start && b == b'd' && self.prefilter && !self.has_data {
+                // The scanner is fresh (no data yet in this event).
+                let rest = input.get(i..).unwrap_or_default();
+                match skippable_data_line(rest, found) {
+                    Some(true) => {
+                        // This line is the event's only data: frame it, skip the scanner.
+                        self.mute_data_line(scan, found);
+                        i = i.saturating_add(DATA.len());
+                        continue;
+                    }
+                    None if rest.len() <= CARRY_MAX => {
+                        self.pending.extend_from_slice(rest);
+                        return;
+                    }
+                    _ => {}
                 }
             }
             match self.line {
@@ -563,7 +687,7 @@ impl Sse {
                 }
                 Line::Data | Line::Ignore => {
                     let rest = input.get(i..).unwrap_or_default();
-                    let n = rest.iter().position(|&c| c == b'\n' || c == b'\r').unwrap_or(rest.len());
+                    let n = self.find_eol(rest).unwrap_or(rest.len());
                     if self.line == Line::Data {
                         self.data(rest.get(..n).unwrap_or_default(), scan, found);
                     }
@@ -577,7 +701,24 @@ impl Sse {
         }
     }
 
+    fn find_eol(&self, rest: &[u8]) -> Option<usize> {
+        #[cfg(test)]
+        if !self.prefilter {
+            // The reference parser keeps the byte loop.
+            return rest.iter().position(|&c| c == b'\n' || c == b'\r');
+        }
+        memchr2(b'\n', b'\r', rest)
+    }
+
     fn finish(&mut self, scan: &mut Scanner, found: &mut Found) {
+        // A held line start ends here: scanned the slow way (nothing follows it), never
+        // held again.
+        let held = std::mem::take(&mut self.pending);
+        if !held.is_empty() {
+            let prefilter = std::mem::replace(&mut self.prefilter, false);
+            self.feed_lines(&held, scan, found);
+            self.prefilter = prefilter;
+        }
         if self.line != Line::Start {
             self.end_line(b'\n', scan, found);
         }
@@ -606,7 +747,7 @@ impl Sse {
 
     fn begin_data(&mut self, scan: &mut Scanner, found: &mut Found) {
         // Data lines of one event join with "\n", which is JSON whitespace.
-        if self.has_data {
+        if self.has_data && !self.mute {
             scan.feed(b"\n", found);
         }
         self.has_data = true;
@@ -627,7 +768,9 @@ impl Sse {
             *slot = c;
         }
         self.val_len = self.val_len.saturating_add(seg.len());
-        scan.feed(seg, found);
+        if !self.mute {
+            scan.feed(seg, found);
+        }
     }
 
     fn end_line(&mut self, eol: u8, scan: &mut Scanner, found: &mut Found) {
@@ -647,6 +790,79 @@ impl Sse {
     fn dispatch(&mut self, scan: &mut Scanner) {
         scan.reset();
         self.has_data = false;
+        self.mute = false;
+    }
+}
+
+const DATA: &[u8; 5] = b"data:";
+/// Longest line start held across chunks for the prefilter; longer lines are scanned.
+const CARRY_MAX: usize = 4 * 1024;
+const USAGE_KEY: &[u8; 7] = b"\"usage\"";
+const MODEL_KEY: &[u8; 7] = b"\"model\"";
+
+/// Whether `rest`, the input from the start of a line, holds a whole `data:` line that is
+/// the whole data of its event and whose JSON cannot change what `found` holds, so the
+/// scanner may skip it. The caller ensures the scanner is fresh (no data yet in this
+/// event). Conservative: `Some(false)` when unsure; `None` when `rest` ends before it
+/// can tell (the line goes on in the next chunk).
+///
+/// - The line and its end are in `rest`, and the next line, also in `rest`, is blank:
+///   the event ends there, so no later data line needs the scanner's state.
+/// - The scanner records a `usage` only from a key whose raw bytes are exactly `usage`
+///   (an escaped key matches nothing; a key cannot span lines), i.e. from the 7 bytes
+///   `"usage"`, followed by `:` and a value opening with `{`. So every `"usage"` in the
+///   line must be followed (after JSON whitespace) by `,` `}` `]`, or by `:` and a value
+///   that does not open with `{` (`"usage":null`). Anything else — end of line, other
+///   bytes that leave a malformed key pending — counts as usage.
+/// - The model is recorded only until one is known, from the 7 bytes `"model"`: while
+///   none is known, a line holding them is not skipped.
+fn skippable_data_line(rest: &[u8], found: &Found) -> Option<bool> {
+    let Some(value) = rest.strip_prefix(DATA) else {
+        // A cut `data:` may still be one.
+        return if DATA.starts_with(rest) { None } else { Some(false) };
+    };
+    let end = memchr2(b'\n', b'\r', value)?;
+    let line = value.get(..end).unwrap_or_default();
+    let after = value.get(end..).unwrap_or_default();
+    let next = match after {
+        [b'\r', b'\n', next @ ..] | [b'\r', next @ ..] | [b'\n', next @ ..] => next,
+        _ => return Some(false),
+    };
+    // `\r` at the very end: whether a `\n` follows is not known yet.
+    if after.first() == Some(&b'\r') && next.is_empty() {
+        return None;
+    }
+    if !matches!(next.first()?, b'\n' | b'\r') {
+        return Some(false);
+    }
+    if found.model.is_none() && find_key(line, MODEL_KEY, b'd').next().is_some() {
+        return Some(false);
+    }
+    Some(
+        !find_key(line, USAGE_KEY, b'g')
+            .any(|at| may_open_usage(line.get(at.saturating_add(USAGE_KEY.len())..).unwrap_or_default())),
+    )
+}
+
+/// Where `key` starts in `line`, found by `memchr` for one of its rarer bytes (`rare`,
+/// which occurs once in `key`): smaller in the wasm than `memmem`, and as fast on lines
+/// this short.
+fn find_key<'a>(line: &'a [u8], key: &'static [u8; 7], rare: u8) -> impl Iterator<Item = usize> + 'a {
+    let offset = key.iter().position(|&c| c == rare).unwrap_or(0);
+    memchr_iter(rare, line).filter_map(move |hit| {
+        let at = hit.checked_sub(offset)?;
+        (line.get(at..at.saturating_add(key.len()))? == key).then_some(at)
+    })
+}
+
+/// Whether the bytes after a `"usage"` may make the scanner capture a usage object.
+fn may_open_usage(after: &[u8]) -> bool {
+    let ws = |c: &&u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r');
+    let mut it = after.iter().skip_while(ws);
+    match it.next() {
+        Some(b':') => it.find(|c| !ws(c)).is_none_or(|&c| c == b'{'),
+        Some(b',' | b'}' | b']') => false,
+        _ => true,
     }
 }
 
@@ -674,8 +890,17 @@ mod tests {
         skipped: u64,
     }
 
+    /// Runs the parser and the reference parser (no prefilter) on the same pieces; they
+    /// must agree (the differential test runs wherever `run` does).
     fn run<'a>(kind: BodyKind, max: usize, pieces: impl IntoIterator<Item = &'a [u8]>) -> Out {
-        let mut p = UsageParser::new(kind, max);
+        let pieces: Vec<&[u8]> = pieces.into_iter().collect();
+        let got = run_one(UsageParser::new(kind, max), &pieces);
+        let want = run_one(UsageParser::reference(kind, max), &pieces);
+        assert_eq!(got, want, "prefiltered parser differs from the reference");
+        got
+    }
+
+    fn run_one(mut p: UsageParser, pieces: &[&[u8]]) -> Out {
         let mut len = 0;
         for piece in pieces {
             p.feed(piece);
@@ -990,6 +1215,198 @@ mod tests {
             let want = Out { usage, model: model.map(str::to_owned), done, skipped: 0 };
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    /// Streams aimed at the SSE prefilter: each is run (by `run`) through the parser and
+    /// the reference, whole, cut at every offset, byte by byte and in random pieces, with
+    /// `\n`, `\r\n` and `\r` line ends, and with a small capture cap.
+    #[test]
+    fn differential_tricky_streams() {
+        let cases: &[&str] = &[
+            OPENAI_STREAM,
+            ANTHROPIC_STREAM,
+            RESPONSES_STREAM,
+            CUMULATIVE_STREAM,
+            // usage null everywhere, model first, then usage with whitespace variants.
+            "data: {\"model\":\"m\",\"usage\":null}\n\ndata: {\"usage\" :null}\n\ndata: {\"usage\"\t: {\"prompt_tokens\":3}}\n\n",
+            "data: {\"model\":\"m\"}\n\ndata: {\"usage\" : {\"prompt_tokens\":3}}\n\ndata: {\"usage\":\t{\"completion_tokens\":4}}\n\n",
+            // Escaped quotes and backslashes around the text "usage" in content.
+            "data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\":{\\\"prompt_tokens\\\":9} \\\\\"}}],\"usage\":null}\n\n\
+             data: {\"choices\":[{\"delta\":{\"content\":\"\\\\\\\"usage\\\\\\\":{\\\"completion_tokens\\\":9}\"}}]}\n\n\
+             data: {\"choices\":[{\"delta\":{\"content\":\"x\\\\\"},\"usage\":{\"prompt_tokens\":1}}]}\n\n\
+             data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":5}}\n\ndata: [DONE]\n\n",
+            // "usage" as a string value, and followed by junk the scanner still reads as a key.
+            "data: {\"model\":\"m\"}\n\ndata: {\"a\":\"usage\",\"b\":[\"usage\"]}\n\n\
+             data: {\"usage\" \"x\" : {\"prompt_tokens\":7}}\n\ndata: {\"usage\" 1 {} : {\"completion_tokens\":8}}\n\n\
+             data: {\"usage\":}\n\ndata: {\"usage\"}\n\ndata: {\"usage\"\n\n",
+            // A usage key or its value on the next data line of the same event.
+            "data: {\"model\":\"m\"}\n\ndata: {\"usage\"\ndata: :{\"prompt_tokens\":4}}\n\n\
+             data: {\"x\":1,\ndata: \"usage\":{\"completion_tokens\":6}}\n\ndata: {\"usage\":\ndata:{\"prompt_tokens\":5}}\n\n",
+            // data: without a space, comments, other fields, bare `data`, [DONE] variants.
+            ": keepalive\n\ndata:{\"model\":\"m\",\"usage\":null}\n\n: keepalive\nevent: x\nid: 1\n\
+             data:{\"usage\":null}\n\ndata\n\ndata:[DONE]\n\ndata: [DONE] \n\n",
+            // Model absent at first, then nested, then a later one that must not win.
+            "data: {\"choices\":[],\"usage\":null}\n\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":3}}}\n\n\
+             data: {\"model\":\"other\",\"usage\":{\"output_tokens\":2}}\n\n",
+            // An escaped or empty model is not "known"; "model" as a value.
+            "data: {\"model\":\"\"}\n\ndata: {\"x\":\"model\"}\n\ndata: {\"model\" : \"m\\u00e9\"}\n\ndata: {\"usage\":{\"prompt_tokens\":1}}\n\n",
+            // Over-cap usage (with a small cap), then a good one.
+            "data: {\"model\":\"m\",\"usage\":null}\n\ndata: {\"usage\":{\"prompt_tokens\":1,\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}}\n\n\
+             data: {\"usage\":{\"prompt_tokens\":2}}\n\n",
+            // BOM, events not ended by a blank line, trailing event with no newline.
+            "\u{FEFF}data: {\"model\":\"m\"}\n\ndata: {\"usage\":null}\ndata: {\"usage\":{\"prompt_tokens\":1}}\n\ndata: {\"usage\":{\"prompt_tokens\":2}}",
+            "data: {\"model\":\"m\"}\n\ndata: {\"usage\":null}\n\n\n\n\ndata: {\"usage\":{\"prompt_tokens\":1}}\r\n\r\n",
+        ];
+        for (n, case) in cases.iter().enumerate() {
+            for body in [case.to_string(), case.replace('\n', "\r\n"), case.replace('\n', "\r")] {
+                for max in [DEFAULT_MAX_CARRY, 40] {
+                    let _ = run_all_splits(BodyKind::Sse, max, body.as_bytes());
+                }
+            }
+            assert!(n < cases.len());
+        }
+    }
+
+    /// Random real-looking streams (OpenAI, Anthropic, Responses shapes, mixed with the
+    /// traps above), random line ends, cut into random pieces and 1-byte pieces: the
+    /// parser must agree with the reference every time.
+    #[test]
+    fn differential_random_streams() {
+        let events: &[&str] = &[
+            "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok \"},\"finish_reason\":null}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"say \\\"usage\\\": {\\\"prompt_tokens\\\": 9} \\\\\"}}],\"usage\":null}\n\n",
+            "data:{\"choices\":[{\"delta\":{\"content\":\"\\\\\"}}],\"usage\" : null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,\"prompt_tokens_details\":{\"cached_tokens\":4},\"completion_tokens_details\":{\"reasoning_tokens\":2}}}\n\n",
+            "data: {\"usage\" :{\"completion_tokens\":8}}\n\n",
+            "data: {\"model\":\"second\",\"usage\":{\"prompt_tokens\":1}}\n\n",
+            ": keepalive\n\n",
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":10}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4.1\",\"output\":[{\"text\":\"\\\"usage\\\"\",\"usage\":{\"input_tokens\":999}}],\"usage\":{\"input_tokens\":30,\"output_tokens\":20}}}\n\n",
+            "data: {\"a\":1,\ndata: \"usage\":{\"prompt_tokens\":3}}\n\n",
+            "data: {\"usage\"\ndata: :{\"completion_tokens\":5}}\n\n",
+            "id: 4\ndata: {\"usage\":null,\"model\":\"m\"}\n\n",
+            "data: {\"usage\":{\"prompt_tokens\":2,\"pad\":\"yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy\"}}\n\n",
+            "data: not json \"usage\":{\"prompt_tokens\":77}\n\n",
+            "data: {\"usage\":{\"prompt_tokens\":6}}\n",
+            "data: [DONE]\n\n",
+        ];
+        let mut rng = Lcg(0x5eed);
+        for round in 0..300 {
+            let mut body = String::new();
+            for _ in 0..rng.next(12) + 1 {
+                body.push_str(events[rng.next(events.len())]);
+            }
+            match rng.next(3) {
+                0 => {}
+                1 => body = body.replace('\n', "\r\n"),
+                _ => body = body.replace('\n', "\r"),
+            }
+            let bytes = body.as_bytes();
+            let max = if round % 4 == 0 { 48 } else { DEFAULT_MAX_CARRY };
+            let whole = run(BodyKind::Sse, max, [bytes]);
+            assert_eq!(run(BodyKind::Sse, max, bytes.chunks(1)), whole, "round {round} byte at a time");
+            for _ in 0..8 {
+                let size = rng.next(64) + 1;
+                let mut pieces = Vec::new();
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let n = (rng.next(size) + 1).min(rest.len());
+                    let (a, b) = rest.split_at(n);
+                    pieces.push(a);
+                    rest = b;
+                }
+                assert_eq!(run(BodyKind::Sse, max, pieces), whole, "round {round}");
+            }
+        }
+    }
+
+    /// Lines around and over the hold cap (`CARRY_MAX`), cut in two and in
+    /// random pieces up to 6 KiB.
+    #[test]
+    fn differential_long_lines() {
+        let event = |pad: usize, usage: &str| {
+            let text = "a\\\"usage\\\":{".repeat(pad / 14 + 1);
+            format!("data: {{\"model\":\"m\",\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}],\"usage\":{usage}}}\n\n")
+        };
+        let mut body = String::new();
+        for (pad, usage) in [
+            (CARRY_MAX - 90, "null"),
+            (CARRY_MAX - 60, "{\"prompt_tokens\":1}"),
+            (CARRY_MAX + 10, "null"),
+            (3 * CARRY_MAX, "{\"completion_tokens\":2}"),
+            (10, "null"),
+            (CARRY_MAX - 75, "{\"prompt_tokens\":3}"),
+        ] {
+            body.push_str(&event(pad, usage));
+        }
+        body.push_str("data: [DONE]\n\n");
+        let bytes = body.as_bytes();
+        let whole = run(BodyKind::Sse, DEFAULT_MAX_CARRY, [bytes]);
+        assert_eq!(whole.usage, u(3, 2, 0, 0));
+        // Every 17th offset (every one takes a minute in a debug build).
+        for at in (0..=bytes.len()).step_by(17) {
+            let (a, b) = bytes.split_at(at);
+            assert_eq!(run(BodyKind::Sse, DEFAULT_MAX_CARRY, [a, b]), whole, "split at {at}");
+        }
+        let mut rng = Lcg(7);
+        for _ in 0..40 {
+            let size = rng.next(6000) + 1;
+            let pieces: Vec<&[u8]> = bytes.chunks(size).collect();
+            assert_eq!(run(BodyKind::Sse, DEFAULT_MAX_CARRY, pieces), whole, "pieces of {size}");
+        }
+    }
+
+    #[test]
+    fn prefilter_skips_usage_null_chunks() {
+        // The differential tests show the results are the same; this shows the skip
+        // happens: token chunks after the model are kept from the scanner.
+        let mut p = UsageParser::new(BodyKind::Sse, DEFAULT_MAX_CARRY);
+        for chunk in OPENAI_STREAM.split_inclusive("\n\n") {
+            p.feed(chunk.as_bytes());
+        }
+        p.finish();
+        assert_eq!((p.usage(), p.done()), (u(12, 7, 4, 2), true));
+        // The first event holds the model; the usage event is scanned.
+        assert_eq!(p.sse.muted, 3);
+        // Cut anywhere, a line start is held until it can be decided: the same skips.
+        for size in [1, 7, 100] {
+            let mut p = UsageParser::new(BodyKind::Sse, DEFAULT_MAX_CARRY);
+            for chunk in OPENAI_STREAM.as_bytes().chunks(size) {
+                p.feed(chunk);
+            }
+            p.finish();
+            assert_eq!((p.usage(), p.sse.muted, p.sse.pending.capacity() <= CARRY_MAX + 2), (u(12, 7, 4, 2), 3, true));
+        }
+        let (y, n) = (Some(true), Some(false));
+        let cases: &[(&[u8], Option<bool>)] = &[
+            (b"data: {\"usage\":null}\n\n", y),
+            (b"data: {\"usage\" : null , \"x\":\"usage\"}\r\n\r\n", y),
+            (b"data: {\"usage\":{}}\n\n", n),
+            (b"data: {\"usage\"}\n\n", y),
+            (b"data: {\"usage\"\n\n", n),
+            (b"data: {\"usage\":\n\n", n),
+            (b"data: {\"usage\" x:null}\n\n", n),
+            (b"data: {}\n", None),
+            (b"data: {}\r", None),
+            (b"data: {}\r\n", None),
+            (b"data: {}", None),
+            (b"dat", None),
+            (b"dx", n),
+            (b"data: {}\r\r", y),
+            (b"data: {}\ndata: {}\n\n", n),
+            (b"data {}\n\n", n),
+            (b"data:\"usage\":{\n\n", n),
+            (b"data:\"usage\":1,\"usage\":[],\"usag\":{}, \"usage\"\t:\t{\n\n", n),
+            (b"data:\"usage\":1,\"usage\":[],\"usag\":{}, \"ggusage\":{\n\n", y),
+        ];
+        let known = Found { model: Some("m".into()), ..Found::default() };
+        for &(line, want) in cases {
+            assert_eq!(skippable_data_line(line, &known), want, "{}", String::from_utf8_lossy(line));
+        }
+        let unknown = Found::default();
+        assert_eq!(skippable_data_line(b"data: {\"model\":\"m\"}\n\n", &unknown), n);
+        assert_eq!(skippable_data_line(b"data: {\"x\":\"m\"}\n\n", &unknown), y);
     }
 
     #[test]

@@ -94,7 +94,10 @@ pub extern "C" fn run(piece: u32) -> u64 {
     feed(&s.data, &s.ends, piece as usize)
 }
 
-/// The candidate "skip events that cannot carry usage", measured: lines are split with
+/// The prototype of "skip events that cannot carry usage" (issue 19), kept for
+/// comparison: the filter's `UsageParser` now does this itself, exactly (see
+/// `filter/src/usage.rs`, `skippable_data_line`), so `run` measures the shipped parser.
+/// The prototype: lines are split with
 /// `memchr`, and a `data:` line goes to the parser only while no `model` was seen (the
 /// first event) or when it holds `"usage":{` (found with `memmem`); every other line is
 /// skipped without entering the JSON scanner. An upper bound of that fast path (whole
