@@ -15,12 +15,17 @@ use serde_json::{json, Value};
 pub enum Kind {
     /// (a) No auth filter: the limit.
     NoFilter,
-    /// (b) Envoy's C++ `jwt_authn`, same HS256 JWKS, no token cache.
+    /// (b) Envoy's C++ `jwt_authn`, the same JWKS as Tollgate (HS256 `oct`, or the
+    /// public key of `--jwt-alg`), no token cache: it verifies every request's signature.
     JwtAuthn,
     /// (b') Envoy's `jwt_authn` with `jwt_cache_config`.
     JwtAuthnCached,
-    /// (c) Tollgate, the request carries a JWT.
+    /// (c) Tollgate, the request carries a JWT (verified once per worker, then from the
+    /// filter's per-worker cache of verified tokens, `jwt.cache_entries` 1024).
     TollgateJwt,
+    /// (c') As (c) with `jwt.cache_entries: 0` (no credential cache): the filter verifies
+    /// every request's signature, like (b) without `jwt_cache_config` (issue 17).
+    TollgateJwtUncached,
     /// (d) Tollgate, the request carries an API key.
     TollgateKey,
     /// (e) Tollgate with limits and metering (usage to the local tracker), API key.
@@ -79,11 +84,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 23] = [
         Kind::NoFilter,
         Kind::JwtAuthn,
         Kind::JwtAuthnCached,
         Kind::TollgateJwt,
+        Kind::TollgateJwtUncached,
         Kind::TollgateKey,
         Kind::TollgateMetered,
         Kind::ExtAuthz,
@@ -110,6 +116,7 @@ impl Kind {
             Kind::JwtAuthn => "b",
             Kind::JwtAuthnCached => "b'",
             Kind::TollgateJwt => "c",
+            Kind::TollgateJwtUncached => "c'",
             Kind::TollgateKey => "d",
             Kind::TollgateMetered => "e",
             Kind::ExtAuthz => "f",
@@ -138,6 +145,7 @@ impl Kind {
             Kind::JwtAuthn => "jwt_authn",
             Kind::JwtAuthnCached => "jwt_authn_cache",
             Kind::TollgateJwt => "tollgate_jwt",
+            Kind::TollgateJwtUncached => "tollgate_jwt_uncached",
             Kind::TollgateKey => "tollgate_key",
             Kind::TollgateMetered => "tollgate_metered",
             Kind::ExtAuthz => "ext_authz",
@@ -165,6 +173,7 @@ impl Kind {
             Kind::JwtAuthn => "Envoy jwt_authn (JWT)",
             Kind::JwtAuthnCached => "Envoy jwt_authn + jwt_cache_config (JWT)",
             Kind::TollgateJwt => "Tollgate (JWT)",
+            Kind::TollgateJwtUncached => "Tollgate (JWT), no credential cache",
             Kind::TollgateKey => "Tollgate (API key)",
             Kind::TollgateMetered => "Tollgate + limits + metering (API key)",
             Kind::ExtAuthz => "ext_authz HTTP → Rust service (API key)",
@@ -192,7 +201,14 @@ impl Kind {
 
     /// Whether the request carries the JWT (else the API key).
     pub fn sends_jwt(self) -> bool {
-        matches!(self, Kind::JwtAuthn | Kind::JwtAuthnCached | Kind::TollgateJwt | Kind::TollgateJwtAlt)
+        matches!(
+            self,
+            Kind::JwtAuthn
+                | Kind::JwtAuthnCached
+                | Kind::TollgateJwt
+                | Kind::TollgateJwtUncached
+                | Kind::TollgateJwtAlt
+        )
     }
 
     pub fn is_jwt_authn(self) -> bool {
@@ -242,13 +258,19 @@ impl Kind {
 
 /// Credentials shared by every variant: a list of API keys (stored as SHA-256
 /// digests, as Tollgate, the auth service and the Lua filter all hold them), the
-/// key the load generators send, and an HS256 JWT with its JWKS.
+/// key the load generators send, and a JWT with its JWKS (HS256 with an `oct` key by
+/// default; RS256/ES256/EdDSA… with the public key, `--jwt-alg`).
 pub struct Creds {
     /// `api_keys.keys` entries: `{"sha256","user","groups"}`.
     pub key_entries: Vec<Value>,
     pub api_key: String,
     pub jwt: String,
+    /// The JWKS both Envoy's `jwt_authn` and Tollgate get (public keys only).
     pub jwks: String,
+    /// The JWT's `alg`.
+    pub jwt_alg: String,
+    /// The JWT's `exp` (Unix seconds).
+    pub jwt_exp: u64,
     /// (k): a managed key (in none of the static lists), created in the tracker by
     /// `bench-run` once the tracker runs.
     pub managed_key: Option<String>,
@@ -256,9 +278,20 @@ pub struct Creds {
 
 pub const GROUP: &str = "bench";
 
+/// The bench JWT's lifetime: a day.
+pub const JWT_TTL_SECS: u64 = 86_400;
+
 impl Creds {
-    /// `n_keys` keys (at least one); the load uses the one in the middle.
+    /// `n_keys` keys (at least one); the load uses the one in the middle; an HS256 JWT.
     pub fn new(n_keys: usize) -> anyhow::Result<Creds> {
+        Creds::with_jwt_alg(n_keys, "HS256")
+    }
+
+    /// As [`Creds::new`], the JWT signed with `alg`: `HS256` (a fresh `oct` secret) or
+    /// one of [`harness::dev::SIGNING_ALGS`] (RS*/PS*: the harness's fixed 2048-bit test
+    /// key 0; ES256/ES384/EdDSA: a fresh key), its JWKS the public key (`kid`
+    /// `bench-key`).
+    pub fn with_jwt_alg(n_keys: usize, alg: &str) -> anyhow::Result<Creds> {
         let n = n_keys.max(1);
         let mut key_entries = Vec::with_capacity(n);
         let mut api_key = String::new();
@@ -269,12 +302,21 @@ impl Creds {
                 api_key = key;
             }
         }
-        let secret = harness::dev::new_secret();
-        let jwks = harness::dev::jwks(secret.as_bytes(), Some("dev-key"));
-        // A day of validity: enough for any run, and jwt_authn's cache honours exp.
-        let claims = harness::dev::claims("dev", "jwt-user", &[GROUP.to_string()], Some(86_400), None);
-        let jwt = harness::dev::mint_jwt(secret.as_bytes(), Some("dev-key"), &claims)?;
-        Ok(Creds { key_entries, api_key, jwt, jwks, managed_key: None })
+        // A day of validity: enough for any run (every measured run of a JWT variant
+        // fails loudly on a non-2xx answer), and jwt_authn's cache honours exp.
+        let claims = harness::dev::claims("dev", "jwt-user", &[GROUP.to_string()], Some(JWT_TTL_SECS), None);
+        let jwt_exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        let (jwt, jwks) = if alg == "HS256" {
+            let secret = harness::dev::new_secret();
+            let jwks = harness::dev::jwks(secret.as_bytes(), Some("dev-key"));
+            (harness::dev::mint_jwt(secret.as_bytes(), Some("dev-key"), &claims)?, jwks)
+        } else if harness::dev::SIGNING_ALGS.contains(&alg) {
+            let signer = harness::dev::test_signer(0, alg, Some("bench-key"))?;
+            (signer.mint(&claims)?, harness::dev::Signer::jwks(&[&signer]))
+        } else {
+            anyhow::bail!("--jwt-alg {alg}: one of HS256, {}", harness::dev::SIGNING_ALGS.join(", "));
+        };
+        Ok(Creds { key_entries, api_key, jwt, jwks, jwt_alg: alg.to_string(), jwt_exp, managed_key: None })
     }
 
     /// The `authorization` header value this variant's requests carry.
@@ -287,6 +329,17 @@ impl Creds {
         } else {
             format!("Bearer {}", self.api_key)
         }
+    }
+
+    /// The JWT with its signature's first character changed: well formed, right `kid`
+    /// and `alg`, a signature that does not verify (the sanity check wants 401).
+    pub fn tampered_jwt(&self) -> String {
+        let (input, sig) = self.jwt.rsplit_once('.').unwrap_or((self.jwt.as_str(), ""));
+        let mut sig: Vec<char> = sig.chars().collect();
+        if let Some(c) = sig.first_mut() {
+            *c = if *c == 'A' { 'B' } else { 'A' };
+        }
+        format!("{input}.{}", sig.into_iter().collect::<String>())
     }
 
     /// `(sha256 hex, user, groups csv)` for the auth service and the Lua filter.
@@ -332,6 +385,16 @@ pub fn tollgate_config(creds: &Creds, metered: bool) -> Value {
             );
             obj.insert("usage".into(), usage_section());
         }
+    }
+    config
+}
+
+/// (c'): (c)'s config with `jwt.cache_entries: 0`: no per-worker cache of verified
+/// tokens (nor of API keys), so every request's signature is verified.
+pub fn uncached_config(creds: &Creds) -> Value {
+    let mut config = tollgate_config(creds, false);
+    if let Some(jwt) = config.get_mut("jwt").and_then(Value::as_object_mut) {
+        jwt.insert("cache_entries".into(), json!(0));
     }
     config
 }
@@ -516,6 +579,7 @@ fn auth_filters(kind: Kind, creds: &Creds, l: &Layout<'_>) -> Vec<Value> {
         Kind::JwtAuthn => vec![jwt_authn_filter(creds, false)],
         Kind::JwtAuthnCached => vec![jwt_authn_filter(creds, true)],
         Kind::TollgateJwt | Kind::TollgateKey => vec![wasm_filter(wasm, &tollgate_config(creds, false))],
+        Kind::TollgateJwtUncached => vec![wasm_filter_named(wasm, &uncached_config(creds), "tollgate-uncached")],
         Kind::TollgateMetered => vec![wasm_filter(wasm, &tollgate_config(creds, true))],
         Kind::ExtAuthz => vec![ext_authz_filter()],
         Kind::Lua => vec![lua_filter(creds)],
@@ -681,6 +745,49 @@ mod tests {
         let wait = key_wait_config(&[], true);
         assert_eq!(wait["api_keys"]["remote"]["max_lookups_per_second"], 1000);
         assert_eq!(wait["api_keys"]["keys"], json!([]));
+    }
+
+    #[test]
+    fn jwt_algorithms_give_both_filters_the_same_public_jwks() {
+        use tollgate_filter::auth::{decide, CredentialCache, Verdict};
+        use tollgate_filter::config::Settings;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        for (alg, kty) in [("HS256", "oct"), ("RS256", "RSA"), ("ES256", "EC"), ("EdDSA", "OKP")] {
+            let creds = Creds::with_jwt_alg(2, alg).unwrap();
+            assert_eq!(creds.jwt_alg, alg);
+            assert!(creds.jwt_exp >= now + JWT_TTL_SECS - 60, "{alg}: the token outlives any run");
+            let jwks: Value = serde_json::from_str(&creds.jwks).unwrap();
+            assert_eq!(jwks["keys"][0]["kty"], kty, "{alg}");
+            if alg != "HS256" {
+                assert!(jwks["keys"][0].get("d").is_none(), "{alg}: public key only");
+            }
+            // (b) and (b') get exactly the JWKS the filter gets.
+            let jwt_authn = jwt_authn_filter(&creds, false);
+            assert_eq!(
+                jwt_authn["typed_config"]["providers"]["dev"]["local_jwks"]["inline_string"],
+                tollgate_config(&creds, false)["jwt"]["providers"][0]["jwks"]
+            );
+            // (c') is (c) with the cache off, nothing else.
+            let uncached = uncached_config(&creds);
+            assert_eq!(uncached["jwt"]["cache_entries"], 0);
+            let mut back = uncached.clone();
+            back["jwt"].as_object_mut().unwrap().remove("cache_entries");
+            assert_eq!(back, tollgate_config(&creds, false));
+            // The filter's own logic allows the token and refuses the tampered one.
+            let settings = Settings::parse(uncached.to_string().as_bytes(), &|_| None).unwrap();
+            let mut cache = CredentialCache::new(0, 300);
+            let verdict = |token: &str, cache: &mut CredentialCache| {
+                let headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
+                matches!(decide(&settings, cache, &headers, || now), Verdict::Allow { .. })
+            };
+            assert!(verdict(&creds.jwt, &mut cache), "{alg}: the bench token is refused");
+            assert!(!verdict(&creds.tampered_jwt(), &mut cache), "{alg}: the tampered token is allowed");
+            assert_ne!(creds.tampered_jwt(), creds.jwt);
+            assert!(Kind::TollgateJwtUncached.sends_jwt());
+        }
+        assert!(Creds::with_jwt_alg(1, "none").is_err());
+        assert_eq!(Kind::from_slug("c'"), Some(Kind::TollgateJwtUncached));
+        assert_eq!(Kind::from_slug("tollgate_jwt_uncached"), Some(Kind::TollgateJwtUncached));
     }
 
     #[test]

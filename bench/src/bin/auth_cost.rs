@@ -8,7 +8,7 @@
 //! the setup (config parsing, key generation) cancels out.
 //!
 //! Modes: `key` (`auth::decide` with an API key among 100), `jwt` (`decide` with an
-//! HS256 JWT, token cache disabled: full verification), `jwt-cached` (`decide`, token
+//! HS256 JWT, or `--jwt-alg`'s, token cache disabled: full verification), `jwt-cached` (`decide`, token
 //! in the cache), `limits` (the limit state round trip of a request: decode, admit,
 //! encode, then decode, charge, encode when its tokens arrive), `event` (build and
 //! serialize the usage event), `json-usage` (read the usage of a chat completion body).
@@ -35,6 +35,9 @@ struct Args {
     /// API keys in the config.
     #[arg(long, default_value_t = 100)]
     keys: usize,
+    /// The JWT's algorithm (modes `jwt`, `jwt-cached`): HS256, RS256, ES256, EdDSA, …
+    #[arg(long, default_value = "HS256")]
+    jwt_alg: String,
 }
 
 const NOW: u64 = 1_800_000_000;
@@ -61,7 +64,7 @@ const CHAT_RESPONSE: &str = r#"{"id":"chatcmpl-8c2f","object":"chat.completion",
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let creds = Creds::new(args.keys)?;
+    let creds = Creds::with_jwt_alg(args.keys, &args.jwt_alg)?;
     let config = tollgate_config(&creds, true);
     let settings = Settings::parse(config.to_string().as_bytes(), &|_| None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let key_headers = headers(&format!("Bearer {}", creds.api_key));
@@ -160,6 +163,6 @@ fn main() -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed();
     let ns = elapsed.as_nanos() as f64 / n.max(1) as f64;
-    println!("mode={} iterations={n} ns_per_op={ns:.1}", args.mode);
+    println!("mode={} jwt_alg={} iterations={n} ns_per_op={ns:.1}", args.mode, args.jwt_alg);
     Ok(())
 }

@@ -115,6 +115,11 @@ struct Args {
     /// request waits for one lookup callout; static, for contrast); with (k) only; 0 skips.
     #[arg(long, default_value_t = 200)]
     managed_keys: usize,
+    /// The JWT variants' algorithm (b, b', c, c', c2): `HS256` (an `oct` secret) or
+    /// `RS256`, `PS256`, `ES256`, `ES384`, `EdDSA`, … (the public key in the JWKS that
+    /// both `jwt_authn` and Tollgate get; issue 17).
+    #[arg(long, default_value = "HS256")]
+    jwt_alg: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -492,6 +497,21 @@ fn sanity_check(envoy: &Envoy, creds: &Creds, kinds: &[Kind]) -> anyhow::Result<
                 bail!("{}: a wrong credential got {} (want 401)", k.label(), bad.status());
             }
         }
+        if k.sends_jwt() {
+            // The signature is checked: the token with a broken signature is refused.
+            let tampered = client
+                .get(envoy.url(k, "/bench")?)
+                .header("authorization", format!("Bearer {}", creds.tampered_jwt()))
+                .send()?;
+            if tampered.status().as_u16() != 401 {
+                bail!(
+                    "{}: the {} JWT with a broken signature got {} (want 401)",
+                    k.label(),
+                    creds.jwt_alg,
+                    tampered.status()
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -566,6 +586,18 @@ fn run_passes(
                     };
                     let (load, cpu, side_cpu, probed) = measure(&pass, args.warmup, &req, dir, envoy_pid, &side, probe)
                         .with_context(|| format!("{} on {}", pass.name, kind.label()))?;
+                    // A JWT variant answering anything but 2xx (the token refused, or expired
+                    // mid-run) measures the wrong thing: stop.
+                    if kind.sends_jwt() && load.bad > 0 {
+                        bail!(
+                            "{} on {}: {} of {} requests not 2xx (the {} JWT refused?): not measured",
+                            pass.name,
+                            kind.label(),
+                            load.bad,
+                            load.requests + load.bad,
+                            creds.jwt_alg
+                        );
+                    }
                     let (tracker_syncs, key_resolves) = match kind {
                         Kind::TollgateKeyManaged => (None, probed),
                         _ => (probed, None),
@@ -1097,7 +1129,8 @@ fn load_multi(args: &Args, count: u64, req: &Request, dir: &Path) -> anyhow::Res
     Ok(r.bad)
 }
 
-fn native(t: &Tools, dir: &Path, res: &mut Results) -> anyhow::Result<()> {
+/// `jwt_alg`: the `--jwt-alg` of the run, for the `jwt` and `jwt-cached` modes.
+fn native(t: &Tools, jwt_alg: &str, dir: &Path, res: &mut Results) -> anyhow::Result<()> {
     let out = Command::new(&t.sse).output().context("run sse-throughput")?;
     if !out.status.success() {
         bail!("sse-throughput failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -1105,7 +1138,11 @@ fn native(t: &Tools, dir: &Path, res: &mut Results) -> anyhow::Result<()> {
     res.native.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| format!("sse-throughput: {l}")));
     let modes = ["key", "jwt", "jwt-cached", "limits", "event", "json-usage"];
     for mode in modes {
-        let out = Command::new(&t.auth_cost).args(["--mode", mode, "--iterations", "200000"]).output()?;
+        // An uncached RS256/ES256 verification takes a few hundred µs: fewer iterations.
+        let iterations = if mode == "jwt" && jwt_alg != "HS256" { "2000" } else { "200000" };
+        let out = Command::new(&t.auth_cost)
+            .args(["--mode", mode, "--jwt-alg", jwt_alg, "--iterations", iterations])
+            .output()?;
         if !out.status.success() {
             bail!("auth-cost {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -1124,7 +1161,7 @@ fn native(t: &Tools, dir: &Path, res: &mut Results) -> anyhow::Result<()> {
                 .args(["--tool=callgrind"])
                 .arg(format!("--callgrind-out-file={}", file.display()))
                 .arg(&t.auth_cost)
-                .args(["--mode", mode, "--iterations", &n.to_string()])
+                .args(["--mode", mode, "--jwt-alg", jwt_alg, "--iterations", &n.to_string()])
                 .output()?;
             let err = String::from_utf8_lossy(&out.stderr);
             let ir: u64 = err
@@ -1277,7 +1314,9 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the processes outside Envoy: the ext_authz service (f); the usage tracker (e, i, j, k, m, m'); the ext_authz service, the metering ext_proc service and the tracker together (f'); **+CPU with side** = +CPU plus side CPU. Every request carries an `authorization` header (the JWT for b, b', c; the API key otherwise, unused by a and h).\n"
+        "Columns: **×a** = throughput relative to (a) no filter; **×b** = relative to the better of the two jwt_authn variants; **+p50** = added median latency vs (a); **CPU/req** = Envoy process CPU time per request (all threads); **+CPU** = added vs (a); **side CPU** = CPU per request of the processes outside Envoy: the ext_authz service (f); the usage tracker (e, i, j, k, m, m'); the ext_authz service, the metering ext_proc service and the tracker together (f'); **+CPU with side** = +CPU plus side CPU. Every request carries an `authorization` header (the JWT for b, b', c, c', c2: {}, valid {} h; the API key otherwise, unused by a and h).\n",
+        args.jwt_alg,
+        tollgate_bench::variants::JWT_TTL_SECS / 3600
     );
     let mut pass_names: Vec<(String, String)> = Vec::new();
     for r in &res.runs {
@@ -1321,6 +1360,7 @@ fn report(
         }
         let _ = writeln!(md);
     }
+    jwt_report(&mut md, args, kinds, res, &pass_names);
     global_report(&mut md, args, kinds, res, &pass_names);
     managed_report(&mut md, args, kinds, res, &pass_names);
     whole_path_report(&mut md, args, kinds, res, &pass_names);
@@ -1754,6 +1794,64 @@ fn managed_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, p
     }
 }
 
+/// Issue 17: what verifying the JWT costs, uncached ((c') vs (b): both verify every
+/// request's signature) and cached ((c) vs (b')), in added Envoy CPU per request vs (a),
+/// the ratios taken per round then medianed.
+fn jwt_report(md: &mut String, args: &Args, kinds: &[Kind], res: &Results, passes: &[(String, String)]) {
+    let pairs = [(Kind::TollgateJwtUncached, Kind::JwtAuthn), (Kind::TollgateJwt, Kind::JwtAuthnCached)];
+    if !pairs.iter().any(|(a, b)| kinds.contains(a) && kinds.contains(b)) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## JWT verification ({}): Tollgate vs jwt_authn, uncached and cached\n\nAdded Envoy CPU µs per request vs (a), medians over rounds; the ratios are taken per round, then medianed (rounds whose denominator is under 1 µs are left out). Uncached: (c') `jwt.cache_entries: 0` and (b) without `jwt_cache_config` verify every request's signature; cached: (c) and (b') verify once, then hit their caches.\n",
+        args.jwt_alg
+    );
+    let _ =
+        writeln!(md, "| pass | +CPU (b) | +CPU (b') | +CPU (c) | +CPU (c') | (c')/(b) uncached | (c)/(b') cached |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+    let added = |pass: &str, k: Kind, round: u32| {
+        let cpu = |k: Kind| {
+            res.runs.iter().find(|r| r.pass == pass && r.kind == k && r.round == round).map(|r| r.envoy_cpu_us)
+        };
+        cpu(k).zip(cpu(Kind::NoFilter)).map(|(me, a)| me - a)
+    };
+    for (pass, _) in passes {
+        let med = |k: Kind| {
+            let v: Vec<f64> = (0..args.rounds).filter_map(|r| added(pass, k, r)).collect();
+            if v.is_empty() {
+                "–".to_string()
+            } else {
+                format!("{:+.1}", median(&v))
+            }
+        };
+        let ratio = |num: Kind, den: Kind| {
+            let v: Vec<f64> = (0..args.rounds)
+                .filter_map(|r| Some((added(pass, num, r)?, added(pass, den, r)?)))
+                // A denominator within the noise (under 1 µs, or negative) makes no ratio.
+                .filter(|&(_, d)| d >= 1.0)
+                .map(|(n, d)| n / d)
+                .collect();
+            if v.is_empty() {
+                "–".to_string()
+            } else {
+                fmt_ratio(median(&v))
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {pass} | {} | {} | {} | {} | {} | {} |",
+            med(Kind::JwtAuthn),
+            med(Kind::JwtAuthnCached),
+            med(Kind::TollgateJwt),
+            med(Kind::TollgateJwtUncached),
+            ratio(Kind::TollgateJwtUncached, Kind::JwtAuthn),
+            ratio(Kind::TollgateJwt, Kind::JwtAuthnCached)
+        );
+    }
+    let _ = writeln!(md);
+}
+
 fn csv(res: &Results) -> String {
     let mut s = String::from(
         "pass,variant,round,requests,seconds,rps,p50_ms,p90_ms,p99_ms,bad,envoy_cpu_us_per_req,side_cpu_us_per_req,tracker_syncs,key_resolves\n",
@@ -1837,9 +1935,18 @@ fn main() -> anyhow::Result<()> {
     }
     let dir = harness::paths::run_dir("bench")?;
     eprintln!("bench-run: work dir {}", dir.display());
-    let facts = sys::machine_facts(&t.envoy, &t.wasm);
+    let mut facts = sys::machine_facts(&t.envoy, &t.wasm);
+    facts.push((
+        "JWT (b, b', c, c', c2)".into(),
+        format!(
+            "{} (`--jwt-alg`), `kid`, one token sent over and over, valid {} h",
+            args.jwt_alg,
+            tollgate_bench::variants::JWT_TTL_SECS / 3600
+        ),
+    ));
     let (started, file_stamp) = stamp();
-    let mut creds = Creds::new(args.keys)?;
+    let mut creds = Creds::with_jwt_alg(args.keys, &args.jwt_alg)?;
+    eprintln!("bench-run: JWT variants sign {} (exp {})", creds.jwt_alg, creds.jwt_exp);
     let managed = kinds.contains(&Kind::TollgateKeyManaged);
     let backends = start_backends(&t, &dir, &creds, managed)?;
     if managed {
@@ -1886,7 +1993,7 @@ fn main() -> anyhow::Result<()> {
         overshoot(&args, &mut res);
     }
     if !args.no_native {
-        native(&t, &dir, &mut res)?;
+        native(&t, &args.jwt_alg, &dir, &mut res)?;
     }
     let md = report(&args, &facts, &kinds, &res, &command, &started, begin.elapsed());
     let out_dir = args.out.clone().unwrap_or_else(|| harness::paths::workspace_root().join("bench/results"));
