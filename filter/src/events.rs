@@ -55,6 +55,31 @@ pub struct UsageEvent {
 }
 
 impl UsageEvent {
+    /// The event of a request as it starts (no identity, status or usage yet), its
+    /// method, host and path cut as the tracker stores them (one definition for the
+    /// filter and for the benchmark's ext_proc peer).
+    pub fn started(method: &str, host: &str, path: &str, ts_s: f64) -> Self {
+        UsageEvent {
+            id: String::new(),
+            ts: ts_s,
+            user: None,
+            groups: Vec::new(),
+            method: method.chars().take(16).collect(),
+            host: host.chars().take(256).collect(),
+            path: report_path(path).to_string(),
+            model: None,
+            status: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            incomplete: false,
+            usage_missing: true,
+            usage_estimated: false,
+            denied: None,
+        }
+    }
+
     /// The counts as the tracker accepts them (each at most `tollgate_rules::MAX_TOKENS`:
     /// an upstream that reports an absurd count must not get the batch refused).
     pub fn set_usage(&mut self, usage: Option<Usage>) {

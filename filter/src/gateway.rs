@@ -933,25 +933,8 @@ impl Estimate {
 }
 
 fn new_event(headers: &HeaderPairs<'_>, ts: Duration) -> UsageEvent {
-    UsageEvent {
-        id: String::new(),
-        ts: ts.as_secs_f64(),
-        user: None,
-        groups: Vec::new(),
-        method: header_map::get(headers, ":method").chars().take(16).collect(),
-        host: header_map::get(headers, ":authority").chars().take(256).collect(),
-        path: report_path(header_map::get(headers, ":path")).to_string(),
-        model: None,
-        status: None,
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        cached_tokens: 0,
-        reasoning_tokens: 0,
-        incomplete: false,
-        usage_missing: true,
-        usage_estimated: false,
-        denied: None,
-    }
+    let get = |name| header_map::get(headers, name);
+    UsageEvent::started(get(":method"), get(":authority"), get(":path"), ts.as_secs_f64())
 }
 
 /// Read-modify-write of one shared-data key (process-wide, all workers) with

@@ -143,25 +143,11 @@ impl StreamHandler for Exchange {
             return;
         };
         let mut done = self.done;
-        let mut event = UsageEvent {
-            id: std::mem::take(&mut self.id),
-            ts: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-            user: Some(user),
-            groups: std::mem::take(&mut self.groups),
-            method: std::mem::take(&mut self.method),
-            host: std::mem::take(&mut self.host),
-            path: std::mem::take(&mut self.path),
-            model: None,
-            status: None,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cached_tokens: 0,
-            reasoning_tokens: 0,
-            incomplete: false,
-            usage_missing: true,
-            usage_estimated: false,
-            denied: None,
-        };
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let mut event = UsageEvent::started(&self.method, &self.host, &self.path, ts);
+        event.id = std::mem::take(&mut self.id);
+        event.user = Some(user);
+        event.groups = std::mem::take(&mut self.groups);
         event.set_status(self.status.as_deref());
         if let Some(parser) = self.parser.as_mut() {
             if !done {
