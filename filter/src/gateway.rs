@@ -17,7 +17,7 @@
 use std::cell::{OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::auth::{decide_with, AuthError, CredentialCache, RemoteKey, Verdict};
@@ -92,6 +92,34 @@ fn log_enabled(level: Level) -> bool {
 fn log(host: &impl Host, level: Level, context_id: u32, message: std::fmt::Arguments<'_>) {
     if log_enabled(level) {
         host.log(level, &format!("[ctx {context_id}] {message}"));
+    }
+}
+
+/// Response bytes of this VM (one worker) copied out of chunks that went on before they
+/// were parsed (see [`Stream::response_body`]); beyond [`MAX_DEFERRED_BYTES`], chunks are
+/// parsed before they go on.
+static DEFERRED_BYTES: AtomicUsize = AtomicUsize::new(0);
+const MAX_DEFERRED_BYTES: usize = 8 * 1024 * 1024;
+
+/// A response chunk passed on unparsed: parsed at the stream's next body callback, or at
+/// `on_log`. Counted in [`DEFERRED_BYTES`] while it lives.
+struct Unparsed(Vec<u8>);
+
+impl Unparsed {
+    /// The chunk, deferred; or back if the worker's bound would be passed.
+    fn defer(bytes: Vec<u8>) -> Result<Unparsed, Vec<u8>> {
+        let n = bytes.len();
+        let room = |held: usize| held.checked_add(n).filter(|&t| t <= MAX_DEFERRED_BYTES);
+        match DEFERRED_BYTES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, room) {
+            Ok(_) => Ok(Unparsed(bytes)),
+            Err(_) => Err(bytes),
+        }
+    }
+}
+
+impl Drop for Unparsed {
+    fn drop(&mut self) {
+        DEFERRED_BYTES.fetch_sub(self.0.len(), Ordering::Relaxed);
     }
 }
 
@@ -832,6 +860,8 @@ pub struct Stream {
     /// The usage event being filled in; recorded in `log`.
     event: Option<UsageEvent>,
     parser: Option<UsageParser>,
+    /// The last response chunk, passed on before the parser read it.
+    unparsed: Option<Unparsed>,
     response_done: bool,
     /// The limit state this request was admitted under, to settle its tokens with.
     limit: Option<LimitTicket>,
@@ -1094,6 +1124,7 @@ impl Stream {
             state,
             event: None,
             parser: None,
+            unparsed: None,
             response_done: false,
             limit: None,
             stripper: None,
@@ -1868,16 +1899,25 @@ impl Stream {
         Action::Continue
     }
 
+    /// Reads each chunk for usage without holding it back: the copy is parsed after the
+    /// chunk went on (at the next chunk, or at `on_log`), so parsing never delays the
+    /// bytes, e.g. a large first chunk's first byte. Only the stripper works before.
     pub fn response_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Action {
         if let Some(parser) = self.parser.as_mut() {
+            if let Some(previous) = self.unparsed.take() {
+                parser.feed(&previous.0);
+            }
             if body_size > 0 {
                 match host.buffer(Buffer::ResponseBody, 0, body_size) {
                     Ok(Some(chunk)) => {
-                        parser.feed(&chunk);
                         if let Some(stripped) = self.stripper.as_mut().and_then(|s| s.strip(&chunk)) {
                             if host.set_buffer(Buffer::ResponseBody, 0, body_size, &stripped).is_err() {
                                 self.stripper = None;
                             }
+                        }
+                        match Unparsed::defer(chunk) {
+                            Ok(unparsed) => self.unparsed = Some(unparsed),
+                            Err(chunk) => parser.feed(&chunk),
                         }
                     }
                     Ok(None) => {}
@@ -1887,11 +1927,6 @@ impl Stream {
                         self.parser = None;
                         self.stripper = None;
                     }
-                }
-            }
-            if end_of_stream {
-                if let Some(parser) = self.parser.as_mut() {
-                    parser.finish();
                 }
             }
         }
@@ -1935,9 +1970,10 @@ impl Stream {
         let (Some(state), Some(mut event)) = (self.state.clone(), self.event.take()) else { return };
         let mut done = self.response_done;
         if let Some(parser) = self.parser.as_mut() {
-            if !self.response_done {
-                parser.finish();
+            if let Some(rest) = self.unparsed.take() {
+                parser.feed(&rest.0);
             }
+            parser.finish();
             done |= parser.done();
             event.set_usage(parser.usage());
             event.model = parser.model().map(|m| tollgate_rules::truncate(m).to_string());
@@ -2757,6 +2793,45 @@ mod tests {
         // Settled: 4 × 19 used, nothing reserved.
         let left = state(&h).headroom(&spec(r#"{"tokens_per_minute":100}"#), h.clock.get()).tokens.unwrap().remaining;
         assert_eq!(left, 100 - 4 * 19);
+    }
+
+    /// A response chunk goes on before the parser reads it (at the next chunk, or at
+    /// `on_log`), so parsing never delays it; a chunk over the worker's bound is read
+    /// at once. The usage is the same either way.
+    #[test]
+    fn response_chunks_are_parsed_after_they_went_on() {
+        let token = "data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
+        let huge = token.repeat(MAX_DEFERRED_BYTES / token.len() + 1);
+        // (chunks, whether each is read in its own callback)
+        let cases: [(Vec<&str>, bool); 2] =
+            [(vec![token, token, usage, "data: [DONE]\n\n"], false), (vec![&huge, usage, "data: [DONE]\n\n"], true)];
+        for (chunks, at_once) in cases {
+            let mut h = host("");
+            h.response_headers =
+                vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+            let mut root = configured(&h);
+            let mut sent = send(&root, &h, &[], &[br#"{"model":"m","stream":true}"#]);
+            sent.stream.response_headers(&h, false);
+            let mut before = 0;
+            for (i, chunk) in chunks.iter().enumerate() {
+                *h.response_body.borrow_mut() = chunk.as_bytes().to_vec();
+                assert_eq!(sent.stream.response_body(&h, chunk.len(), i + 1 == chunks.len()), Action::Continue);
+                let seen = sent.stream.parser.as_ref().map(UsageParser::bytes_seen);
+                let huge_now = at_once && i == 0;
+                let want = before + if huge_now { chunk.len() as u64 } else { 0 };
+                assert_eq!(seen, Some(want), "chunk {i} read after it went on (or at once if huge)");
+                before += chunk.len() as u64;
+            }
+            sent.stream.log(&h);
+            root.tick(&h);
+            let e = &sent_events(&h)[0];
+            assert_eq!(
+                (e["prompt_tokens"].as_u64(), e["completion_tokens"].as_u64(), e["model"].as_str()),
+                (Some(3), Some(4), Some("m"))
+            );
+            assert_eq!(e["incomplete"], false);
+        }
     }
 
     fn spec(json: &str) -> LimitSpec {

@@ -7,6 +7,12 @@
 //! The response is never held back for this: an event is removed only when it arrives
 //! whole inside one body chunk (vLLM and most servers write each event in one write);
 //! an event cut across chunks is forwarded as it is.
+//!
+//! It runs on every chunk of those streams, so it is cheap: events are split with
+//! `memchr`, and only an event holding a `"usage"` key that opens an object (the
+//! parser's own prefilter) is parsed to be checked.
+
+use memchr::memchr2_iter;
 
 /// Per-response state: whether the next chunk starts at an event boundary.
 #[derive(Debug, Clone)]
@@ -57,13 +63,12 @@ impl UsageOnlyStripper {
 
 /// End (exclusive) of the first event in `bytes`, including its blank line.
 fn find_event_end(bytes: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i < bytes.len() {
+    for i in memchr2_iter(b'\n', b'\r', bytes) {
         match bytes.get(i..) {
             Some([b'\n', b'\n', ..]) => return Some(i + 2),
             Some([b'\r', b'\n', b'\r', b'\n', ..]) => return Some(i + 4),
             Some([b'\r', b'\r', ..]) => return Some(i + 2),
-            _ => i += 1,
+            _ => {}
         }
     }
     None
@@ -71,6 +76,10 @@ fn find_event_end(bytes: &[u8]) -> Option<usize> {
 
 /// A `data:` event whose JSON has `"choices": []` and a `usage` object.
 fn is_usage_only(event: &[u8]) -> bool {
+    // Token chunks (`"usage":null`) never get to serde_json.
+    if !crate::usage::may_carry_usage(event) {
+        return false;
+    }
     let text = match std::str::from_utf8(event) {
         Ok(t) => t,
         Err(_) => return false,
@@ -101,6 +110,8 @@ mod tests {
     const CONTENT: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
     const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
+    const SPACED: &str = "data: {\"choices\": [], \"usage\" : {\"prompt_tokens\": 1}}\n\n";
+    const NULL_USAGE: &str = "data: {\"choices\":[],\"usage\":null}\n\n";
 
     fn run(chunks: &[&str]) -> (String, u64) {
         let mut s = UsageOnlyStripper::default();
@@ -129,6 +140,10 @@ mod tests {
             // The tail of a cut event is not taken for a whole one.
             (vec![CONTENT[..10].into(), format!("{}{USAGE}", &CONTENT[10..])], CONTENT.to_string(), 1),
             (vec!["event: x\n".into(), USAGE.into()], format!("event: x\n{USAGE}"), 0),
+            // Spaces around the key's colon are JSON too; `usage: null` is no usage.
+            (vec![CONTENT.into(), SPACED.into(), DONE.into()], format!("{CONTENT}{DONE}"), 1),
+            (vec![CONTENT.into(), NULL_USAGE.into(), DONE.into()], format!("{CONTENT}{NULL_USAGE}{DONE}"), 0),
+            (vec![format!("{CONTENT}{CONTENT}{USAGE}\n{DONE}")], format!("{CONTENT}{CONTENT}\n{DONE}"), 1),
         ];
         for (i, (chunks, want, removed)) in cases.into_iter().enumerate() {
             let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();

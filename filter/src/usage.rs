@@ -838,10 +838,15 @@ fn skippable_data_line(rest: &[u8], found: &Found) -> Option<bool> {
     if found.model.is_none() && find_key(line, MODEL_KEY, b'd').next().is_some() {
         return Some(false);
     }
-    Some(
-        !find_key(line, USAGE_KEY, b'g')
-            .any(|at| may_open_usage(line.get(at.saturating_add(USAGE_KEY.len())..).unwrap_or_default())),
-    )
+    Some(!may_carry_usage(line))
+}
+
+/// Whether `bytes` hold a `"usage"` key that may open an object: the only events that
+/// can carry usage (the parser's prefilter, and the stripper's, `strip`). A key written
+/// with escapes is not one, for the scanner neither.
+pub(crate) fn may_carry_usage(bytes: &[u8]) -> bool {
+    find_key(bytes, USAGE_KEY, b'g')
+        .any(|at| may_open_usage(bytes.get(at.saturating_add(USAGE_KEY.len())..).unwrap_or_default()))
 }
 
 /// Where `key` starts in `line`, found by `memchr` for one of its rarer bytes (`rare`,

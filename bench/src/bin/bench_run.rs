@@ -188,11 +188,9 @@ struct Run {
 #[derive(Default)]
 struct Results {
     runs: Vec<Run>,
-    streaming: Vec<(Kind, Vec<(f64, f64, usize)>)>,
+    streams: Streams,
     /// Whether the metering variants delivered their events (issue 19).
     delivery: Vec<String>,
-    /// The token-paced streams: (time to first byte, total, bytes) per variant.
-    paced: Vec<(Kind, Vec<(f64, f64, usize)>)>,
     memory: Vec<(String, String)>,
     leak: Vec<(u64, u64, u64)>,
     leak_note: String,
@@ -635,7 +633,7 @@ fn run_passes(
             }
         }
         if c == 1 && args.stream_runs > 0 {
-            (res.streaming, res.paced) = streaming(args, &envoy, creds, kinds)?;
+            res.streams = streaming(args, &envoy, creds, kinds)?;
         }
         drop(envoy);
     }
@@ -695,29 +693,45 @@ fn stream_once(port: u16, authorization: &str, body: &str, extra: &str) -> anyho
     Ok((first.as_secs_f64() * 1000.0, elapsed.as_secs_f64() * 1000.0, total))
 }
 
-fn stream_body(tokens: u64) -> String {
-    json!({"model": "mock-model", "messages": [{"role": "user", "content": "stream please"}],
-           "stream": true, "stream_options": {"include_usage": true}, "max_tokens": tokens})
-    .to_string()
+/// A streaming request's body; `asked`: the client asks for usage itself
+/// (`stream_options.include_usage`), else Tollgate forces it and strips its event again.
+fn stream_body(tokens: u64, asked: bool) -> String {
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "stream please"}],
+           "stream": true, "max_tokens": tokens});
+    match (asked, body) {
+        (true, serde_json::Value::Object(mut fields)) => {
+            fields.insert("stream_options".into(), json!({"include_usage": true}));
+            serde_json::Value::Object(fields).to_string()
+        }
+        (_, body) => body.to_string(),
+    }
 }
 
 /// Samples of one streaming test: (variant, [(time to first byte, total, bytes)]).
 type StreamSamples = Vec<(Kind, Vec<(f64, f64, usize)>)>;
 
-/// The streaming tests on (a), (d), (e), (f') and the floors (m), (m') when they run:
-/// the burst (`--stream-bytes` as fast as the mock writes) and the token-paced stream
-/// (`--paced-tokens`, one event every `--paced-delay-ms`), `--stream-runs` each,
+/// The streaming tests' samples: the burst with usage asked by the client, the same
+/// burst not asked (the filter forces `include_usage` and strips that event), the
+/// token-paced stream.
+#[derive(Default)]
+struct Streams {
+    burst: StreamSamples,
+    unasked: StreamSamples,
+    paced: StreamSamples,
+}
+
+/// The streaming tests on (a), (d), (e), (f'), the floors (m), (m') and the
+/// `--alt-wasm` builds (d2), (e2) when they run: the burst (`--stream-bytes` as fast as
+/// the mock writes), with usage asked by the client and not, and the token-paced
+/// stream (`--paced-tokens`, one event every `--paced-delay-ms`), `--stream-runs` each,
 /// variants interleaved.
-fn streaming(
-    args: &Args,
-    envoy: &Envoy,
-    creds: &Creds,
-    kinds: &[Kind],
-) -> anyhow::Result<(StreamSamples, StreamSamples)> {
+fn streaming(args: &Args, envoy: &Envoy, creds: &Creds, kinds: &[Kind]) -> anyhow::Result<Streams> {
     let which: Vec<Kind> = [
         Kind::NoFilter,
         Kind::TollgateKey,
+        Kind::TollgateKeyAlt,
         Kind::TollgateMetered,
+        Kind::TollgateMeteredAlt,
         Kind::ExtAuthzExtProc,
         Kind::WasmMeterFloor,
         Kind::WasmFloorFull,
@@ -727,23 +741,25 @@ fn streaming(
     .into_iter()
     .filter(|k| kinds.contains(k))
     .collect();
-    let Some(&first) = which.first() else { return Ok((Vec::new(), Vec::new())) };
+    let Some(&first) = which.first() else { return Ok(Streams::default()) };
     let port = *envoy.ports.get(&first).context("port")?;
     // Calibrate: bytes per token of this stream shape.
-    let (_, _, bytes) = stream_once(port, &creds.authorization(first), &stream_body(1000), "")?;
+    let (_, _, bytes) = stream_once(port, &creds.authorization(first), &stream_body(1000, true), "")?;
     let per_token = (bytes / 1000).max(1);
     let tokens = (args.stream_bytes / per_token).max(1) as u64;
-    let burst = stream_runs(args, envoy, creds, &which, &stream_body(tokens), "")?;
+    let burst = stream_runs(args, envoy, creds, &which, &stream_body(tokens, true), "")?;
     eprintln!("[stream] {tokens} tokens, ~{} bytes per response", tokens as usize * per_token);
+    let unasked = stream_runs(args, envoy, creds, &which, &stream_body(tokens, false), "")?;
+    eprintln!("[stream] the same, usage not asked by the client");
     let paced = if args.paced_tokens > 0 {
         let extra = format!("x-mock-delay-ms: {}\r\n", args.paced_delay_ms);
-        let out = stream_runs(args, envoy, creds, &which, &stream_body(args.paced_tokens), &extra)?;
+        let out = stream_runs(args, envoy, creds, &which, &stream_body(args.paced_tokens, true), &extra)?;
         eprintln!("[stream] paced: {} tokens, one every {} ms", args.paced_tokens, args.paced_delay_ms);
         out
     } else {
         Vec::new()
     };
-    Ok((burst, paced))
+    Ok(Streams { burst, unasked, paced })
 }
 
 fn stream_runs(
@@ -1371,7 +1387,16 @@ fn report(
             args.stream_bytes / 1024
         ),
         args,
-        &res.streaming,
+        &res.streams.burst,
+    );
+    stream_table(
+        &mut md,
+        &format!(
+            "## Streaming, usage not asked: the same ~{} KiB stream without `stream_options` (Tollgate forces `include_usage` and strips its event again)\n",
+            args.stream_bytes / 1024
+        ),
+        args,
+        &res.streams.unasked,
     );
     stream_table(
         &mut md,
@@ -1380,7 +1405,7 @@ fn report(
             args.paced_tokens, args.paced_delay_ms
         ),
         args,
-        &res.paced,
+        &res.streams.paced,
     );
     if !res.memory.is_empty() {
         let _ = writeln!(md, "## Memory (Envoy --concurrency 1, one listener, RSS)\n\n| Envoy with | RSS |\n|---|---|");
