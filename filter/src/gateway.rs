@@ -1887,7 +1887,9 @@ impl Stream {
         event.set_status(get(":status"));
         let readable = get("content-encoding").is_none_or(|e| e.eq_ignore_ascii_case("identity"));
         let kind = BodyKind::from_content_type(get("content-type"));
-        if readable {
+        // Only JSON and SSE carry usage: other bodies (audio, HTML, plain text) are not
+        // even copied into the VM.
+        if readable && kind != BodyKind::Other {
             self.parser = Some(UsageParser::new(kind, DEFAULT_MAX_CARRY));
         }
         if !readable || kind != BodyKind::Sse {
@@ -2079,6 +2081,8 @@ mod tests {
         root: String,
         /// Times the host's `done` was called.
         done_calls: Cell<u32>,
+        /// Times a response body was read.
+        response_reads: Cell<u32>,
     }
 
     static NEXT_ROOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -2147,7 +2151,10 @@ mod tests {
         fn buffer(&self, buffer: Buffer, start: usize, max: usize) -> HostResult<Option<Vec<u8>>> {
             let (call, data) = match buffer {
                 Buffer::RequestBody => (Call::RequestBody, self.request_body.borrow().clone()),
-                Buffer::ResponseBody => (Call::ResponseBody, self.response_body.borrow().clone()),
+                Buffer::ResponseBody => {
+                    self.response_reads.set(self.response_reads.get() + 1);
+                    (Call::ResponseBody, self.response_body.borrow().clone())
+                }
                 Buffer::CallResponseBody => (Call::CallResponseBody, self.call_response_body.borrow().clone()),
                 Buffer::PluginConfiguration => (Call::PluginConfiguration, self.config.clone()),
             };
@@ -2793,6 +2800,33 @@ mod tests {
         // Settled: 4 × 19 used, nothing reserved.
         let left = state(&h).headroom(&spec(r#"{"tokens_per_minute":100}"#), h.clock.get()).tokens.unwrap().remaining;
         assert_eq!(left, 100 - 4 * 19);
+    }
+
+    /// Only JSON and SSE bodies can carry usage: no other body is copied into the VM.
+    #[test]
+    fn only_bodies_that_can_carry_usage_are_read() {
+        // (content-type, content-encoding, read?)
+        let cases = [
+            (Some("application/json"), None, true),
+            (Some("text/event-stream; charset=utf-8"), None, true),
+            (Some("application/vnd.api+json"), Some("identity"), true),
+            (Some("text/plain"), None, false),
+            (Some("audio/mpeg"), None, false),
+            (None, None, false),
+            (Some("application/json"), Some("gzip"), false),
+        ];
+        for (content_type, encoding, read) in cases {
+            let mut h = host("");
+            h.response_headers = vec![(":status".into(), "200".into())];
+            h.response_headers.extend(content_type.map(|c| ("content-type".into(), c.into())));
+            h.response_headers.extend(encoding.map(|e| ("content-encoding".into(), e.into())));
+            let root = configured(&h);
+            let mut sent = send(&root, &h, &[], &[br#"{"model":"m"}"#]);
+            sent.stream.response_headers(&h, false);
+            sent.stream.response_body(&h, h.response_body.borrow().len(), true);
+            sent.stream.log(&h);
+            assert_eq!(h.response_reads.get() > 0, read, "{content_type:?} {encoding:?}");
+        }
     }
 
     /// A response chunk goes on before the parser reads it (at the next chunk, or at
