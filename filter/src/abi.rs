@@ -65,6 +65,7 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_set_header_map_pairs(map_type: u32, map_data: *const u8, map_size: usize) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -166,6 +167,11 @@ impl Host for Abi {
                 None => proxy_remove_header_map_value(map_type(map), name.as_ptr(), name.len()),
             }
         })
+    }
+
+    fn set_header_pairs(&self, map: Map, pairs: &[(&str, &str)]) -> HostResult<()> {
+        let data = crate::host::serialize_pairs(pairs);
+        check(unsafe { proxy_set_header_map_pairs(map_type(map), data.as_ptr(), data.len()) })
     }
 
     fn buffer(&self, buffer: Buffer, start: usize, max: usize) -> HostResult<Option<Vec<u8>>> {

@@ -238,6 +238,8 @@ pub struct EventQueue {
     /// Denied requests not yet in an event, per (reason, route): a fixed, small set.
     denial_counts: BTreeMap<(&'static str, &'static str), u64>,
     in_flight: HashMap<u32, Vec<Pending>>,
+    /// Usage events (not denial counts) in `in_flight`: kept, not counted per request.
+    in_flight_events: usize,
     stats: QueueStats,
     consecutive_failures: u32,
     retry_at_ms: u64,
@@ -254,6 +256,7 @@ impl EventQueue {
             denial_events: VecDeque::new(),
             denial_counts: BTreeMap::new(),
             in_flight: HashMap::new(),
+            in_flight_events: 0,
             stats: QueueStats::default(),
             consecutive_failures: 0,
             retry_at_ms: 0,
@@ -310,17 +313,13 @@ impl EventQueue {
     }
 
     fn push_back(&mut self, p: Pending) {
-        while self.pending.len() + self.in_flight_events() >= self.limits.max_queue {
+        while self.pending.len() + self.in_flight_events >= self.limits.max_queue {
             if self.pending.pop_front().is_none() {
                 break;
             }
             self.stats.dropped_overflow += 1;
         }
         self.pending.push_back(p);
-    }
-
-    fn in_flight_events(&self) -> usize {
-        self.in_flight.values().flatten().filter(|p| p.denials == 0).count()
     }
 
     /// Turns counted denials into events (with ids), as far as there is room.
@@ -378,7 +377,11 @@ impl EventQueue {
 
     /// The host accepted the call under `token`.
     pub fn sent(&mut self, token: u32, handles: Vec<PendingHandle>) {
-        self.in_flight.insert(token, handles.into_iter().map(|h| h.0).collect());
+        let events: Vec<Pending> = handles.into_iter().map(|h| h.0).collect();
+        self.in_flight_events += usage_events(&events);
+        if let Some(replaced) = self.in_flight.insert(token, events) {
+            self.in_flight_events = self.in_flight_events.saturating_sub(usage_events(&replaced));
+        }
     }
 
     /// The host refused the call (e.g. unknown cluster): the events go back, no
@@ -391,6 +394,7 @@ impl EventQueue {
     /// The response (or failure) for the batch sent under `token`.
     pub fn completed(&mut self, token: u32, outcome: SendOutcome, now_ms: u64) {
         let Some(events) = self.in_flight.remove(&token) else { return };
+        self.in_flight_events = self.in_flight_events.saturating_sub(usage_events(&events));
         match outcome {
             SendOutcome::Delivered => {
                 for p in &events {
@@ -470,13 +474,18 @@ impl EventQueue {
                 self.pending.push_front(p);
             }
         }
-        while self.pending.len() + self.in_flight_events() > self.limits.max_queue {
+        while self.pending.len() + self.in_flight_events > self.limits.max_queue {
             if self.pending.pop_front().is_none() {
                 break;
             }
             self.stats.dropped_overflow += 1;
         }
     }
+}
+
+/// Usage events among `events` (denial counts are not).
+fn usage_events(events: &[Pending]) -> usize {
+    events.iter().filter(|p| p.denials == 0).count()
 }
 
 #[derive(Debug, Clone, Copy)]

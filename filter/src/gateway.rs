@@ -14,6 +14,7 @@
 //! cannot be made that long is answered 500, rather than left hanging upstream. Limit
 //! state that cannot be read or written follows `limits.on_contention` (deny: 503).
 
+use std::borrow::Cow;
 use std::cell::{OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -1107,6 +1108,36 @@ fn is_preflight(headers: &HeaderPairs<'_>) -> bool {
         && header_map::contains(headers, "access-control-request-method")
 }
 
+/// Sets the `x-ratelimit-*` headers on the response: with one call that rewrites the
+/// map read in `headers` (its other headers kept as they are, in order), instead of
+/// one call each; one by one when the map could not be read whole or has a value
+/// that is not UTF-8 (read lossily, it must not be written back).
+fn write_ratelimit_headers(
+    host: &impl Host,
+    headers: Option<&[(Cow<'_, str>, Cow<'_, str>)]>,
+    ours: &[(&str, String)],
+) {
+    let intact = |h: &&[(Cow<'_, str>, Cow<'_, str>)]| {
+        !h.is_empty() && h.iter().all(|(k, v)| matches!((k, v), (Cow::Borrowed(_), Cow::Borrowed(_))))
+    };
+    if let Some(headers) = headers.filter(intact) {
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(headers.len() + ours.len());
+        pairs.extend(
+            headers
+                .iter()
+                .filter(|(k, _)| !ours.iter().any(|(name, _)| k.eq_ignore_ascii_case(name)))
+                .map(|(k, v)| (k.as_ref(), v.as_ref())),
+        );
+        pairs.extend(ours.iter().map(|(k, v)| (*k, v.as_str())));
+        if host.set_header_pairs(Map::ResponseHeaders, &pairs).is_ok() {
+            return;
+        }
+    }
+    for (name, value) in ours {
+        let _ = host.set_header(Map::ResponseHeaders, name, Some(value));
+    }
+}
+
 /// Whether a request body is JSON as the model server reads it: no content type, or a
 /// JSON one (FastAPI parses nothing else as JSON).
 fn json_body(headers: &HeaderPairs<'_>) -> bool {
@@ -1869,20 +1900,23 @@ impl Stream {
     }
 
     pub fn response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Action {
-        if let Some(ticket) = &self.limit {
-            for (name, value) in ratelimit_headers(&ticket.headroom) {
-                let _ = host.set_header(Map::ResponseHeaders, &name, Some(&value));
-            }
+        let ratelimit = self.limit.as_ref().map(|t| ratelimit_headers(&t.headroom)).unwrap_or_default();
+        if self.event.is_none() && ratelimit.is_empty() {
+            return Action::Continue;
+        }
+        // One read of the whole map serves the event and the `x-ratelimit-*` headers
+        // (each single read is a call and a call back into the VM to allocate the copy).
+        let raw = host.header_pairs(Map::ResponseHeaders);
+        let headers = raw.as_ref().ok().map(|raw| header_map::parse(raw).unwrap_or_default());
+        if !ratelimit.is_empty() {
+            write_ratelimit_headers(host, headers.as_deref(), &ratelimit);
         }
         let Some(event) = self.event.as_mut() else { return Action::Continue };
-        // One host call for the three headers needed (each single read is a call and a
-        // call back into the VM to allocate the copy).
-        let Some(raw) = host.header_pairs(Map::ResponseHeaders).ok() else {
+        let Some(headers) = headers else {
             // Unreadable: served as is, recorded without usage.
             self.stripper = None;
             return Action::Continue;
         };
-        let headers = header_map::parse(&raw).unwrap_or_default();
         let get = |name: &str| header_map::find(&headers, name);
         event.set_status(get(":status"));
         let readable = get("content-encoding").is_none_or(|e| e.eq_ignore_ascii_case("identity"));
@@ -2042,6 +2076,7 @@ mod tests {
         RemoveRequestHeader,
         SetRequestHeader,
         SetResponseHeader,
+        SetResponseHeaders,
         RequestBody,
         SetRequestBody,
         ResponseBody,
@@ -2083,6 +2118,9 @@ mod tests {
         done_calls: Cell<u32>,
         /// Times a response body was read.
         response_reads: Cell<u32>,
+        /// Response header edits: each single one (name, value), and each whole map written.
+        response_set: RefCell<Vec<(String, String)>>,
+        response_written: RefCell<Vec<Vec<(String, String)>>>,
     }
 
     static NEXT_ROOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -2145,7 +2183,16 @@ mod tests {
                 if let Some(v) = value {
                     headers.push((name.to_string(), v.to_string()));
                 }
+            } else if let (Map::ResponseHeaders, Some(v)) = (map, value) {
+                self.response_set.borrow_mut().push((name.to_string(), v.to_string()));
             }
+            Ok(())
+        }
+        fn set_header_pairs(&self, map: Map, pairs: &[(&str, &str)]) -> HostResult<()> {
+            assert_eq!(map, Map::ResponseHeaders, "only response maps are written whole");
+            self.fails(Call::SetResponseHeaders)?;
+            let pairs = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            self.response_written.borrow_mut().push(pairs);
             Ok(())
         }
         fn buffer(&self, buffer: Buffer, start: usize, max: usize) -> HostResult<Option<Vec<u8>>> {
@@ -2800,6 +2847,49 @@ mod tests {
         // Settled: 4 × 19 used, nothing reserved.
         let left = state(&h).headroom(&spec(r#"{"tokens_per_minute":100}"#), h.clock.get()).tokens.unwrap().remaining;
         assert_eq!(left, 100 - 4 * 19);
+    }
+
+    /// The `x-ratelimit-*` headers go out with one call that rewrites the response's map,
+    /// its own headers kept in order (an upstream's `x-ratelimit-*` replaced); one call
+    /// each when that fails.
+    #[test]
+    fn ratelimit_headers_are_written_in_one_call() {
+        let ours = [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ];
+        for (usage, bulk_fails) in [("", false), ("", true), ("none", false)] {
+            let config = r#","limits":{"users":{"mittens":{"requests_per_minute":60,"tokens_per_day":1000}}}"#;
+            let mut h = if usage == "none" { host_config(config) } else { host(config) };
+            h.response_headers = vec![
+                (":status".into(), "200".into()),
+                ("content-type".into(), "application/json".into()),
+                ("X-RateLimit-Limit-Requests".into(), "999".into()),
+                ("server".into(), "up".into()),
+            ];
+            if bulk_fails {
+                h.failing.borrow_mut().insert(Call::SetResponseHeaders);
+            }
+            let root = configured(&h);
+            let mut sent = send(&root, &h, &[], &[br#"{"model":"m"}"#]);
+            assert_eq!(sent.stream.response_headers(&h, false), Action::Continue);
+            let written = h.response_written.borrow();
+            let singles: Vec<String> = h.response_set.borrow().iter().map(|(k, _)| k.clone()).collect();
+            if bulk_fails {
+                assert_eq!(singles, ours, "one call each after the bulk call failed");
+            } else {
+                assert!(singles.is_empty(), "{usage:?}");
+                let names: Vec<&str> = written.last().unwrap().iter().map(|(k, _)| k.as_str()).collect();
+                let want: Vec<&str> = [":status", "content-type", "server"].into_iter().chain(ours).collect();
+                assert_eq!(names, want, "{usage:?}");
+                let limit = &written.last().unwrap()[3].1;
+                assert_eq!(limit, "60");
+            }
+        }
     }
 
     /// Only JSON and SSE bodies can carry usage: no other body is copied into the VM.

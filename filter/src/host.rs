@@ -75,6 +75,8 @@ pub trait Host {
     fn header_pairs(&self, map: Map) -> HostResult<Vec<u8>>;
     /// Replaces every copy of a header (`Some`) or removes every copy (`None`).
     fn set_header(&self, map: Map, name: &str, value: Option<&str>) -> HostResult<()>;
+    /// Replaces the whole map with `pairs`, in order: one host call for many edits.
+    fn set_header_pairs(&self, map: Map, pairs: &[(&str, &str)]) -> HostResult<()>;
     /// Up to `max` bytes of a buffer from `start`; `None` when it is empty or absent.
     fn buffer(&self, buffer: Buffer, start: usize, max: usize) -> HostResult<Option<Vec<u8>>>;
     /// Replaces `size` bytes at `start` with `data`.

@@ -50,13 +50,17 @@ impl From<&AuthError> for LocalReply {
 }
 
 /// The `x-ratelimit-*` headers OpenAI clients read, for the tightest limits.
-pub fn ratelimit_headers(h: &Headroom) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (kind, counter) in [("requests", h.requests), ("tokens", h.tokens)] {
+pub fn ratelimit_headers(h: &Headroom) -> Vec<(&'static str, String)> {
+    const NAMES: [[&str; 3]; 2] = [
+        ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+        ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
+    ];
+    let mut out = Vec::with_capacity(6);
+    for ([limit, remaining, reset], counter) in NAMES.into_iter().zip([h.requests, h.tokens]) {
         if let Some(c) = counter {
-            out.push((format!("x-ratelimit-limit-{kind}"), c.limit.to_string()));
-            out.push((format!("x-ratelimit-remaining-{kind}"), c.remaining.to_string()));
-            out.push((format!("x-ratelimit-reset-{kind}"), format_reset(c.reset_ms)));
+            out.push((limit, c.limit.to_string()));
+            out.push((remaining, c.remaining.to_string()));
+            out.push((reset, format_reset(c.reset_ms)));
         }
     }
     out
@@ -155,7 +159,7 @@ impl From<&LimitError> for LocalReply {
         if !retry {
             headers.push(("x-should-retry".to_string(), "false".to_string()));
         }
-        headers.extend(ratelimit_headers(headroom));
+        headers.extend(ratelimit_headers(headroom).into_iter().map(|(k, v)| (k.to_string(), v)));
         let body =
             serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}}).to_string();
         LocalReply { status: 429, headers, body }
