@@ -12,12 +12,15 @@
 //! - [`load`]: runs `wrk` and `h2load` and parses what they print.
 //! - [`sys`]: CPU time and memory of a process, machine facts.
 //! - [`stats`]: medians and percentiles.
+//! - [`native_host`]: an in-memory host for the filter's `gateway`, so whole requests
+//!   run natively under callgrind (`auth-cost --mode path-key|path-metered`).
 //! - [`fleet`]: global limits on a harness fleet (overshoot) and a keep-alive
 //!   HTTP/1.1 client for the lease-wait latency.
 
 pub mod fleet;
 pub mod load;
 pub mod lua;
+pub mod native_host;
 pub mod stats;
 pub mod sys;
 pub mod variants;

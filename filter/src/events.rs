@@ -64,8 +64,8 @@ impl UsageEvent {
             ts: ts_s,
             user: None,
             groups: Vec::new(),
-            method: method.chars().take(16).collect(),
-            host: host.chars().take(256).collect(),
+            method: first_chars(method, 16).to_string(),
+            host: first_chars(host, 256).to_string(),
             path: report_path(path).to_string(),
             model: None,
             status: None,
@@ -131,19 +131,27 @@ impl EventIds {
     }
 
     pub fn next_id(&mut self) -> String {
+        use std::fmt::Write;
         self.next = self.next.wrapping_add(1);
-        format!("{}-{}", self.prefix, self.next)
+        let mut id = String::with_capacity(self.prefix.len() + 21);
+        id.push_str(&self.prefix);
+        let _ = write!(id, "-{}", self.next);
+        id
+    }
+}
+
+/// The first `n` characters of `s` (a slice, not a copy char by char).
+fn first_chars(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => s.get(..i).unwrap_or(s),
+        None => s,
     }
 }
 
 /// The path as reported and logged: without its query string (which may hold
 /// secrets), bounded to 256 characters.
 pub fn report_path(path: &str) -> &str {
-    let p = path.split(['?', '#']).next().unwrap_or("");
-    match p.char_indices().nth(256) {
-        Some((i, _)) => p.get(..i).unwrap_or(p),
-        None => p,
-    }
+    first_chars(path.split(['?', '#']).next().unwrap_or(""), 256)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

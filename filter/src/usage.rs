@@ -21,7 +21,8 @@
 //! which also merges Anthropic's `message_start` (input) with `message_delta` (output).
 
 use memchr::{memchr2, memchr_iter};
-use serde_json::{Map, Value};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::fmt;
 
 /// Token counts of one response; fields the upstream did not report are 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -204,21 +205,23 @@ struct Found {
 impl Found {
     fn add_usage(&mut self, raw: &[u8]) {
         // `null` or a non-object fails here and is ignored.
-        let Ok(o) = serde_json::from_slice::<Map<String, Value>>(raw) else {
+        let Ok(u) = serde_json::from_slice::<UsageCounts>(raw) else {
             return;
         };
-        let n = |k: &str| o.get(k).and_then(count);
-        let d = |outer: &str, k: &str| o.get(outer).and_then(|v| v.get(k)).and_then(count);
         let prev = self.usage.unwrap_or_default();
         self.usage = Some(Usage {
-            prompt_tokens: n("prompt_tokens").or_else(|| n("input_tokens")).unwrap_or(prev.prompt_tokens),
-            completion_tokens: n("completion_tokens").or_else(|| n("output_tokens")).unwrap_or(prev.completion_tokens),
-            cached_tokens: d("prompt_tokens_details", "cached_tokens")
-                .or_else(|| d("input_tokens_details", "cached_tokens"))
-                .or_else(|| n("cache_read_input_tokens"))
+            prompt_tokens: u.prompt.or(u.input).unwrap_or(prev.prompt_tokens),
+            completion_tokens: u.completion.or(u.output).unwrap_or(prev.completion_tokens),
+            cached_tokens: u
+                .prompt_details
+                .cached
+                .or(u.input_details.cached)
+                .or(u.cache_read)
                 .unwrap_or(prev.cached_tokens),
-            reasoning_tokens: d("completion_tokens_details", "reasoning_tokens")
-                .or_else(|| d("output_tokens_details", "reasoning_tokens"))
+            reasoning_tokens: u
+                .completion_details
+                .reasoning
+                .or(u.output_details.reasoning)
                 .unwrap_or(prev.reasoning_tokens),
         });
     }
@@ -235,12 +238,198 @@ impl Found {
     }
 }
 
-/// A token count: a non-negative integer (`12.0` accepted), anything else absent.
-fn count(v: &Value) -> Option<u64> {
-    v.as_u64().or_else(|| {
-        let f = v.as_f64()?;
-        (f >= 0.0 && f.fract() == 0.0 && f < 1.8e19).then_some(f as u64)
-    })
+/// The counts of one `usage` object, read in one pass without building a JSON tree (a
+/// `serde_json::Value` of it was a tree of allocations per response): of duplicate keys
+/// the last counts, a count that is not a non-negative integer (`12.0` accepted) is
+/// absent, details that are not an object are empty; keys are compared after their
+/// escapes are decoded.
+#[derive(Debug, Default)]
+struct UsageCounts {
+    prompt: Option<u64>,
+    input: Option<u64>,
+    completion: Option<u64>,
+    output: Option<u64>,
+    cache_read: Option<u64>,
+    prompt_details: Details,
+    input_details: Details,
+    completion_details: Details,
+    output_details: Details,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Details {
+    cached: Option<u64>,
+    reasoning: Option<u64>,
+}
+
+/// The keys read in a usage object and its details; any other is skipped.
+enum UsageKey {
+    Prompt,
+    Input,
+    Completion,
+    Output,
+    CacheRead,
+    PromptDetails,
+    InputDetails,
+    CompletionDetails,
+    OutputDetails,
+    Cached,
+    Reasoning,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for UsageKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = UsageKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, k: &str) -> Result<UsageKey, E> {
+                Ok(match k {
+                    "prompt_tokens" => UsageKey::Prompt,
+                    "input_tokens" => UsageKey::Input,
+                    "completion_tokens" => UsageKey::Completion,
+                    "output_tokens" => UsageKey::Output,
+                    "cache_read_input_tokens" => UsageKey::CacheRead,
+                    "prompt_tokens_details" => UsageKey::PromptDetails,
+                    "input_tokens_details" => UsageKey::InputDetails,
+                    "completion_tokens_details" => UsageKey::CompletionDetails,
+                    "output_tokens_details" => UsageKey::OutputDetails,
+                    "cached_tokens" => UsageKey::Cached,
+                    "reasoning_tokens" => UsageKey::Reasoning,
+                    _ => UsageKey::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for UsageCounts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UsageCounts;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a usage object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageCounts, A::Error> {
+                let mut u = UsageCounts::default();
+                while let Some(key) = map.next_key::<UsageKey>()? {
+                    let count = |map: &mut A| map.next_value::<Count>().map(|c| c.0);
+                    let details = |map: &mut A| map.next_value::<Details>();
+                    match key {
+                        UsageKey::Prompt => u.prompt = count(&mut map)?,
+                        UsageKey::Input => u.input = count(&mut map)?,
+                        UsageKey::Completion => u.completion = count(&mut map)?,
+                        UsageKey::Output => u.output = count(&mut map)?,
+                        UsageKey::CacheRead => u.cache_read = count(&mut map)?,
+                        UsageKey::PromptDetails => u.prompt_details = details(&mut map)?,
+                        UsageKey::InputDetails => u.input_details = details(&mut map)?,
+                        UsageKey::CompletionDetails => u.completion_details = details(&mut map)?,
+                        UsageKey::OutputDetails => u.output_details = details(&mut map)?,
+                        UsageKey::Cached | UsageKey::Reasoning | UsageKey::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(u)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Details;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Details, A::Error> {
+                let mut out = Details::default();
+                while let Some(key) = map.next_key::<UsageKey>()? {
+                    match key {
+                        UsageKey::Cached => out.cached = map.next_value::<Count>()?.0,
+                        UsageKey::Reasoning => out.reasoning = map.next_value::<Count>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Details, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Details::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_unit<E>(self) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A token count: a non-negative integer (`12.0` accepted), any other value absent.
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(Some(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(v).ok()))
+            }
+            fn visit_f64<E>(self, f: f64) -> Result<Count, E> {
+                Ok(Count((f >= 0.0 && f.fract() == 0.0 && f < 1.8e19).then_some(f as u64)))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Where the scanner is, relative to the object whose keys it reads (at depth `level`).
@@ -1429,6 +1618,60 @@ mod tests {
         let got = run_all_splits(BodyKind::Sse, 64, body.as_bytes());
         let want = Out { usage: u(2, 3, 0, 0), model: Some("m".to_owned()), done: true, skipped: 1 };
         assert_eq!(got, want);
+    }
+
+    /// The one-pass usage reader agrees with reading the object as a JSON tree (how it
+    /// was read before), on every shape a server could send.
+    #[test]
+    fn usage_counts_agree_with_a_json_tree() {
+        fn tree(raw: &str) -> Option<Usage> {
+            let o = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw).ok()?;
+            let count = |v: &serde_json::Value| {
+                v.as_u64().or_else(|| {
+                    let f = v.as_f64()?;
+                    (f >= 0.0 && f.fract() == 0.0 && f < 1.8e19).then_some(f as u64)
+                })
+            };
+            let n = |k: &str| o.get(k).and_then(count);
+            let d = |outer: &str, k: &str| o.get(outer).and_then(|v| v.get(k)).and_then(count);
+            Some(Usage {
+                prompt_tokens: n("prompt_tokens").or_else(|| n("input_tokens")).unwrap_or(0),
+                completion_tokens: n("completion_tokens").or_else(|| n("output_tokens")).unwrap_or(0),
+                cached_tokens: d("prompt_tokens_details", "cached_tokens")
+                    .or_else(|| d("input_tokens_details", "cached_tokens"))
+                    .or_else(|| n("cache_read_input_tokens"))
+                    .unwrap_or(0),
+                reasoning_tokens: d("completion_tokens_details", "reasoning_tokens")
+                    .or_else(|| d("output_tokens_details", "reasoning_tokens"))
+                    .unwrap_or(0),
+            })
+        }
+        let cases = [
+            r#"{"prompt_tokens":12,"completion_tokens":16,"total_tokens":28,"prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":5}}"#,
+            r#"{"input_tokens":7,"output_tokens":9,"cache_read_input_tokens":2}"#,
+            r#"{"input_tokens":7,"output_tokens":9,"input_tokens_details":{"cached_tokens":4},"output_tokens_details":{"reasoning_tokens":1}}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens":2,"completion_tokens":3,"completion_tokens":"x"}"#,
+            r#"{"prompt_tokens":12.0,"completion_tokens":1e3,"cached_tokens":4}"#,
+            r#"{"prompt_tokens":-1,"completion_tokens":1.5,"prompt_tokens_details":null}"#,
+            r#"{"prompt_tokens":"12","completion_tokens":true,"prompt_tokens_details":[1,2]}"#,
+            r#"{"prompt_tokens":[],"completion_tokens":{},"prompt_tokens_details":7}"#,
+            r#"{"prompt_tokens":99999999999999999999999,"completion_tokens":18446744073709551615}"#,
+            r#"{"prompt_tokens":-0,"completion_tokens":0}"#,
+            r#"{"prompt\u005ftokens":5,"completion_tokens":6,"prompt_tokens_details":{"cached\u005ftokens":2}}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1},"prompt_tokens_details":{"other":1}}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":null},"input_tokens_details":{"cached_tokens":8}}"#,
+            r#"{"nested":{"prompt_tokens":4,"deep":[{"a":[1,{"b":2}]}]},"completion_tokens":2}"#,
+            r#"{}"#,
+            r#"null"#,
+            r#"[1,2]"#,
+            r#"{"prompt_tokens":1}x"#,
+            r#"{"prompt_tokens":1"#,
+        ];
+        for raw in cases {
+            let mut found = Found::default();
+            found.add_usage(raw.as_bytes());
+            assert_eq!(found.usage, tree(raw), "{raw}");
+        }
     }
 
     #[test]

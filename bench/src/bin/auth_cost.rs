@@ -11,17 +11,24 @@
 //! HS256 JWT, or `--jwt-alg`'s, token cache disabled: full verification), `jwt-cached` (`decide`, token
 //! in the cache), `limits` (the limit state round trip of a request: decode, admit,
 //! encode, then decode, charge, encode when its tokens arrive), `event` (build and
-//! serialize the usage event), `json-usage` (read the usage of a chat completion body).
+//! serialize the usage event), `json-usage` (read the usage of a chat completion body),
+//! and whole requests through the filter's `gateway` on an in-memory host
+//! (`tollgate_bench::native_host`), every callback in Envoy's order: `path-key` (d's
+//! config, a `GET` with an API key) and `path-metered` (e's config: limits and usage, a
+//! chat completion `POST` with its JSON answer; the queued events flushed every 500
+//! requests, as a tick would, and the tracker's answers taken).
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use tollgate_bench::native_host::NativeHost;
 use tollgate_bench::variants::{tollgate_config, Creds};
 use tollgate_filter::auth::{decide, CredentialCache, Verdict};
 use tollgate_filter::config::Settings;
 use tollgate_filter::events::UsageEvent;
+use tollgate_filter::gateway::{Action, Root};
 use tollgate_filter::limits::LimitState;
 use tollgate_filter::usage::{BodyKind, UsageParser, DEFAULT_MAX_CARRY};
 
@@ -61,6 +68,9 @@ fn headers(authorization: &str) -> Vec<(String, String)> {
 }
 
 const CHAT_RESPONSE: &str = r#"{"id":"chatcmpl-8c2f","object":"chat.completion","created":1763800000,"model":"Qwen/Qwen3-0.6B","choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 tok8 tok9 tok10 tok11 tok12 tok13 tok14 tok15 "},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":16,"total_tokens":28,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+
+const CHAT_REQUEST: &str =
+    r#"{"model":"Qwen/Qwen3-0.6B","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}"#;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -159,7 +169,75 @@ fn main() -> anyhow::Result<()> {
                 black_box(p.usage());
             }
         }
-        other => bail!("unknown mode {other:?}: key, jwt, jwt-cached, limits, event, json-usage"),
+        "path-key" | "path-metered" => {
+            let metered = args.mode == "path-metered";
+            let host = NativeHost {
+                config: tollgate_config(&creds, metered).to_string().into_bytes(),
+                ..NativeHost::default()
+            };
+            host.clock_ms.set(NOW * 1000);
+            let mut root = Root::new(1);
+            if !root.start(&host) || !root.configure(&host) {
+                bail!("the config was refused");
+            }
+            let mut request = headers(&format!("Bearer {}", creds.api_key));
+            for (k, v) in request.iter_mut() {
+                if k == "content-length" {
+                    *v = CHAT_REQUEST.len().to_string();
+                }
+            }
+            if !metered {
+                request.retain(|(k, _)| !matches!(k.as_str(), ":method" | "content-type" | "content-length"));
+                request.push((":method".into(), "GET".into()));
+            }
+            let (content_type, body) = if metered { ("application/json", CHAT_RESPONSE) } else { ("text/plain", "ok") };
+            let response: Vec<(String, String)> =
+                [(":status", "200"), ("content-type", content_type), ("server", "bench")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+            let mut answered = 0;
+            let mut one = |i: u64, root: &mut Root| -> anyhow::Result<()> {
+                *host.request_headers.borrow_mut() = request.clone();
+                *host.response_headers.borrow_mut() = response.clone();
+                let mut stream = root.stream(2 + (i % 1000) as u32);
+                let end = !metered;
+                if stream.request_headers(&host, end) != Action::Continue {
+                    bail!("request {i} refused");
+                }
+                if metered {
+                    *host.request_body.borrow_mut() = CHAT_REQUEST.as_bytes().to_vec();
+                    stream.request_body(&host, CHAT_REQUEST.len(), true);
+                }
+                stream.response_headers(&host, false);
+                *host.response_body.borrow_mut() = body.as_bytes().to_vec();
+                stream.response_body(&host, body.len(), true);
+                stream.log(&host);
+                if i % 500 == 499 {
+                    host.clock_ms.set(host.clock_ms.get() + 500);
+                    root.tick(&host);
+                    while answered < host.callouts.get() {
+                        answered += 1;
+                        root.call_response(&host, answered, 1, 0);
+                    }
+                }
+                Ok(())
+            };
+            one(0, &mut root)?;
+            if host.replies.get() > 0 {
+                bail!("the request was answered by the filter");
+            }
+            start = Instant::now();
+            for i in 1..=n {
+                one(black_box(i), &mut root)?;
+            }
+            if metered && host.callouts.get() == 0 && n >= 500 {
+                bail!("no usage was reported");
+            }
+        }
+        other => {
+            bail!("unknown mode {other:?}: key, jwt, jwt-cached, limits, event, json-usage, path-key, path-metered")
+        }
     }
     let elapsed = start.elapsed();
     let ns = elapsed.as_nanos() as f64 / n.max(1) as f64;
