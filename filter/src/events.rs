@@ -173,9 +173,13 @@ pub struct QueueLimits {
 /// being counted (losslessly) in the per-(reason, route) map until these are sent.
 pub const MAX_DENIAL_EVENTS: usize = 64;
 
+/// Bytes reserved for one serialized usage event (most are 300–450).
+const EVENT_CAPACITY: usize = 512;
+
 #[derive(Debug, Clone)]
 struct Pending {
-    json: String,
+    /// The event as JSON (serde_json writes UTF-8).
+    json: Vec<u8>,
     attempts: u32,
     /// An aggregated denial event (`count` requests), not an authorized request.
     denials: u64,
@@ -307,7 +311,11 @@ impl EventQueue {
     /// Queues an authorized request's event under a fresh id.
     pub fn push(&mut self, mut event: UsageEvent) {
         event.id = self.ids.next_id();
-        let Ok(json) = serde_json::to_string(&event) else { return };
+        // Sized for a typical event at once (growing from empty took ~8 reallocations).
+        let mut json = Vec::with_capacity(EVENT_CAPACITY);
+        if serde_json::to_writer(&mut json, &event).is_err() {
+            return;
+        }
         self.push_back(Pending { json, attempts: 0, denials: 0 });
         self.stats.queued += 1;
     }
@@ -336,7 +344,7 @@ impl EventQueue {
             let Some(((reason, path), count)) = self.denial_counts.pop_first() else { break };
             let id = self.ids.next_id();
             let event = DenialEvent { id: &id, ts: now_ms as f64 / 1000.0, denied: reason, path, count };
-            let Ok(json) = serde_json::to_string(&event) else { continue };
+            let Ok(json) = serde_json::to_vec(&event) else { continue };
             self.denial_events.push_back(Pending { json, attempts: 0, denials: count });
         }
     }
@@ -376,7 +384,7 @@ impl EventQueue {
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(p.json.as_bytes());
+            body.extend_from_slice(&p.json);
         }
         body.push(b']');
         let events = taken.len();
