@@ -1936,8 +1936,9 @@ impl Stream {
     }
 
     /// Reads each chunk for usage without holding it back: the copy is parsed after the
-    /// chunk went on (at the next chunk, or at `on_log`), so parsing never delays the
-    /// bytes, e.g. a large first chunk's first byte. Only the stripper works before.
+    /// chunk went on (at the next chunk, before that one goes on, or at `on_log`), so no
+    /// chunk waits for its own parse, e.g. a large first chunk's first byte. Only the
+    /// stripper works before.
     pub fn response_body(&mut self, host: &impl Host, body_size: usize, end_of_stream: bool) -> Action {
         if let Some(parser) = self.parser.as_mut() {
             if let Some(previous) = self.unparsed.take() {
@@ -2920,7 +2921,7 @@ mod tests {
     }
 
     /// A response chunk goes on before the parser reads it (at the next chunk, or at
-    /// `on_log`), so parsing never delays it; a chunk over the worker's bound is read
+    /// `on_log`), so it never waits for its own parse; a chunk over the worker's bound is read
     /// at once. The usage is the same either way.
     #[test]
     fn response_chunks_are_parsed_after_they_went_on() {

@@ -12,7 +12,7 @@
 //! `memchr`, and only an event holding a `"usage"` key that opens an object (the
 //! parser's own prefilter) is parsed to be checked.
 
-use memchr::memchr2_iter;
+use memchr::{memchr2, memchr2_iter, memchr_iter};
 
 /// Per-response state: whether the next chunk starts at an event boundary.
 #[derive(Debug, Clone)]
@@ -74,10 +74,22 @@ fn find_event_end(bytes: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether the event is one line (before its blank line) holding no `\u` escape.
+fn single_plain_line(event: &[u8]) -> bool {
+    let body =
+        event.strip_suffix(b"\r\n\r\n").or_else(|| event.strip_suffix(b"\n\n")).or_else(|| event.strip_suffix(b"\r\r"));
+    body.is_some_and(|b| {
+        memchr2(b'\n', b'\r', b).is_none() && !memchr_iter(b'\\', b).any(|i| b.get(i + 1) == Some(&b'u'))
+    })
+}
+
 /// A `data:` event whose JSON has `"choices": []` and a `usage` object.
 fn is_usage_only(event: &[u8]) -> bool {
-    // Token chunks (`"usage":null`) never get to serde_json.
-    if !crate::usage::may_carry_usage(event) {
+    // Token chunks (`"usage":null`) never get to serde_json. The raw bytes say "no usage
+    // object" only for an event of one line with no `\u` escape (a key could be written
+    // `"\u0075sage"`, or split from its value across `data:` lines); any other event is
+    // checked whole.
+    if single_plain_line(event) && !crate::usage::may_carry_usage(event) {
         return false;
     }
     let text = match std::str::from_utf8(event) {
@@ -111,6 +123,9 @@ mod tests {
     const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
     const SPACED: &str = "data: {\"choices\": [], \"usage\" : {\"prompt_tokens\": 1}}\n\n";
+    const ESCAPED: &str = "data: {\"choices\":[],\"\\u0075sage\":{\"prompt_tokens\":1}}\n\n";
+    const SPLIT: &str = "data: {\"choices\":[],\"usage\":\ndata: {\"prompt_tokens\":1}}\n\n";
+    const COMMENTED: &str = "data: {\"choices\":[],\"usage\":\n: keep-alive\ndata: {\"prompt_tokens\":1}}\n\n";
     const NULL_USAGE: &str = "data: {\"choices\":[],\"usage\":null}\n\n";
 
     fn run(chunks: &[&str]) -> (String, u64) {
@@ -144,6 +159,11 @@ mod tests {
             (vec![CONTENT.into(), SPACED.into(), DONE.into()], format!("{CONTENT}{DONE}"), 1),
             (vec![CONTENT.into(), NULL_USAGE.into(), DONE.into()], format!("{CONTENT}{NULL_USAGE}{DONE}"), 0),
             (vec![format!("{CONTENT}{CONTENT}{USAGE}\n{DONE}")], format!("{CONTENT}{CONTENT}\n{DONE}"), 1),
+            // An escaped key, or a value on the next data line (or after a comment line),
+            // is the same event to a JSON reader.
+            (vec![CONTENT.into(), ESCAPED.into(), DONE.into()], format!("{CONTENT}{DONE}"), 1),
+            (vec![CONTENT.into(), SPLIT.into(), DONE.into()], format!("{CONTENT}{DONE}"), 1),
+            (vec![CONTENT.into(), COMMENTED.into(), DONE.into()], format!("{CONTENT}{DONE}"), 1),
         ];
         for (i, (chunks, want, removed)) in cases.into_iter().enumerate() {
             let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();

@@ -21,7 +21,7 @@
 //! which also merges Anthropic's `message_start` (input) with `message_delta` (output).
 
 use memchr::{memchr2, memchr_iter};
-use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
 /// Token counts of one response; fields the upstream did not report are 0.
@@ -331,7 +331,7 @@ impl<'de> Deserialize<'de> for UsageCounts {
                         UsageKey::CompletionDetails => u.completion_details = details(&mut map)?,
                         UsageKey::OutputDetails => u.output_details = details(&mut map)?,
                         UsageKey::Cached | UsageKey::Reasoning | UsageKey::Other => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                         }
                     }
                 }
@@ -357,14 +357,14 @@ impl<'de> Deserialize<'de> for Details {
                         UsageKey::Cached => out.cached = map.next_value::<Count>()?.0,
                         UsageKey::Reasoning => out.reasoning = map.next_value::<Count>()?.0,
                         _ => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                         }
                     }
                 }
                 Ok(out)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Details, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                while seq.next_element::<Skip>()?.is_some() {}
                 Ok(Details::default())
             }
             fn visit_u64<E>(self, _: u64) -> Result<Details, E> {
@@ -384,6 +384,50 @@ impl<'de> Deserialize<'de> for Details {
             }
             fn visit_unit<E>(self) -> Result<Details, E> {
                 Ok(Details::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A value read and dropped, checked as a JSON tree would check it (numbers in range,
+/// strings valid, nesting within serde_json's limit), so an object the tree refused is
+/// still refused; `IgnoredAny` skips without those checks.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Skip;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_unit<E>(self) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+                while seq.next_element::<Skip>()?.is_some() {}
+                Ok(Skip)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+                while map.next_entry::<Skip, Skip>()?.is_some() {}
+                Ok(Skip)
             }
         }
         d.deserialize_any(V)
@@ -420,11 +464,11 @@ impl<'de> Deserialize<'de> for Count {
                 Ok(Count(None))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                while seq.next_element::<Skip>()?.is_some() {}
                 Ok(Count(None))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                while map.next_entry::<Skip, Skip>()?.is_some() {}
                 Ok(Count(None))
             }
         }
@@ -1666,11 +1710,23 @@ mod tests {
             r#"[1,2]"#,
             r#"{"prompt_tokens":1}x"#,
             r#"{"prompt_tokens":1"#,
+            // Values the tree refuses make the whole object refused, read or not.
+            r#"{"prompt_tokens":5,"completion_tokens":6,"x":1e400}"#,
+            r#"{"prompt_tokens":5,"x":"\ud800"}"#,
+            r#"{"prompt_tokens":[1e400],"input_tokens":3}"#,
+            r#"{"prompt_tokens":5,"prompt_tokens_details":{"x":[1e999]}}"#,
         ];
-        for raw in cases {
+        let deep = format!(r#"{{"prompt_tokens":5,"x":{}1{}}}"#, "[".repeat(130), "]".repeat(130));
+        let shallow = format!(r#"{{"prompt_tokens":5,"x":{}1{}}}"#, "[".repeat(100), "]".repeat(100));
+        let not_utf8 = [&br#"{"prompt_tokens":5,"x":""#[..], &[0xff], &br#""}"#[..]].concat();
+        let mut raws: Vec<Vec<u8>> = cases.iter().map(|c| c.as_bytes().to_vec()).collect();
+        raws.extend([deep.into_bytes(), shallow.into_bytes(), not_utf8]);
+        for raw in raws {
             let mut found = Found::default();
-            found.add_usage(raw.as_bytes());
-            assert_eq!(found.usage, tree(raw), "{raw}");
+            found.add_usage(&raw);
+            let text = String::from_utf8_lossy(&raw);
+            let want = std::str::from_utf8(&raw).ok().and_then(tree);
+            assert_eq!(found.usage, want, "{text}");
         }
     }
 

@@ -233,7 +233,8 @@ fn a_fleet_holds_global_limits() {
             }
             429 => {
                 let secs = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                std::thread::sleep(Duration::from_secs(secs.unwrap_or(1)));
+                let wait = Duration::from_secs(secs.unwrap_or(1));
+                std::thread::sleep(wait.min(deadline.saturating_duration_since(Instant::now())));
             }
             other => panic!("the budget answered {other}"),
         }
