@@ -14,6 +14,8 @@
 //! - [`stats`]: medians and percentiles.
 //! - [`native_host`]: an in-memory host for the filter's `gateway`, so whole requests
 //!   run natively under callgrind (`auth-cost --mode path-key|path-metered`).
+//! - [`sse_stream`]: the OpenAI stream the SSE throughput benches parse (shared with
+//!   `bench/sse-wasm`).
 //! - [`fleet`]: global limits on a harness fleet (overshoot) and a keep-alive
 //!   HTTP/1.1 client for the lease-wait latency.
 
@@ -21,6 +23,7 @@ pub mod fleet;
 pub mod load;
 pub mod lua;
 pub mod native_host;
+pub mod sse_stream;
 pub mod stats;
 pub mod sys;
 pub mod variants;

@@ -361,31 +361,21 @@ fn ec_key(jwk: &Map<String, Value>) -> Result<Material, Skip> {
     let crv = jwk.get("crv").and_then(Value::as_str).ok_or_else(|| unusable("crv: missing"))?;
     let (x, y) = (member(jwk, "x")?, member(jwk, "y")?);
     let bad = || unusable("x: not a point on the curve");
+    // The uncompressed SEC1 point, 0x04 ‖ x ‖ y, each coordinate of the curve's size.
+    let point = |size: usize| {
+        if x.len() == size && y.len() == size {
+            Ok([&[0x04u8][..], &x, &y].concat())
+        } else {
+            Err(bad())
+        }
+    };
     match crv {
-        "P-256" => {
-            if x.len() != 32 || y.len() != 32 {
-                return Err(bad());
-            }
-            let point = p256::EncodedPoint::from_affine_coordinates(
-                p256::FieldBytes::from_slice(&x),
-                p256::FieldBytes::from_slice(&y),
-                false,
-            );
-            let key = p256::ecdsa::VerifyingKey::from_encoded_point(&point).map_err(|_| bad())?;
-            Ok(Material::P256(Box::new(key)))
-        }
-        "P-384" => {
-            if x.len() != 48 || y.len() != 48 {
-                return Err(bad());
-            }
-            let point = p384::EncodedPoint::from_affine_coordinates(
-                p384::FieldBytes::from_slice(&x),
-                p384::FieldBytes::from_slice(&y),
-                false,
-            );
-            let key = p384::ecdsa::VerifyingKey::from_encoded_point(&point).map_err(|_| bad())?;
-            Ok(Material::P384(Box::new(key)))
-        }
+        "P-256" => p256::ecdsa::VerifyingKey::from_sec1_bytes(&point(32)?)
+            .map(|key| Material::P256(Box::new(key)))
+            .map_err(|_| bad()),
+        "P-384" => p384::ecdsa::VerifyingKey::from_sec1_bytes(&point(48)?)
+            .map(|key| Material::P384(Box::new(key)))
+            .map_err(|_| bad()),
         _ => Err(unusable("crv: not supported (P-256 and P-384 are)")),
     }
 }

@@ -331,7 +331,7 @@ impl<'de> Deserialize<'de> for UsageCounts {
                         UsageKey::CompletionDetails => u.completion_details = details(&mut map)?,
                         UsageKey::OutputDetails => u.output_details = details(&mut map)?,
                         UsageKey::Cached | UsageKey::Reasoning | UsageKey::Other => {
-                            map.next_value::<Skip>()?;
+                            map.next_value::<Count>()?;
                         }
                     }
                 }
@@ -357,14 +357,14 @@ impl<'de> Deserialize<'de> for Details {
                         UsageKey::Cached => out.cached = map.next_value::<Count>()?.0,
                         UsageKey::Reasoning => out.reasoning = map.next_value::<Count>()?.0,
                         _ => {
-                            map.next_value::<Skip>()?;
+                            map.next_value::<Count>()?;
                         }
                     }
                 }
                 Ok(out)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Details, A::Error> {
-                while seq.next_element::<Skip>()?.is_some() {}
+                while seq.next_element::<Count>()?.is_some() {}
                 Ok(Details::default())
             }
             fn visit_u64<E>(self, _: u64) -> Result<Details, E> {
@@ -390,51 +390,10 @@ impl<'de> Deserialize<'de> for Details {
     }
 }
 
-/// A value read and dropped, checked as a JSON tree would check it (numbers in range,
-/// strings valid, nesting within serde_json's limit), so an object the tree refused is
-/// still refused; `IgnoredAny` skips without those checks.
-struct Skip;
-
-impl<'de> Deserialize<'de> for Skip {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Skip;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_unit<E>(self) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
-                while seq.next_element::<Skip>()?.is_some() {}
-                Ok(Skip)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
-                while map.next_entry::<Skip, Skip>()?.is_some() {}
-                Ok(Skip)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 /// A token count: a non-negative integer (`12.0` accepted), any other value absent.
+/// Values that are not read are read as one too and dropped: unlike `IgnoredAny`, this
+/// checks them as a JSON tree does (numbers in range, strings valid, nesting within
+/// serde_json's limit), so an object the tree refused is still refused.
 struct Count(Option<u64>);
 
 impl<'de> Deserialize<'de> for Count {
@@ -464,11 +423,11 @@ impl<'de> Deserialize<'de> for Count {
                 Ok(Count(None))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
-                while seq.next_element::<Skip>()?.is_some() {}
+                while seq.next_element::<Count>()?.is_some() {}
                 Ok(Count(None))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-                while map.next_entry::<Skip, Skip>()?.is_some() {}
+                while map.next_entry::<Count, Count>()?.is_some() {}
                 Ok(Count(None))
             }
         }

@@ -530,25 +530,30 @@ mod tests {
         assert!(s.typed_extension_config(&json!({}))["typed_config"]["config"].get("configuration").is_none());
     }
 
-    #[test]
-    fn one_bootstrap_for_every_mode() {
-        let env = BTreeMap::from([("TOLLGATE_JWKS".to_string(), "{\"keys\":[]}".to_string())]);
-        let config = json!({"jwt": {"providers": [{"issuer": "dev", "jwks_env": "TOLLGATE_JWKS"}]}});
-        let s = shape();
-        let mut l = EnvoyLayout {
+    /// A static gateway on ports 1–4 with this plugin config and VM environment.
+    fn layout<'a>(config: &'a Value, env: &'a BTreeMap<String, String>) -> EnvoyLayout<'a> {
+        EnvoyLayout {
             replica: 0,
             gateway_port: 1,
             admin_port: 2,
             model_port: 3,
             tracker_ports: &[4],
             wasm: Path::new("/w/plugin.wasm"),
-            plugin_config: &config,
-            vm_env: &env,
+            plugin_config: config,
+            vm_env: env,
             jwt_authn: None,
             istio: None,
             ext_proc_port: None,
             upstreams: &[],
-        };
+        }
+    }
+
+    #[test]
+    fn one_bootstrap_for_every_mode() {
+        let env = BTreeMap::from([("TOLLGATE_JWKS".to_string(), "{\"keys\":[]}".to_string())]);
+        let config = json!({"jwt": {"providers": [{"issuer": "dev", "jwks_env": "TOLLGATE_JWKS"}]}});
+        let s = shape();
+        let mut l = layout(&config, &env);
         let names = |b: &Value| -> Vec<String> {
             b.pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters")
                 .and_then(Value::as_array)
@@ -629,20 +634,7 @@ mod tests {
         let upstreams =
             [("idp".to_string(), "127.0.0.1:8443".to_string()), ("kc".to_string(), "keycloak.local:80".to_string())];
         let (env, config) = (BTreeMap::new(), json!({}));
-        let l = EnvoyLayout {
-            replica: 0,
-            gateway_port: 1,
-            admin_port: 2,
-            model_port: 3,
-            tracker_ports: &[4],
-            wasm: Path::new("/w/plugin.wasm"),
-            plugin_config: &config,
-            vm_env: &env,
-            jwt_authn: None,
-            istio: None,
-            ext_proc_port: None,
-            upstreams: &upstreams,
-        };
+        let l = EnvoyLayout { upstreams: &upstreams, ..layout(&config, &env) };
         let b = bootstrap(&l);
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
         let idp = clusters.iter().find(|c| c["name"] == "idp").unwrap();

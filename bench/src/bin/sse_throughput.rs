@@ -27,28 +27,6 @@ struct Args {
     seconds: f64,
 }
 
-/// A chat completion stream of about `bytes`; returns it and its event boundaries.
-fn stream(bytes: usize) -> (Vec<u8>, Vec<usize>, u64) {
-    let mut out = Vec::with_capacity(bytes + 1024);
-    let mut ends = Vec::new();
-    let mut tokens: u64 = 0;
-    while out.len() < bytes {
-        let event = format!(
-            "data: {{\"id\":\"chatcmpl-8c2f6a1b\",\"object\":\"chat.completion.chunk\",\"created\":1763800000,\"model\":\"Qwen/Qwen3-0.6B\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{tokens} \"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"
-        );
-        out.extend_from_slice(event.as_bytes());
-        ends.push(out.len());
-        tokens += 1;
-    }
-    let last = format!(
-        "data: {{\"id\":\"chatcmpl-8c2f6a1b\",\"object\":\"chat.completion.chunk\",\"created\":1763800000,\"model\":\"Qwen/Qwen3-0.6B\",\"choices\":[],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":{tokens},\"total_tokens\":{}}}}}\n\ndata: [DONE]\n\n",
-        tokens + 12
-    );
-    out.extend_from_slice(last.as_bytes());
-    ends.push(out.len());
-    (out, ends, tokens)
-}
-
 fn pieces_by_events<'a>(data: &'a [u8], ends: &[usize]) -> Vec<&'a [u8]> {
     let mut start = 0;
     let mut v = Vec::with_capacity(ends.len());
@@ -72,7 +50,7 @@ fn run_once(pieces: &[&[u8]]) -> (Option<u64>, bool) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (data, ends, tokens) = stream(args.mib.max(1) << 20);
+    let (data, ends, tokens) = tollgate_bench::sse_stream::build(args.mib.max(1) << 20);
     let mut configs: Vec<(String, Vec<&[u8]>)> = Vec::new();
     let avg_event = data.len() / ends.len().max(1);
     configs.push((format!("one event (~{avg_event} B)"), pieces_by_events(&data, &ends)));

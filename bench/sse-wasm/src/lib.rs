@@ -18,27 +18,10 @@ struct Stream {
 
 static STREAM: Mutex<Option<Stream>> = Mutex::new(None);
 
-/// A chat completion stream of about `bytes`, and its event boundaries.
-pub fn build(bytes: usize) -> (Vec<u8>, Vec<usize>, u64) {
-    let mut out = Vec::with_capacity(bytes + 1024);
-    let mut ends = Vec::new();
-    let mut tokens: u64 = 0;
-    while out.len() < bytes {
-        let event = format!(
-            "data: {{\"id\":\"chatcmpl-8c2f6a1b\",\"object\":\"chat.completion.chunk\",\"created\":1763800000,\"model\":\"Qwen/Qwen3-0.6B\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{tokens} \"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n"
-        );
-        out.extend_from_slice(event.as_bytes());
-        ends.push(out.len());
-        tokens += 1;
-    }
-    let last = format!(
-        "data: {{\"id\":\"chatcmpl-8c2f6a1b\",\"object\":\"chat.completion.chunk\",\"created\":1763800000,\"model\":\"Qwen/Qwen3-0.6B\",\"choices\":[],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":{tokens},\"total_tokens\":{}}}}}\n\ndata: [DONE]\n\n",
-        tokens + 12
-    );
-    out.extend_from_slice(last.as_bytes());
-    ends.push(out.len());
-    (out, ends, tokens)
-}
+#[path = "../../src/sse_stream.rs"]
+mod sse_stream;
+/// The stream `sse-throughput` measures too (one definition, `bench/src/sse_stream.rs`).
+pub use sse_stream::build;
 
 /// Feeds `data` to a new parser in pieces (`piece` bytes, or one event each when 0).
 pub fn feed(data: &[u8], ends: &[usize], piece: usize) -> u64 {
