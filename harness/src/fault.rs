@@ -19,7 +19,7 @@ use crate::background::Background;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -241,9 +241,13 @@ impl fmt::Debug for FaultTracker {
     }
 }
 
-/// A free port below the kernel's ephemeral range when possible: the port is released
-/// while refusing, and an outgoing connection must not take it meanwhile.
-fn quiet_port() -> u16 {
+/// Binds a port below the kernel's ephemeral range when possible: the port is released
+/// while refusing, and an outgoing connection must not take it meanwhile. The bind is
+/// the check (a port tested free and bound later can be taken in between by another
+/// process), so a taken port is skipped for another; a port this process handed out
+/// to another part of a stack is never tried (a fleet has one fault tracker per tracker
+/// replica). Falls back to a port of the OS's choosing.
+fn listen_quiet() -> io::Result<TcpListener> {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
@@ -252,14 +256,15 @@ fn quiet_port() -> u16 {
         let mut rng = rand::thread_rng();
         for _ in 0..64 {
             let port = rng.gen_range(10_000..low);
-            // Free now, and not handed out to another part of a stack (a fleet has one
-            // fault tracker per tracker replica).
-            if StdListener::bind(("127.0.0.1", port)).is_ok() && crate::stack::claim_port(port) {
-                return port;
+            if !crate::stack::claim_port(port) {
+                continue;
+            }
+            if let Ok(l) = listen(port) {
+                return Ok(l);
             }
         }
     }
-    0
+    listen(0)
 }
 
 /// A listener on 127.0.0.1:`port` with SO_REUSEADDR (so the port can be bound again at
@@ -292,7 +297,6 @@ impl FaultTracker {
 
     /// As [`start`](Self::start), on `port` (0 picks a free one outside the ephemeral range).
     pub fn start_on(port: u16, tracker_port: u16) -> anyhow::Result<FaultTracker> {
-        let want = if port == 0 { quiet_port() } else { port };
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -310,15 +314,15 @@ impl FaultTracker {
         });
         let loop_shared = Arc::clone(&shared);
         let (server, port) = Background::spawn("fault-tracker", move |ready, stop| async move {
-            let bound = listen(want).and_then(|l| Ok((l.local_addr()?.port(), l)));
-            let (port, listener) = match bound {
+            let bound = if port == 0 { listen_quiet() } else { listen(port) };
+            let (port, listener) = match bound.and_then(|l| Ok((l.local_addr()?.port(), l))) {
                 Ok(x) => x,
-                Err(e) => return ready.fail(anyhow!("bind fault tracker port {want}: {e}")),
+                Err(e) => return ready.fail(anyhow!("bind fault tracker port {port}: {e}")),
             };
             ready.ok(port);
             accept_loop(listener, port, loop_shared, mode_rx, stop).await;
         })?;
-        // Bound by the OS (no quiet port): no other part may get it from free_port.
+        // No other part may get it from free_port (a quiet port is claimed already).
         crate::stack::claim_port(port);
         Ok(FaultTracker { port, shared, _server: server })
     }
