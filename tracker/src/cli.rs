@@ -32,7 +32,9 @@ pub const ADMIN_TOKEN_ENV: &str = "TRACKER_ADMIN_TOKEN";
                   (the gateway's usage.token_env; unset or empty: /track is open to anyone who can reach it, \
                   and a warning is printed at start; it also guards POST /v1/limits/sync, POST /v1/keys/resolve \
                   and GET /v1/keys/changes)\n  TRACKER_ADMIN_TOKEN   bearer secret of the keys API: POST /v1/keys, \
-                  GET /v1/keys, DELETE /v1/keys/{id} (unset or empty: those answer 404; needs a ledger)"
+                  GET /v1/keys, DELETE /v1/keys/{id} (unset or empty: those answer 404; needs a ledger)\n\
+                  A secret shorter than 32 characters or beginning with \"example-\" (the published \
+                  example values) stops the start, the variable named."
 )]
 pub struct Args {
     /// Address to listen on (host:port; use 0.0.0.0:8081 in a pod).
@@ -158,19 +160,45 @@ impl Args {
     }
 }
 
-/// The usage API's secret from [`API_TOKEN_ENV`], if set and not empty.
-pub fn api_token_from_env() -> Option<String> {
-    std::env::var(API_TOKEN_ENV).ok().filter(|t| !t.is_empty())
+/// Fewest characters a tracker secret may have (`openssl rand -hex 16`, 128 bits). The
+/// secrets are all that guards the usage, keys and ingest endpoints, and nothing slows
+/// guessing down (a lockout after failures would let anyone lock the gateways out), so
+/// they must be too long to guess.
+pub const MIN_SECRET_CHARS: usize = 32;
+/// How the example values published in `istio/base/tracker-secret.yaml` begin: anyone
+/// can read them, so a tracker started with one is refused.
+pub const PUBLISHED_EXAMPLE_PREFIX: &str = "example-";
+
+/// The secret in the environment variable `name`, trimmed (a Secret written from a file
+/// often ends in a newline): `None` when unset or empty; refused, the variable named,
+/// when it is not UTF-8, a published example value or too short.
+pub fn secret_from_env(name: &str) -> Result<Option<String>, String> {
+    check_secret(name, std::env::var(name))
 }
 
-/// The keys API's secret from [`ADMIN_TOKEN_ENV`], if set and not empty.
-pub fn admin_token_from_env() -> Option<String> {
-    std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty())
-}
-
-/// `/track`'s secret from [`INGEST_TOKEN_ENV`], if set and not empty.
-pub fn ingest_token_from_env() -> Option<String> {
-    std::env::var(INGEST_TOKEN_ENV).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty())
+/// [`secret_from_env`]'s rule on what the environment held.
+pub fn check_secret(name: &str, raw: Result<String, std::env::VarError>) -> Result<Option<String>, String> {
+    let value = match raw {
+        Err(std::env::VarError::NotPresent) => return Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => return Err(format!("{name} is not valid UTF-8")),
+        Ok(value) => value.trim().to_owned(),
+    };
+    let fix = "set a secret of your own, e.g. `openssl rand -hex 32`";
+    if value.is_empty() {
+        Ok(None)
+    } else if value.starts_with(PUBLISHED_EXAMPLE_PREFIX) {
+        Err(format!(
+            "{name} is an example value published with Tollgate (it begins with {PUBLISHED_EXAMPLE_PREFIX:?}, \
+             as in istio/base/tracker-secret.yaml): anyone can read it; {fix}"
+        ))
+    } else if value.chars().count() < MIN_SECRET_CHARS {
+        Err(format!(
+            "{name} has {} characters, fewer than {MIN_SECRET_CHARS}: too easy to guess; {fix}",
+            value.chars().count()
+        ))
+    } else {
+        Ok(Some(value))
+    }
 }
 
 #[cfg(test)]
@@ -249,5 +277,55 @@ mod tests {
             assert!(Args::try_parse_from(argv).is_err(), "{bad:?}");
         }
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn secrets_too_easy_to_guess_are_refused_with_their_variable() {
+        use std::env::VarError::{NotPresent, NotUnicode};
+        let strong = "0123456789abcdef0123456789abcdef";
+        let ok = |v: &str| Ok::<_, std::env::VarError>(v.to_owned());
+        let cases: [(&str, Result<String, std::env::VarError>, Result<Option<&str>, &str>); 9] = [
+            ("unset", Err(NotPresent), Ok(None)),
+            ("empty", ok(""), Ok(None)),
+            ("blank", ok(" \n"), Ok(None)),
+            ("strong", ok(strong), Ok(Some(strong))),
+            ("trailing newline", ok(&format!("{strong}\n")), Ok(Some(strong))),
+            ("one short", ok(&strong[1..]), Err("has 31 characters, fewer than 32")),
+            ("a word", ok("s3cret"), Err("has 6 characters")),
+            (
+                "published",
+                ok("example-admin-token-3e7a1c9d5b2f8e4a6c0d2b9f7e1a5c38"),
+                Err("an example value published"),
+            ),
+            ("not UTF-8", Err(NotUnicode(std::ffi::OsString::new())), Err("is not valid UTF-8")),
+        ];
+        for (case, raw, want) in cases {
+            let got = check_secret("TRACKER_X_TOKEN", raw);
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got.as_deref(), want, "{case}"),
+                (Err(e), Err(want)) => {
+                    assert!(e.starts_with("TRACKER_X_TOKEN ") && e.contains(want), "{case}: {e}");
+                    assert!(!e.contains("3e7a1c9d"), "{case}: the value is not echoed: {e}");
+                }
+                (got, want) => panic!("{case}: {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    /// The values the bundle publishes cannot start a tracker.
+    #[test]
+    fn the_bundles_example_secrets_are_refused() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../istio/base/tracker-secret.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let values: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.trim().split_once(": "))
+            .filter(|(k, _)| [API_TOKEN_ENV, INGEST_TOKEN_ENV, ADMIN_TOKEN_ENV].contains(k))
+            .collect();
+        assert_eq!(values.len(), 3, "{text}");
+        for (name, value) in values {
+            let e = check_secret(name, Ok(value.to_owned())).unwrap_err();
+            assert!(e.contains("example value published"), "{e}");
+        }
     }
 }

@@ -8,15 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use usage_tracking::cli::{
-    admin_token_from_env, api_token_from_env, ingest_token_from_env, Store, ADMIN_TOKEN_ENV, API_TOKEN_ENV,
-    INGEST_TOKEN_ENV,
-};
+use usage_tracking::cli::{secret_from_env, Store, ADMIN_TOKEN_ENV, API_TOKEN_ENV, INGEST_TOKEN_ENV};
 use usage_tracking::{serve, Args, Ledger, Tracker};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The secrets first: a refused one stops the start before anything is opened.
+    let api_token = secret_from_env(API_TOKEN_ENV).map_err(anyhow::Error::msg)?;
+    let ingest_token = secret_from_env(INGEST_TOKEN_ENV).map_err(anyhow::Error::msg)?;
+    let admin_token = secret_from_env(ADMIN_TOKEN_ENV).map_err(anyhow::Error::msg)?;
     let limits = args.limits();
     let replica = args.replica();
     let ledger = match args.store() {
@@ -27,9 +28,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Store::Postgres(url) => Some(Arc::new(Ledger::open_postgres(&url, &replica).await?)),
     };
-    let api_token = api_token_from_env();
-    let ingest_token = ingest_token_from_env();
-    let admin_token = admin_token_from_env();
     let tracker = match &ledger {
         None => Tracker::new(limits),
         Some(ledger) => Tracker::with_ledger(limits, Arc::clone(ledger)).await?,

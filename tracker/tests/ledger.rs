@@ -24,7 +24,7 @@ use usage_tracking::{serve, Ledger, Limits, Tracker};
 
 mod common;
 
-const TOKEN: &str = "s3cret-usage-token";
+const TOKEN: &str = "s3cret-usage-token-for-the-ledger-tests";
 
 // ---------------------------------------------------------------------------------------
 // Backends
