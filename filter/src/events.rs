@@ -324,7 +324,8 @@ impl EventQueue {
     pub fn deny(&mut self, reason: &str, path: &str) {
         let key = (tollgate_rules::deny_reason(reason), tollgate_rules::route(path));
         let n = self.denial_counts.entry(key).or_insert(0);
-        *n = n.saturating_add(1);
+        // Within what the tracker accepts (beyond it, in one flush interval, not counted).
+        *n = n.saturating_add(1).min(tollgate_rules::MAX_DENIED_COUNT);
         self.stats.denials += 1;
     }
 

@@ -1629,6 +1629,10 @@ impl Stream {
                 }
             }
         }
+        if body.scan.as_ref().is_some_and(BodyScan::foreign_encoding) {
+            // The server would read it, the scan cannot: refused before it goes on.
+            return self.deny_late(host, "bad_request", &LocalReply::body_not_utf8());
+        }
         if !end_of_stream {
             // Hold the body while it may still be rewritten in place (the start still
             // here, under the bound), and from its closing brace on (the tail insertion).
@@ -2017,6 +2021,19 @@ impl Stream {
         }
         // The client left (or the upstream reset) before the response ended.
         event.incomplete = !done;
+        if self.estimate.is_none() {
+            // A body that never ended (a client holding its end back, or leaving): the
+            // upstream may have had all it needed, so the request is charged what was
+            // seen of it rather than nothing.
+            self.estimate = self.body.as_deref().filter(|b| !b.done).map(|body| {
+                let metering = state.settings.metering;
+                let facts = body.scan.as_ref().map(BodyScan::facts).unwrap_or_default();
+                Estimate {
+                    prompt: prompt_estimate(body.sent.saturating_add(body.held), metering.prompt_bytes_per_token),
+                    completion: facts.completion_budget(body.route, metering.default_max_tokens),
+                }
+            });
+        }
         let reached_model = event.status.is_none_or(|s| (200..300).contains(&s));
         if let Some(estimate) = self.estimate.filter(|_| event.usage_missing && reached_model) {
             event.set_estimate(estimate.prompt, estimate.completion);
@@ -2788,6 +2805,34 @@ mod tests {
         assert_eq!(h.replies.borrow().last().map(|r| r.0), Some(400));
     }
 
+    /// A JSON body in UTF-16 (which the server would read, and the scan could not) is
+    /// refused with 400 before any of it goes on, whole or a byte at a time; UTF-8 passes.
+    #[test]
+    fn bodies_not_in_utf8_are_refused_on_metered_routes() {
+        let text = r#"{"model":"m","stream":true,"max_tokens":30000}"#;
+        let utf16: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let bytes: Vec<&[u8]> = utf16.chunks(1).collect();
+        let cfgs = ["", r#","limits":{"users":{"mittens":{"tokens_per_minute":40}}}"#];
+        let cases: [(&str, Vec<&[u8]>, Option<u32>); 3] = [
+            ("utf-8", vec![text.as_bytes()], None),
+            ("utf-16", vec![&utf16], Some(400)),
+            ("utf-16 bytewise", bytes, Some(400)),
+        ];
+        for cfg in cfgs {
+            for (name, chunks, want) in &cases {
+                let h = host(cfg);
+                let root = configured(&h);
+                let sent = send(&root, &h, &[], chunks);
+                assert_eq!(sent.reply, *want, "{name} {cfg}");
+                if want.is_some() {
+                    let body = h.replies.borrow().last().map(|r| r.1.clone()).unwrap_or_default();
+                    assert!(body.contains("invalid_encoding"), "{body}");
+                    assert!(sent.body.len() <= 1, "{name}: {} bytes went on", sent.body.len());
+                }
+            }
+        }
+    }
+
     /// Token limits work without a `usage` section: accept-encoding still goes, usage is
     /// still forced, tokens still charged.
     #[test]
@@ -3009,6 +3054,53 @@ mod tests {
         root.tick(&h);
         let e = &sent_events(&h)[0];
         assert_eq!((e["usage_estimated"].clone(), e["incomplete"].clone()), (true.into(), true.into()));
+    }
+
+    /// A client that never ends its request body (an HTTP/2 stream held open after the
+    /// whole JSON went upstream), reads the stream and leaves before the usage: charged
+    /// what was seen, as if the body had ended; the budget is spent either way.
+    #[test]
+    fn a_body_never_ended_is_charged_its_estimate() {
+        let cfg = r#","limits":{"users":{"mittens":{"tokens_per_minute":40}}}"#;
+        let mut runs = Vec::new();
+        for ended in [true, false] {
+            let mut h = host(cfg);
+            let root = configured(&h);
+            let remaining = |h: &FakeHost| {
+                h.shared.borrow().get(&state_key("mittens")).and_then(|v| {
+                    let spec = spec(r#"{"tokens_per_minute":40}"#);
+                    LimitState::decode(&v.0).headroom(&spec, h.clock.get()).tokens.map(|t| t.remaining)
+                })
+            };
+            h.response_headers =
+                vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+            *h.response_body.borrow_mut() =
+                b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"x\"}\n\n"
+                    .to_vec();
+            let mut outcomes = Vec::new();
+            for i in 0..3 {
+                let mut headers = h.request_headers.borrow().clone();
+                headers.retain(|(k, _)| k != ":path");
+                headers.push((":path".into(), "/v1/responses".into()));
+                let saved = h.request_headers.replace(headers);
+                let mut s = root.stream(10 + i);
+                let admitted = s.request_headers(&h, false) == Action::Continue;
+                h.request_headers.replace(saved);
+                if admitted {
+                    let body = br#"{"model":"m","input":"hi","stream":true,"max_output_tokens":99999}"#;
+                    *h.request_body.borrow_mut() = body.to_vec();
+                    assert_eq!(s.request_body(&h, body.len(), ended), Action::Continue);
+                    s.response_headers(&h, false);
+                    s.response_body(&h, h.response_body.borrow().len(), false);
+                }
+                s.log(&h);
+                outcomes.push((admitted, remaining(&h)));
+            }
+            runs.push(outcomes);
+        }
+        // The first request is served and spends the budget; the next are refused.
+        let want = vec![(true, Some(0)), (false, Some(0)), (false, Some(0))];
+        assert_eq!(runs, [want.clone(), want]);
     }
 
     /// `limits.on_contention`: when the limit state cannot be read or written, deny (503,

@@ -47,8 +47,6 @@ const VALUE_RAW_MAX: usize = 64;
 /// `stream_options` members, and members inside the last one, whose offsets are kept.
 /// Beyond them the in-place rewrite is given up for the tail insertion.
 const MAX_RECORDED: usize = 16;
-/// Choices counted per request at most (`n`, `best_of`).
-pub const MAX_CHOICES: u64 = 128;
 
 /// The OpenAI-style routes, by what their requests cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,9 +218,12 @@ impl Raw {
     }
 
     /// A non-negative integer as pydantic reads one leniently: `12`, `12.0`, `"12"`.
+    /// A number too large for a u64, or a value too long to keep, is `u64::MAX`: the
+    /// server reads it (Python integers have no bound, and caps a token limit at the
+    /// model's context), so taking it as absent would estimate the default instead.
     pub fn uint(&self) -> Option<u64> {
         if self.over {
-            return None;
+            return Some(u64::MAX);
         }
         let b = self.bytes.as_slice();
         let text = if b.first() == Some(&b'"') {
@@ -235,7 +236,10 @@ impl Raw {
             return Some(n);
         }
         let f = text.parse::<f64>().ok()?;
-        (f >= 0.0 && f.fract() == 0.0 && f < 1.8e19).then_some(f as u64)
+        if f >= 1.8e19 && f.is_finite() {
+            return Some(u64::MAX);
+        }
+        (f >= 0.0 && f.fract() == 0.0).then_some(f as u64)
     }
 }
 
@@ -344,6 +348,8 @@ pub struct BodyScan {
     pos: usize,
     /// Bytes of a leading UTF-8 byte order mark seen.
     bom: usize,
+    /// The body's first two bytes (as many as were fed).
+    head: [u8; 2],
     outer: Outer,
     top: Frame,
     nested: Option<Frame>,
@@ -374,6 +380,7 @@ impl BodyScan {
         BodyScan {
             pos: 0,
             bom: 0,
+            head: [0; 2],
             outer: Outer::Start,
             top: Frame::new(),
             nested: None,
@@ -401,8 +408,20 @@ impl BodyScan {
         self.outer == Outer::End
     }
 
+    /// Whether the body is JSON in UTF-16 or UTF-32, as Python's `json.loads` tells from
+    /// its first bytes (a byte order mark `FF FE` / `FE FF`, or a NUL in the first two
+    /// bytes): the server would read it, but this scanner reads UTF-8 only, so what it
+    /// asks (`stream`, `max_tokens`) would go unseen.
+    pub fn foreign_encoding(&self) -> bool {
+        let seen = self.head.get(..self.pos.min(2)).unwrap_or_default();
+        matches!(seen, [0xFF, 0xFE] | [0xFE, 0xFF]) || seen.contains(&0)
+    }
+
     /// Reads the next chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
+        for (slot, b) in self.head.iter_mut().skip(self.pos).zip(chunk) {
+            *slot = *b;
+        }
         let mut i = 0;
         while i < chunk.len() {
             match self.outer {
@@ -689,7 +708,7 @@ impl BodyScan {
     /// What the body asks for, once it has been fed whole.
     pub fn facts(&self) -> Facts {
         let uint = |key| self.value(key).and_then(Raw::uint);
-        let choices = uint(Key::N).into_iter().chain(uint(Key::BestOf)).max().unwrap_or(1).clamp(1, MAX_CHOICES);
+        let choices = uint(Key::N).into_iter().chain(uint(Key::BestOf)).max().unwrap_or(1).max(1);
         Facts {
             object: self.closed(),
             stream: self.value(Key::Stream).is_some_and(Raw::truthy),
@@ -818,7 +837,7 @@ pub struct Facts {
     pub max_tokens: Option<u64>,
     pub max_completion_tokens: Option<u64>,
     pub max_output_tokens: Option<u64>,
-    /// `n` / `best_of`, 1..=[`MAX_CHOICES`].
+    /// `n` / `best_of`, at least 1 (not capped: the server does not cap them either).
     pub choices: u64,
 }
 
@@ -835,7 +854,9 @@ impl Facts {
             return 0;
         }
         let max = match route {
-            Route::ChatCompletions => self.max_completion_tokens.or(self.max_tokens),
+            // `max_completion_tokens or max_tokens`, as the server (Python) reads them: a 0
+            // falls through.
+            Route::ChatCompletions => self.max_completion_tokens.filter(|&n| n > 0).or(self.max_tokens),
             Route::Responses => self.max_output_tokens,
             _ => self.max_tokens,
         };
@@ -879,6 +900,40 @@ mod tests {
         }
         assert_eq!((bytes.facts(), bytes.rewrite_whole(body)), want, "byte at a time");
         want
+    }
+
+    /// UTF-16 and UTF-32 bodies as Python's `json.detect_encoding` tells them, however
+    /// the body is cut into chunks; UTF-8 (with or without its byte order mark) is not.
+    #[test]
+    fn bodies_in_utf16_or_utf32_are_told_apart() {
+        let text = r#"{"stream":true,"max_tokens":30000}"#;
+        let utf16 = |le: bool| -> Vec<u8> {
+            text.encode_utf16().flat_map(|u| if le { u.to_le_bytes() } else { u.to_be_bytes() }).collect()
+        };
+        let utf32 = |le: bool| -> Vec<u8> {
+            text.chars()
+                .flat_map(|c| if le { u32::from(c).to_le_bytes() } else { u32::from(c).to_be_bytes() })
+                .collect()
+        };
+        let with_bom = |bom: &[u8], body: Vec<u8>| [bom.to_vec(), body].concat();
+        let cases: [(&str, Vec<u8>, bool); 9] = [
+            ("utf-8", text.as_bytes().to_vec(), false),
+            ("utf-8 with BOM", with_bom(&[0xEF, 0xBB, 0xBF], text.as_bytes().to_vec()), false),
+            ("utf-8, whitespace first", format!(" \n{text}").into_bytes(), false),
+            ("utf-16le", utf16(true), true),
+            ("utf-16be", utf16(false), true),
+            ("utf-16le with BOM", with_bom(&[0xFF, 0xFE], utf16(true)), true),
+            ("utf-16be with BOM", with_bom(&[0xFE, 0xFF], utf16(false)), true),
+            ("utf-32le", utf32(true), true),
+            ("utf-32be", utf32(false), true),
+        ];
+        for (name, body, foreign) in cases {
+            for at in 0..=body.len().min(6) {
+                let scan = scan_split(&body, at);
+                assert_eq!(scan.foreign_encoding(), foreign, "{name}, cut at {at}");
+            }
+            assert!(!BodyScan::new().foreign_encoding());
+        }
     }
 
     /// Parses the members that matter with serde's derive, which refuses duplicate keys.
@@ -963,8 +1018,17 @@ mod tests {
             r.push(raw.as_bytes());
             assert_eq!((r.truthy(), r.pydantic_true()), (truthy, pyd), "{raw}");
         }
-        let uints =
-            [("12", Some(12)), ("12.0", Some(12)), (r#""12""#, Some(12)), ("-1", None), ("1.5", None), ("null", None)];
+        let uints = [
+            ("12", Some(12)),
+            ("12.0", Some(12)),
+            (r#""12""#, Some(12)),
+            ("-1", None),
+            ("1.5", None),
+            ("null", None),
+            ("18446744073709551615", Some(u64::MAX)),
+            ("18446744073709551616", Some(u64::MAX)),
+            ("1e400", None),
+        ];
         for (raw, want) in uints {
             let mut r = Raw::default();
             r.push(raw.as_bytes());
@@ -1117,6 +1181,9 @@ mod tests {
 
     #[test]
     fn facts_for_estimates() {
+        // Values longer than the scanner keeps (pydantic reads them: 30000.0, 7.0).
+        let long_max_tokens = format!(r#"{{"max_tokens":30000.{}}}"#, "0".repeat(80));
+        let long_n = format!(r#"{{"n":7.{}}}"#, "0".repeat(80));
         // (body, route, default max, completion budget)
         let cases = [
             (r#"{"max_tokens":5}"#, Route::ChatCompletions, 100, 5),
@@ -1125,7 +1192,13 @@ mod tests {
             (r#"{}"#, Route::ChatCompletions, 100, 100),
             (r#"{"max_tokens":"6","n":3}"#, Route::Completions, 100, 18),
             (r#"{"max_tokens":6,"n":2,"best_of":4}"#, Route::Completions, 100, 24),
-            (r#"{"n":100000}"#, Route::Completions, 1, MAX_CHOICES),
+            (r#"{"n":100000}"#, Route::Completions, 1, 100_000),
+            (r#"{"max_completion_tokens":0,"max_tokens":30000}"#, Route::ChatCompletions, 100, 30_000),
+            (r#"{"max_completion_tokens":0}"#, Route::ChatCompletions, 100, 100),
+            (r#"{"max_tokens":99999999999999999999}"#, Route::ChatCompletions, 100, u64::MAX),
+            (r#"{"max_tokens":1e300}"#, Route::ChatCompletions, 100, u64::MAX),
+            (&long_max_tokens, Route::ChatCompletions, 100, u64::MAX),
+            (&long_n, Route::Completions, 5, u64::MAX),
             (r#"{"max_output_tokens":9,"max_tokens":1}"#, Route::Responses, 100, 9),
             (r#"{"max_tokens":9}"#, Route::Messages, 100, 9),
             (r#"{"max_tokens":9}"#, Route::Embeddings, 100, 0),

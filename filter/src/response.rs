@@ -108,6 +108,20 @@ impl LocalReply {
         )
     }
 
+    /// 400 for a JSON body in UTF-16 or UTF-32 on a metered route (JSON between
+    /// systems is UTF-8, RFC 8259; the OpenAI API reads nothing else).
+    pub fn body_not_utf8() -> LocalReply {
+        LocalReply {
+            status: 400,
+            headers: vec![("content-type".to_string(), "application/json".to_string())],
+            body: openai_error_body(
+                "The request body must be JSON encoded as UTF-8.",
+                "invalid_request_error",
+                "invalid_encoding",
+            ),
+        }
+    }
+
     /// 400 for a request with trailers whose body the filter had to rewrite or pad
     /// (its `content-length` was already promised upstream).
     pub fn trailers_not_supported() -> LocalReply {

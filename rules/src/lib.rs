@@ -21,6 +21,8 @@
 
 pub mod lease;
 
+use std::borrow::Cow;
+
 /// Longest event id, in characters (ids are the tracker's dedup key).
 pub const MAX_ID_CHARS: usize = 128;
 
@@ -35,8 +37,10 @@ pub const MAX_STATUS: u16 = 999;
 pub const MAX_LABEL_CHARS: usize = 128;
 
 /// Largest `count` of an aggregated denial event (one event standing for `count`
-/// denied requests of one reason and route).
-pub const MAX_DENIED_COUNT: u64 = MAX_TOKENS;
+/// denied requests of one reason and route in one flush interval). A billion is beyond
+/// any real traffic, and it keeps the ledger's sums of counts far inside a signed 64-bit
+/// integer (2^53 per event overflowed them after 1 024 events).
+pub const MAX_DENIED_COUNT: u64 = 1_000_000_000;
 
 /// Routes that get their own `path` label value; any other path is [`OTHER`].
 pub const ROUTES: [&str; 6] =
@@ -143,11 +147,12 @@ pub fn check_group(group: &str) -> Result<(), &'static str> {
     }
 }
 
-/// One group name, trimmed; `None` when blank or when it holds `,`, the separator of
-/// the `groups` label (such a name would read as two groups).
+/// One group name, trimmed; `None` when blank, when it holds `,`, the separator of the
+/// `groups` label (such a name would read as two groups), or a control character (no
+/// valid identity has one: [`check_group`]).
 pub fn group(value: &str) -> Option<&str> {
     let value = value.trim();
-    (!value.is_empty() && !value.contains(',')).then_some(value)
+    (!value.is_empty() && !value.contains(',') && !value.chars().any(char::is_control)).then_some(value)
 }
 
 /// The `groups` label: the valid [`group`] names, sorted, de-duplicated, joined with
@@ -160,12 +165,26 @@ pub fn groups_label<S: AsRef<str>>(groups: &[S]) -> String {
     truncate(&names.join(",")).to_owned()
 }
 
-/// The `model` label: trimmed and cut to [`MAX_LABEL_CHARS`]; [`UNKNOWN_MODEL`] when
-/// missing or blank.
-pub fn model_label(model: Option<&str>) -> &str {
+/// A model name as an event carries it: cut to [`MAX_LABEL_CHARS`], control characters
+/// replaced by U+FFFD. It comes from the upstream's response, so it is whatever a model
+/// server (or a client it echoes) says; a NUL cannot be stored in PostgreSQL (the batch
+/// holding it would fail to commit again and again) and a newline or escape has no
+/// place in a label. Replaced, not refused: the event's usage is kept.
+pub fn model_name(model: &str) -> Cow<'_, str> {
+    let cut = truncate(model);
+    if cut.chars().any(char::is_control) {
+        Cow::Owned(cut.chars().map(|c| if c.is_control() { char::REPLACEMENT_CHARACTER } else { c }).collect())
+    } else {
+        Cow::Borrowed(cut)
+    }
+}
+
+/// The `model` label: trimmed, then as [`model_name`]; [`UNKNOWN_MODEL`] when missing
+/// or blank.
+pub fn model_label(model: Option<&str>) -> Cow<'_, str> {
     match model.map(str::trim) {
-        Some(m) if !m.is_empty() => truncate(m),
-        _ => UNKNOWN_MODEL,
+        Some(m) if !m.is_empty() => model_name(m),
+        _ => Cow::Borrowed(UNKNOWN_MODEL),
     }
 }
 
@@ -181,9 +200,10 @@ pub fn status(n: u32) -> Option<u16> {
     u16::try_from(n).ok().filter(|s| (100..=MAX_STATUS).contains(s))
 }
 
-/// Whether `id` is a valid event id: 1..=[`MAX_ID_CHARS`] characters.
+/// Whether `id` is a valid event id: 1..=[`MAX_ID_CHARS`] characters, none of them a
+/// control character (the ledger stores ids as text, and PostgreSQL's cannot hold a NUL).
 pub fn event_id(id: &str) -> bool {
-    !id.is_empty() && id.chars().nth(MAX_ID_CHARS).is_none()
+    !id.is_empty() && id.chars().nth(MAX_ID_CHARS).is_none() && !id.chars().any(char::is_control)
 }
 
 #[cfg(test)]
@@ -193,7 +213,6 @@ mod tests {
     #[test]
     fn limits() {
         assert_eq!(MAX_TOKENS, 9_007_199_254_740_991);
-        assert_eq!(MAX_DENIED_COUNT, MAX_TOKENS);
         assert_eq!((MAX_ID_CHARS, MAX_LABEL_CHARS, MAX_STATUS), (128, 128, 999));
         for r in ROUTES {
             assert_eq!(route(r), r);
@@ -294,13 +313,15 @@ mod tests {
 
     #[test]
     fn groups() {
-        let cases: [(&str, Option<&str>); 6] = [
+        let cases: [(&str, Option<&str>); 8] = [
             ("premium", Some("premium")),
             (" premium ", Some("premium")),
             ("", None),
             ("  ", None),
             ("a,b", None),
             (",", None),
+            ("pre\0mium", None),
+            ("a\u{7f}", None),
         ];
         for (input, want) in cases {
             assert_eq!(group(input), want, "{input:?}");
@@ -332,13 +353,19 @@ mod tests {
     #[test]
     fn model_labels() {
         let long = "m".repeat(129);
-        let cases: [(Option<&str>, &str); 6] = [
+        let nul_at_the_cut = format!("{}\0", "m".repeat(127));
+        let replaced_at_the_cut = format!("{}\u{FFFD}", "m".repeat(127));
+        let cases: [(Option<&str>, &str); 10] = [
             (None, "unknown"),
             (Some(""), "unknown"),
             (Some("  "), "unknown"),
             (Some("Qwen/Qwen3-0.6B"), "Qwen/Qwen3-0.6B"),
             (Some(" gpt-4.1 "), "gpt-4.1"),
             (Some(&long), &long[..128]),
+            (Some("evil\0model"), "evil\u{FFFD}model"),
+            (Some("a\nb\x1b[31m"), "a\u{FFFD}b\u{FFFD}[31m"),
+            (Some("x\u{85}y"), "x\u{FFFD}y"),
+            (Some(&nul_at_the_cut), &replaced_at_the_cut),
         ];
         for (input, want) in cases {
             assert_eq!(model_label(input), want, "{input:?}");
@@ -389,6 +416,8 @@ mod tests {
             ("x".repeat(129), false),
             ("λ".repeat(128), true),
             ("λ".repeat(129), false),
+            ("a\0b".to_owned(), false),
+            ("a\nb".to_owned(), false),
         ];
         for (id, want) in cases {
             assert_eq!(event_id(&id), want, "{id:?}");

@@ -308,6 +308,9 @@ impl RawEvent<'_> {
         let invalid = |name: &str, message: &str| format!("{}: {message}", field(prefix, name));
         if let Some(id) = &self.id {
             if !tollgate_rules::event_id(id) {
+                if id.chars().any(char::is_control) {
+                    return Err(invalid("id", "must not contain control characters"));
+                }
                 let chars = id.chars().count();
                 return Err(invalid("id", &format!("must be 1 to {MAX_ID_CHARS} characters, got {chars}")));
             }
@@ -329,6 +332,9 @@ impl RawEvent<'_> {
         let user = match self.user.as_deref().map(labels::user) {
             None => return Err(invalid("user", "required when denied is null")),
             Some(None) => return Err(invalid("user", "must not be empty")),
+            Some(Some(user)) if user.chars().any(char::is_control) => {
+                return Err(invalid("user", "must not contain control characters"))
+            }
             Some(Some(user)) => user.to_owned(),
         };
         let count = |n: Option<UInt<0, MAX_TOKENS>>| n.map_or(0, |n| n.0);
@@ -342,7 +348,7 @@ impl RawEvent<'_> {
         let usage = Usage {
             user,
             groups: labels::groups_label(&self.groups.map(|g| g.0).unwrap_or_default()),
-            model: reports_usage.then(|| labels::model_label(self.model.as_deref()).to_owned()),
+            model: reports_usage.then(|| labels::model_label(self.model.as_deref()).into_owned()),
             tokens,
             incomplete: self.incomplete.unwrap_or(false),
             upstream_error: self.status.is_some_and(|s| s.0 >= 500),
@@ -487,7 +493,7 @@ mod tests {
                 Outcome::Denied { reason: "missing_credential", count: 137 },
             ),
             (
-                r#"{"id":"e7","denied":"rate_limited","count":9007199254740991}"#,
+                r#"{"id":"e7","denied":"rate_limited","count":1000000000}"#,
                 Some("e7"),
                 "other",
                 Outcome::Denied { reason: "rate_limited", count: MAX_DENIED_COUNT },
@@ -674,17 +680,17 @@ mod tests {
             (
                 r#"{"id":"a","denied":"rate_limited","count":0}"#,
                 "invalid_event",
-                "count: invalid value: integer `0`, expected an integer from 1 to 9007199254740991",
+                "count: invalid value: integer `0`, expected an integer from 1 to 1000000000",
             ),
             (
                 r#"{"id":"a","user":"u","count":0}"#,
                 "invalid_event",
-                "count: invalid value: integer `0`, expected an integer from 1 to 9007199254740991",
+                "count: invalid value: integer `0`, expected an integer from 1 to 1000000000",
             ),
             (
-                r#"{"id":"a","denied":"rate_limited","count":9007199254740992}"#,
+                r#"{"id":"a","denied":"rate_limited","count":1000000001}"#,
                 "invalid_event",
-                "count: invalid value: integer `9007199254740992`, expected an integer from 1 to 9007199254740991",
+                "count: invalid value: integer `1000000001`, expected an integer from 1 to 1000000000",
             ),
             (
                 r#"{"id":"a","denied":"rate_limited","count":-3}"#,

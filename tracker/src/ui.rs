@@ -201,6 +201,10 @@ impl View {
         if buckets(since_ms, until_ms, width_ms) > MAX_CHART_BUCKETS {
             return Err(format!("the period is longer than {MAX_CHART_BUCKETS} days; narrow it"));
         }
+        if get("user").is_some_and(|u| u.chars().any(char::is_control)) {
+            // No stored user has one (events with one are refused).
+            return Err("user: must not contain control characters".to_owned());
+        }
         let explicit = since.is_some() || until.is_some();
         Ok(View {
             preset: if explicit { None } else { preset.map(|(name, _)| *name) },
@@ -315,6 +319,7 @@ mod tests {
                 "since (2025-11-02T00:00:00Z) must be before until (2025-11-01T00:00:00Z)",
             ),
             ("since=1970-01-01", "the period is longer than 1000 days; narrow it"),
+            ("user=a%00b", "user: must not contain control characters"),
         ];
         for (query, message) in errors {
             assert_eq!(View::parse(Some(query), NOW), Err(message.to_owned()), "{query}");

@@ -306,6 +306,10 @@ impl Params {
         if user.chars().count() > MAX_LABEL_CHARS {
             return Err(TrackError::BadQuery(format!("user: longer than {MAX_LABEL_CHARS} characters")));
         }
+        if user.chars().any(char::is_control) {
+            // No stored user has one (events with one are refused).
+            return Err(TrackError::BadQuery("user: must not contain control characters".into()));
+        }
         Ok(user)
     }
 }
@@ -340,6 +344,8 @@ mod tests {
             ("usr=a", "unknown parameter \"usr\" (this endpoint takes user, limit)"),
             ("user=", "user: required"),
             ("user=%20", "user: required"),
+            ("user=a%00b", "user: must not contain control characters"),
+            ("user=a%0Ab", "user: must not contain control characters"),
         ];
         for (query, message) in cases {
             let error = Params::parse(Some(query), &["user", "limit"]).and_then(|p| p.user().map(|_| ()));

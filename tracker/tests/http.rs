@@ -453,7 +453,7 @@ async fn aggregated_denials_count_their_requests() {
     let series = |reason: &str, path: &str| format!(r#"llm_denied_requests_total{{reason="{reason}",path="{path}"}}"#);
     let batch = json!([
         {"id": "f1-missing-models", "ts": 1763800000.1, "denied": "missing_credential", "path": "/v1/models", "count": 137},
-        {"id": "f1-rate-chat", "ts": 1763800000.1, "denied": "rate_limited", "path": "/v1/chat/completions", "count": 9_007_199_254_740_991u64},
+        {"id": "f1-rate-chat", "ts": 1763800000.1, "denied": "rate_limited", "path": "/v1/chat/completions", "count": 1_000_000_000u64},
         {"id": "f1-rate-chat-2", "denied": "rate_limit_exceeded", "path": "/v1/chat/completions?x=1", "count": 1},
         {"id": "f1-missing-models-2", "denied": "missing_credential", "path": "/v1/models"},
         {"id": "f1-other", "denied": "missing_credential", "path": "/v1/models", "count": null},
@@ -464,7 +464,7 @@ async fn aggregated_denials_count_their_requests() {
         &text,
         &[
             (&series("missing_credential", "/v1/models"), "139"),
-            (&series("rate_limited", "/v1/chat/completions"), "9007199254740992"),
+            (&series("rate_limited", "/v1/chat/completions"), "1000000001"),
             ("tracker_events_received_total", "5"),
         ],
     );
@@ -529,14 +529,30 @@ async fn cardinality_guard_folds_new_users_into_other() {
 async fn label_values_are_escaped_and_cut() {
     let server = Server::default().await;
     let long = "m".repeat(300);
-    let event = json!({"id": "esc", "user": "a\"b\\c\nd", "model": long, "prompt_tokens": 1});
+    let event = json!({"id": "esc", "user": "a\"b\\c d", "model": long, "prompt_tokens": 1});
     server.track_json(&event).await;
+    // A model name with control characters (from the upstream) is kept, replaced;
+    // a user with one is a bad event (no identity has one).
+    let batch = json!([
+        {"id": "ctl-model", "user": "u", "model": "m\u{0}x\ny", "prompt_tokens": 2},
+        {"id": "ctl-user", "user": "a\nb", "model": "m", "prompt_tokens": 3},
+        {"id": "ctl\u{0}id", "user": "u", "model": "m", "prompt_tokens": 4},
+    ]);
+    let (status, answer) = server.track(batch.to_string()).await;
+    assert_eq!((status, &answer["accepted"]), (200, &json!(1)), "{answer}");
+    let rejected: Vec<u64> =
+        answer["rejected"].as_array().unwrap().iter().map(|r| r["index"].as_u64().unwrap()).collect();
+    assert_eq!(rejected, [1, 2], "{answer}");
     let text = server.metrics().await;
     let model = "m".repeat(128);
     assert_series(
         &text,
-        &[(&format!(r#"llm_tokens_total{{user="a\"b\\c\nd",groups="",model="{model}",type="prompt"}}"#), "1")],
+        &[
+            (&format!(r#"llm_tokens_total{{user="a\"b\\c d",groups="",model="{model}",type="prompt"}}"#), "1"),
+            ("llm_tokens_total{user=\"u\",groups=\"\",model=\"m\u{FFFD}x\u{FFFD}y\",type=\"prompt\"}", "2"),
+        ],
     );
+    assert!(!text.contains("a\\nb"), "{text}");
     server.stop().await;
 }
 
