@@ -15,7 +15,8 @@
 //!   `x-mock-received-body-sha256`, the headers it received) shows the upstream got a
 //!   body of exactly the length it was told, unchanged where nothing needed changing.
 //!
-//! HTTP/2 data frames without `content-length` get the same (curl, prior knowledge), and
+//! HTTP/2 data frames without `content-length` get the same (curl, prior knowledge); a body
+//! whose stream never ends is charged its estimate, and a UTF-16 body is refused; and
 //! the tracker takes usage only with the gateway's ingest token.
 //!
 //! `concurrent_streams_at_the_edge_of_a_budget` measures what reserve-before /
@@ -503,4 +504,99 @@ fn http2_data_frames_without_content_length() {
     assert!(text.contains("data: [DONE]") && !text.contains(r#""choices":[]"#), "{text}");
     let counted = wait_metric(&stack, "llm_tokens_total", &[("user", &creds.user), ("type", "completion")], 6.0);
     assert_eq!(metric(&counted, "llm_tokens_total", &[("user", &creds.user), ("type", "prompt")]), Some(3.0));
+}
+
+/// HTTP/2 with `content-length` and the whole JSON in data frames, but the stream never
+/// ended: the upstream has all it needs and streams its answer, the gateway never sees
+/// the body's end (Envoy resets the stream once the upstream's answer is complete, so
+/// the client gets all but the tail of it). The request is charged what was seen (its
+/// estimate, flagged), so withholding the end spends the budget like any other request
+/// and the next one is refused.
+#[test]
+fn a_request_body_never_ended_is_charged() {
+    let creds = DevCredentials::generate();
+    // No include_usage forced (so the stream carries none) and a budget below one request.
+    let extra = json!({"metering": {"inject_include_usage": false},
+                       "limits": {"users": {creds.user.clone(): {"tokens_per_day": 300}}}});
+    let stack = start("hostile-unended", &creds, extra);
+    let body = json!({"model": "mock-model", "messages": [{"role": "user", "content": "one two three"}],
+                      "max_tokens": 400, "stream": true})
+    .to_string();
+    let authority = stack.gateway_url.trim_start_matches("http://").to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (status, text) = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::post(format!("http://{authority}/v1/chat/completions"))
+            .header("authorization", format!("Bearer {}", creds.api_key))
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(())
+            .unwrap();
+        let (response, mut send) = client.send_request(request, false).unwrap();
+        // The whole body, and no end of stream.
+        send.send_data(bytes::Bytes::from(body.clone()), false).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(20), response).await.unwrap().unwrap();
+        let status = response.status().as_u16();
+        let mut stream = response.into_body();
+        let mut text = String::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), stream.data()).await {
+                Ok(Some(Ok(chunk))) => {
+                    let _ = stream.flow_control().release_capacity(chunk.len());
+                    text.push_str(&String::from_utf8_lossy(&chunk));
+                }
+                other => {
+                    text.push_str(&format!("\n(the stream ended: {other:?})"));
+                    break;
+                }
+            }
+        }
+        // The client goes away without ever ending its request.
+        send.send_reset(h2::Reason::CANCEL);
+        (status, text)
+    });
+    drop(runtime);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(r#""content":"tok0 ""#) && !text.contains(r#""usage":{"#), "{text}");
+    // Charged its estimate: the completion budget it asked for, flagged as estimated.
+    let user = [("user", creds.user.as_str()), ("type", "completion")];
+    let counted = wait_metric(&stack, "llm_estimated_tokens_total", &user, 400.0);
+    assert_eq!(metric(&counted, "llm_estimated_tokens_total", &user), Some(400.0));
+    // The budget is spent: the next request, however small, is refused.
+    let small = json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let answer = post(
+        &stack.gateway_url,
+        "/v1/chat/completions",
+        &[("authorization", &format!("Bearer {}", creds.api_key)), ("content-type", "application/json")],
+        &[small.to_string().as_bytes()],
+        false,
+    );
+    assert_eq!(answer.status, 429, "{}", answer.body);
+    assert!(vm_failures(&stack.envoy_log()).is_empty(), "{:?}", vm_failures(&stack.envoy_log()));
+}
+
+/// A JSON body in UTF-16 (Python's `json.loads` reads it, so the server would run it
+/// unseen by the meter) is refused with an OpenAI-style 400 and never reaches the model.
+#[test]
+fn a_json_body_in_utf16_is_refused() {
+    let creds = DevCredentials::generate();
+    let stack = start("hostile-utf16", &creds, json!({}));
+    let text =
+        json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
+    let utf16: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let auth = format!("Bearer {}", creds.api_key);
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    for (body, chunked, want) in [(&utf16, false, 400), (&utf16, true, 400), (&text.clone().into_bytes(), false, 200)] {
+        let answer = post(&stack.gateway_url, "/v1/chat/completions", &headers, &[body], chunked);
+        assert_eq!(answer.status, want, "{}", answer.body);
+        if want == 400 {
+            let error: Value = serde_json::from_str(&answer.body).unwrap();
+            assert_eq!(error["error"]["code"], "invalid_encoding", "{}", answer.body);
+            assert!(answer.header("x-mock-received-headers").is_none(), "it reached the model");
+        }
+    }
+    let requests = wait_metric(&stack, "llm_requests_total", &[("user", &creds.user)], 1.0);
+    assert_eq!(metric(&requests, "llm_requests_total", &[("user", &creds.user)]), Some(1.0));
 }
