@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -94,16 +94,12 @@ struct TrackAnswer {
 /// Checks the sender (the bearer secret, when one is configured) and the body (each
 /// event on its own), then records its good events (with a ledger: committed before the
 /// 200) and reports the bad ones.
-async fn track(
-    State(tracker): State<Arc<Tracker>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    if let Some(refused) = ingest_refusal(&tracker, &headers) {
+async fn track(State(tracker): State<Arc<Tracker>>, request: Request) -> Response {
+    if let Some(refused) = ingest_refusal(&tracker, request.headers()) {
         tracker.reject_unauthorized();
         return refused.into_response();
     }
-    let parsed = read_body(body).and_then(|body| event::parse_body(&body, tracker.limits().max_batch));
+    let parsed = body_of(request).await.and_then(|body| event::parse_body(&body, tracker.limits().max_batch));
     let result = match parsed {
         Ok(parsed) => tracker.record(parsed.events).await.map(|done| (done, parsed.rejected)),
         Err(error) => Err(error),
@@ -133,7 +129,14 @@ pub(crate) fn ingest_refusal(tracker: &Tracker, headers: &HeaderMap) -> Option<T
     })
 }
 
-pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, TrackError> {
+/// The body of a request whose sender was checked, read only now: a client without the
+/// secret is refused on its headers and never makes the tracker buffer a body (up to
+/// the body limit per connection, as long as it cares to send it slowly).
+pub(crate) async fn body_of(request: Request) -> Result<Bytes, TrackError> {
+    read_body(Bytes::from_request(request, &()).await)
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, TrackError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             TrackError::TooLarge("request body is over the size limit".into())

@@ -34,9 +34,8 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -257,12 +256,11 @@ pub async fn create(
     State(tracker): State<Arc<Tracker>>,
     method: Method,
     uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, TrackError> {
-    let ledger = admin(&tracker, &headers, &method, &uri)?;
+    let ledger = admin(&tracker, request.headers(), &method, &uri)?;
     let now_ms = time::now_ms();
-    let new = http::read_body(body).and_then(|body| parse_new_key(&body, now_ms))?;
+    let new = http::body_of(request).await.and_then(|body| parse_new_key(&body, now_ms))?;
     let (key, id) = generate()?;
     let sha256 = digest(&key);
     let stored = ApiKey {
@@ -366,13 +364,9 @@ pub async fn revoke(
 /// `POST /v1/keys/resolve`: a gateway's cache miss. 200 for a key that exists, is not
 /// revoked and has not expired at the tracker's clock (its `last_used_at` is set);
 /// 404, one answer for all three, otherwise.
-pub async fn resolve(
-    State(tracker): State<Arc<Tracker>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, TrackError> {
-    let ledger = gateway(&tracker, &headers)?;
-    let sha256 = http::read_body(body).and_then(|body| parse_resolve(&body))?;
+pub async fn resolve(State(tracker): State<Arc<Tracker>>, request: Request) -> Result<Json<Value>, TrackError> {
+    let ledger = gateway(&tracker, request.headers())?;
+    let sha256 = http::body_of(request).await.and_then(|body| parse_resolve(&body))?;
     let found = ledger.find_key(&sha256).await.map_err(|e| failed(&tracker, "read", &e))?;
     let now_ms = time::now_ms();
     let valid = found.filter(|k| k.revoked_at_ms.is_none() && k.expires_at_ms.is_none_or(|at| now_ms < at));

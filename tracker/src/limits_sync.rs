@@ -31,10 +31,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -336,16 +333,12 @@ impl Leases {
 /// `POST /v1/limits/sync`: checks the sender (the ingest secret, as `/track`) and the
 /// whole body, then applies it in one transaction (with a ledger: committed before the
 /// 200) and answers each lease's grant.
-pub async fn sync(
-    State(tracker): State<Arc<Tracker>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    if let Some(refused) = http::ingest_refusal(&tracker, &headers) {
+pub async fn sync(State(tracker): State<Arc<Tracker>>, request: Request) -> Response {
+    if let Some(refused) = http::ingest_refusal(&tracker, request.headers()) {
         tracker.count_limit_sync("unauthorized");
         return refused.into_response();
     }
-    let sync = match http::read_body(body).and_then(|body| parse(&body)) {
+    let sync = match http::body_of(request).await.and_then(|body| parse(&body)) {
         Ok(sync) => Arc::new(sync),
         Err(error) => {
             tracker.count_limit_sync("invalid");

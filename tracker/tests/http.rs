@@ -675,3 +675,30 @@ async fn the_series_cap_bounds_label_combinations() {
     );
     server.stop().await;
 }
+
+/// A sender without the secret is refused on its headers: the 401 comes before the body
+/// is read (here a body announced and never sent), so an unauthenticated client cannot
+/// make the tracker buffer bodies.
+#[tokio::test]
+async fn secrets_are_checked_before_the_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tracker =
+        Tracker::new(Limits::default()).with_ingest_token(Some("gw-secret")).with_admin_token(Some("admin-secret"));
+    let server = Server::start_tracker(tracker).await;
+    for path in ["/track", "/v1/limits/sync", "/v1/keys/resolve", "/v1/keys"] {
+        let mut tcp = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: tracker\r\nauthorization: Bearer wrong\r\n\
+             content-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 2048];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer while the body is withheld"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 401"), "{path}: {text}");
+    }
+    server.stop().await;
+}
