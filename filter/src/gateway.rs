@@ -1635,9 +1635,13 @@ impl Stream {
         }
         if !end_of_stream {
             // Hold the body while it may still be rewritten in place (the start still
-            // here, under the bound), and from its closing brace on (the tail insertion).
-            let hold = body.rewrite
-                && body.scan.as_ref().is_some_and(|s| (body.sent == 0 && size < MAX_BUFFERED_BODY) || s.closed());
+            // here, under the bound), and from its closing brace on: for the tail
+            // insertion, and so that the upstream never has a whole request before its
+            // end was seen and its tokens reserved (an HTTP/2 client may send all of it
+            // and hold the stream open).
+            let hold = body.scan.as_ref().is_some_and(|s| {
+                s.closed() || (body.rewrite && body.sent == 0 && size < MAX_BUFFERED_BODY)
+            });
             if hold {
                 body.held = size;
                 return Action::Pause;
@@ -3057,8 +3061,9 @@ mod tests {
     }
 
     /// A client that never ends its request body (an HTTP/2 stream held open after the
-    /// whole JSON went upstream), reads the stream and leaves before the usage: charged
-    /// what was seen, as if the body had ended; the budget is spent either way.
+    /// whole JSON): its closing brace is held, so the upstream never runs it; when the
+    /// client leaves it is charged what was seen, as a client leaving before any answer
+    /// is; the budget is spent either way.
     #[test]
     fn a_body_never_ended_is_charged_its_estimate() {
         let cfg = r#","limits":{"users":{"mittens":{"tokens_per_minute":40}}}"#;
@@ -3089,9 +3094,14 @@ mod tests {
                 if admitted {
                     let body = br#"{"model":"m","input":"hi","stream":true,"max_output_tokens":99999}"#;
                     *h.request_body.borrow_mut() = body.to_vec();
-                    assert_eq!(s.request_body(&h, body.len(), ended), Action::Continue);
-                    s.response_headers(&h, false);
-                    s.response_body(&h, h.response_body.borrow().len(), false);
+                    if ended {
+                        assert_eq!(s.request_body(&h, body.len(), true), Action::Continue);
+                        s.response_headers(&h, false);
+                        s.response_body(&h, h.response_body.borrow().len(), false);
+                    } else {
+                        // Held from its closing brace: the upstream never has it whole.
+                        assert_eq!(s.request_body(&h, body.len(), false), Action::Pause);
+                    }
                 }
                 s.log(&h);
                 outcomes.push((admitted, remaining(&h)));

@@ -16,7 +16,7 @@
 //!   body of exactly the length it was told, unchanged where nothing needed changing.
 //!
 //! HTTP/2 data frames without `content-length` get the same (curl, prior knowledge); a body
-//! whose stream never ends is charged its estimate, and a UTF-16 body is refused; and
+//! whose stream never ends is held and charged its estimate, a UTF-16 body is refused; and
 //! the tracker takes usage only with the gateway's ingest token.
 //!
 //! `concurrent_streams_at_the_edge_of_a_budget` measures what reserve-before /
@@ -507,15 +507,16 @@ fn http2_data_frames_without_content_length() {
 }
 
 /// HTTP/2 with `content-length` and the whole JSON in data frames, but the stream never
-/// ended: the upstream has all it needs and streams its answer, the gateway never sees
-/// the body's end (Envoy resets the stream once the upstream's answer is complete, so
-/// the client gets all but the tail of it). The request is charged what was seen (its
-/// estimate, flagged), so withholding the end spends the budget like any other request
-/// and the next one is refused.
+/// ended: the gateway holds the body's closing brace until the end (so the upstream never
+/// has a whole request whose tokens were not reserved) and the model gives no answer;
+/// when the client goes away the request is charged what was seen (its estimate,
+/// flagged), as a client leaving before any answer is. So withholding the end gets no
+/// tokens for free, and the next request is refused. (The build before charged it
+/// nothing, and the upstream answered it in full.)
 #[test]
 fn a_request_body_never_ended_is_charged() {
     let creds = DevCredentials::generate();
-    // No include_usage forced (so the stream carries none) and a budget below one request.
+    // No include_usage forced (so a stream would carry none) and a budget below one request.
     let extra = json!({"metering": {"inject_include_usage": false},
                        "limits": {"users": {creds.user.clone(): {"tokens_per_day": 300}}}});
     let stack = start("hostile-unended", &creds, extra);
@@ -524,7 +525,7 @@ fn a_request_body_never_ended_is_charged() {
     .to_string();
     let authority = stack.gateway_url.trim_start_matches("http://").to_string();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (status, text) = runtime.block_on(async {
+    let answered = runtime.block_on(async {
         let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
         let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
         tokio::spawn(connection);
@@ -537,29 +538,14 @@ fn a_request_body_never_ended_is_charged() {
         let (response, mut send) = client.send_request(request, false).unwrap();
         // The whole body, and no end of stream.
         send.send_data(bytes::Bytes::from(body.clone()), false).unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(20), response).await.unwrap().unwrap();
-        let status = response.status().as_u16();
-        let mut stream = response.into_body();
-        let mut text = String::new();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(20), stream.data()).await {
-                Ok(Some(Ok(chunk))) => {
-                    let _ = stream.flow_control().release_capacity(chunk.len());
-                    text.push_str(&String::from_utf8_lossy(&chunk));
-                }
-                other => {
-                    text.push_str(&format!("\n(the stream ended: {other:?})"));
-                    break;
-                }
-            }
-        }
+        // The mock answers a whole request in milliseconds; none comes while it is held.
+        let answered = tokio::time::timeout(Duration::from_secs(2), response).await;
         // The client goes away without ever ending its request.
         send.send_reset(h2::Reason::CANCEL);
-        (status, text)
+        answered.map(|r| r.map(|r| r.status().as_u16()))
     });
     drop(runtime);
-    assert_eq!(status, 200, "{text}");
-    assert!(text.contains(r#""content":"tok0 ""#) && !text.contains(r#""usage":{"#), "{text}");
+    assert!(answered.is_err(), "the upstream answered a request whose end was never seen: {answered:?}");
     // Charged its estimate: the completion budget it asked for, flagged as estimated.
     let user = [("user", creds.user.as_str()), ("type", "completion")];
     let counted = wait_metric(&stack, "llm_estimated_tokens_total", &user, 400.0);
