@@ -1639,9 +1639,10 @@ impl Stream {
             // insertion, and so that the upstream never has a whole request before its
             // end was seen and its tokens reserved (an HTTP/2 client may send all of it
             // and hold the stream open).
-            let hold = body.scan.as_ref().is_some_and(|s| {
-                s.closed() || (body.rewrite && body.sent == 0 && size < MAX_BUFFERED_BODY)
-            });
+            let hold = body
+                .scan
+                .as_ref()
+                .is_some_and(|s| s.closed() || (body.rewrite && body.sent == 0 && size < MAX_BUFFERED_BODY));
             if hold {
                 body.held = size;
                 return Action::Pause;
