@@ -162,6 +162,15 @@ pub fn parse_body(body: &[u8], max_batch: usize) -> Result<Parsed, TrackError> {
 /// so a bad one fails alone.
 fn parse_array(body: &[u8], max_batch: usize) -> Result<Vec<Result<Event, String>>, TrackError> {
     let too_large = |n: usize| TrackError::TooLarge(format!("batch of {n} events is over the limit of {max_batch}"));
+    // A body that could hold more elements than the limit is counted first, without
+    // building them: `[{},{},…]` would otherwise take ~100 times its size in memory
+    // before the limit is checked. (Events are at least 2 bytes and a comma.)
+    if body.len() > max_batch.saturating_mul(3) {
+        let n = count_elements(body).map_err(not_json)?;
+        if n > max_batch {
+            return Err(too_large(n));
+        }
+    }
     match deserialize::<Vec<RawEvent>>(body, "events") {
         Ok(raw) => {
             if raw.len() > max_batch {
@@ -190,6 +199,28 @@ fn parse_array(body: &[u8], max_batch: usize) -> Result<Vec<Result<Event, String
                 .collect())
         }
     }
+}
+
+/// The elements of a JSON array, counted (and their syntax checked) without keeping any.
+fn count_elements(body: &[u8]) -> Result<usize, serde_json::Error> {
+    struct Counter;
+    impl<'de> Visitor<'de> for Counter {
+        type Value = usize;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of events")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0usize;
+            while seq.next_element::<IgnoredAny>()?.is_some() {
+                n = n.saturating_add(1);
+            }
+            Ok(n)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let n = de.deserialize_seq(Counter)?;
+    de.end()?;
+    Ok(n)
 }
 
 /// Why a deserialization failed: the JSON itself, or what it holds (the message names
@@ -739,6 +770,20 @@ mod tests {
             assert_eq!(err.rejected_reason(), Some(reason), "{body}: {err:?}");
             assert_eq!(err.message(), message, "{body}");
         }
+        // Bodies that could hold more events than the limit are counted first: the same
+        // answers (limit 10, so bodies over 30 bytes).
+        let many = format!("[{}]", vec!["{}"; 40].join(","));
+        let unterminated = format!("[{}", vec!["{}"; 40].join(","));
+        let spaced_ten = format!("[{}]", vec![r#"{"id":"a","user":"u"}"#; 10].join(" , "));
+        let err = parse_body(many.as_bytes(), 10).unwrap_err();
+        assert_eq!(
+            (err.rejected_reason(), err.message()),
+            (Some("too_large"), "batch of 40 events is over the limit of 10")
+        );
+        let err = parse_body(unterminated.as_bytes(), 10).unwrap_err();
+        let whole = serde_json::from_str::<Vec<IgnoredAny>>(&unterminated).unwrap_err();
+        assert_eq!(err.message(), format!("body is not valid JSON: {whole}"));
+        assert_eq!(parse_body(spaced_ten.as_bytes(), 10).unwrap().events.len(), 10);
     }
 
     #[test]
