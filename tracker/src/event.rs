@@ -772,9 +772,9 @@ mod tests {
         }
         // Bodies that could hold more events than the limit are counted first: the same
         // answers (limit 10, so bodies over 30 bytes).
-        let many = format!("[{}]", vec!["{}"; 40].join(","));
-        let unterminated = format!("[{}", vec!["{}"; 40].join(","));
-        let spaced_ten = format!("[{}]", vec![r#"{"id":"a","user":"u"}"#; 10].join(" , "));
+        let many = format!("[{}]", ["{}"; 40].join(","));
+        let unterminated = format!("[{}", ["{}"; 40].join(","));
+        let spaced_ten = format!("[{}]", [r#"{"id":"a","user":"u"}"#; 10].join(" , "));
         let err = parse_body(many.as_bytes(), 10).unwrap_err();
         assert_eq!(
             (err.rejected_reason(), err.message()),
