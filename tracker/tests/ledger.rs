@@ -140,6 +140,7 @@ both_backends!(
     replicas_share_dedup_and_keep_their_own_counters,
     counted_denials_survive_restart_and_compaction,
     schema_1_ledger_is_migrated,
+    control_characters_never_fail_a_batch,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -902,6 +903,32 @@ async fn counted_denials_survive_restart_and_compaction(kind: Kind) {
     // And after compaction the restored counter is still the lifetime total.
     let server = Server::start(backend.tracker("r1", Limits::default()).await).await;
     assert_eq!(value(&server.metrics().await, series), Some(163));
+    server.stop().await;
+}
+
+/// A NUL (or any control character) in an event is not a reason to lose its batch: PostgreSQL
+/// cannot store a NUL in text, and a batch that failed to commit was answered 503 and
+/// resent forever. A model name (the upstream's word) is kept with the characters
+/// replaced; an id or a user with one is a bad event of its own; a query for such a user
+/// is a 400, not a ledger error.
+async fn control_characters_never_fail_a_batch(kind: Kind) {
+    let Some(backend) = Backend::new(kind, &format!("ctl_{kind:?}")).await else { return };
+    let server = Server::start(backend.tracker("r1", Limits::default()).await).await;
+    let t = now_ms();
+    let mut nul_model = event("nul-model", "alice", t, 3, 4);
+    nul_model["model"] = json!("evil\u{0}model\n");
+    let mut nul_user = event("nul-user", "bob", t, 1, 1);
+    nul_user["user"] = json!("b\u{0}ob");
+    let nul_id = event("nul\u{0}id", "carol", t, 1, 1);
+    let batch = json!([event("good-1", "alice", t, 1, 1), nul_model, nul_user, nul_id, event("good-2", "dave", t, 1, 1)]);
+    let answer = server.track_json(&batch).await;
+    assert_eq!(answer["accepted"], 3, "{answer}");
+    let rejected: Vec<&Value> = answer["rejected"].as_array().unwrap().iter().map(|r| &r["index"]).collect();
+    assert_eq!(rejected, [&json!(2), &json!(3)], "{answer}");
+    let models = server.api("/v1/usage/breakdown?by=model").await;
+    assert!(models.to_string().contains("evil\u{FFFD}model"), "{models}");
+    let (status, body) = server.get("/v1/usage?user=a%00b", Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
     server.stop().await;
 }
 
