@@ -53,6 +53,8 @@ pub const KEEP_MS: u64 = 86_400_000;
 pub const HOUSEKEEPING_EVERY_MS: u64 = 60_000;
 /// Largest `seq` (stored as a signed 64-bit integer).
 pub const MAX_SEQ: u64 = i64::MAX as u64;
+/// How far ahead of the tracker's clock a window may start (clock skew, generously).
+pub const MAX_AHEAD_MS: u64 = 86_400_000;
 /// Latest `window_start_ms`: the end of the year 9999, as everywhere in the tracker.
 pub const MAX_WINDOW_START_MS: u64 = time::MAX_MS as u64;
 
@@ -101,8 +103,8 @@ impl Lease {
         COUNTED.iter().map(|c| c.as_str()).find(|c| *c == prefix)
     }
 
-    /// The first field that breaks the schema, and why.
-    fn check(&self) -> Result<(), (&'static str, String)> {
+    /// The first field that breaks the schema, and why (`now_ms`: the tracker's clock).
+    fn check(&self, now_ms: u64) -> Result<(), (&'static str, String)> {
         lease::check_key(&self.key).map_err(|why| ("key", why.to_owned()))?;
         if !WINDOWS_MS.contains(&self.window_ms) {
             let windows: Vec<String> = WINDOWS_MS.iter().map(u64::to_string).collect();
@@ -117,6 +119,12 @@ impl Lease {
         }
         if self.window_start_ms > MAX_WINDOW_START_MS {
             return Err(("window_start_ms", format!("must be at most {MAX_WINDOW_START_MS}")));
+        }
+        // A gateway's window starts by its own clock; far ahead of the tracker's it is
+        // no clock skew, and such windows would be kept (housekeeping removes windows
+        // a day after they end) for as long as the sender wants.
+        if self.window_start_ms > now_ms.saturating_add(MAX_AHEAD_MS) {
+            return Err(("window_start_ms", "must not be more than a day ahead of the tracker's clock".to_owned()));
         }
         if !(1..=MAX_TOKENS).contains(&self.limit) {
             return Err(("limit", format!("must be 1 to {MAX_TOKENS}")));
@@ -140,7 +148,7 @@ pub fn counted_labels() -> [&'static str; 4] {
 
 impl LimitSync {
     /// The first field that breaks the schema, as `leases[3].key: why`.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self, now_ms: u64) -> Result<(), String> {
         lease::check_replica(&self.replica).map_err(|why| format!("replica: {why}"))?;
         if self.seq > MAX_SEQ {
             return Err(format!("seq: must be at most {MAX_SEQ}"));
@@ -153,7 +161,7 @@ impl LimitSync {
         }
         let mut seen: HashMap<(&str, u64), usize> = HashMap::with_capacity(self.leases.len());
         for (i, lease) in self.leases.iter().enumerate() {
-            lease.check().map_err(|(field, why)| format!("leases[{i}].{field}: {why}"))?;
+            lease.check(now_ms).map_err(|(field, why)| format!("leases[{i}].{field}: {why}"))?;
             if let Some(first) = seen.insert((&lease.key, lease.window_start_ms), i) {
                 return Err(format!("leases[{i}]: the same key and window_start_ms as leases[{first}]"));
             }
@@ -176,9 +184,9 @@ impl LimitSync {
 }
 
 /// Parses and checks a sync body; the error names the field.
-pub fn parse(body: &[u8]) -> Result<LimitSync, TrackError> {
+pub fn parse(body: &[u8], now_ms: u64) -> Result<LimitSync, TrackError> {
     let sync: LimitSync = http::parse_json(body)?;
-    sync.check().map_err(TrackError::InvalidBody)?;
+    sync.check(now_ms).map_err(TrackError::InvalidBody)?;
     Ok(sync)
 }
 
@@ -338,7 +346,8 @@ pub async fn sync(State(tracker): State<Arc<Tracker>>, request: Request) -> Resp
         tracker.count_limit_sync("unauthorized");
         return refused.into_response();
     }
-    let sync = match http::body_of(request).await.and_then(|body| parse(&body)) {
+    let sync = match http::body_of(request).await.and_then(|body| parse(&body, time::now_ms().try_into().unwrap_or(0)))
+    {
         Ok(sync) => Arc::new(sync),
         Err(error) => {
             tracker.count_limit_sync("invalid");
@@ -402,6 +411,9 @@ mod tests {
     use super::*;
     use serde_json::{json, Value};
 
+    /// The tracker's clock in these tests (the bodies' windows start at it).
+    const NOW: u64 = 1_764_482_400_000;
+
     fn body() -> Value {
         json!({"replica": "gw-3f2a9c01d4e5b6a7", "seq": 42, "interval_ms": 1000, "leases": [
             {"key": "requests/60000/alice", "window_start_ms": 1_764_482_400_000u64, "window_ms": 60000,
@@ -414,7 +426,7 @@ mod tests {
     /// Table: one bad field each → 400 naming it; nothing reaches the store.
     #[test]
     fn bad_fields_are_named() {
-        assert!(parse(body().to_string().as_bytes()).is_ok());
+        assert!(parse(body().to_string().as_bytes(), NOW).is_ok());
         let over = MAX_TOKENS + 1;
         let many: Vec<Value> = (0..=MAX_LEASES_PER_SYNC)
             .map(|i| {
@@ -472,6 +484,11 @@ mod tests {
                 "leases[0].window_start_ms: must be a multiple of window_ms (60000)",
             ),
             (
+                "start ahead",
+                Box::new(|b| b["leases"][0]["window_start_ms"] = json!(NOW + 2 * 86_400_000)),
+                "leases[0].window_start_ms: must not be more than a day ahead of the tracker's clock",
+            ),
+            (
                 "start far",
                 Box::new(|b| b["leases"][0]["window_start_ms"] = json!(600_000_000_000_000u64)),
                 "leases[0].window_start_ms: must be at most",
@@ -513,11 +530,11 @@ mod tests {
         for (name, break_it, message) in cases {
             let mut bad = body();
             break_it(&mut bad);
-            let error = parse(bad.to_string().as_bytes()).unwrap_err();
+            let error = parse(bad.to_string().as_bytes(), NOW).unwrap_err();
             assert_eq!(error.status(), 400, "{name}");
             assert!(error.message().starts_with(message), "{name}: {}", error.message());
         }
-        let error = parse(b"{\"replica\":").unwrap_err();
+        let error = parse(b"{\"replica\":", NOW).unwrap_err();
         assert_eq!((error.status(), error.message().starts_with("body is not valid JSON")), (400, true));
     }
 
@@ -526,14 +543,14 @@ mod tests {
     #[test]
     fn refused_bodies_change_nothing() {
         let leases = Leases::default();
-        let good = parse(body().to_string().as_bytes()).unwrap();
+        let good = parse(body().to_string().as_bytes(), NOW).unwrap();
         let answers = |synced: Synced| synced.steps.iter().map(|s| (s.holding, s.consumed)).collect::<Vec<_>>();
         let first = answers(leases.sync_in_memory(&good, 10_000));
         let mut bad = body();
         bad["seq"] = json!(43);
         bad["leases"][0]["used"] = json!(10);
         bad["leases"][1]["key"] = json!("nope");
-        assert!(parse(bad.to_string().as_bytes()).is_err());
+        assert!(parse(bad.to_string().as_bytes(), NOW).is_err());
         assert_eq!(answers(leases.sync_in_memory(&good, 10_000)), first, "the bad body's first lease was not applied");
     }
 
@@ -625,7 +642,7 @@ mod tests {
     #[test]
     fn memory_counts_recent_replicas_and_forgets_old_windows() {
         let leases = Leases::default();
-        let mut sync = parse(body().to_string().as_bytes()).unwrap();
+        let mut sync = parse(body().to_string().as_bytes(), NOW).unwrap();
         assert_eq!(leases.sync_in_memory(&sync, 100_000).replicas, 1);
         sync.replica = "gw-b".into();
         assert_eq!(leases.sync_in_memory(&sync, 105_000).replicas, 2);

@@ -920,7 +920,8 @@ async fn control_characters_never_fail_a_batch(kind: Kind) {
     let mut nul_user = event("nul-user", "bob", t, 1, 1);
     nul_user["user"] = json!("b\u{0}ob");
     let nul_id = event("nul\u{0}id", "carol", t, 1, 1);
-    let batch = json!([event("good-1", "alice", t, 1, 1), nul_model, nul_user, nul_id, event("good-2", "dave", t, 1, 1)]);
+    let batch =
+        json!([event("good-1", "alice", t, 1, 1), nul_model, nul_user, nul_id, event("good-2", "dave", t, 1, 1)]);
     let answer = server.track_json(&batch).await;
     assert_eq!(answer["accepted"], 3, "{answer}");
     let rejected: Vec<&Value> = answer["rejected"].as_array().unwrap().iter().map(|r| &r["index"]).collect();
