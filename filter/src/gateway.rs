@@ -2027,10 +2027,14 @@ impl Stream {
         // The client left (or the upstream reset) before the response ended.
         event.incomplete = !done;
         if self.estimate.is_none() {
-            // A body that never ended (a client holding its end back, or leaving): the
-            // upstream may have had all it needed, so the request is charged what was
-            // seen of it rather than nothing.
-            self.estimate = self.body.as_deref().filter(|b| !b.done).map(|body| {
+            // A body that never ended (a client holding its end back, or leaving) is
+            // charged what was seen when it may have been a whole request (a client
+            // leaving before any answer is charged too); not when the client left
+            // before sending a whole JSON object, which no server can have run.
+            let whole = |b: &RequestBody| {
+                b.sent.saturating_add(b.held) > 0 && b.scan.as_ref().is_none_or(BodyScan::may_be_whole)
+            };
+            self.estimate = self.body.as_deref().filter(|b| !b.done && whole(b)).map(|body| {
                 let metering = state.settings.metering;
                 let facts = body.scan.as_ref().map(BodyScan::facts).unwrap_or_default();
                 Estimate {
@@ -3112,6 +3116,43 @@ mod tests {
         // The first request is served and spends the budget; the next are refused.
         let want = vec![(true, Some(0)), (false, Some(0)), (false, Some(0))];
         assert_eq!(runs, [want.clone(), want]);
+    }
+
+    /// A client that leaves before its body was a whole JSON object (none of it, or a
+    /// part) is charged nothing: no server can have run it. (One that sent it whole and
+    /// held its end back is charged: above.)
+    #[test]
+    fn a_body_left_unfinished_is_not_charged() {
+        let cfg = r#","limits":{"users":{"mittens":{"tokens_per_minute":40}}}"#;
+        let whole = br#"{"model":"m","input":"hi","stream":true,"max_output_tokens":99999}"#;
+        let cases: [(&str, &[u8], Option<u64>); 4] = [
+            ("nothing sent", b"", Some(40)),
+            ("half an object", &whole[..20], Some(40)),
+            ("whole object, end held back", whole, Some(0)),
+            ("not JSON the scan can follow", b"[1,2,3]", Some(0)),
+        ];
+        for (name, body, want) in cases {
+            let h = host(cfg);
+            let root = configured(&h);
+            let mut headers = h.request_headers.borrow().clone();
+            headers.retain(|(k, _)| k != ":path");
+            headers.push((":path".into(), "/v1/responses".into()));
+            h.request_headers.replace(headers);
+            let mut s = root.stream(10);
+            assert_eq!(s.request_headers(&h, false), Action::Continue, "{name}");
+            if !body.is_empty() {
+                *h.request_body.borrow_mut() = body.to_vec();
+                s.request_body(&h, body.len(), false);
+            }
+            s.log(&h);
+            let spec = spec(r#"{"tokens_per_minute":40}"#);
+            let remaining = h
+                .shared
+                .borrow()
+                .get(&state_key("mittens"))
+                .and_then(|v| LimitState::decode(&v.0).headroom(&spec, h.clock.get()).tokens.map(|t| t.remaining));
+            assert_eq!(remaining, want, "{name}");
+        }
     }
 
     /// `limits.on_contention`: when the limit state cannot be read or written, deny (503,

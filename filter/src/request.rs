@@ -408,6 +408,13 @@ impl BodyScan {
         self.outer == Outer::End
     }
 
+    /// Whether what was fed may be a whole request to the server: the object closed, or
+    /// something this scan cannot follow (a server may still read it). A valid start of
+    /// an object that has not closed is not one.
+    pub fn may_be_whole(&self) -> bool {
+        matches!(self.outer, Outer::End | Outer::Invalid)
+    }
+
     /// Whether the body is JSON in UTF-16 or UTF-32, as Python's `json.loads` tells from
     /// its first bytes (a byte order mark `FF FE` / `FE FF`, or a NUL in the first two
     /// bytes): the server would read it, but this scanner reads UTF-8 only, so what it
