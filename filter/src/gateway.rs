@@ -963,6 +963,17 @@ impl Estimate {
     }
 }
 
+impl RequestBody {
+    /// The estimate of a body of `total` bytes, from what the scan read of it.
+    fn estimate(&self, total: u64, metering: Metering) -> Estimate {
+        let facts = self.scan.as_ref().map(BodyScan::facts).unwrap_or_default();
+        Estimate {
+            prompt: prompt_estimate(total, metering.prompt_bytes_per_token),
+            completion: facts.completion_budget(self.route, metering.default_max_tokens),
+        }
+    }
+}
+
 fn new_event(headers: &HeaderPairs<'_>, ts: Duration) -> UsageEvent {
     let get = |name| header_map::get(headers, name);
     UsageEvent::started(get(":method"), get(":authority"), get(":path"), ts.as_secs_f64())
@@ -1676,10 +1687,7 @@ impl Stream {
         let total = body.sent.saturating_add(size);
         let metering = state.settings.metering;
         let facts = body.scan.as_ref().map(BodyScan::facts).unwrap_or_default();
-        let estimate = Estimate {
-            prompt: prompt_estimate(total, metering.prompt_bytes_per_token),
-            completion: facts.completion_budget(body.route, metering.default_max_tokens),
-        };
+        let estimate = body.estimate(total, metering);
         self.estimate = Some(estimate);
         let (sent, promised, rewrite) = (body.sent, body.promised, body.rewrite && facts.needs_usage());
         let rewritten = if rewrite && !trailers {
@@ -2034,14 +2042,11 @@ impl Stream {
             let whole = |b: &RequestBody| {
                 b.sent.saturating_add(b.held) > 0 && b.scan.as_ref().is_none_or(BodyScan::may_be_whole)
             };
-            self.estimate = self.body.as_deref().filter(|b| !b.done && whole(b)).map(|body| {
-                let metering = state.settings.metering;
-                let facts = body.scan.as_ref().map(BodyScan::facts).unwrap_or_default();
-                Estimate {
-                    prompt: prompt_estimate(body.sent.saturating_add(body.held), metering.prompt_bytes_per_token),
-                    completion: facts.completion_budget(body.route, metering.default_max_tokens),
-                }
-            });
+            self.estimate = self
+                .body
+                .as_deref()
+                .filter(|b| !b.done && whole(b))
+                .map(|body| body.estimate(body.sent.saturating_add(body.held), state.settings.metering));
         }
         let reached_model = event.status.is_none_or(|s| (200..300).contains(&s));
         if let Some(estimate) = self.estimate.filter(|_| event.usage_missing && reached_model) {

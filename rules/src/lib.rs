@@ -108,11 +108,18 @@ pub fn truncate(value: &str) -> &str {
     }
 }
 
-/// The `user` label: trimmed and cut to [`MAX_LABEL_CHARS`]; `None` when blank (an
-/// authorized event without a user is invalid).
-pub fn user(value: &str) -> Option<&str> {
+/// The `user` label: trimmed and cut to [`MAX_LABEL_CHARS`]; refused when blank (an
+/// authorized event without a user is invalid) or holding a control character (no
+/// identity has one: [`check_user`]; PostgreSQL cannot store a NUL).
+pub fn user(value: &str) -> Result<&str, &'static str> {
     let value = value.trim();
-    (!value.is_empty()).then(|| truncate(value))
+    if value.is_empty() {
+        Err("must not be empty")
+    } else if value.chars().any(char::is_control) {
+        Err("must not contain control characters")
+    } else {
+        Ok(truncate(value))
+    }
 }
 
 /// Whether `user` may be an identity's user name, and why not: it goes into a request
@@ -298,13 +305,17 @@ mod tests {
     #[test]
     fn users() {
         let long = "u".repeat(200);
-        let cases: [(&str, Option<&str>); 6] = [
-            ("mittens", Some("mittens")),
-            ("  mittens\n", Some("mittens")),
-            ("a b", Some("a b")),
-            ("", None),
-            (" \t\n", None),
-            (&long, Some(&long[..128])),
+        let empty = Err("must not be empty");
+        let control = Err("must not contain control characters");
+        let cases: [(&str, Result<&str, &str>); 8] = [
+            ("mittens", Ok("mittens")),
+            ("  mittens\n", Ok("mittens")),
+            ("a b", Ok("a b")),
+            ("", empty),
+            (" \t\n", empty),
+            (&long, Ok(&long[..128])),
+            ("mit\0tens", control),
+            ("a\nb", control),
         ];
         for (input, want) in cases {
             assert_eq!(user(input), want, "{input:?}");
@@ -438,7 +449,7 @@ mod tests {
         for (name, want) in users {
             assert_eq!(check_user(name), want, "{name:?}");
             if want.is_ok() {
-                assert_eq!(user(name), Some(name), "a valid user is its own label");
+                assert_eq!(user(name), Ok(name), "a valid user is its own label");
             }
         }
         let groups = [("premium", true), ("", false), ("a,b", false), ("a b", false), ("a\tb", false)];

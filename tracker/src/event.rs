@@ -362,11 +362,8 @@ impl RawEvent<'_> {
         }
         let user = match self.user.as_deref().map(labels::user) {
             None => return Err(invalid("user", "required when denied is null")),
-            Some(None) => return Err(invalid("user", "must not be empty")),
-            Some(Some(user)) if user.chars().any(char::is_control) => {
-                return Err(invalid("user", "must not contain control characters"))
-            }
-            Some(Some(user)) => user.to_owned(),
+            Some(Err(why)) => return Err(invalid("user", why)),
+            Some(Ok(user)) => user.to_owned(),
         };
         let count = |n: Option<UInt<0, MAX_TOKENS>>| n.map_or(0, |n| n.0);
         let tokens = Tokens {

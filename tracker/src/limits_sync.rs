@@ -54,7 +54,7 @@ pub const HOUSEKEEPING_EVERY_MS: u64 = 60_000;
 /// Largest `seq` (stored as a signed 64-bit integer).
 pub const MAX_SEQ: u64 = i64::MAX as u64;
 /// How far ahead of the tracker's clock a window may start (clock skew, generously).
-pub const MAX_AHEAD_MS: u64 = 86_400_000;
+pub const MAX_AHEAD_MS: u64 = time::DAY_MS.unsigned_abs();
 /// Latest `window_start_ms`: the end of the year 9999, as everywhere in the tracker.
 pub const MAX_WINDOW_START_MS: u64 = time::MAX_MS as u64;
 
@@ -485,7 +485,7 @@ mod tests {
             ),
             (
                 "start ahead",
-                Box::new(|b| b["leases"][0]["window_start_ms"] = json!(NOW + 2 * 86_400_000)),
+                Box::new(|b| b["leases"][0]["window_start_ms"] = json!(NOW + 2 * MAX_AHEAD_MS)),
                 "leases[0].window_start_ms: must not be more than a day ahead of the tracker's clock",
             ),
             (

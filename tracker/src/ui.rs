@@ -201,9 +201,9 @@ impl View {
         if buckets(since_ms, until_ms, width_ms) > MAX_CHART_BUCKETS {
             return Err(format!("the period is longer than {MAX_CHART_BUCKETS} days; narrow it"));
         }
-        if get("user").is_some_and(|u| u.chars().any(char::is_control)) {
-            // No stored user has one (events with one are refused).
-            return Err("user: must not contain control characters".to_owned());
+        if let Some(Err(why)) = get("user").map(crate::labels::user) {
+            // As stored: a name no event could have is refused.
+            return Err(format!("user: {why}"));
         }
         let explicit = since.is_some() || until.is_some();
         Ok(View {

@@ -306,11 +306,8 @@ impl Params {
         if user.chars().count() > MAX_LABEL_CHARS {
             return Err(TrackError::BadQuery(format!("user: longer than {MAX_LABEL_CHARS} characters")));
         }
-        if user.chars().any(char::is_control) {
-            // No stored user has one (events with one are refused).
-            return Err(TrackError::BadQuery("user: must not contain control characters".into()));
-        }
-        Ok(user)
+        // As stored: a name no event could have is refused (not "never seen").
+        crate::labels::user(user).map_err(|why| TrackError::BadQuery(format!("user: {why}")))
     }
 }
 
